@@ -1,0 +1,4 @@
+"""hf-patch: cheaper long-context LLMs for Hugging Face Transformers."""
+from __future__ import annotations
+
+__version__ = "0.1.0"

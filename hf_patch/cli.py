@@ -1,0 +1,45 @@
+"""The `hf-patch` console script. Each subcommand lives in its own module, imported only when used.
+
+A subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int | None``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "prepare-data": ("hf_patch.data.books", "download the public-domain book corpus and write calibration/eval splits"),
+    "convert-model": ("hf_patch.models.smollm2", "convert the embedded SmolLM2-135M GGUF to a cached safetensors model"),
+    "calibrate": ("hf_patch.loki.calibrate_cli", "calibrate a Loki PCA basis over a dataset; save it and plot variance"),
+    "perplexity": ("hf_patch.loki.perplexity", "perplexity of a model, full attention or Loki, on held-out text"),
+    "main": ("hf_patch.loki.experiment", "the main job: calibrate, patch and compare perplexity over Loki settings"),
+    "eval": ("hf_patch.eval.cli", "run lm-eval with the hf-loki model and local tasks registered (lm-eval's own args)"),
+    "prepare-tasks": ("hf_patch.eval.prepare", "build the local lm-eval tasks (books, cloze, BIG-bench) offline"),
+    "compare": ("hf_patch.eval.compare", "full attention vs Loki settings on lm-eval tasks: table, JSON and plot"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="hf-patch", description="Cheaper long-context LLMs for Transformers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        parser.parse_args(argv)  # prints help or the error and exits
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    sub_parser = argparse.ArgumentParser(prog=f"hf-patch {name}", description=SUBCOMMANDS[name][1])
+    module.add_arguments(sub_parser)
+    if getattr(module, "PASS_THROUGH", False):  # e.g. `eval` forwards lm-eval's own arguments unchanged
+        args, extra = sub_parser.parse_known_args(rest)
+        args.extra = extra
+    else:
+        args = sub_parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
