@@ -1,0 +1,36 @@
+"""Which models Loki can patch, and where their attention layers are."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def attention_layers(model: nn.Module) -> list[nn.Module]:
+    """The self-attention modules of a supported decoder, in layer order.
+
+    Raises a ValueError naming the supported architectures for anything else.
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"Loki supports the architectures {', '.join(SUPPORTED_MODEL_TYPES)} "
+            f"(model_type in the config); got {model_type!r} ({type(model).__name__})."
+        )
+    layers = getattr(model.base_model, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no decoder layers at model.base_model.layers")
+    modules = [layer.self_attn for layer in layers]
+    for i, module in enumerate(modules):
+        if getattr(module, "layer_idx", i) != i or not hasattr(module, "num_key_value_groups"):
+            raise ValueError(f"layer {i} of {type(model).__name__} does not look like a {model_type} attention layer")
+    return modules
+
+
+def key_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim) of a supported model."""
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return len(attention_layers(model)), getattr(config, "num_key_value_heads", None) or heads, head_dim

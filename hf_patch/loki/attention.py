@@ -1,0 +1,151 @@
+"""The Loki attention function, registered with Transformers' `AttentionInterface` under `ATTENTION_NAME`.
+
+Per query row: rotate the query into the PCA basis of its KV head, score every visible key on the first `d`
+principal dims, keep the top `k`, and run exact softmax attention (all D dims) over the kept keys only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .budget import num_tokens
+
+ATTENTION_NAME = "hf_patch_loki"
+ROTATED_FLAG = "_loki_rotated"  # set on key tensors that the Loki cache already rotated into the basis
+MODES = ("decode", "all")
+GQA_SELECT = ("query", "group")
+
+
+@dataclass
+class LokiLayer:
+    """Loki settings of one attention layer, attached to its module as ``module.hf_patch_loki``.
+
+    components: [H_kv, D, D] float32 basis (columns = principal directions); dims: int64 [H_kv], principal dims
+    each KV head scores with; k_frac: fraction of visible tokens kept per query; mode: "decode" (full attention
+    when several queries arrive at once, i.e. prefill; Loki for single-token steps) or "all" (Loki on every row);
+    gqa_select: "query" (each query head picks its own tokens) or "group" (one pick per KV head, by the max over
+    its query heads of the approximate scores).
+    """
+
+    components: torch.Tensor
+    dims: torch.Tensor
+    k_frac: float
+    mode: str = "decode"
+    gqa_select: str = "query"
+    _on_device: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.components.shape[0]
+
+    def basis(self, device: torch.device) -> torch.Tensor:
+        """The basis on `device` (float32), moved once per device."""
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = self.components.to(device=device, dtype=torch.float32)
+        return self._on_device[key]
+
+    def rotate_keys(self, keys: torch.Tensor, dims: int | None = None) -> torch.Tensor:
+        """[B, H_kv, T, D] -> [B, H_kv, T, dims or D] in the basis (computed in float32, returned in keys.dtype)."""
+        p = self.basis(keys.device)
+        if dims is not None:
+            p = p[..., :dims]
+        return torch.matmul(keys.float(), p.unsqueeze(0)).to(keys.dtype)
+
+    def rotate_queries(self, query: torch.Tensor) -> torch.Tensor:
+        """[B, H_q, T, D] -> [B, H_kv, G, T, D] in the basis of each query's KV head."""
+        b, hq, t, d = query.shape
+        q = query.float().view(b, self.num_kv_heads, hq // self.num_kv_heads, t, d)
+        return torch.matmul(q, self.basis(query.device)[None, :, None]).to(query.dtype)
+
+    def approx_query(self, q_rot: torch.Tensor) -> torch.Tensor:
+        """Keep each KV head's first d_j dims of rotated queries [B, H_kv, G, T, D] -> [B, H_kv, G, T, max d]."""
+        d_max = int(self.dims.max())
+        q = q_rot[..., :d_max]
+        if int(self.dims.min()) == d_max:
+            return q
+        keep = torch.arange(d_max, device=q.device) < self.dims.to(q.device)[:, None]  # [H_kv, max d]
+        return q * keep[None, :, None, None, :].to(q.dtype)
+
+
+def visible_keys(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """Boolean [B or 1, 1, T_q, S]: which keys each query row may attend to (None means plain causal)."""
+    if attention_mask is None:
+        rows = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+        return (torch.arange(kv_len, device=device)[None, :] <= rows)[None, None]
+    mask = attention_mask[..., :kv_len]
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2  # additive float mask
+
+
+def select_tokens(scores: torch.Tensor, visible: torch.Tensor, k_frac: float, gqa_select: str) -> torch.Tensor:
+    """Top-k selection mask from approximate scores.
+
+    scores: [B, H_kv, G, T_q, S] approximate scores; visible: [B or 1, 1, T_q, S].
+    Returns bool [B, H_kv, G or 1, T_q, S]: per row, the ceil(k_frac * visible) best visible keys.
+    """
+    vis = visible[:, :, None]  # [B, 1, 1, T_q, S]
+    scores = scores.float().masked_fill(~vis, float("-inf"))
+    if gqa_select == "group":
+        scores = scores.amax(dim=2, keepdim=True)
+    budget = num_tokens(vis.sum(-1), k_frac)  # [B, 1, 1, T_q]
+    k_max = int(budget.max()) if budget.numel() else 0
+    if k_max == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    idx = scores.topk(k_max, dim=-1, sorted=True).indices
+    keep = torch.arange(k_max, device=scores.device) < budget[..., None]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, keep.expand_as(idx))
+
+
+def loki_attention_dense(
+    loki: LokiLayer,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    visible: torch.Tensor,
+    scaling: float,
+    keys_rotated: bool,
+) -> torch.Tensor:
+    """Loki for every query row, as a masked dense computation (teacher-forced forward, prefill in mode "all").
+
+    query: [B, H_q, T, D]; key, value: [B, H_kv, S, D] (key rotated iff `keys_rotated`); visible: [B|1, 1, T, S].
+    Returns [B, T, H_q, D].
+    """
+    b, hq, t, d = query.shape
+    q_rot = loki.rotate_queries(query)  # [B, H_kv, G, T, D]
+    d_max = int(loki.dims.max())
+    k_approx = key[..., :d_max] if keys_rotated else loki.rotate_keys(key, d_max)
+    scores = torch.matmul(loki.approx_query(q_rot), k_approx.unsqueeze(2).transpose(-1, -2))
+    selected = select_tokens(scores, visible, loki.k_frac, loki.gqa_select)
+    q_exact = q_rot if keys_rotated else query.view_as(q_rot)
+    logits = torch.matmul(q_exact, key.unsqueeze(2).transpose(-1, -2)).float() * scaling
+    probs = torch.softmax(logits.masked_fill(~selected, float("-inf")), dim=-1).nan_to_num_(0.0)
+    out = torch.matmul(probs.to(value.dtype), value.unsqueeze(2))  # [B, H_kv, G, T, D]
+    return out.reshape(b, hq, t, d).transpose(1, 2)
+
+
+def loki_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """`AttentionInterface` entry: query [B, H_q, T, D], key/value [B, H_kv, S, D] -> ([B, T, H_q, D], None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    loki: LokiLayer = module.hf_patch_loki
+    keys_rotated = getattr(key, ROTATED_FLAG, False)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    t = query.shape[2]
+    if loki.mode == "decode" and t > 1:  # prefill: exact attention; rotated keys need rotated queries
+        q = loki.rotate_queries(query).flatten(1, 2) if keys_rotated else query
+        return sdpa_attention_forward(module, q, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    visible = visible_keys(attention_mask, t, key.shape[2], query.device)
+    return loki_attention_dense(loki, query, key, value, visible, scaling, keys_rotated), None

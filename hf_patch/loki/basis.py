@@ -1,0 +1,121 @@
+"""PCA bases of attention keys, one per (layer, KV head): the object Loki calibrates, saves and patches with."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+WEIGHTS_NAME = "loki_basis.safetensors"
+CONFIG_NAME = "loki_basis.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PCABasis:
+    """Principal components of the keys of every layer and KV head.
+
+    components: [L, H_kv, D, D]; column j of ``components[l, h]`` is the j-th principal direction (orthonormal,
+        sorted by decreasing eigenvalue), so ``K @ components[l, h]`` rotates keys into the basis.
+    eigenvalues: [L, H_kv, D], descending (the key variance along each component).
+    mean: [L, H_kv, D], the key mean the covariance was centred on (saved, not used at inference: a constant
+        shift of every key changes no ranking of a query's scores).
+    metadata: model id, rotary ("pre" | "post"), tokens seen, dataset, ... (JSON-serialisable).
+    """
+
+    components: torch.Tensor
+    eigenvalues: torch.Tensor
+    mean: torch.Tensor
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.components.dim() != 4 or self.components.shape[-1] != self.components.shape[-2]:
+            raise ValueError(f"components must be [L, H_kv, D, D], got {tuple(self.components.shape)}")
+        if self.eigenvalues.shape != self.components.shape[:-1] or self.mean.shape != self.components.shape[:-1]:
+            raise ValueError(
+                f"eigenvalues {tuple(self.eigenvalues.shape)} and mean {tuple(self.mean.shape)} must be "
+                f"{tuple(self.components.shape[:-1])} to match components {tuple(self.components.shape)}"
+            )
+        rotary = self.metadata.get("rotary")
+        if rotary not in (None, "pre", "post"):
+            raise ValueError(f"metadata['rotary'] must be 'pre' or 'post', got {rotary!r}")
+
+    @property
+    def num_layers(self) -> int:
+        return self.components.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.components.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.components.shape[-1]
+
+    @property
+    def rotary(self) -> str | None:
+        return self.metadata.get("rotary")
+
+    def explained_variance(self) -> torch.Tensor:
+        """Cumulative fraction of key variance captured by the first j+1 components: [L, H_kv, D]."""
+        ev = self.eigenvalues.double().clamp_min(0)
+        return (ev.cumsum(-1) / ev.sum(-1, keepdim=True).clamp_min(1e-30)).float()
+
+    def rank_at(self, threshold: float = 0.9) -> torch.Tensor:
+        """Fewest components that explain at least `threshold` of the variance: int [L, H_kv]."""
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        return (self.explained_variance() < threshold - 1e-6).sum(-1) + 1
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``path/`` with the tensors (safetensors) and the metadata (JSON)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "components": self.components.float().contiguous(),
+            "eigenvalues": self.eigenvalues.double().contiguous(),
+            "mean": self.mean.float().contiguous(),
+        }
+        save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "hf_patch.loki"})
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rank_at_90": self.rank_at(0.9).tolist(),
+            **self.metadata,
+        }
+        (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PCABasis":
+        """Read a basis written by `save`."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        weights, config = path / WEIGHTS_NAME, path / CONFIG_NAME
+        if not weights.is_file() or not config.is_file():
+            raise FileNotFoundError(
+                f"no Loki basis at {path}: expected {WEIGHTS_NAME} and {CONFIG_NAME} there. "
+                "Create one with `hf-patch calibrate` or hf_patch.calibrate_pca(...).save(path)."
+            )
+        tensors = load_file(str(weights))
+        meta = json.loads(config.read_text())
+        for key in ("format_version", "num_layers", "num_kv_heads", "head_dim", "rank_at_90"):
+            meta.pop(key, None)
+        return cls(tensors["components"], tensors["eigenvalues"], tensors["mean"], meta)
+
+    def check_compatible(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
+        """Raise a ValueError naming the mismatch when this basis does not fit a model of that shape."""
+        want, have = (num_layers, num_kv_heads, head_dim), (self.num_layers, self.num_kv_heads, self.head_dim)
+        if want != have:
+            raise ValueError(
+                f"the PCA basis has (layers, kv_heads, head_dim) = {have} but the model has {want}"
+                f" (basis calibrated on {self.metadata.get('model_id', 'an unknown model')}). "
+                "Calibrate a basis for this model with hf_patch.calibrate_pca or `hf-patch calibrate`."
+            )

@@ -1,0 +1,117 @@
+"""A KV cache that stores keys already rotated into the Loki basis, in buffers that grow in place.
+
+Appending a token writes into preallocated storage and returns views of the filled part: a decode step never
+copies the cache (the buffers grow geometrically, so a sequence of S tokens costs O(log S) reallocations).
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .attention import ROTATED_FLAG, LokiLayer
+
+GROWTH = 256  # capacity is kept a multiple of this many tokens
+
+
+class LokiCacheLayer(CacheLayerMixin):
+    """One layer: rotated keys and values in [B, H_kv, capacity, D] buffers; `keys`/`values` view [:, :, :length]."""
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, loki: LokiLayer, capacity: int = 0):
+        super().__init__()
+        self.loki = loki
+        self.capacity_hint = capacity
+        self.length = 0
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._k = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]))
+        self._v = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]))
+        self.is_initialized = True
+        self._reserve(max(self.capacity_hint, key_states.shape[-2]))
+
+    def _reserve(self, needed: int) -> None:
+        capacity = self._k.shape[2]
+        if needed <= capacity:
+            return
+        new = max(needed, capacity + capacity // 2)
+        new = -(-new // GROWTH) * GROWTH
+        k = self._k.new_empty((*self._k.shape[:2], new, self._k.shape[-1]))
+        v = self._v.new_empty((*self._v.shape[:2], new, self._v.shape[-1]))
+        k[:, :, : self.length] = self._k[:, :, : self.length]
+        v[:, :, : self.length] = self._v[:, :, : self.length]
+        self._k, self._v = k, v
+
+    def _publish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys = self._k[:, :, : self.length]
+        self.values = self._v[:, :, : self.length]
+        setattr(self.keys, ROTATED_FLAG, True)
+        return self.keys, self.values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append [B, H_kv, T, D] keys (rotated here) and values; return views of everything cached."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        t = key_states.shape[-2]
+        self._reserve(self.length + t)
+        self._k[:, :, self.length : self.length + t] = self.loki.rotate_keys(key_states).to(self.dtype)
+        self._v[:, :, self.length : self.length + t] = value_states.to(self.dtype)
+        self.length += t
+        return self._publish()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.length = 0
+        if self.is_initialized:
+            self._publish()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        if self.is_initialized and tokens_to_remove:
+            self.length = max(0, self.length + tokens_to_remove)
+            self._publish()
+
+    def _map_batch(self, fn) -> None:
+        if self.is_initialized:
+            self._k, self._v = fn(self._k), fn(self._v)
+            self._publish()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda x: x.index_select(0, beam_idx.to(x.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda x: x[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def offload(self):
+        raise NotImplementedError("the Loki cache does not support offloading")
+
+    prefetch = offload
+
+
+class LokiCache(Cache):
+    """Cache for a model patched with Loki: one `LokiCacheLayer` per attention layer.
+
+    `generate` builds one automatically on a patched model; pass one yourself as `past_key_values=LokiCache(model)`
+    for manual decoding loops. `capacity` preallocates that many tokens per layer.
+    """
+
+    def __init__(self, model: torch.nn.Module, capacity: int = 0):
+        from .patch import loki_layers
+
+        super().__init__(layers=[LokiCacheLayer(layer, capacity) for layer in loki_layers(model)])
