@@ -1,4 +1,18 @@
 """hf-patch: cheaper long-context LLMs for Hugging Face Transformers."""
 from __future__ import annotations
 
+from .loki.basis import PCABasis
+from .loki.cache import LokiCache
+from .loki.calibrate import calibrate_pca
+from .loki.patch import is_patched, patch_loki, unpatch
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "PCABasis",
+    "LokiCache",
+    "calibrate_pca",
+    "is_patched",
+    "patch_loki",
+    "unpatch",
+]

@@ -1,0 +1,145 @@
+"""Dataset-driven PCA calibration of attention keys, per layer and KV head, streamed in float64."""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..data.packing import batched, token_windows
+from .arch import attention_layers, key_shape
+from .basis import PCABasis
+
+ROTARY = ("pre", "post")
+_COLLECT_NAME = "hf_patch_collect_keys"
+
+
+class KeyCovariance:
+    """Running sums of keys and their outer products, float64, per (layer, KV head)."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, device: torch.device | str = "cpu"):
+        self.sum = torch.zeros(num_layers, num_kv_heads, head_dim, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(num_layers, num_kv_heads, head_dim, head_dim, dtype=torch.float64, device=device)
+        self.count = torch.zeros(num_layers, dtype=torch.int64)
+
+    def add(self, layer: int, keys: torch.Tensor) -> None:
+        """keys: [N, H_kv, D] for one layer."""
+        k = keys.to(device=self.sum.device, dtype=torch.float64)
+        self.sum[layer] += k.sum(0)
+        self.outer[layer] += torch.einsum("nhd,nhe->hde", k, k)
+        self.count[layer] += k.shape[0]
+
+    def basis(self, metadata: dict[str, Any]) -> PCABasis:
+        """Eigen-decompose the covariances: components sorted by decreasing variance."""
+        if int(self.count.min()) < 2:
+            raise ValueError("calibration saw fewer than 2 tokens for some layer: give it more text")
+        n = self.count.to(torch.float64).to(self.sum.device)[:, None, None]
+        mean = self.sum / n
+        cov = self.outer / n[..., None] - mean[..., :, None] * mean[..., None, :]
+        eigenvalues, vectors = torch.linalg.eigh((cov + cov.transpose(-1, -2)) / 2)
+        order = eigenvalues.flip(-1), vectors.flip(-1)
+        return PCABasis(order[1].float().cpu(), order[0].cpu(), mean.float().cpu(), metadata)
+
+
+@contextlib.contextmanager
+def _collect_keys(model: nn.Module, rotary: str, sink) -> Iterator[None]:
+    """While active, every forward of `model` calls sink(layer, keys [N, H_kv, D])."""
+    modules = attention_layers(model)
+    _, heads, dim = key_shape(model)
+    if rotary == "pre":  # the key projection (after its norm, for Qwen3) before rotary embeddings
+        handles = []
+        for i, module in enumerate(modules):
+            source = getattr(module, "k_norm", None) or module.k_proj
+            hook = lambda _m, _inp, out, i=i: sink(i, out.reshape(-1, heads, dim))  # noqa: E731
+            handles.append(source.register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        return
+    # post-RoPE: the keys handed to the attention function
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def collect(module, query, key, value, attention_mask, **kwargs):
+        sink(module.layer_idx, key.transpose(1, 2).reshape(-1, heads, dim))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(_COLLECT_NAME, collect)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(_COLLECT_NAME)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def calibrate_pca(
+    model: nn.Module,
+    tokenizer,
+    dataset: Any,
+    num_tokens: int = 262_144,
+    rotary: str = "pre",
+    seq_len: int = 1024,
+    batch_size: int = 4,
+    progress: bool = True,
+    model_id: str | None = None,
+) -> PCABasis:
+    """Calibrate a Loki basis: stream `dataset` through `model` and PCA its keys per layer and KV head.
+
+    dataset: an iterable of strings, a `datasets` Dataset/IterableDataset with a "text" column, a hub name
+    ("wikitext:wikitext-2-raw-v1"), local text/json/parquet files, or "books:calibration". Texts are packed
+    into `seq_len` windows (EOS between texts) until `num_tokens`. rotary: "pre" collects keys before the
+    rotary embedding, "post" after. Sums are kept in float64 on the model's device; nothing else is stored.
+    """
+    from .patch import is_patched
+
+    if rotary not in ROTARY:
+        raise ValueError(f"rotary must be one of {ROTARY}, got {rotary!r}")
+    if is_patched(model):
+        raise ValueError("calibrate the original model: call hf_patch.unpatch(model) first")
+    if num_tokens < seq_len:
+        raise ValueError(f"num_tokens ({num_tokens}) must be at least seq_len ({seq_len})")
+    layers, heads, dim = key_shape(model)
+    device = next(model.parameters()).device
+    stats = KeyCovariance(layers, heads, dim, device=device)
+    texts, source = _texts(dataset)
+    windows = token_windows(texts, tokenizer, seq_len, max_tokens=num_tokens)
+    seen, start = 0, time.perf_counter()
+    from tqdm.auto import tqdm
+
+    with tqdm(total=num_tokens, unit="tok", desc=f"calibrate ({rotary}-RoPE)", disable=not progress) as bar, \
+            _collect_keys(model, rotary, stats.add), torch.inference_mode():
+        was_training = model.training
+        model.eval()
+        for batch in batched(windows, batch_size):
+            model.base_model(input_ids=batch.to(device), use_cache=False)
+            seen += batch.numel()
+            bar.update(batch.numel())
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError(f"the dataset {source} gave fewer than seq_len={seq_len} tokens of text")
+    metadata = {
+        "model_id": model_id or getattr(model.config, "_name_or_path", None) or type(model).__name__,
+        "model_type": model.config.model_type,
+        "rotary": rotary,
+        "tokens": seen,
+        "seq_len": seq_len,
+        "dataset": source,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    return stats.basis(metadata)
+
+
+def _texts(dataset: Any) -> tuple[Iterable[str], str]:
+    """An iterable of texts and a description of where they come from."""
+    if isinstance(dataset, (list, tuple)) and all(isinstance(t, str) for t in dataset):
+        return dataset, f"{len(dataset)} texts"
+    from ..data.text import iter_texts
+
+    name = dataset if isinstance(dataset, str) else type(dataset).__name__
+    return iter_texts(dataset), str(name)

@@ -1,0 +1,85 @@
+"""Perplexity on held-out text (teacher-forced, non-overlapping windows), and the `hf-patch perplexity` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..data.packing import batched, token_windows
+
+
+@torch.inference_mode()
+def perplexity(
+    model: nn.Module,
+    tokenizer,
+    dataset: Any,
+    seq_len: int = 1024,
+    max_tokens: int | None = 32_768,
+    batch_size: int = 1,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> dict[str, float]:
+    """Mean next-token NLL and perplexity over `seq_len` windows of `dataset` (texts packed with EOS)."""
+    from tqdm.auto import tqdm
+
+    from .calibrate import _texts
+
+    texts, _ = _texts(dataset)
+    device = next(model.parameters()).device
+    model.eval()
+    nll, count, start = 0.0, 0, time.perf_counter()
+    with tqdm(total=max_tokens, unit="tok", desc=desc, disable=not progress) as bar:
+        for batch in batched(token_windows(texts, tokenizer, seq_len, max_tokens), batch_size):
+            batch = batch.to(device)
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+            nll += loss.item()
+            count += batch[:, 1:].numel()
+            bar.update(batch.numel())
+    if count == 0:
+        raise ValueError(f"no complete window of seq_len={seq_len} tokens in the evaluation text")
+    return {
+        "nll": nll / count,
+        "ppl": math.exp(nll / count),
+        "tokens": count,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="'smollm2' (default, embedded), a local dir or a hub id")
+    parser.add_argument("--basis", default=None, help="Loki basis dir; omit for full attention")
+    parser.add_argument("--d-frac", type=float, default=0.25)
+    parser.add_argument("--k-frac", type=float, default=0.25)
+    parser.add_argument("--d-policy", default="uniform", choices=("uniform", "variance"))
+    parser.add_argument("--gqa-select", default="query", choices=("query", "group"))
+    parser.add_argument("--dataset", default="books:evaluation")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--max-tokens", type=int, default=32_768)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="auto")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..models.smollm2 import load_model
+    from .patch import patch_loki
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))
+    if args.basis:
+        patch_loki(model, args.basis, args.d_frac, args.k_frac, mode="all", d_policy=args.d_policy,
+                   gqa_select=args.gqa_select)
+    result = perplexity(model, tokenizer, args.dataset, args.seq_len, args.max_tokens, args.batch_size)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

@@ -1,0 +1,61 @@
+"""Figures for calibration (explained variance) and the Loki perplexity sweep (matplotlib, PNG)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .basis import PCABasis
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_explained_variance(bases: dict[str, PCABasis], path: str | Path, threshold: float = 0.9) -> Path:
+    """Left: rank at `threshold` per layer (mean over KV heads, min-max band) for each basis.
+    Right: cumulative explained variance vs components, one curve per layer (mean over heads), first basis."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, basis in bases.items():
+        rank = basis.rank_at(threshold).float()
+        layers = range(basis.num_layers)
+        left.plot(layers, rank.mean(1), marker="o", ms=3, label=f"{name} (mean {rank.mean():.1f}/{basis.head_dim})")
+        left.fill_between(layers, rank.min(1).values, rank.max(1).values, alpha=0.2)
+    left.set(xlabel="layer", ylabel=f"components for {threshold:.0%} variance", title=f"rank@{threshold:.0%} per layer")
+    left.legend()
+    name, basis = next(iter(bases.items()))
+    curves = basis.explained_variance().mean(1)  # [L, D]
+    cmap = plt.get_cmap("viridis")
+    for layer, curve in enumerate(curves):
+        right.plot(range(1, basis.head_dim + 1), curve, color=cmap(layer / max(1, basis.num_layers - 1)), lw=1)
+    right.axhline(threshold, color="gray", ls="--", lw=0.8)
+    right.set(xlabel="principal components", ylabel="explained variance", title=f"{name}: one curve per layer")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_perplexity(rows: list[dict], path: str | Path) -> Path:
+    """Bar chart of perplexity per setting, the full-attention baseline as a line."""
+    plt = _pyplot()
+    full = next(r["ppl"] for r in rows if r["setting"] == "full")
+    others = [r for r in rows if r["setting"] != "full"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(others) + 2), 4))
+    ax.bar(range(len(others)), [r["ppl"] for r in others], color="tab:blue")
+    ax.axhline(full, color="black", ls="--", label=f"full attention {full:.2f}")
+    ax.set_xticks(range(len(others)), [r["setting"] for r in others], rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="perplexity", title="Loki perplexity on held-out text")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,59 @@
+"""Small random-weight models, bases and a character tokenizer shared by the Loki tests."""
+from __future__ import annotations
+
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from hf_patch import PCABasis
+
+COMMON = dict(
+    vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+)
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
+}
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
+    config_cls, model_cls, extra = ARCHS[arch]
+    torch.manual_seed(seed)
+    config = config_cls(**{**COMMON, **extra, **overrides})
+    model = model_cls(config).eval()
+    model.generation_config.eos_token_id = None  # fixed-length generations, comparable token for token
+    return model
+
+
+def random_basis(layers: int = 2, heads: int = 2, dim: int = 16, seed: int = 0, rotary: str = "pre") -> PCABasis:
+    g = torch.Generator().manual_seed(seed)
+    components = torch.linalg.qr(torch.randn(layers, heads, dim, dim, generator=g, dtype=torch.float64))[0].float()
+    eigenvalues = torch.rand(layers, heads, dim, generator=g, dtype=torch.float64).sort(-1, descending=True).values
+    return PCABasis(components, eigenvalues, torch.zeros(layers, heads, dim), {"rotary": rotary, "model_id": "tiny"})
+
+
+class CharTokenizer:
+    """Enough of a tokenizer for calibration and perplexity: one id per character."""
+
+    eos_token_id = 1
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [3 + ord(c) % 90 for c in text]}
+
+
+TEXTS = [
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife.",
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and arrows.",
+    "Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition, seemed to unite.",
+] * 8
