@@ -17,7 +17,7 @@ def token_windows(texts: Iterable[str], tokenizer, seq_len: int, max_tokens: int
     buffer: list[int] = []
     emitted = 0
     for text in texts:
-        if not text:
+        if len(text) == 0:
             continue
         buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + sep)
         while len(buffer) >= seq_len:

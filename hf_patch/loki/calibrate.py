@@ -137,7 +137,7 @@ def calibrate_pca(
 
 def _texts(dataset: Any) -> tuple[Iterable[str], str]:
     """An iterable of texts and a description of where they come from."""
-    if isinstance(dataset, (list, tuple)) and all(isinstance(t, str) for t in dataset):
+    if isinstance(dataset, (list, tuple)):
         return dataset, f"{len(dataset)} texts"
     from ..data.text import iter_texts
 

@@ -1,0 +1,85 @@
+"""End-to-end decode speed of `model.generate` with and without Loki (issue 3), on a GPU.
+
+A random-weight Llama-architecture model with Llama-3-8B layer shapes (32 q heads, 8 KV heads, D = 128,
+hidden 4096, MLP 14336) and a few layers, bf16. For each context length: prefill + N new tokens; decode
+tokens/s = B * (N - 1) / (t(N) - t(1)), so prefill is excluded. Full attention is timed with transformers'
+default DynamicCache and with its static cache; Loki with its own in-place cache (mode "decode").
+
+    PYTHONPATH=. python scripts/bench_loki_generate.py --layers 4 --batch 8 --contexts 16384 32768
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_patch import PCABasis, patch_loki, unpatch
+
+
+def random_orthonormal_basis(layers: int, heads: int, dim: int) -> PCABasis:
+    components = torch.linalg.qr(torch.randn(layers, heads, dim, dim, dtype=torch.float64))[0].float()
+    eigenvalues = torch.linspace(1, 0.01, dim).expand(layers, heads, dim).clone()
+    return PCABasis(components, eigenvalues, torch.zeros(layers, heads, dim), {"rotary": "pre", "model_id": "random"})
+
+
+def timed_generate(model, prompt, mask, new_tokens: int, **kwargs) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                   do_sample=False, **kwargs)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def decode_tokens_per_s(model, prompt, mask, new_tokens: int, repeats: int, **kwargs) -> float:
+    timed_generate(model, prompt, mask, 2, **kwargs)  # warm-up (compilation, allocator)
+    one = min(timed_generate(model, prompt, mask, 1, **kwargs) for _ in range(repeats))
+    many = min(timed_generate(model, prompt, mask, new_tokens, **kwargs) for _ in range(repeats))
+    return prompt.shape[0] * (new_tokens - 1) / (many - one)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768])
+    parser.add_argument("--new-tokens", type=int, default=65)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--settings", default="0.25:0.25,0.25:0.125,0.5:0.25")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                         max_position_embeddings=max(args.contexts) + args.new_tokens + 8)
+    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    basis = random_orthonormal_basis(args.layers, 8, 128)
+    settings = [tuple(float(x) for x in s.split(":")) for s in args.settings.split(",")]
+    rows = []
+    for context in args.contexts:
+        prompt = torch.randint(1, 32000, (args.batch, context), device="cuda")
+        mask = torch.ones_like(prompt)
+        full = decode_tokens_per_s(model, prompt, mask, args.new_tokens, args.repeats)
+        static = decode_tokens_per_s(model, prompt, mask, args.new_tokens, args.repeats, cache_implementation="static")
+        best_full = max(full, static)
+        rows.append((context, "full (DynamicCache)", full, full / best_full))
+        rows.append((context, "full (static cache)", static, static / best_full))
+        for d_frac, k_frac in settings:
+            patch_loki(model, basis, d_frac=d_frac, k_frac=k_frac, mode="decode", gqa_select="group")
+            tps = decode_tokens_per_s(model, prompt, mask, args.new_tokens, args.repeats)
+            unpatch(model)
+            rows.append((context, f"loki d={d_frac:g} k={k_frac:g}", tps, tps / best_full))
+        del prompt, mask
+        torch.cuda.empty_cache()
+    print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | {args.layers} layers of 8B shape, "
+          f"batch {args.batch}, bf16, {args.new_tokens - 1} decode steps")
+    print("| context | attention | decode tokens/s | vs best full |\n|---|---|---|---|")
+    for context, name, tps, ratio in rows:
+        print(f"| {context} | {name} | {tps:.1f} | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
