@@ -5,6 +5,7 @@ from .loki.basis import PCABasis
 from .loki.cache import LokiCache
 from .loki.calibrate import calibrate_pca
 from .loki.patch import is_patched, patch_loki, unpatch
+from .transnormer import TransNormerConfig, TransNormerForCausalLM, TransNormerModel
 
 __version__ = "0.1.0"
 
@@ -15,4 +16,7 @@ __all__ = [
     "is_patched",
     "patch_loki",
     "unpatch",
+    "TransNormerConfig",
+    "TransNormerForCausalLM",
+    "TransNormerModel",
 ]

@@ -1,0 +1,117 @@
+"""Configuration of the TransNormer causal LM (TransNormerLLM architecture on Lightning Attention-2)."""
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+# Published TransNormerLLM config field -> our field (transformers' standard names where one exists).
+PUBLISHED_NAMES: dict[str, str] = {
+    "decoder_embed_dim": "hidden_size",
+    "decoder_layers": "num_hidden_layers",
+    "decoder_attention_heads": "num_attention_heads",
+    "hidden_dim": "attention_hidden_size",
+    "glu_dim": "intermediate_size",
+    "linear_act_fun": "hidden_act",
+    "init_std": "initializer_range",
+}
+PUBLISHED_ONLY = (*PUBLISHED_NAMES, "no_scale_embedding", "linear_use_lrpe_list", "norm_type", "add_bos_token")
+DECAY_SCHEDULES = ("transnormerllm", "fla")
+
+
+def _from_published(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Rename published TransNormerLLM fields (in place) to ours; they win over our names given alongside."""
+    for old, new in PUBLISHED_NAMES.items():
+        if old in kwargs:
+            kwargs[new] = kwargs.pop(old)
+    if "no_scale_embedding" in kwargs:
+        kwargs["scale_embedding"] = not kwargs.pop("no_scale_embedding")
+    if "linear_use_lrpe_list" in kwargs:
+        kwargs["lrpe_layers"] = [i for i, used in enumerate(kwargs.pop("linear_use_lrpe_list")) if used]
+    norm_type = kwargs.pop("norm_type", "simplermsnorm")
+    if norm_type != "simplermsnorm":
+        raise ValueError(f"norm_type={norm_type!r} is not supported; only 'simplermsnorm' (the published default)")
+    kwargs.pop("add_bos_token", None)
+    return kwargs
+
+
+class TransNormerConfig(PreTrainedConfig):
+    """TransNormer (TransNormerLLM, arXiv 2307.14995) on Lightning Attention-2 (arXiv 2401.04658).
+
+    Args:
+        vocab_size: tokens in the vocabulary.
+        hidden_size: model width C (published `decoder_embed_dim`).
+        num_hidden_layers: decoder layers L (published `decoder_layers`).
+        num_attention_heads: heads H of the linear attention (published `decoder_attention_heads`).
+        attention_hidden_size: width of q, k, v, u (published `hidden_dim`); default `hidden_size`. Head dim = this / H.
+        intermediate_size: width of the simple-gated channel mixer `l3(l1(x) * l2(x))` (published `glu_dim`).
+        hidden_act: activation of q and k (published `linear_act_fun`), a key of `transformers.activations.ACT2FN`.
+        decay_schedule: per-head, per-layer decay lambda. "transnormerllm" (published model): ALiBi slopes
+            s_h scaled by (1 - l/(L-1) + 1e-5), lambda = exp(-s). "fla": log lambda = -(8h/H)(1 - l/L).
+        lrpe_layers: indices of the layers that use LRPE on q and k (published `linear_use_lrpe_list`).
+        scale_embedding: multiply input embeddings by sqrt(hidden_size) (published `no_scale_embedding=False`).
+        bias: biases in all linear layers (published `bias`).
+        rms_norm_eps: epsilon of the parameter-free SimpleRMSNorm.
+        initializer_range: std of the normal init of linear and embedding weights (published `init_std`).
+
+    The published field names are accepted on load and mapped to these, so the public TransNormerLLM `config.json`
+    (model_type "transnormer") loads as this class once `hf_patch` is imported.
+    """
+
+    model_type = "transnormer"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 64000,
+        hidden_size: int = 1024,
+        num_hidden_layers: int = 24,
+        num_attention_heads: int = 8,
+        attention_hidden_size: int | None = None,
+        intermediate_size: int = 2816,
+        hidden_act: str = "silu",
+        decay_schedule: str = "transnormerllm",
+        lrpe_layers: list[int] | None = None,
+        scale_embedding: bool = True,
+        bias: bool = False,
+        rms_norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        use_cache: bool = True,
+        tie_word_embeddings: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        **kwargs: Any,
+    ):
+        fields = dict(
+            vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads, attention_hidden_size=attention_hidden_size,
+            intermediate_size=intermediate_size, hidden_act=hidden_act, decay_schedule=decay_schedule,
+            lrpe_layers=lrpe_layers, scale_embedding=scale_embedding, bias=bias, rms_norm_eps=rms_norm_eps,
+            initializer_range=initializer_range, use_cache=use_cache, tie_word_embeddings=tie_word_embeddings,
+        )
+        fields.update(_from_published({k: kwargs.pop(k) for k in list(kwargs) if k in PUBLISHED_ONLY}))
+        fields["attention_hidden_size"] = fields["attention_hidden_size"] or fields["hidden_size"]
+        if fields["intermediate_size"] == -1:  # published convention: glu_dim=-1 means the embedding width
+            fields["intermediate_size"] = fields["hidden_size"]
+        fields["lrpe_layers"] = sorted(set(fields["lrpe_layers"] or []))
+        _validate(fields)
+        for name, value in fields.items():
+            setattr(self, name, value)
+        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width of q, k and v (before LRPE, which doubles q and k)."""
+        return self.attention_hidden_size // self.num_attention_heads
+
+
+def _validate(fields: dict[str, Any]) -> None:
+    """Raise a ValueError that says what to change for an inconsistent configuration."""
+    width, heads, layers = fields["attention_hidden_size"], fields["num_attention_heads"], fields["num_hidden_layers"]
+    if width % heads:
+        raise ValueError(f"attention_hidden_size ({width}) must be divisible by num_attention_heads ({heads})")
+    if fields["decay_schedule"] not in DECAY_SCHEDULES:
+        raise ValueError(f"decay_schedule must be one of {DECAY_SCHEDULES}, got {fields['decay_schedule']!r}")
+    if any(not 0 <= i < layers for i in fields["lrpe_layers"]):
+        raise ValueError(f"lrpe_layers {fields['lrpe_layers']} must lie in [0, {layers})")
