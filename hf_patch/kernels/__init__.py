@@ -1,0 +1,4 @@
+from .lightning import lightning_attn
+from .lightning_torch import lightning_attn_chunked, lightning_attn_naive, lightning_attn_step
+
+__all__ = ["lightning_attn", "lightning_attn_chunked", "lightning_attn_naive", "lightning_attn_step"]
