@@ -1,0 +1,100 @@
+"""One entry point for text used by calibration, perplexity and training.
+
+A source is a `datasets` Dataset/IterableDataset (or a dict of them), a built-in name (`"books:calibration"`,
+`"books:evaluation"`), a local file or directory (.txt, .json/.jsonl, .parquet, .csv), or a hub dataset with an
+optional config written `"name:config"` (e.g. `"wikitext:wikitext-2-raw-v1"`). `datasets` is imported lazily.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+BUILTIN = {"books:calibration": "calibration", "books:evaluation": "evaluation"}
+# file suffix -> `datasets` packaged builder
+BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_text_dataset(source: Any, split: str | None = None, streaming: bool = True):
+    """A `datasets.Dataset` (or `IterableDataset` when `streaming`) for `source`, one split of it.
+
+    split: None takes the only split, else "train" when there is one. Local files form a single "train" split;
+    .txt files give one record per paragraph in a "text" column.
+    """
+    import datasets
+
+    if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
+        if split is not None and source.split is not None and str(source.split) != split:
+            raise ValueError(f"the dataset holds split {source.split!r}, not {split!r}")
+        return source
+    if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return _select_split(source, split, type(source).__name__)
+    if not isinstance(source, (str, Path)):
+        raise TypeError(f"expected a datasets Dataset, a file/directory path or a dataset name, got {type(source).__name__}")
+    name = str(source)
+    if name.startswith("books:"):
+        if name not in BUILTIN:
+            raise ValueError(f"unknown built-in dataset {name!r}; choose one of {sorted(BUILTIN)}")
+        from .books import prepare_books
+
+        return _load_files(prepare_books()[BUILTIN[name]], split, streaming)
+    path = Path(name).expanduser()
+    if path.exists():
+        return _load_files(path, split, streaming)
+    if name.startswith((".", "/", "~")) or path.suffix in BUILDERS:
+        raise FileNotFoundError(f"no such file or directory: {name}")
+    hub_name, _, config = name.partition(":")
+    return _select_split(datasets.load_dataset(hub_name, config or None, streaming=streaming), split, name)
+
+
+def iter_texts(source: Any, split: str | None = None, text_column: str = "text", streaming: bool = True) -> Iterator[str]:
+    """Yield the non-empty strings of `text_column` of `source` (see `load_text_dataset`), one record at a time."""
+    dataset = load_text_dataset(source, split=split, streaming=streaming)
+    columns = dataset.column_names
+    if columns is not None and text_column not in columns:
+        raise KeyError(_missing_column(text_column, columns, source))
+    for record in dataset:
+        if text_column not in record:
+            raise KeyError(_missing_column(text_column, list(record), source))
+        text = record[text_column]
+        if text is None or text == "":
+            continue
+        if not isinstance(text, str):
+            raise TypeError(f"column {text_column!r} of {source} holds {type(text).__name__}, expected str")
+        yield text
+
+
+def _missing_column(column: str, columns: list[str], source: Any) -> str:
+    return f"no column {column!r} in {source}; its columns are {columns} (pass text_column=...)"
+
+
+def _load_files(path: Path, split: str | None, streaming: bool):
+    """Load a file, or every file with a known suffix under a directory, with one `datasets` builder."""
+    import datasets
+
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in BUILDERS) if path.is_dir() else [path]
+    if not files:
+        raise FileNotFoundError(f"no {'/'.join(BUILDERS)} files under {path}")
+    builders = {BUILDERS.get(p.suffix) for p in files}
+    if None in builders:
+        raise ValueError(f"unsupported file type {path.suffix!r} for {path}; supported: {sorted(BUILDERS)}")
+    if len(builders) > 1:
+        raise ValueError(f"{path} mixes file types ({sorted(builders)}); keep one kind of file per directory")
+    (builder,) = builders
+    options = {"sample_by": "paragraph"} if builder == "text" else {}
+    dataset = datasets.load_dataset(builder, data_files=[str(p) for p in files], streaming=streaming, **options)
+    return _select_split(dataset, split, str(path))
+
+
+def _select_split(dataset, split: str | None, source: str):
+    """One split of a DatasetDict/IterableDatasetDict, with an error that lists the splits there are."""
+    splits = list(dataset)
+    if split is None:
+        if len(splits) == 1:
+            return dataset[splits[0]]
+        if "train" in splits:
+            return dataset["train"]
+        raise ValueError(f"{source} has several splits {splits}; pass split=... to choose one")
+    if split not in splits:
+        raise ValueError(f"unknown split {split!r} for {source}; available splits: {splits}")
+    return dataset[split]
