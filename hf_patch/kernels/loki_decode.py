@@ -1,0 +1,413 @@
+"""Loki sparse attention for one decode step: Triton kernels on CUDA, a PyTorch implementation elsewhere.
+
+Every path computes the same function. With a query ``q [B, Hq, D]`` rotated into the PCA basis of its KV head
+and a cache of rotated keys and values ``[B, Hkv, S, D]`` (GQA: query head ``h`` reads KV head ``h // G``):
+
+1. approximate scores ``a = q[:d_j] . k[:, :d_j]`` over the first ``d_j`` principal dims of KV head ``j``;
+2. top ``k_b = num_tokens(n_b, k_frac)`` valid tokens (``n_b = S - kv_start[b]``), per query head
+   (``gqa_select="query"``) or per KV head on the max of ``a`` over its G query heads (``"group"``);
+3. exact softmax attention (all D dims, ``scaling``) over the kept tokens, accumulated in float32.
+
+The Triton path runs three kernels around ``torch.topk``: approximate scores for all G heads of a KV head in one
+pass over the keys (split over S), a split-K kernel that gathers the kept keys and values by index and keeps an
+online softmax, and a small kernel that merges the splits.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..loki.budget import check_fraction, max_tokens, num_tokens
+
+GQA_SELECT = ("query", "group")
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_LOG2E = 1.4426950408889634
+_MIN_DOT = 16  # smallest tl.dot dimension
+
+
+@dataclass(frozen=True)
+class LokiKernelConfig:
+    """Launch settings of the Triton path (block sizes in tokens; splits aim at `programs_per_sm` per SM)."""
+
+    block_n_scores: int = 64
+    block_n_attn: int = 32
+    programs_per_sm: int = 4
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Validated arguments: sizes, the budget and the per-head dims."""
+
+    batch: int
+    q_heads: int
+    kv_heads: int
+    seq: int
+    head_dim: int
+    d_max: int
+    dims: torch.Tensor | None  # int [Hkv] when heads use different d, else None (all use d_max)
+    k_frac: float
+    group: bool
+
+    @property
+    def group_size(self) -> int:
+        return self.q_heads // self.kv_heads
+
+
+def _check(q, k_cache, v_cache, d, k_frac, kv_start, gqa_select) -> _Problem:
+    """Validate the arguments of `loki_decode_attention`; raise ValueError/TypeError saying what to fix."""
+    if q.dim() != 3 or k_cache.dim() != 4:
+        raise ValueError(f"q must be [B, Hq, D] and k_cache [B, Hkv, S, D]; got {tuple(q.shape)} and "
+                         f"{tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache {tuple(v_cache.shape)} must have k_cache's shape {tuple(k_cache.shape)}")
+    b, hq, dh = q.shape
+    _, hkv, s, _ = k_cache.shape
+    if k_cache.shape[0] != b or k_cache.shape[-1] != dh:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)} in batch or head dim")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype) or q.dtype not in _DTYPES:
+        raise TypeError(f"q, k_cache and v_cache must share one dtype of {_DTYPES}; got {q.dtype}, "
+                        f"{k_cache.dtype}, {v_cache.dtype}")
+    if not (q.device == k_cache.device == v_cache.device):
+        raise ValueError("q, k_cache and v_cache must be on one device")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("q, k_cache and v_cache need a contiguous last dim (stride(-1) == 1)")
+    if gqa_select not in GQA_SELECT:
+        raise ValueError(f"gqa_select must be one of {GQA_SELECT}, got {gqa_select!r}")
+    k_frac = check_fraction("k_frac", k_frac)
+    if kv_start is not None:
+        if kv_start.shape != (b,) or kv_start.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"kv_start must be an int32/int64 tensor [B={b}], got {kv_start.dtype} "
+                             f"{tuple(kv_start.shape)}")
+        if kv_start.device != q.device:
+            raise ValueError(f"kv_start is on {kv_start.device}, q on {q.device}: move it to q's device")
+    if isinstance(d, torch.Tensor):
+        if d.shape != (hkv,) or d.dtype.is_floating_point or d.dtype == torch.bool:
+            raise ValueError(f"per-head d must be an int tensor [Hkv={hkv}], got {d.dtype} {tuple(d.shape)}")
+        d_min, d_max = int(d.min()), int(d.max())  # a host sync when d is on the GPU: pass it on the CPU
+        dims = d.to(device=q.device, dtype=torch.int32) if d_min != d_max else None
+    elif isinstance(d, int) and not isinstance(d, bool):
+        d_min = d_max = d
+        dims = None
+    else:
+        raise TypeError(f"d must be an int or an int tensor [Hkv], got {type(d).__name__}")
+    if not 1 <= d_min <= d_max <= dh:
+        raise ValueError(f"d must lie in [1, D={dh}], got values in [{d_min}, {d_max}]")
+    return _Problem(b, hq, hkv, s, dh, d_max, dims, k_frac, gqa_select == "group")
+
+
+def _budget(p: _Problem, kv_start: torch.Tensor | None) -> tuple[int, torch.Tensor | None]:
+    """(k, k_b): tokens kept per row without padding, or the bound `k` and per-sequence k_b int32 [B]."""
+    k = max_tokens(p.seq, p.k_frac) if p.seq else 0
+    if kv_start is None:
+        return k, None
+    return k, num_tokens(p.seq - kv_start, p.k_frac).clamp_min(0).to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PyTorch implementation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def loki_decode_attention_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    d: int | torch.Tensor,
+    k_frac: float,
+    scaling: float,
+    kv_start: torch.Tensor | None = None,
+    gqa_select: str = "group",
+) -> torch.Tensor:
+    """Loki decode step in PyTorch (any device; also float64). Same arguments and result as
+    `loki_decode_attention`. Reads the first d dims of the keys and gathers only the kept rows of K and V."""
+    p = _check(q, k_cache, v_cache, d, k_frac, kv_start, gqa_select)
+    b, hkv, g, s = p.batch, p.kv_heads, p.group_size, p.seq
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)
+    qg = q.view(b, hkv, g, p.head_dim).to(acc_dtype)  # [B, Hkv, G, D]
+    k, k_b = _budget(p, kv_start)
+    if k == 0:
+        return q.new_zeros(q.shape)
+
+    q_approx = qg[..., : p.d_max]
+    if p.dims is not None:
+        keep = torch.arange(p.d_max, device=q.device) < p.dims[:, None]  # [Hkv, d_max]
+        q_approx = q_approx * keep[None, :, None]
+    k_approx = k_cache[..., : p.d_max].to(acc_dtype)  # [B, Hkv, S, d_max]
+    scores = torch.matmul(q_approx, k_approx.transpose(-1, -2))  # [B, Hkv, G, S]
+    if kv_start is not None:
+        invalid = torch.arange(s, device=q.device)[None, :] < kv_start[:, None]  # [B, S]
+        scores = scores.masked_fill(invalid[:, None, None], float("-inf"))
+    if p.group:
+        scores = scores.amax(dim=2, keepdim=True)  # [B, Hkv, 1, S]
+    idx = scores.topk(k, dim=-1, sorted=kv_start is not None).indices  # [B, Hkv, G or 1, k]
+
+    rows = idx.shape[2]
+    gather = idx[..., None].expand(b, hkv, rows, k, p.head_dim)
+    k_sel = k_cache[:, :, None].expand(b, hkv, rows, s, p.head_dim).gather(3, gather).to(acc_dtype)
+    v_sel = v_cache[:, :, None].expand(b, hkv, rows, s, p.head_dim).gather(3, gather).to(acc_dtype)
+    if rows == g:  # query selection: each head has its own rows  [B, Hkv, G, k, D]
+        logits = torch.matmul(qg[..., None, :], k_sel.transpose(-1, -2)).squeeze(-2)  # [B, Hkv, G, k]
+    else:  # group selection: shared rows [B, Hkv, 1, k, D]
+        logits = torch.matmul(qg, k_sel[:, :, 0].transpose(-1, -2))  # [B, Hkv, G, k]
+    logits = logits * scaling
+    if k_b is not None:
+        dead = torch.arange(k, device=q.device)[None, :] >= k_b[:, None]  # [B, k]
+        logits = logits.masked_fill(dead[:, None, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+    if rows == g:
+        out = torch.matmul(probs[..., None, :], v_sel).squeeze(-2)
+    else:
+        out = torch.matmul(probs, v_sel[:, :, 0])
+    return out.reshape(b, p.q_heads, p.head_dim).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _approx_scores_kernel(
+    q_ptr, k_ptr, dims_ptr, start_ptr, s_ptr,
+    seq, kv_heads, group_size, tiles_per_prog, d_uniform,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
+    GROUP: tl.constexpr, PER_HEAD_D: tl.constexpr, HAS_START: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Scores of the G query heads of one KV head over one split of S, on the first d dims only.
+
+    Writes float32 [B*Hkv, S] (max over the group) or [B*Hq, S] (per query head); -inf before kv_start.
+    """
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (row // kv_heads).to(tl.int64)
+    j = (row % kv_heads).to(tl.int64)
+    d = tl.load(dims_ptr + j) if PER_HEAD_D else d_uniform
+    start = tl.load(start_ptr + b) if HAS_START else 0
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_ok = offs_g < group_size
+    d_ok = offs_d < d
+    q = tl.load(q_ptr + b * stride_qb + (j * group_size + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = k_ptr + b * stride_kb + j * stride_kh
+    for t in range(tiles_per_prog):
+        offs_n = (split * tiles_per_prog + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_seq = offs_n < seq
+        keys = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :],
+                       mask=in_seq[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            keys = keys.to(tl.float32)
+        a = tl.dot(q, tl.trans(keys), input_precision=DOT_PREC)  # [BLOCK_G, BLOCK_N] float32
+        valid = in_seq & (offs_n >= start)
+        if GROUP:
+            a = tl.max(tl.where(g_ok[:, None], a, float("-inf")), axis=0)
+            tl.store(s_ptr + row * seq + offs_n, tl.where(valid, a, float("-inf")), mask=in_seq)
+        else:
+            out = s_ptr + (row * group_size + offs_g)[:, None] * seq + offs_n[None, :]
+            tl.store(out, tl.where(valid[None, :], a, float("-inf")), mask=g_ok[:, None] & in_seq[None, :])
+
+
+@triton.jit
+def _sparse_attention_kernel(
+    q_ptr, k_ptr, v_ptr, idx_ptr, kb_ptr, m_ptr, l_ptr, acc_ptr,
+    k_sel, rows_per_batch, kv_div, heads_per_row, tiles_per_prog, n_split, qk_scale, head_dim,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    HAS_KB: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One split of the kept tokens of one selection row: gather K rows by index, exact scores for the row's
+    query heads, online softmax (base 2), gather V rows, p.V. Writes the split's (max, sum, acc) in float32."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (row // rows_per_batch).to(tl.int64)
+    r = (row % rows_per_batch).to(tl.int64)
+    j = r // kv_div
+    kb = tl.load(kb_ptr + b) if HAS_KB else k_sel
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_ok = offs_g < heads_per_row
+    d_ok = offs_d < head_dim
+    q = tl.load(q_ptr + b * stride_qb + (r * heads_per_row + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = k_ptr + b * stride_kb + j * stride_kh
+    v_base = v_ptr + b * stride_vb + j * stride_vh
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for t in range(tiles_per_prog):
+        offs_n = (split * tiles_per_prog + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+        live = offs_n < kb
+        idx = tl.load(idx_ptr + row.to(tl.int64) * k_sel + offs_n, mask=live, other=0)
+        tile_mask = live[:, None] & d_ok[None, :]
+        keys = tl.load(k_base + idx[:, None] * stride_ks + offs_d[None, :], mask=tile_mask, other=0.0)
+        if UPCAST:
+            keys = keys.to(tl.float32)
+        s = tl.dot(q, tl.trans(keys), input_precision=DOT_PREC) * qk_scale
+        s = tl.where(live[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vals = tl.load(v_base + idx[:, None] * stride_vs + offs_d[None, :], mask=tile_mask, other=0.0)
+        p = p.to(vals.dtype)
+        if UPCAST:
+            p, vals = p.to(tl.float32), vals.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, vals, input_precision=DOT_PREC)
+        m_i = m_new
+    slot = (row * n_split + split) * heads_per_row + offs_g
+    tl.store(m_ptr + slot, m_i, mask=g_ok)
+    tl.store(l_ptr + slot, l_i, mask=g_ok)
+    tl.store(acc_ptr + slot[:, None] * head_dim + offs_d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _merge_splits_kernel(
+    m_ptr, l_ptr, acc_ptr, out_ptr,
+    n_split, heads_per_row, q_heads, head_dim, stride_ob, stride_oh,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[b, h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits (0 where nothing was kept)."""
+    o = tl.program_id(0)
+    row = o // heads_per_row
+    g = o % heads_per_row
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < n_split
+    slot = (row * n_split + offs_s) * heads_per_row + g
+    m = tl.load(m_ptr + slot, mask=s_ok, other=float("-inf"))
+    l = tl.load(l_ptr + slot, mask=s_ok, other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
+    denom = tl.sum(w * l, axis=0)
+    acc = tl.load(acc_ptr + slot[:, None] * head_dim + offs_d[None, :],
+                  mask=s_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    num = tl.sum(w[:, None] * acc, axis=0)
+    res = tl.where(denom > 0, num / tl.where(denom > 0, denom, 1.0), 0.0)
+    b = (o // q_heads).to(tl.int64)
+    h = o % q_heads
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty),
+             mask=offs_d < head_dim)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # Triton interpreter on the CPU: few programs keep tests fast
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split(n: int, block: int, rows: int, target_programs: int) -> tuple[int, int]:
+    """(splits per row, tiles per split) for `n` items in tiles of `block`, aiming at `target_programs` in all."""
+    tiles = max(1, triton.cdiv(n, block))
+    splits = min(tiles, max(1, triton.cdiv(target_programs, rows)))
+    per_split = triton.cdiv(tiles, splits)
+    return triton.cdiv(tiles, per_split), per_split
+
+
+def loki_decode_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    d: int | torch.Tensor,
+    k_frac: float,
+    scaling: float,
+    kv_start: torch.Tensor | None = None,
+    gqa_select: str = "group",
+    config: LokiKernelConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Loki decode step with the Triton kernels (bf16/fp16/fp32; CUDA, or CPU under TRITON_INTERPRET=1).
+    Same arguments and result as `loki_decode_attention`; `config` overrides the launch settings; `out`
+    ([B, Hq, D] in q.dtype, last dim contiguous) receives the result when given."""
+    p = _check(q, k_cache, v_cache, d, k_frac, kv_start, gqa_select)
+    if q.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"the Triton path takes {_TRITON_DTYPES}, got {q.dtype}: use loki_decode_attention_torch")
+    cfg = config or LokiKernelConfig()
+    b, hq, hkv, g, s, dh = p.batch, p.q_heads, p.kv_heads, p.group_size, p.seq, p.head_dim
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device} with stride(-1) == 1")
+    k, k_b = _budget(p, kv_start)
+    if k == 0:
+        return out.zero_()
+    target = cfg.programs_per_sm * _num_sms(q.device)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    block_g = max(_MIN_DOT, triton.next_power_of_2(g))
+    rows, heads_per_row = (b * hkv, g) if p.group else (b * hq, 1)
+    # The CPU interpreter (tests) mis-multiplies bf16 in tl.dot: there, dot operands are upcast to float32.
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, UPCAST=q.device.type == "cpu")
+
+    scores = torch.empty((rows, s), device=q.device, dtype=torch.float32)
+    n1, t1 = _split(s, cfg.block_n_scores, b * hkv, target)
+    _approx_scores_kernel[(b * hkv, n1)](
+        q, k_cache, p.dims if p.dims is not None else scores, kv_start if kv_start is not None else scores, scores,
+        s, hkv, g, t1, p.d_max,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=p.group, PER_HEAD_D=p.dims is not None, HAS_START=kv_start is not None,
+        BLOCK_G=block_g, BLOCK_D=max(_MIN_DOT, triton.next_power_of_2(p.d_max)), BLOCK_N=cfg.block_n_scores,
+        DOT_PREC=prec, **launch,
+    )
+    # Top-k: unsorted unless padding gives rows different budgets (then the first k_b of each row are its best).
+    idx = scores.topk(k, dim=-1, sorted=k_b is not None).indices  # int64 [rows, k]
+
+    n3, t3 = _split(k, cfg.block_n_attn, rows, target)
+    m = torch.empty((rows, n3, heads_per_row), device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    acc = torch.empty((rows, n3, heads_per_row, dh), device=q.device, dtype=torch.float32)
+    block_d = max(_MIN_DOT, triton.next_power_of_2(dh))
+    _sparse_attention_kernel[(rows, n3)](
+        q, k_cache, v_cache, idx, k_b if k_b is not None else idx, m, l, acc,
+        k, rows // b, 1 if p.group else g, heads_per_row, t3, n3, scaling * _LOG2E, dh,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        HAS_KB=k_b is not None, BLOCK_G=block_g if p.group else _MIN_DOT, BLOCK_D=block_d,
+        BLOCK_N=cfg.block_n_attn, DOT_PREC=prec, **launch,
+    )
+    _merge_splits_kernel[(b * hq,)](
+        m, l, acc, out, n3, heads_per_row, hq, dh, out.stride(0), out.stride(1),
+        BLOCK_S=triton.next_power_of_2(n3), BLOCK_D=block_d, num_warps=4,
+    )
+    return out
+
+
+def loki_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    d: int | torch.Tensor,
+    k_frac: float,
+    scaling: float,
+    kv_start: torch.Tensor | None = None,
+    gqa_select: str = "group",
+) -> torch.Tensor:
+    """One Loki decode step: sparse attention of `q` over the top `k_frac` of the cached tokens.
+
+    q: [B, Hq, D] rotated into the PCA basis of its KV head; k_cache, v_cache: [B, Hkv, S, D] (keys rotated; any
+    strides with stride(-1) == 1, e.g. [:, :, :S] of a preallocated cache); d: int or int tensor [Hkv] (dims of
+    the approximate scores; keep it on the CPU to avoid a host sync); k_frac in (0, 1]; scaling: softmax scale;
+    kv_start: int [B] first valid key of each sequence (left padding) or None; gqa_select: "group" (one top-k per
+    KV head on the max over its query heads) or "query" (one per query head).
+    Returns [B, Hq, D] in q.dtype. CUDA bf16/fp16/fp32 runs the Triton kernels, anything else PyTorch.
+    """
+    impl = loki_decode_attention_triton if q.is_cuda and q.dtype in _TRITON_DTYPES else loki_decode_attention_torch
+    return impl(q, k_cache, v_cache, d=d, k_frac=k_frac, scaling=scaling, kv_start=kv_start, gqa_select=gqa_select)

@@ -1,0 +1,187 @@
+"""Loki decode kernels: Triton (interpreter on the CPU) and PyTorch paths against a naive float64 reference."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hf_patch.kernels import loki_decode as ld
+from hf_patch.kernels.loki_decode import (
+    LokiKernelConfig,
+    loki_decode_attention,
+    loki_decode_attention_torch,
+    loki_decode_attention_triton,
+)
+from hf_patch.loki.budget import num_tokens
+
+# Small blocks so the interpreter runs several tiles and splits per row.
+SMALL = LokiKernelConfig(block_n_scores=16, block_n_attn=16, programs_per_sm=4)
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float64: 1e-10}
+
+
+def reference(q, k, v, d, k_frac, scaling, kv_start, gqa_select):
+    """Float64, one (batch, query head) at a time, with an explicit boolean selection mask over the cache."""
+    q, k, v = q.double(), k.double(), v.double()
+    b_size, hq, dh = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = hq // hkv
+    dims = d.tolist() if isinstance(d, torch.Tensor) else [d] * hkv
+    out = torch.zeros_like(q)
+    for b in range(b_size):
+        start = 0 if kv_start is None else int(kv_start[b])
+        keep = int(num_tokens(torch.tensor(s - start), k_frac))
+        for j in range(hkv):
+            heads = range(j * g, (j + 1) * g)
+            approx = torch.stack([k[b, j, :, : dims[j]] @ q[b, h, : dims[j]] for h in heads])  # [G, S]
+            approx[:, :start] = float("-inf")
+            for h in heads:
+                ranked = approx.amax(0) if gqa_select == "group" else approx[h - j * g]
+                selected = torch.zeros(s, dtype=torch.bool)
+                selected[ranked.argsort(descending=True)[:keep]] = True
+                if not selected.any():
+                    continue
+                logits = (k[b, j] @ q[b, h]) * scaling
+                probs = torch.softmax(logits.masked_fill(~selected, float("-inf")), dim=0)
+                out[b, h] = probs @ v[b, j]
+    return out
+
+
+def make_inputs(b, hkv, g, s, dh, dtype, capacity_pad=5, seed=0):
+    """q [B, Hq, D] and K/V views [:, :, :S] of a larger preallocated cache (non-contiguous, like LokiCache)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hkv * g, dh, generator=gen).to(dtype)
+    k_buf = torch.randn(b, hkv, s + capacity_pad, dh, generator=gen).to(dtype)
+    v_buf = torch.randn(b, hkv, s + capacity_pad, dh, generator=gen).to(dtype)
+    return q, k_buf[:, :, :s], v_buf[:, :, :s]
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+CASES = [  # (B, Hkv, G, S, D, d, k_frac, gqa_select, padded)
+    (2, 2, 1, 37, 32, 8, 0.25, "group", False),
+    (2, 2, 3, 50, 32, 16, 0.3, "group", True),
+    (1, 2, 4, 61, 16, 4, 0.5, "query", False),
+    (3, 1, 4, 45, 32, "per-head", 0.25, "query", True),
+    (2, 2, 4, 33, 32, "per-head", 0.125, "group", True),
+]
+
+
+def _d(d, hkv):
+    return torch.tensor([3, 11][:hkv] if hkv == 2 else [7]) if d == "per-head" else d
+
+
+def _start(padded, b, s):
+    return torch.tensor([0, 9, s - 4][:b], dtype=torch.int32) if padded else None
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_and_torch_match_reference(case, dtype):
+    b, hkv, g, s, dh, d, k_frac, select, padded = case
+    q, k, v = make_inputs(b, hkv, g, s, dh, dtype)
+    d, kv_start = _d(d, hkv), _start(padded, b, s)
+    args = dict(d=d, k_frac=k_frac, scaling=dh**-0.5, kv_start=kv_start, gqa_select=select)
+    ref = reference(q, k, v, d, k_frac, dh**-0.5, kv_start, select)
+    tri = loki_decode_attention_triton(q, k, v, config=SMALL, **args)
+    tch = loki_decode_attention_torch(q, k, v, **args)
+    assert tri.dtype == tch.dtype == dtype and tri.shape == q.shape
+    assert rel_err(tri, ref) < TOL[dtype]
+    assert rel_err(tch, ref) < TOL[dtype]
+
+
+def test_torch_float64_and_dispatch_on_cpu():
+    q, k, v = make_inputs(2, 2, 3, 40, 16, torch.float64)
+    args = dict(d=4, k_frac=0.25, scaling=0.3, kv_start=torch.tensor([0, 7]), gqa_select="query")
+    ref = reference(q, k, v, 4, 0.25, 0.3, args["kv_start"], "query")
+    assert rel_err(loki_decode_attention_torch(q, k, v, **args), ref) < 1e-12
+    assert torch.equal(loki_decode_attention(q, k, v, **args), loki_decode_attention_torch(q, k, v, **args))
+
+
+@pytest.mark.parametrize("select", ["group", "query"])
+@pytest.mark.parametrize("g", [1, 4])
+def test_full_budget_is_softmax_attention(select, g):
+    q, k, v = make_inputs(2, 2, g, 29, 32, torch.float32)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q.double()[:, :, None], k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1), scale=0.2
+    )[:, :, 0]
+    args = dict(d=32, k_frac=1.0, scaling=0.2, gqa_select=select)
+    assert rel_err(loki_decode_attention_triton(q, k, v, config=SMALL, **args), dense) < 1e-5
+    assert rel_err(loki_decode_attention_torch(q, k, v, **args), dense) < 1e-5
+
+
+def test_poisoned_buffers_are_overwritten(monkeypatch):
+    """Every float buffer the Triton path allocates starts as NaN: outputs and all split partials get written."""
+    real_empty = torch.empty
+
+    def poisoned_empty(*shape, **kw):
+        t = real_empty(*shape, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2**30))
+
+    q, k, v = make_inputs(2, 2, 4, 70, 32, torch.bfloat16)
+    out = torch.full_like(q, float("nan"))
+    monkeypatch.setattr(ld.torch, "empty", poisoned_empty)
+    for select in ("group", "query"):
+        res = loki_decode_attention_triton(q, k, v, d=8, k_frac=0.25, scaling=0.2, gqa_select=select,
+                                           kv_start=torch.tensor([0, 13], dtype=torch.int32), config=SMALL, out=out)
+        assert res.data_ptr() == out.data_ptr() and not out.isnan().any()
+        ref = reference(q, k, v, 8, 0.25, 0.2, torch.tensor([0, 13]), select)
+        assert rel_err(out, ref) < TOL[torch.bfloat16]
+        out.fill_(float("nan"))
+
+
+def test_fully_padded_sequence_gives_zeros():
+    q, k, v = make_inputs(2, 1, 2, 20, 16, torch.float32)
+    kv_start = torch.tensor([0, 20], dtype=torch.int32)
+    for impl in (loki_decode_attention_torch, lambda *a, **kw: loki_decode_attention_triton(*a, config=SMALL, **kw)):
+        res = impl(q, k, v, d=4, k_frac=0.5, scaling=0.25, kv_start=kv_start)
+        assert torch.equal(res[1], torch.zeros_like(res[1])) and not res.isnan().any()
+        assert rel_err(res[0], reference(q, k, v, 4, 0.5, 0.25, kv_start, "group")[0]) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(q=torch.zeros(2, 4, 1, 16)), ValueError, "must be \\[B, Hq, D\\]"),
+        (dict(q=torch.zeros(2, 3, 16)), ValueError, "multiple of KV heads"),
+        (dict(v_cache=torch.zeros(2, 2, 9, 16)), ValueError, "k_cache's shape"),
+        (dict(q=torch.zeros(2, 4, 16, dtype=torch.float64)), TypeError, "share one dtype"),
+        (dict(k_frac=0.0), ValueError, "k_frac must be a fraction"),
+        (dict(k_frac=1.5), ValueError, "k_frac must be a fraction"),
+        (dict(d=0), ValueError, "d must lie in"),
+        (dict(d=17), ValueError, "d must lie in"),
+        (dict(d=2.5), TypeError, "d must be an int"),
+        (dict(d=torch.tensor([4, 4, 4])), ValueError, "per-head d"),
+        (dict(gqa_select="head"), ValueError, "gqa_select"),
+        (dict(kv_start=torch.tensor([0])), ValueError, "kv_start"),
+        (dict(k_cache=torch.zeros(2, 2, 16, 8).transpose(-1, -2)), ValueError, "stride"),
+    ],
+)
+def test_bad_arguments_raise(change, error, match):
+    args = dict(q=torch.zeros(2, 4, 16), k_cache=torch.zeros(2, 2, 8, 16), v_cache=torch.zeros(2, 2, 8, 16),
+                d=4, k_frac=0.5, scaling=0.25, kv_start=None, gqa_select="group")
+    args.update(change)
+    if "k_cache" in change:
+        args["v_cache"] = args["k_cache"]
+    q, k, v = args.pop("q"), args.pop("k_cache"), args.pop("v_cache")
+    for impl in (loki_decode_attention_torch, loki_decode_attention_triton):
+        with pytest.raises(error, match=match):
+            impl(q, k, v, **args)
+
+
+def test_triton_path_rejects_float64():
+    q, k, v = make_inputs(1, 1, 1, 8, 16, torch.float64)
+    with pytest.raises(TypeError, match="loki_decode_attention_torch"):
+        loki_decode_attention_triton(q, k, v, d=4, k_frac=0.5, scaling=0.25)
+
+
+def test_budget_matches_shared_helper():
+    """Kept-token counts follow hf_patch.loki.budget: k_frac=0.3 of 50 tokens keeps ceil(15) = 15."""
+    q, k, v = make_inputs(1, 1, 1, 50, 16, torch.float64)
+    out = loki_decode_attention_torch(q, k, v, d=16, k_frac=0.3, scaling=1.0)
+    logits = (k[0, 0] @ q[0, 0]) * 1.0
+    top = logits.topk(math.ceil(50 * 0.3)).indices
+    probs = torch.softmax(logits[top], 0)
+    assert torch.allclose(out[0, 0], probs @ v[0, 0, top], atol=1e-12)
