@@ -1,0 +1,81 @@
+"""`hf-patch eval ...`: lm-eval's own command line, with the `hf-loki` model and the local tasks registered.
+
+Every argument is forwarded unchanged to lm-eval's CLI (`run`, `ls`, `validate`, or the legacy form without a
+subcommand); `--include_path` gains the hf-patch task directory (merged with yours if you pass one):
+
+    hf-patch eval run --model hf-loki --model_args pretrained=smollm2,basis=outputs/smollm2/basis-pre \
+        --tasks hfp_book_cloze,hfp_bigbench --batch_size 8
+    hf-patch eval ls tasks
+    hf-patch eval run --help          # lm-eval's help
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+PASS_THROUGH = True
+TASKS_DIR = Path(__file__).parent / "tasks"
+HELP_FLAGS = ("-h", "--help")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """No options of our own: `-h/--help` is handed on to lm-eval too (see `run`)."""
+    parser.description = __doc__.split("\n\n")[0]
+    parser.conflict_handler = "resolve"  # a group made now takes -h/--help over, so lm-eval answers it
+    group = parser.add_argument_group("lm-eval")
+    group.add_argument(*HELP_FLAGS, dest="lm_eval_help", action="store_true", help=argparse.SUPPRESS)
+
+
+def with_include_path(argv: list[str], tasks_dir: Path = TASKS_DIR) -> list[str]:
+    """`argv` with `--include_path` pointing at our tasks; a path the user gave is kept alongside them.
+
+    lm-eval 0.4 takes a single include path, so two are joined through a temporary directory of symlinks."""
+    user_path = None
+    rest = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--include_path" and i + 1 < len(argv):
+            user_path, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--include_path="):
+            user_path = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    path = str(tasks_dir) if user_path is None else str(_joined_dirs([tasks_dir, Path(user_path)]))
+    return [*rest, "--include_path", path]
+
+
+def _joined_dirs(dirs: list[Path]) -> Path:
+    """A temporary directory holding one symlink per directory in `dirs` (lm-eval scans it recursively)."""
+    joined = Path(tempfile.mkdtemp(prefix="hf_patch_tasks-"))
+    for i, d in enumerate(dirs):
+        d = d.expanduser().resolve()
+        if not d.is_dir():
+            raise FileNotFoundError(f"--include_path {d} is not a directory")
+        os.symlink(d, joined / f"{i}_{d.name}")
+    return joined
+
+
+def run(args: argparse.Namespace) -> int:
+    from lm_eval.__main__ import cli_evaluate
+
+    from .lm_eval_model import register
+
+    register()
+    argv = list(args.extra)
+    if argv and not (len(argv) == 1 and argv[0] == "run"):  # bare `lm-eval` / `lm-eval run` only print help
+        argv = with_include_path(argv)
+    if args.lm_eval_help:
+        argv.append("--help")
+    old_argv = sys.argv
+    sys.argv = ["lm-eval", *argv]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = old_argv
+    return 0

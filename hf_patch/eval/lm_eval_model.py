@@ -1,0 +1,79 @@
+"""The `hf-loki` lm-eval model: lm-eval's `HFLM` with hf-patch models and, optionally, Loki attention.
+
+    lm-eval run --model hf-loki --model_args pretrained=smollm2,basis=outputs/smollm2/basis-pre,d_frac=0.25 ...
+
+Model args beyond HFLM's own: `basis` (a saved `PCABasis` directory; without it the model runs full attention),
+`d_frac`, `k_frac`, `mode` ("all": Loki on every query row, what teacher-forced scoring measures; "decode":
+exact attention over prompts, Loki only for generated tokens), `d_policy`, `gqa_select` and `rotary` (optional
+check: "pre"/"post" must match the basis). `pretrained="smollm2"` is the embedded SmolLM2-135M-Instruct.
+Importing hf_patch registers its TransNormer models with the Auto classes, so they load like any `hf` model.
+
+This module imports lm-eval: it is loaded only by `hf-patch eval`/`compare` and lm-eval's entry point.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lm_eval.api.registry import model_registry, register_model
+from lm_eval.models.huggingface import HFLM
+
+MODEL_NAME = "hf-loki"
+LOKI_ARGS = ("basis", "d_frac", "k_frac", "mode", "d_policy", "gqa_select", "rotary")
+
+
+class LokiHFLM(HFLM):
+    """HFLM that resolves hf-patch model names and patches the loaded model with Loki when `basis` is given."""
+
+    def __init__(
+        self,
+        pretrained: Any = "smollm2",
+        basis: str | None = None,
+        d_frac: float = 0.25,
+        k_frac: float = 0.25,
+        mode: str = "all",
+        d_policy: str = "uniform",
+        gqa_select: str = "query",
+        rotary: str | None = None,
+        device: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        import hf_patch  # noqa: F401  (registers TransNormer with AutoModelForCausalLM)
+        from hf_patch.models.smollm2 import resolve_model
+
+        if isinstance(pretrained, str):
+            pretrained = resolve_model(pretrained)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        super().__init__(pretrained=pretrained, device=device, **kwargs)
+        self.loki = None
+        if basis is not None:
+            self.loki = dict(basis=str(basis), d_frac=float(d_frac), k_frac=float(k_frac), mode=mode,
+                             d_policy=d_policy, gqa_select=gqa_select)
+            apply_loki(self.model, rotary=rotary, **self.loki)
+        elif rotary is not None:
+            raise ValueError("rotary was given without a basis: pass basis=<dir of a saved PCABasis> to use Loki")
+
+    def get_model_info(self) -> dict[str, Any]:
+        """HFLM's model info plus the Loki settings (None for full attention), recorded in lm-eval's results."""
+        return {**super().get_model_info(), "loki": self.loki}
+
+
+def apply_loki(model: torch.nn.Module, basis: str, rotary: str | None = None, **settings: Any) -> torch.nn.Module:
+    """Load the basis at `basis`, check `rotary` against its metadata and patch `model` (in place)."""
+    from hf_patch import PCABasis, patch_loki
+
+    loaded = PCABasis.load(basis)
+    if rotary is not None and rotary != loaded.rotary:
+        raise ValueError(f"rotary={rotary!r} but the basis in {basis} was calibrated on {loaded.rotary}-RoPE keys: "
+                         f"pass rotary={loaded.rotary} or a basis calibrated with rotary={rotary}")
+    return patch_loki(model, loaded, **settings)
+
+
+def register() -> type[LokiHFLM]:
+    """Make `hf-loki` known to lm-eval's model registry (idempotent; an entry-point registration is kept)."""
+    if MODEL_NAME not in model_registry:
+        register_model(MODEL_NAME)(LokiHFLM)
+    return LokiHFLM
+
+
+register()

@@ -1,0 +1,19 @@
+"""Dataset loader of the local hf-patch lm-eval tasks (the YAML files beside this one name it `custom_dataset`)."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def load(hf_patch_task: str, **_: Any) -> dict[str, Any]:
+    """{"test": Dataset} of the prepared task file `$HF_PATCH_CACHE/tasks/<hf_patch_task>.jsonl`.
+
+    lm-eval also passes the run's metadata (model_args, ...) as keyword arguments: they are ignored.
+    """
+    import datasets
+
+    from hf_patch.eval.prepare import read_jsonl, task_file
+
+    path = task_file(hf_patch_task)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `hf-patch prepare-tasks` first (downloads once, then offline)")
+    return {"test": datasets.Dataset.from_list(read_jsonl(path))}
