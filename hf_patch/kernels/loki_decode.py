@@ -321,6 +321,62 @@ def _split(n: int, block: int, rows: int, target_programs: int) -> tuple[int, in
     return triton.cdiv(tiles, per_split), per_split
 
 
+def _launch(cfg: LokiKernelConfig, q: torch.Tensor) -> dict:
+    """Launch options shared by the two main kernels."""
+    # The CPU interpreter (tests) mis-multiplies bf16 in tl.dot: there, dot operands are upcast to float32.
+    return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, UPCAST=q.device.type == "cpu",
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def triton_scores(p: _Problem, q: torch.Tensor, k_cache: torch.Tensor, kv_start: torch.Tensor | None,
+                  cfg: LokiKernelConfig) -> torch.Tensor:
+    """Stage 1: approximate scores, float32 [B*Hkv, S] ("group", max over the group) or [B*Hq, S] ("query")."""
+    b, hkv, g, s = p.batch, p.kv_heads, p.group_size, p.seq
+    scores = torch.empty((b * hkv if p.group else b * p.q_heads, s), device=q.device, dtype=torch.float32)
+    n_split, tiles = _split(s, cfg.block_n_scores, b * hkv, cfg.programs_per_sm * _num_sms(q.device))
+    _approx_scores_kernel[(b * hkv, n_split)](
+        q, k_cache, p.dims if p.dims is not None else scores, kv_start if kv_start is not None else scores, scores,
+        s, hkv, g, tiles, p.d_max,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=p.group, PER_HEAD_D=p.dims is not None, HAS_START=kv_start is not None,
+        BLOCK_G=max(_MIN_DOT, triton.next_power_of_2(g)), BLOCK_D=max(_MIN_DOT, triton.next_power_of_2(p.d_max)),
+        BLOCK_N=cfg.block_n_scores, **_launch(cfg, q),
+    )
+    return scores
+
+
+def select_tokens(scores: torch.Tensor, k: int, k_b: torch.Tensor | None) -> torch.Tensor:
+    """Stage 2: int64 [rows, k] indices of the k best scores per row. Unsorted unless padding gives sequences
+    different budgets k_b <= k (then sorted, so the first k_b of each row are its best)."""
+    return scores.topk(k, dim=-1, sorted=k_b is not None).indices
+
+
+def triton_attend(p: _Problem, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, idx: torch.Tensor,
+                  k_b: torch.Tensor | None, scaling: float, cfg: LokiKernelConfig, out: torch.Tensor) -> torch.Tensor:
+    """Stage 3: exact attention over the rows `idx` [rows, k] of K and V (split-K, then a merge) into `out`."""
+    b, hq, dh = p.batch, p.q_heads, p.head_dim
+    rows, k = idx.shape
+    heads_per_row = p.group_size if p.group else 1
+    n_split, tiles = _split(k, cfg.block_n_attn, rows, cfg.programs_per_sm * _num_sms(q.device))
+    m = torch.empty((rows, n_split, heads_per_row), device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    acc = torch.empty((rows, n_split, heads_per_row, dh), device=q.device, dtype=torch.float32)
+    block_d = max(_MIN_DOT, triton.next_power_of_2(dh))
+    _sparse_attention_kernel[(rows, n_split)](
+        q, k_cache, v_cache, idx, k_b if k_b is not None else idx, m, l, acc,
+        k, rows // b, 1 if p.group else p.group_size, heads_per_row, tiles, n_split, scaling * _LOG2E, dh,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        HAS_KB=k_b is not None, BLOCK_G=max(_MIN_DOT, triton.next_power_of_2(heads_per_row)), BLOCK_D=block_d,
+        BLOCK_N=cfg.block_n_attn, **_launch(cfg, q),
+    )
+    _merge_splits_kernel[(b * hq,)](
+        m, l, acc, out, n_split, heads_per_row, hq, dh, out.stride(0), out.stride(1),
+        BLOCK_S=triton.next_power_of_2(n_split), BLOCK_D=block_d, num_warps=4,
+    )
+    return out
+
+
 def loki_decode_attention_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -340,8 +396,6 @@ def loki_decode_attention_triton(
     p = _check(q, k_cache, v_cache, d, k_frac, kv_start, gqa_select)
     if q.dtype not in _TRITON_DTYPES:
         raise TypeError(f"the Triton path takes {_TRITON_DTYPES}, got {q.dtype}: use loki_decode_attention_torch")
-    cfg = config or LokiKernelConfig()
-    b, hq, hkv, g, s, dh = p.batch, p.q_heads, p.kv_heads, p.group_size, p.seq, p.head_dim
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
@@ -349,44 +403,10 @@ def loki_decode_attention_triton(
     k, k_b = _budget(p, kv_start)
     if k == 0:
         return out.zero_()
-    target = cfg.programs_per_sm * _num_sms(q.device)
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    block_g = max(_MIN_DOT, triton.next_power_of_2(g))
-    rows, heads_per_row = (b * hkv, g) if p.group else (b * hq, 1)
-    # The CPU interpreter (tests) mis-multiplies bf16 in tl.dot: there, dot operands are upcast to float32.
-    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, UPCAST=q.device.type == "cpu")
-
-    scores = torch.empty((rows, s), device=q.device, dtype=torch.float32)
-    n1, t1 = _split(s, cfg.block_n_scores, b * hkv, target)
-    _approx_scores_kernel[(b * hkv, n1)](
-        q, k_cache, p.dims if p.dims is not None else scores, kv_start if kv_start is not None else scores, scores,
-        s, hkv, g, t1, p.d_max,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        GROUP=p.group, PER_HEAD_D=p.dims is not None, HAS_START=kv_start is not None,
-        BLOCK_G=block_g, BLOCK_D=max(_MIN_DOT, triton.next_power_of_2(p.d_max)), BLOCK_N=cfg.block_n_scores,
-        DOT_PREC=prec, **launch,
-    )
-    # Top-k: unsorted unless padding gives rows different budgets (then the first k_b of each row are its best).
-    idx = scores.topk(k, dim=-1, sorted=k_b is not None).indices  # int64 [rows, k]
-
-    n3, t3 = _split(k, cfg.block_n_attn, rows, target)
-    m = torch.empty((rows, n3, heads_per_row), device=q.device, dtype=torch.float32)
-    l = torch.empty_like(m)
-    acc = torch.empty((rows, n3, heads_per_row, dh), device=q.device, dtype=torch.float32)
-    block_d = max(_MIN_DOT, triton.next_power_of_2(dh))
-    _sparse_attention_kernel[(rows, n3)](
-        q, k_cache, v_cache, idx, k_b if k_b is not None else idx, m, l, acc,
-        k, rows // b, 1 if p.group else g, heads_per_row, t3, n3, scaling * _LOG2E, dh,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HAS_KB=k_b is not None, BLOCK_G=block_g if p.group else _MIN_DOT, BLOCK_D=block_d,
-        BLOCK_N=cfg.block_n_attn, DOT_PREC=prec, **launch,
-    )
-    _merge_splits_kernel[(b * hq,)](
-        m, l, acc, out, n3, heads_per_row, hq, dh, out.stride(0), out.stride(1),
-        BLOCK_S=triton.next_power_of_2(n3), BLOCK_D=block_d, num_warps=4,
-    )
-    return out
+    cfg = config or LokiKernelConfig()
+    scores = triton_scores(p, q, k_cache, kv_start, cfg)
+    idx = select_tokens(scores, k, k_b)
+    return triton_attend(p, q, k_cache, v_cache, idx, k_b, scaling, cfg, out)
 
 
 def loki_decode_attention(
