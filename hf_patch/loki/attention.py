@@ -118,13 +118,14 @@ def loki_attention_dense(
     q_rot = loki.rotate_queries(query)  # [B, H_kv, G, T, D]
     d_max = int(loki.dims.max())
     k_approx = key[..., :d_max] if keys_rotated else loki.rotate_keys(key, d_max)
-    scores = torch.matmul(loki.approx_query(q_rot), k_approx.unsqueeze(2).transpose(-1, -2))
-    selected = select_tokens(scores, visible, loki.k_frac, loki.gqa_select)
-    q_exact = q_rot if keys_rotated else query.view_as(q_rot)
-    logits = torch.matmul(q_exact, key.unsqueeze(2).transpose(-1, -2)).float() * scaling
-    probs = torch.softmax(logits.masked_fill(~selected, float("-inf")), dim=-1).nan_to_num_(0.0)
-    out = torch.matmul(probs.to(value.dtype), value.unsqueeze(2))  # [B, H_kv, G, T, D]
-    return out.reshape(b, hq, t, d).transpose(1, 2)
+    scores = torch.matmul(loki.approx_query(q_rot).flatten(2, 3), k_approx.transpose(-1, -2))
+    selected = select_tokens(scores.unflatten(2, (hq // key.shape[1], t)), visible, loki.k_frac, loki.gqa_select)
+    q_exact = q_rot.flatten(1, 2) if keys_rotated else query
+    mask = selected.expand(-1, -1, hq // key.shape[1], -1, -1).flatten(1, 2)  # [B, H_q, T, S]
+    out = nn.functional.scaled_dot_product_attention(q_exact, key, value, attn_mask=mask, scale=scaling,
+                                                     enable_gqa=True)
+    out = out.masked_fill(~visible.any(-1, keepdim=True), 0.0)  # rows that see no key (padding) attend to nothing
+    return out.transpose(1, 2)
 
 
 def loki_attention_forward(
