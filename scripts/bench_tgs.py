@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""TGS (tokens per GPU per second) of a full training step, TransNormer vs the same-size Llama (SDPA), and the
+TransNormer's per-token generation latency against prompt length (the Lightning Attention-2 paper's tables).
+
+    python scripts/bench_tgs.py --config configs/transnormer/100m_gpu.yaml --out tgs.json
+
+A training step is forward + loss + backward + AdamW step on fp32 master weights under bf16 autocast, with
+`--tokens-per-step` tokens at every sequence length (batch = tokens / length). The loss is computed in chunks
+through the tied LM head (same code for both models) so 64k-token steps do not hold [tokens, vocab] logits.
+Before timing, the script checks the CUDA (Triton) path against the PyTorch chunked path in float32 (logits and
+gradients) and greedy generation with the cache against full recompute; it stops if they disagree.
+Timings: `triton.testing.do_bench` medians (CUDA events); random token ids.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from hf_patch import kernels
+from hf_patch.config import load_config
+from hf_patch.transnormer import TransNormerConfig, TransNormerForCausalLM
+from hf_patch.transnormer.baseline import matching_llama_config
+
+VOCAB = 49152  # SmolLM2's tokenizer
+
+
+def build(kind: str, model_cfg: dict, max_len: int, device: str) -> torch.nn.Module:
+    from transformers import LlamaForCausalLM
+
+    config = TransNormerConfig(vocab_size=VOCAB, **model_cfg)
+    if kind == "transnormer":
+        model = TransNormerForCausalLM(config)
+    else:
+        model = LlamaForCausalLM(matching_llama_config(config, max_position_embeddings=max_len))
+    return model.to(device)
+
+
+def chunked_lm_loss(hidden: torch.Tensor, head: torch.Tensor, labels: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Mean next-token cross entropy of hidden [B, T, C] through head [V, C]; logits live one chunk at a time."""
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    piece = lambda a, b: F.cross_entropy((a @ head.T).float(), b, reduction="sum")  # noqa: E731
+    total = sum(checkpoint(piece, h[i : i + chunk], y[i : i + chunk], use_reentrant=False)
+                for i in range(0, h.shape[0], chunk))
+    return total / y.numel()
+
+
+def train_step_fn(model, optimizer, ids: torch.Tensor):
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+            loss = chunked_lm_loss(hidden, model.lm_head.weight, ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def bench_tgs(model_cfg: dict, kinds: list[str], seq_lens: list[int], tokens_per_step: int) -> list[dict]:
+    from triton.testing import do_bench
+
+    rows = []
+    for kind in kinds:
+        model = build(kind, model_cfg, max(seq_lens), "cuda").train()
+        params = sum(p.numel() for p in model.parameters())
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        for seq_len in seq_lens:
+            batch = tokens_per_step // seq_len
+            ids = torch.randint(0, VOCAB, (batch, seq_len), device="cuda")
+            step = train_step_fn(model, optimizer, ids)
+            try:
+                torch.cuda.reset_peak_memory_stats()
+                ms = do_bench(step, warmup=1, rep=1500, return_mode="median")
+                row = {"model": kind, "params_M": round(params / 1e6, 1), "seq_len": seq_len, "batch": batch,
+                       "step_ms": round(ms, 2), "tgs": round(batch * seq_len / (ms / 1e3)),
+                       "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
+            except torch.OutOfMemoryError:
+                row = {"model": kind, "seq_len": seq_len, "batch": batch, "step_ms": None, "tgs": None, "oom": True}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del ids, step
+            torch.cuda.empty_cache()
+        del model, optimizer
+        torch.cuda.empty_cache()
+    return rows
+
+
+@torch.no_grad()
+def bench_generation(model_cfg: dict, kinds: list[str], prompts: list[int], new_tokens: int) -> list[dict]:
+    """Median per-token decode latency (batch 1, bf16 weights) after a prompt of each length."""
+    rows = []
+    for kind in kinds:
+        model = build(kind, model_cfg, max(prompts) + new_tokens + 1, "cuda").to(torch.bfloat16).eval()
+        for length in prompts:
+            prompt = torch.randint(0, VOCAB, (1, length), device="cuda")
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = model(prompt, use_cache=True, logits_to_keep=1)
+            torch.cuda.synchronize()
+            prefill_ms = (time.perf_counter() - t0) * 1e3
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            times = []
+            for _ in range(new_tokens):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = model(token, past_key_values=cache, use_cache=True)
+                end.record()
+                token = out.logits[:, -1:].argmax(-1)
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            times = sorted(times[2:])  # the first steps warm up
+            state_mb = cache_megabytes(cache)
+            row = {"model": kind, "prompt": length, "prefill_ms": round(prefill_ms, 1),
+                   "ms_per_token": round(times[len(times) // 2], 3), "cache_MB": round(state_mb, 1)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del cache, out
+            torch.cuda.empty_cache()
+        del model
+    return rows
+
+
+def cache_megabytes(cache) -> float:
+    tensors = getattr(cache, "states", None)
+    if tensors is None:  # a transformers DynamicCache
+        tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None) / 1e6
+
+
+def check_cuda_path(model_cfg: dict) -> dict:
+    """Triton path vs the PyTorch chunked path (float32): logits, gradients; cached vs recomputed greedy tokens."""
+    small = {**model_cfg, "num_hidden_layers": 2, "lrpe_layers": [0]}
+    torch.manual_seed(0)
+    model = build("transnormer", small, 2048, "cuda").float()
+    ids = torch.randint(0, VOCAB, (2, 1000), device="cuda")  # not a multiple of any block size
+
+    def run(attn):
+        original = kernels.lightning_attn
+        kernels.lightning_attn = attn
+        try:
+            model.zero_grad(set_to_none=True)
+            out = model(ids, labels=ids, use_cache=False)
+            out.loss.backward()
+            return out.logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+        finally:
+            kernels.lightning_attn = original
+
+    logits, grads = run(kernels.lightning_attn)
+    ref_logits, ref_grads = run(kernels.lightning_attn_chunked)
+    rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
+    model.eval()
+    model.generation_config.eos_token_id = None
+    prompt = torch.randint(0, VOCAB, (2, 300), device="cuda")
+    cached = model.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    recomputed = model.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=False, pad_token_id=0)
+    result = {"logits_rel_err": rel(logits, ref_logits), "grad_rel_err": rel(grads, ref_grads),
+              "generate_cache_equals_recompute": bool(torch.equal(cached, recomputed)),
+              "nan": bool(torch.isnan(logits).any() or torch.isnan(grads).any())}
+    print("check:", json.dumps(result), flush=True)
+    if result["nan"] or result["logits_rel_err"] > 1e-2 or result["grad_rel_err"] > 2e-2:
+        raise SystemExit(f"CUDA path disagrees with the PyTorch reference: {result}")
+    return result
+
+
+def print_tables(tgs: list[dict], gen: list[dict]) -> None:
+    by = {(r["model"], r["seq_len"]): r for r in tgs}
+    lens = sorted({r["seq_len"] for r in tgs})
+    print("\n| seq len | batch | TransNormer TGS | Llama (SDPA) TGS | ratio |")
+    print("|---:|---:|---:|---:|---:|")
+    for n in lens:
+        tn, ll = by.get(("transnormer", n), {}), by.get(("llama", n), {})
+        ratio = f"{tn['tgs'] / ll['tgs']:.2f}x" if tn.get("tgs") and ll.get("tgs") else "-"
+        print(f"| {n} | {tn.get('batch', ll.get('batch'))} | {tn.get('tgs') or 'OOM'} | {ll.get('tgs') or 'OOM'} | {ratio} |")
+    if gen:
+        print("\n| model | prompt | prefill ms | decode ms/token | cache MB |")
+        print("|---|---:|---:|---:|---:|")
+        for r in gen:
+            print(f"| {r['model']} | {r['prompt']} | {r['prefill_ms']} | {r['ms_per_token']} | {r['cache_MB']} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/transnormer/100m_gpu.yaml", help="its `model:` section is used")
+    parser.add_argument("--models", default="transnormer,llama")
+    parser.add_argument("--seq-lens", default="1024,2048,4096,8192,16384,32768,65536")
+    parser.add_argument("--tokens-per-step", type=int, default=65536)
+    parser.add_argument("--gen-prompts", default="1024,16384,65536")
+    parser.add_argument("--gen-models", default="transnormer,llama")
+    parser.add_argument("--gen-tokens", type=int, default=24)
+    parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--out", help="write all results as JSON here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_tgs.py times CUDA training steps; run it on a GPU machine")
+    import triton
+
+    model_cfg = load_config(args.config)["model"]
+    seq_lens = [int(x) for x in args.seq_lens.split(",")]
+    if any(args.tokens_per_step % n for n in seq_lens):
+        raise SystemExit(f"--tokens-per-step {args.tokens_per_step} must be a multiple of every length {seq_lens}")
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "python": platform.python_version(), "model": model_cfg, "tokens_per_step": args.tokens_per_step}
+    print(json.dumps(env), flush=True)
+    check = None if args.skip_check else check_cuda_path(model_cfg)
+    tgs = bench_tgs(model_cfg, args.models.split(","), seq_lens, args.tokens_per_step)
+    prompts = [int(x) for x in args.gen_prompts.split(",")] if args.gen_prompts else []
+    gen = bench_generation(model_cfg, args.gen_models.split(","), prompts, args.gen_tokens) if prompts else []
+    print_tables(tgs, gen)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"env": env, "check": check, "tgs": tgs, "generation": gen}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
