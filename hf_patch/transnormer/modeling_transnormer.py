@@ -20,16 +20,20 @@ from .configuration_transnormer import TransNormerConfig
 from .decay import layer_decays
 
 
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
 class TransNormerSimpleRMSNorm(nn.Module):
-    """Parameter-free SRMSNorm `x / (||x||_2 / sqrt(d))` over the last dim, computed in float32."""
+    """Parameter-free SRMSNorm `x / (||x||_2 / sqrt(d))` over the last dim, computed in float32 at least."""
 
     def __init__(self, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        xf = x.to(_at_least_float32(x.dtype))
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class TransNormerLrpe(nn.Module):
@@ -49,10 +53,11 @@ class TransNormerLrpe(nn.Module):
         return (10000 ** (-2 / d * torch.arange(d, dtype=torch.float32))).reshape(num_heads, 1, head_dim)
 
     def forward(self, x: torch.Tensor, offset: int) -> torch.Tensor:
-        positions = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=torch.float32)
-        angle = positions[:, None, None] * self.theta[:, 0, :].float()  # [T, H, D]
-        x32 = x.float()
-        return torch.cat([x32 * torch.cos(angle), x32 * torch.sin(angle)], dim=-1).to(x.dtype)
+        dtype = _at_least_float32(x.dtype)
+        positions = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=dtype)
+        angle = positions[:, None, None] * self.theta[:, 0, :].to(dtype)  # [T, H, D]
+        xf = x.to(dtype)
+        return torch.cat([xf * torch.cos(angle), xf * torch.sin(angle)], dim=-1).to(x.dtype)
 
 
 class TransNormerGLU(nn.Module):
