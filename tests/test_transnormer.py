@@ -299,3 +299,54 @@ def test_tiny_model_overfits_a_small_text():
         opt.step()
         losses.append(loss.item())
     assert losses[0] > 2.5 and losses[-1] < 0.25 * losses[0], (losses[0], losses[-1])
+
+
+# ---------------------------------------------------------------- the training script, end to end on CPU
+
+
+def _load_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_script_runs_both_models(tmp_path):
+    import numpy as np
+    import yaml
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<eos>", "<unk>"] + [f"w{i}" for i in range(40)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", unk_token="<unk>").save_pretrained(tmp_path / "tok")
+    rng = np.random.default_rng(0)
+    phrase = rng.integers(2, len(words), 50)
+    (tmp_path / "ids").mkdir()
+    np.save(tmp_path / "ids" / "train.npy", np.tile(phrase, 80).astype(np.uint16))
+    np.save(tmp_path / "ids" / "eval.npy", np.tile(phrase, 8).astype(np.uint16))
+    config = {
+        "model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64},
+        "tokenizer": str(tmp_path / "tok"), "data": {"tokens_dir": str(tmp_path / "ids")},
+        "seq_len": 32, "batch_size": 4, "steps": 12, "lr": 1e-2, "warmup_steps": 2, "weight_decay": 0.0,
+        "betas": [0.9, 0.95], "grad_clip": 1.0, "eval_every": 6, "eval_batches": 2, "save_every": 6,
+        "mixed_precision": "no", "gradient_checkpointing": False, "output_dir": str(tmp_path / "out"), "seed": 0,
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
+    script = _load_script("train_transnormer")
+    for kind in ("transnormer", "llama"):
+        assert script.main(["--config", str(tmp_path / "cfg.yaml"), "--model", kind]) == 0
+        run = json.loads((tmp_path / "out" / kind / "metrics.json").read_text())
+        evals = [r["eval_loss"] for r in run["records"] if "eval_loss" in r]
+        assert len(run["records"]) == 12 and len(evals) == 2 and evals[-1] < math.log(len(words)) - 0.5
+        assert (tmp_path / "out" / kind / "checkpoint-6" / "config.json").is_file()
+    tn = json.loads((tmp_path / "out" / "transnormer" / "metrics.json").read_text())["parameters"]
+    llama = json.loads((tmp_path / "out" / "llama" / "metrics.json").read_text())["parameters"]
+    assert abs(tn - llama) / tn < 0.05  # the baseline has the same size
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "transnormer" / "final")) is TransNormerForCausalLM
+    assert (tmp_path / "out" / "loss.png").stat().st_size > 10_000
