@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def with_include_path(argv: list[str], tasks_dir: Path = TASKS_DIR) -> list[str]:
     """`argv` with `--include_path` pointing at our tasks; a path the user gave is kept alongside them.
 
-    lm-eval 0.4 takes a single include path, so two are joined through a temporary directory of symlinks."""
+    lm-eval's CLI takes a single include path, so two are joined in a temporary directory of symlinks."""
     user_path = None
     rest = []
     i = 0
@@ -51,13 +51,18 @@ def with_include_path(argv: list[str], tasks_dir: Path = TASKS_DIR) -> list[str]
 
 
 def _joined_dirs(dirs: list[Path]) -> Path:
-    """A temporary directory holding one symlink per directory in `dirs` (lm-eval scans it recursively)."""
+    """A temporary directory mirroring each of `dirs` (real subdirectories, symlinked files): lm-eval scans it
+    recursively without following directory symlinks, and finds each task's Python helpers beside its YAML."""
     joined = Path(tempfile.mkdtemp(prefix="hf_patch_tasks-"))
     for i, d in enumerate(dirs):
         d = d.expanduser().resolve()
         if not d.is_dir():
             raise FileNotFoundError(f"--include_path {d} is not a directory")
-        os.symlink(d, joined / f"{i}_{d.name}")
+        for root, _, files in os.walk(d, followlinks=True):
+            target = joined / f"{i}_{d.name}" / Path(root).relative_to(d)
+            target.mkdir(parents=True, exist_ok=True)
+            for name in files:
+                os.symlink(Path(root) / name, target / name)
     return joined
 
 

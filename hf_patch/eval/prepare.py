@@ -215,7 +215,7 @@ def bigbench_records(name: str, subtasks: dict[str, dict[str, Any]]) -> list[dic
 # ---------------------------------------------------------------- driver
 
 
-def _write_tasks(files: dict[str, list[dict[str, Any]]]) -> None:
+def write_tasks(files: dict[str, list[dict[str, Any]]]) -> None:
     """Write `{name}.jsonl` files into the tasks dir (atomically, keeping the files already there)."""
     target = tasks_dir()
     with atomic_directory(target) as tmp:
@@ -248,7 +248,7 @@ def prepare_tasks(which: Iterable[str] = ("books", "bigbench"), force: bool = Fa
         for task, subtasks in read_bigbench_tasks(fetch_bigbench_sdist(bigbench_sdist)).items():
             files[f"bigbench_{task}"] = bigbench_records(task, subtasks)
     if files:
-        _write_tasks(files)
+        write_tasks(files)
     return {n: task_file(n) for n in names}
 
 

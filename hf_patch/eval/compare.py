@@ -1,0 +1,310 @@
+"""`hf-patch compare --config configs/eval/smollm2.yaml`: the same lm-eval tasks for full attention and each Loki
+setting, through lm-eval's Python API (`lm_eval.simple_evaluate`).
+
+Writes under the config's `output_dir`: `results.md` (task x setting, value ± stderr and the change vs full),
+`results.json` and `accuracy_vs_k.png` (each task's metric against k_f, one line per d_f). Every (setting, task)
+result is cached in `cache/<setting>.json` as soon as it is done, and reused by later runs with the same model,
+basis, setting and example count: an interrupted comparison resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from ..config import load_config
+
+KEYS = {"model", "dtype", "device", "batch_size", "output_dir", "tasks", "metrics", "settings", "basis",
+        "calibration", "mode", "num_fewshot", "bootstrap_iters", "seed"}
+SETTING_KEYS = {"rotary", "d_frac", "k_frac", "d_policy", "gqa_select", "mode"}
+DEFAULTS: dict[str, Any] = {"model": "smollm2", "dtype": "float32", "device": "auto", "batch_size": 8,
+                            "output_dir": "outputs/eval", "mode": "all", "num_fewshot": 0, "bootstrap_iters": 1000,
+                            "seed": 1234, "metrics": {}, "basis": {}, "calibration": {}}
+LOWER_IS_BETTER = ("perplexity", "bits_per_byte")
+FULL = "full"
+
+
+# ---------------------------------------------------------------- settings and caching
+
+
+def setting_label(setting: dict[str, Any] | None) -> str:
+    """'full' or e.g. 'loki d=0.25 k=0.25 pre' (the same names as `hf-patch main`)."""
+    from ..loki.experiment import setting_name
+
+    return FULL if setting is None else setting_name(setting)
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", label).strip("_")
+
+
+def default_metric(task: str, results: dict[str, Any], metrics: dict[str, str]) -> str:
+    """The metric shown for `task`: the config's choice, else acc, else word_perplexity, else the first one."""
+    if task in metrics:
+        return metrics[task]
+    names = [k.split(",")[0] for k in results if "," in k and "_stderr" not in k]
+    for preferred in ("acc", "word_perplexity"):
+        if preferred in names:
+            return preferred
+    if not names:
+        raise ValueError(f"lm-eval returned no metrics for {task}")
+    return names[0]
+
+
+def metric_value(results: dict[str, Any], metric: str) -> tuple[float, float | None]:
+    """(value, stderr or None) of `metric` under lm-eval's default filter "none"."""
+    value = results.get(f"{metric},none")
+    if value is None:
+        raise KeyError(f"metric {metric!r} not in the results ({sorted(results)})")
+    stderr = results.get(f"{metric}_stderr,none")
+    return float(value), (float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None)
+
+
+def _read_cache(path: Path, key: dict[str, Any]) -> dict[str, Any]:
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached
+    return {"key": key, "tasks": {}}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- running
+
+
+def ensure_bases(cfg: dict[str, Any], settings: list[dict[str, Any]]) -> dict[str, Path]:
+    """{rotary: basis dir} for the rotary variants the settings use; missing bases are calibrated and saved."""
+    rotaries = sorted({s.get("rotary", "pre") for s in settings})
+    out = Path(cfg["output_dir"])
+    paths = {r: Path(cfg["basis"].get(r, out / f"basis-{r}")) for r in rotaries}
+    from ..loki.basis import CONFIG_NAME
+
+    missing = [r for r in rotaries if not (paths[r] / CONFIG_NAME).is_file()]
+    if missing:
+        from ..loki.calibrate_cli import DEFAULTS as CALIBRATION_DEFAULTS
+        from ..loki.calibrate_cli import calibrate_to
+        from ..loki.perplexity import resolve_device
+        from ..models.smollm2 import load_model
+
+        model, tokenizer = load_model(cfg["model"], dtype=cfg["dtype"], device=resolve_device(cfg["device"]))
+        calib = {**CALIBRATION_DEFAULTS, "model": cfg["model"], **cfg["calibration"]}
+        for r in missing:
+            calibrate_to(model, tokenizer, calib, r, paths[r])
+        del model
+    return paths
+
+
+def _basis_key(path: Path) -> dict[str, Any]:
+    from ..loki.basis import PCABasis
+
+    meta = PCABasis.load(path).metadata
+    return {"path": str(path), **{k: meta.get(k) for k in ("model_id", "rotary", "tokens", "dataset", "seq_len")}}
+
+
+def evaluate_setting(cfg: dict[str, Any], setting: dict[str, Any] | None, basis: Path | None) -> dict:
+    """{task: {"limit", "n", "results"}} for one setting, running only the tasks its cache lacks."""
+    from tqdm.auto import tqdm
+
+    label = setting_label(setting)
+    loki = None if setting is None else {
+        "basis": str(basis), "d_frac": setting["d_frac"], "k_frac": setting["k_frac"],
+        "mode": setting.get("mode", cfg["mode"]), "d_policy": setting.get("d_policy", "uniform"),
+        "gqa_select": setting.get("gqa_select", "query"), "rotary": setting.get("rotary", "pre")}
+    key = {"model": str(cfg["model"]), "dtype": cfg["dtype"], "num_fewshot": cfg["num_fewshot"],
+           "seed": cfg["seed"], "loki": loki, "basis": None if basis is None else _basis_key(basis)}
+    path = Path(cfg["output_dir"]) / "cache" / f"{_slug(label)}.json"
+    cache = _read_cache(path, key)
+    todo = [t for t, n in cfg["tasks"].items() if t not in cache["tasks"] or cache["tasks"][t]["limit"] != n]
+    if todo:
+        from lm_eval import simple_evaluate
+
+        local_only = all(t.startswith("hfp_") for t in cfg["tasks"])
+        from ..loki.perplexity import resolve_device
+        from .lm_eval_model import LokiHFLM
+
+        lm = LokiHFLM(pretrained=str(cfg["model"]), dtype=cfg["dtype"], device=resolve_device(cfg["device"]),
+                      batch_size=cfg["batch_size"], **(loki or {}))
+        for task in tqdm(todo, desc=label, unit="task"):
+            out = simple_evaluate(model=lm, tasks=[task], limit=cfg["tasks"][task], num_fewshot=cfg["num_fewshot"],
+                                  bootstrap_iters=cfg["bootstrap_iters"], task_manager=task_manager(local_only),
+                                  log_samples=False, random_seed=cfg["seed"], numpy_random_seed=cfg["seed"],
+                                  torch_random_seed=cfg["seed"], fewshot_random_seed=cfg["seed"])
+            if task not in out["results"]:
+                raise ValueError(f"{task} is a group or tag: list its tasks one by one in the config's `tasks`")
+            cache["tasks"][task] = {"limit": cfg["tasks"][task], "n": out["n-samples"][task]["effective"],
+                                    "results": out["results"][task]}
+            _write_json(path, cache)
+    else:
+        print(f"{label}: all {len(cfg['tasks'])} tasks cached in {path}")
+    return {t: cache["tasks"][t] for t in cfg["tasks"]}
+
+
+@functools.cache
+def task_manager(local_only: bool = False):
+    """lm-eval's task index with the hf-patch tasks, built once per process. Indexing lm-eval's own tasks scans
+    thousands of YAML files: `local_only` skips them when every task is one of ours."""
+    from lm_eval.tasks import TaskManager
+
+    from .cli import TASKS_DIR
+
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=not local_only)
+
+
+def _needs_prepared_tasks(tasks: list[str]) -> None:
+    """Build the local task files the run needs (once; offline afterwards)."""
+    from .prepare import BOOK_TASKS, prepare_tasks, task_file
+
+    local = [t.removeprefix("hfp_") for t in tasks if t.startswith("hfp_")]
+    groups = {"books" if t in BOOK_TASKS else "bigbench" for t in local if not task_file(t).is_file()}
+    if groups:
+        prepare_tasks(sorted(groups))
+
+
+def run_compare(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run every setting (full first) and write the table, JSON and plot; return the JSON payload."""
+    cfg = {**DEFAULTS, **cfg}
+    if not cfg.get("tasks"):
+        raise ValueError("the config needs `tasks`: a mapping task name -> number of examples (null for all)")
+    settings = cfg.get("settings") or []
+    for s in settings:
+        if unknown := set(s) - SETTING_KEYS:
+            raise ValueError(f"unknown setting keys {sorted(unknown)}; allowed: {sorted(SETTING_KEYS)}")
+        if not {"d_frac", "k_frac"} <= set(s):
+            raise ValueError(f"each setting needs d_frac and k_frac, got {s}")
+    _needs_prepared_tasks(list(cfg["tasks"]))
+    bases = ensure_bases(cfg, settings)
+    rows = [{"setting": FULL, "params": None, "tasks": evaluate_setting(cfg, None, None)}]
+    for s in settings:
+        basis = bases[s.get("rotary", "pre")]
+        rows.append({"setting": setting_label(s), "params": s, "tasks": evaluate_setting(cfg, s, basis)})
+    return write_outputs(cfg, rows)
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def summarize(cfg: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per task: metric, n, and per setting value, stderr and delta vs full (points or %)."""
+    summary = []
+    for task in cfg["tasks"]:
+        metric = default_metric(task, rows[0]["tasks"][task]["results"], cfg["metrics"])
+        full, _ = metric_value(rows[0]["tasks"][task]["results"], metric)
+        entry = {"task": task, "metric": metric, "n": rows[0]["tasks"][task]["n"], "settings": {}}
+        for row in rows:
+            value, stderr = metric_value(row["tasks"][task]["results"], metric)
+            relative = metric.endswith(LOWER_IS_BETTER)
+            delta = 100 * (value / full - 1) if relative else value - full
+            entry["settings"][row["setting"]] = {"value": value, "stderr": stderr, "delta": delta,
+                                                 "delta_unit": "%" if relative else "abs"}
+        summary.append(entry)
+    return summary
+
+
+def _cell(metric: str, value: float, stderr: float | None) -> str:
+    if metric.endswith(LOWER_IS_BETTER):
+        return f"{value:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "")
+    return f"{100 * value:.1f}" + (f" ± {100 * stderr:.1f}" if stderr is not None else "")
+
+
+def _delta(d: dict[str, Any]) -> str:
+    return f"{d['delta']:+.1f}%" if d["delta_unit"] == "%" else f"{100 * d['delta']:+.1f}"
+
+
+def table(summary: list[dict[str, Any]], labels: list[str]) -> str:
+    """Markdown: one row per task, `value ± stderr` per setting and, for Loki, the change vs full."""
+    head = ["task", "metric", "n", labels[0]]
+    for label in labels[1:]:
+        head += [label, "Δ"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in summary:
+        unit = "" if e["metric"].endswith(LOWER_IS_BETTER) else " (%)"
+        cells = [e["task"], e["metric"] + unit, str(e["n"])]
+        for i, label in enumerate(labels):
+            s = e["settings"][label]
+            cells.append(_cell(e["metric"], s["value"], s["stderr"]))
+            if i:
+                cells.append(_delta(s))
+        lines.append("| " + " | ".join(cells) + " |")
+    accuracy = [e for e in summary if not e["metric"].endswith(LOWER_IS_BETTER)]
+    if len(accuracy) > 1:
+        cells = ["mean of accuracies", "", ""]
+        full = sum(e["settings"][labels[0]]["value"] for e in accuracy) / len(accuracy)
+        for i, label in enumerate(labels):
+            mean = sum(e["settings"][label]["value"] for e in accuracy) / len(accuracy)
+            cells.append(f"{100 * mean:.1f}")
+            if i:
+                cells.append(f"{100 * (mean - full):+.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) -> None:
+    """One panel per task: the metric against k_f, one line per d_f (and variant), full attention dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(summary))
+    fig, axes = plt.subplots(math.ceil(len(summary) / cols), cols, figsize=(4.2 * cols, 3.3 * math.ceil(len(summary) / cols)),
+                             squeeze=False)
+    for ax, e in zip(axes.flat, summary):
+        scale = 1 if e["metric"].endswith(LOWER_IS_BETTER) else 100
+        ax.axhline(scale * e["settings"][FULL]["value"], color="black", linestyle="--", label="full")
+        lines: dict[str, list[tuple[float, float]]] = {}
+        for row in rows[1:]:
+            p = row["params"]
+            name = f"d_f={p['d_frac']:g}" + "".join(
+                f" {p[k]}" for k, default in (("rotary", "pre"), ("d_policy", "uniform"), ("gqa_select", "query"))
+                if p.get(k, default) != default)
+            lines.setdefault(name, []).append((p["k_frac"], scale * e["settings"][row["setting"]]["value"]))
+        for name, points in sorted(lines.items()):
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o", label=name)
+        ax.set_title(f"{e['task']} (n={e['n']})", fontsize=9)
+        ax.set_xlabel("k_f")
+        ax.set_ylabel(e["metric"] + ("" if scale == 1 else " (%)"))
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(summary):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(cfg: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out = Path(cfg["output_dir"])
+    summary = summarize(cfg, rows)
+    labels = [r["setting"] for r in rows]
+    md = table(summary, labels)
+    payload = {"config": cfg, "summary": summary, "results": rows}
+    _write_json(out / "results.json", payload)
+    (out / "results.md").write_text(
+        f"lm-eval, model {cfg['model']} ({cfg['dtype']}), Loki mode {cfg['mode']}, {cfg['num_fewshot']}-shot; "
+        "accuracies in %, Δ in points (perplexity: Δ in %)\n\n" + md + "\n")
+    plot(summary, rows, out / "accuracy_vs_k.png")
+    print(f"\n{md}\n\nwrote {out / 'results.md'}, {out / 'results.json'}, {out / 'accuracy_vs_k.png'}")
+    return payload
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="configs/eval/smollm2.yaml")
+    parser.add_argument("--output-dir", help="override the config's output_dir")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, KEYS)
+    if args.output_dir:
+        cfg["output_dir"] = args.output_dir
+    run_compare(cfg)
+    return 0

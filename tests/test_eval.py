@@ -1,0 +1,348 @@
+"""lm-eval hooks: task preparation, the `hf-loki` model, `hf-patch eval` (lm-eval's CLI) and `hf-patch compare`.
+
+Offline on CPU: a tiny random-weight Llama with a byte-level BPE tokenizer trained here, and tiny task files
+written from synthetic book text and synthetic BIG-bench JSON into a temporary `$HF_PATCH_CACHE`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from hf_patch.eval import prepare  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+STORY = (
+    "Anne walked to the garden before breakfast. The garden was quiet, and the roses were wet with rain. "
+    "She thought of the letter from Captain Wentworth and of the long years since Lyme. Her sister laughed "
+    "at the window, but Anne did not answer. Mary came down the stairs with a basket of apples. They spoke of "
+    "the weather, of the apples, and of the carriage that was late again. At noon the carriage came at last, "
+    "and the horses were tired from the road. Anne smiled at her sister and went back to the apples."
+)
+PASSAGES = [{"text": STORY, "source": "Synthetic"}, {"text": STORY.replace("Anne", "Emma"), "source": "Other"}]
+WINOWHY = {
+    "name": "winowhy", "task_prefix": "Pronouns.\n", "example_input_prefix": "\n",
+    "example_output_prefix": "\nThe above reasoning is ", "append_choices_to_input": False,
+    "examples": [
+        {"input": f"Sentence {i}: the cup fell off the table because it was tilted.",
+         "target_scores": {"correct": i % 2, "incorrect": 1 - i % 2}} for i in range(8)
+    ] + [{"input": "a tie", "target_scores": {"correct": 1, "incorrect": 1}}],
+}
+GOAL_STEP = {  # a task made of subtasks, as goal_step_wikihow is
+    "": {"name": "goal_step_wikihow"},
+    "step_inference": {"name": "step_inference", "examples": [
+        {"input": f"The most reasonable step of 'Task {i}' is ",
+         "target_scores": {"Boil water": int(i == 0), "Read a map": int(i != 0), "Sing": 0}} for i in range(4)]},
+}
+
+
+# ---------------------------------------------------------------- task preparation
+
+
+def test_cloze_targets_are_content_words_seen_in_the_context():
+    import re
+
+    # only the last sentence ends on a content word seen in its context (the fewest sentences of 30+ words):
+    # the final "apples" (seen two sentences earlier); not the first "apples", nor "again", "road", "Lyme"
+    assert [w for _, w in prepare.cloze_candidates(STORY, min_context_words=20)] == []  # context too short
+    pairs = list(prepare.cloze_candidates(STORY, min_context_words=30))
+    assert [w for _, w in pairs] == ["apples"]
+    for context, word in pairs:
+        start = STORY.index(context)
+        assert start == 0 or STORY[start - 2:start] == ". "  # whole sentences
+        assert len(context.split()) >= 30 and re.search(rf"\b{word}\b", context)
+        assert STORY[start + len(context):].startswith(" " + word)
+
+
+def test_cloze_records_are_deterministic_and_capped():
+    a = prepare.cloze_records(PASSAGES, n=3, min_context_words=30)
+    b = prepare.cloze_records(PASSAGES, n=3, min_context_words=30)
+    assert a == b and len(a) == 2  # one candidate per passage
+    assert all(r["target"].startswith(" ") and r["source"] in ("Synthetic", "Other") for r in a)
+    with pytest.raises(ValueError, match="no cloze candidates"):
+        prepare.cloze_records(PASSAGES, n=3, min_context_words=10_000)
+
+
+def _fake_sdist(path: Path, tasks: dict[str, dict[str, dict]]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        add("bigbench-1.0.0/README.md", b"not a task")
+        add("bigbench-1.0.0/bigbench/benchmark_tasks/other_task/task.json", b"{}")
+        for task, subtasks in tasks.items():
+            for sub, data in subtasks.items():
+                member = f"{task}/{sub}/task.json" if sub else f"{task}/task.json"
+                add(f"bigbench-1.0.0/bigbench/benchmark_tasks/{member}", json.dumps(data).encode())
+    return path
+
+
+def test_bigbench_extraction_and_formatting(tmp_path):
+    sdist = _fake_sdist(tmp_path / "bb.tar.gz", {"winowhy": {"": WINOWHY}, "goal_step_wikihow": GOAL_STEP})
+    found = prepare.read_bigbench_tasks(sdist, ["winowhy", "goal_step_wikihow"])
+    assert set(found) == {"winowhy", "goal_step_wikihow"} and set(found["goal_step_wikihow"]) == {"", "step_inference"}
+
+    wino = prepare.bigbench_records("winowhy", found["winowhy"])
+    assert len(wino) == 8  # the tied example is skipped
+    first = next(r for r in wino if "Sentence 0:" in r["query"])
+    assert first["query"] == ("Pronouns.\n\nSentence 0: the cup fell off the table because it was tilted."
+                              "\nThe above reasoning is ")
+    assert first["choices"][first["gold"]] == "incorrect"
+
+    steps = prepare.bigbench_records("goal_step_wikihow", found["goal_step_wikihow"])
+    assert len(steps) == 4 and {r["subtask"] for r in steps} == {"step_inference"}
+    r0 = next(r for r in steps if "'Task 0'" in r["query"])
+    assert r0["choices"][r0["gold"]] == "Boil water"
+    assert r0["query"].startswith("Q: The most reasonable step of 'Task 0' is \n  choice: ")  # choices appended
+    assert r0["query"].endswith("\nA: ") and sorted(r0["query"].count(c) for c in r0["choices"]) == [1, 1, 1]
+    assert steps == prepare.bigbench_records("goal_step_wikihow", found["goal_step_wikihow"])  # deterministic
+
+    with pytest.raises(ValueError, match="strategyqa"):
+        prepare.read_bigbench_tasks(sdist, ["winowhy", "strategyqa"])
+
+
+# ---------------------------------------------------------------- a tiny model and tiny tasks
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random-weight 2-layer Llama (GQA) and a byte-level BPE tokenizer, saved like any hub checkpoint."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([STORY] * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         eos_token_id=0, bos_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_basis(tmp_path_factory, tiny_model_dir) -> Path:
+    from loki_helpers import random_basis
+
+    return random_basis(layers=2, heads=2, dim=16, rotary="pre").save(tmp_path_factory.mktemp("basis") / "pre")
+
+
+@pytest.fixture()
+def local_tasks(tmp_path, monkeypatch) -> Path:
+    """Tiny task files in a temporary $HF_PATCH_CACHE/tasks, built by the real preparation functions."""
+    monkeypatch.setenv("HF_PATCH_CACHE", str(tmp_path / "cache"))
+    sdist = _fake_sdist(tmp_path / "bb.tar.gz", {"winowhy": {"": WINOWHY}})
+    prepare.write_tasks({
+        "books_ppl": prepare.books_ppl_records(PASSAGES),
+        "book_cloze": prepare.cloze_records(PASSAGES, n=4, min_context_words=30),
+        "bigbench_winowhy": prepare.bigbench_records("winowhy", prepare.read_bigbench_tasks(sdist, ["winowhy"])["winowhy"]),
+    })
+    return prepare.tasks_dir()
+
+
+def _requests(pairs):
+    from lm_eval.api.instance import Instance
+
+    return [Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(pairs)]
+
+
+PAIRS = [(STORY[:200], " garden"), (STORY[:90], " rain"), ("Anne", " walked"), (STORY[:300], " apples.")]
+
+
+def test_hf_loki_full_attention_matches_lm_eval_hf(tiny_model_dir):
+    from lm_eval.models.huggingface import HFLM
+
+    from hf_patch.eval.lm_eval_model import LokiHFLM
+
+    args = dict(pretrained=str(tiny_model_dir), dtype="float32", device="cpu", batch_size=2)
+    ours = [ll for ll, _ in LokiHFLM(**args).loglikelihood(_requests(PAIRS))]
+    reference = [ll for ll, _ in HFLM(**args).loglikelihood(_requests(PAIRS))]
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(reference), rtol=0, atol=1e-5)
+
+
+def test_hf_loki_patches_and_checks_arguments(tiny_model_dir, tiny_basis):
+    from hf_patch.eval.lm_eval_model import LokiHFLM
+
+    args = dict(pretrained=str(tiny_model_dir), dtype="float32", device="cpu")
+    full = torch.tensor([ll for ll, _ in LokiHFLM(**args).loglikelihood(_requests(PAIRS))])
+    # keeping every token with all dims is exact attention
+    exact = LokiHFLM(**args, basis=str(tiny_basis), d_frac=1.0, k_frac=1.0, rotary="pre")
+    torch.testing.assert_close(torch.tensor([ll for ll, _ in exact.loglikelihood(_requests(PAIRS))]), full,
+                               rtol=0, atol=1e-4)
+    # a real budget changes the scores, the same way whatever the batch size (padding must not leak in)
+    sparse = [torch.tensor([ll for ll, _ in LokiHFLM(**args, basis=str(tiny_basis), d_frac=0.25, k_frac=0.25,
+                                                         batch_size=b).loglikelihood(_requests(PAIRS))])
+              for b in (1, 4)]
+    torch.testing.assert_close(sparse[0], sparse[1], rtol=0, atol=1e-4)
+    assert (sparse[0] - full).abs().max() > 1e-3
+    model = LokiHFLM(**args, basis=str(tiny_basis), k_frac=0.5)
+    assert model.get_model_info()["loki"]["k_frac"] == 0.5 and model.get_model_info()["loki"]["mode"] == "all"
+
+    with pytest.raises(ValueError, match="calibrated on pre-RoPE keys"):
+        LokiHFLM(**args, basis=str(tiny_basis), rotary="post")
+    with pytest.raises(ValueError, match="without a basis"):
+        LokiHFLM(**args, rotary="pre")
+
+
+def test_eval_cli_runs_lm_eval_with_local_tasks(tiny_model_dir, tiny_basis, local_tasks, tmp_path):
+    from hf_patch.cli import main
+
+    out = tmp_path / "lm_eval_out"
+    rc = main(["eval", "run", "--model", "hf-loki",
+               "--model_args", f"pretrained={tiny_model_dir},dtype=float32,basis={tiny_basis},k_frac=0.5",
+               "--tasks", "hfp_book_cloze,hfp_bigbench_winowhy,hfp_books_ppl", "--limit", "3", "--batch_size", "2",
+               "--device", "cpu", "--output_path", str(out)])
+    assert rc == 0
+    (result_file,) = out.rglob("results_*.json")
+    results = json.loads(result_file.read_text())
+    assert results["config"]["model"] == "hf-loki"
+    assert results["config"]["model_args"]["basis"] == str(tiny_basis)
+    assert 0.0 <= results["results"]["hfp_bigbench_winowhy"]["acc,none"] <= 1.0
+    assert results["n-samples"]["hfp_book_cloze"]["effective"] == 2  # all there are
+    assert results["results"]["hfp_books_ppl"]["word_perplexity,none"] > 1.0
+
+
+def test_eval_cli_help_is_lm_evals(capsys):
+    from hf_patch.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["eval", "run", "--help"])
+    assert "--model_args" in capsys.readouterr().out
+
+
+def test_include_path_merges_a_user_task_dir(tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    from hf_patch.eval.cli import TASKS_DIR, with_include_path
+
+    assert with_include_path(["run", "--tasks", "x"]) == ["run", "--tasks", "x", "--include_path", str(TASKS_DIR)]
+    mine = tmp_path / "my_tasks"
+    mine.mkdir()
+    (mine / "mine.yaml").write_text("task: my_task\ndataset_path: json\noutput_type: loglikelihood\n"
+                                    "test_split: test\ndoc_to_text: a\ndoc_to_target: b\n")
+    argv = with_include_path(["run", "--include_path", str(mine), "--tasks", "my_task"])
+    assert argv[:3] == ["run", "--tasks", "my_task"] and argv[3] == "--include_path"
+    tasks = TaskManager(include_path=argv[4], include_defaults=False).all_tasks
+    assert "my_task" in tasks and "hfp_book_cloze" in tasks
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        with_include_path(["--include_path", str(tmp_path / "missing")])
+
+
+def test_local_task_names_do_not_shadow_lm_eval_tasks():
+    from lm_eval.tasks import TaskManager
+
+    from hf_patch.eval.cli import TASKS_DIR
+
+    ours = set(TaskManager(include_path=str(TASKS_DIR), include_defaults=False).all_tasks)
+    assert {"hfp_books_ppl", "hfp_book_cloze", "hfp_bigbench_social_iqa", "hfp_bigbench_winowhy",
+            "hfp_bigbench_strategyqa", "hfp_bigbench_goal_step_wikihow"} <= ours
+    builtin = set(TaskManager(include_defaults=True, include_path=None).all_tasks)
+    assert not ours & builtin and {"hellaswag", "arc_easy"} <= builtin
+
+
+def test_missing_task_data_says_what_to_run(tmp_path, monkeypatch):
+    from hf_patch.eval.tasks.utils import load
+
+    monkeypatch.setenv("HF_PATCH_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="hf-patch prepare-tasks"):
+        load("book_cloze", pretrained="ignored")
+
+
+# ---------------------------------------------------------------- compare
+
+
+def test_compare_tables_plots_and_resumes(tiny_model_dir, local_tasks, tmp_path, monkeypatch):
+    import lm_eval
+
+    from hf_patch.eval import compare
+
+    text = tmp_path / "calibration.txt"
+    text.write_text("\n\n".join([STORY] * 6))
+    out = tmp_path / "compare"
+    cfg = {"model": str(tiny_model_dir), "device": "cpu", "batch_size": 2, "output_dir": str(out),
+           "calibration": {"dataset": str(text), "num_tokens": 512, "seq_len": 128, "batch_size": 2},
+           "tasks": {"hfp_bigbench_winowhy": 4, "hfp_book_cloze": 1, "hfp_books_ppl": 1},
+           "settings": [{"d_frac": 0.25, "k_frac": 0.25}]}
+    calls = []
+    real = lm_eval.simple_evaluate
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: calls.append(kw["tasks"][0]) or real(**kw))
+
+    payload = compare.run_compare(cfg)
+    assert len(calls) == 6 and (out / "basis-pre" / "loki_basis.json").is_file()  # calibrated on the way
+    md = (out / "results.md").read_text()
+    assert "| task | metric | n | full | loki d=0.25 k=0.25 pre | Δ |" in md
+    assert "| hfp_bigbench_winowhy | acc (%) | 4 |" in md and "| hfp_books_ppl | word_perplexity | 1 |" in md
+    assert (out / "accuracy_vs_k.png").stat().st_size > 1000
+    summary = {e["task"]: e for e in json.loads((out / "results.json").read_text())["summary"]}
+    wino = summary["hfp_bigbench_winowhy"]["settings"]
+    assert wino["full"]["delta"] == 0 and wino["full"]["stderr"] is not None
+    assert wino["loki d=0.25 k=0.25 pre"]["delta"] == pytest.approx(
+        wino["loki d=0.25 k=0.25 pre"]["value"] - wino["full"]["value"])
+    assert summary == {e["task"]: e for e in payload["summary"]}
+
+    calls.clear()
+    compare.run_compare(cfg)  # everything cached: nothing runs
+    assert calls == []
+    compare.run_compare({**cfg, "tasks": {**cfg["tasks"], "hfp_book_cloze": 2}})  # one task changed
+    assert calls == ["hfp_book_cloze", "hfp_book_cloze"]
+    with pytest.raises(ValueError, match="d_frac and k_frac"):
+        compare.run_compare({**cfg, "settings": [{"d_frac": 0.5}]})
+
+
+# ---------------------------------------------------------------- real data and model
+
+
+@pytest.mark.slow
+def test_smollm2_quick_compare(tmp_path):
+    """The real SmolLM2-135M on a few examples: Loki keeping everything equals full attention; a 25% budget
+    changes the scores; the perplexity of held-out books is that of a trained model."""
+    from hf_patch.config import load_config
+    from hf_patch.eval import compare
+
+    cfg = load_config("configs/eval/smollm2_quick.yaml", compare.KEYS)
+    cfg.update(output_dir=str(tmp_path), basis={}, calibration={**cfg["calibration"], "num_tokens": 4096,
+                                                                  "seq_len": 512},
+               settings=[{"d_frac": 1.0, "k_frac": 1.0}, {"d_frac": 0.25, "k_frac": 0.25}])
+    summary = {e["task"]: e["settings"] for e in compare.run_compare(cfg)["summary"]}
+    ppl = summary["hfp_books_ppl"]
+    assert 5 < ppl["full"]["value"] < 200
+    assert ppl["loki d=1 k=1 pre"]["value"] == pytest.approx(ppl["full"]["value"], rel=1e-3)
+    assert ppl["loki d=0.25 k=0.25 pre"]["value"] != pytest.approx(ppl["full"]["value"], rel=1e-3)
+    for task, settings in summary.items():
+        assert settings["loki d=1 k=1 pre"]["value"] == pytest.approx(settings["full"]["value"], rel=1e-3), task
+
+
+@pytest.mark.network
+def test_real_bigbench_extraction(tmp_path, monkeypatch):
+    """Download (once, into the real cache) and stream-extract the BIG-bench sdist: ~5 s once cached."""
+    cached = prepare.cache_root() / "downloads" / prepare.BIGBENCH_SDIST
+    try:
+        sdist = prepare.fetch_bigbench_sdist()
+    except OSError as err:
+        pytest.skip(f"PyPI unreachable: {err}")
+    assert sdist == cached
+    monkeypatch.setenv("HF_PATCH_CACHE", str(tmp_path))
+    paths = prepare.prepare_tasks(["bigbench"], bigbench_sdist=sdist)
+    counts = {name: len(prepare.read_jsonl(path)) for name, path in paths.items()}
+    assert counts == {"bigbench_social_iqa": 1954, "bigbench_winowhy": 2865, "bigbench_strategyqa": 2290,
+                      "bigbench_goal_step_wikihow": 7053}
+    strategy = prepare.read_jsonl(paths["bigbench_strategyqa"])
+    assert all(r["choices"] == ["Yes", "No"] and r["query"].startswith("Q: ") for r in strategy)
