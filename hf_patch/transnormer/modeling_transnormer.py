@@ -258,7 +258,7 @@ class TransNormerModel(TransNormerPreTrainedModel):
 
 
 def _padding_mask(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
-    """The last `length` columns of a [B, past + T] 0/1 mask, or None when nothing is padded."""
+    """The last `length` columns of a [B, past + T] 0/1 mask (not tested for all-ones: that would sync the GPU)."""
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
@@ -266,8 +266,7 @@ def _padding_mask(attention_mask: torch.Tensor | None, batch: int, length: int) 
             f"attention_mask must be a 0/1 padding mask [batch, past + length] = [{batch}, >= {length}], got "
             f"{tuple(attention_mask.shape)}; TransNormer is causal by construction and takes no 4D masks"
         )
-    mask = attention_mask[:, -length:]
-    return None if bool(mask.all()) else mask
+    return attention_mask[:, -length:]
 
 
 class TransNormerForCausalLM(TransNormerPreTrainedModel, GenerationMixin):
