@@ -9,3 +9,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_model():
+    """The embedded SmolLM2-135M-Instruct (float32, CPU), converted to the cache on first use; one load per session.
+    Tests must leave it unpatched."""
+    from hf_patch.models.smollm2 import load_model
+
+    return load_model()

@@ -10,12 +10,6 @@ from hf_patch.models import smollm2
 from hf_patch.models.smollm2 import load_model
 
 
-@pytest.fixture(scope="session")
-def smollm2_model():
-    """The embedded SmolLM2-135M-Instruct in float32 on CPU, converted to the cache on first use; one load per session."""
-    return load_model()
-
-
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """A random 2-layer Llama saved with a word-level tokenizer that has an EOS token but no pad token."""

@@ -1,0 +1,113 @@
+"""End to end: the `hf-patch` commands on a local checkpoint and text files, and Loki on the real SmolLM2-135M."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from loki_helpers import TEXTS
+
+import hf_patch
+from hf_patch.cli import main as cli
+from hf_patch.loki.perplexity import perplexity
+
+
+@pytest.fixture
+def byte_checkpoint(tmp_path):
+    """A random 2-layer Qwen2 (GQA) saved with a byte-level BPE tokenizer, plus a local jsonl corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<eos>": 0, **{c: i + 1 for i, c in enumerate(sorted(alphabet))}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>")
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(vocab), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=0, pad_token_id=0)
+    model_dir = tmp_path / "model"
+    Qwen2ForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    return model_dir, corpus
+
+
+def test_calibrate_and_perplexity_commands(byte_checkpoint, tmp_path, capsys):
+    model_dir, corpus = byte_checkpoint
+    config = tmp_path / "calibrate.yaml"
+    config.write_text(f"model: {model_dir}\ndataset: {corpus}\nnum_tokens: 1024\nseq_len: 128\nbatch_size: 2\n"
+                      f"rotary: post\noutput: {tmp_path / 'basis'}\ndevice: cpu\n")
+    assert cli(["calibrate", "--config", str(config)]) == 0
+    assert "post-RoPE basis, 1024 tokens: rank@90%" in capsys.readouterr().out
+    basis = hf_patch.PCABasis.load(tmp_path / "basis")
+    assert basis.components.shape == (2, 2, 16, 16) and basis.rotary == "post"
+    assert (tmp_path / "basis" / "explained_variance.png").stat().st_size > 1000
+
+    common = ["--model", str(model_dir), "--dataset", str(corpus), "--seq-len", "128", "--max-tokens", "1024",
+              "--device", "cpu"]
+    assert cli(["perplexity", *common]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert cli(["perplexity", *common, "--basis", str(tmp_path / "basis"), "--d-frac", "1", "--k-frac", "1"]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert same["tokens"] == full["tokens"] == 8 * 127
+    assert same["ppl"] == pytest.approx(full["ppl"], rel=1e-5)
+
+
+def test_main_job_writes_table_json_and_plot(byte_checkpoint, tmp_path):
+    model_dir, corpus = byte_checkpoint
+    out = tmp_path / "main"
+    config = tmp_path / "main.yaml"
+    config.write_text(
+        f"model: {model_dir}\ndevice: cpu\noutput_dir: {out}\n"
+        f"calibration: {{dataset: {corpus}, num_tokens: 1024, seq_len: 128, batch_size: 2}}\n"
+        f"evaluation: {{dataset: {corpus}, seq_len: 128, max_tokens: 512}}\n"
+        "settings:\n  - {rotary: pre, d_frac: 1.0, k_frac: 1.0}\n  - {rotary: post, d_frac: 0.25, k_frac: 0.25, "
+        "d_policy: variance}\n")
+    assert cli(["main", "--config", str(config)]) == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["setting"] for r in results] == ["full", "loki d=1 k=1 pre", "loki d=0.25 k=0.25 post variance-d"]
+    assert results[1]["ppl"] == pytest.approx(results[0]["ppl"], rel=1e-5)
+    assert results[2]["ppl"] != pytest.approx(results[0]["ppl"], rel=1e-4)
+    assert "| loki d=0.25 k=0.25 post variance-d |" in (out / "results.md").read_text()
+    for png in ("perplexity.png", "explained_variance.png", "basis-pre/explained_variance.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unknown_config_keys_fail_loudly(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model: x\nnum_token: 5\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['num_token'\]"):
+        cli(["calibrate", "--config", str(config)])
+
+
+@pytest.mark.slow
+def test_real_smollm2_calibrate_patch_generate(smollm2_model):
+    model, tokenizer = smollm2_model
+    basis = hf_patch.calibrate_pca(model, tokenizer, TEXTS, num_tokens=1024, seq_len=256, progress=False)
+    assert basis.components.shape == (30, 3, 64, 64)
+    assert (basis.rank_at(0.9) < 64).all()  # real keys are low-rank
+
+    prompts = ["The capital of France is", "Once upon a time, in a small village,"]
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    kwargs = dict(max_new_tokens=12, do_sample=False)
+    try:
+        reference = model.generate(**inputs, **kwargs)
+        hf_patch.patch_loki(model, basis, d_frac=1.0, k_frac=1.0, mode="decode")
+        assert torch.equal(model.generate(**inputs, **kwargs), reference)
+        hf_patch.patch_loki(model, basis, d_frac=0.5, k_frac=0.5, mode="decode")
+        sparse = tokenizer.batch_decode(model.generate(**inputs, **kwargs)[:, inputs.input_ids.shape[1]:])
+        assert "Paris" in sparse[0]
+        assert all(len(text.split()) >= 5 for text in sparse)
+
+        text = TEXTS
+        hf_patch.unpatch(model)
+        full = perplexity(model, tokenizer, text, seq_len=128, max_tokens=512, progress=False)["ppl"]
+        hf_patch.patch_loki(model, basis, d_frac=0.5, k_frac=0.5, mode="all")
+        loki = perplexity(model, tokenizer, text, seq_len=128, max_tokens=512, progress=False)["ppl"]
+        assert loki == pytest.approx(full, rel=0.5) and loki != pytest.approx(full, rel=1e-3)
+    finally:
+        if hf_patch.is_patched(model):
+            hf_patch.unpatch(model)
