@@ -242,3 +242,28 @@ def test_half_precision_full_budget_close_to_full_attention(dtype):
         patch_loki(model, random_basis(), d_frac=1.0, k_frac=1.0, mode="all")
         out = model(x).logits.float()
     assert (out - ref).norm() / ref.norm() < 2e-2
+
+
+@pytest.mark.parametrize("gqa_select", ["query", "group"])
+@pytest.mark.parametrize("d_policy", ["uniform", "variance"])
+def test_decode_kernel_path_equals_dense_path(gqa_select, d_policy):
+    """One-token steps over the Loki cache (decode kernel, gathered tokens) equal the dense masked path over a
+    plain DynamicCache (keys rotated on the fly), with left padding."""
+    from transformers import DynamicCache
+
+    model = tiny_model("llama", seed=2)
+    patch_loki(model, random_basis(seed=4), d_frac=0.25, k_frac=0.3, mode="decode", d_policy=d_policy,
+               gqa_select=gqa_select)
+    x = tokens(batch=2, length=40, seed=3)
+    mask = torch.ones_like(x)
+    mask[1, :7] = 0
+    logits = []
+    with torch.no_grad():
+        for cache in (LokiCache(model), DynamicCache(config=model.config)):
+            model(x, attention_mask=mask, past_key_values=cache)
+            m, steps = mask, []
+            for step in range(4):
+                m = torch.cat([m, torch.ones(2, 1, dtype=m.dtype)], 1)
+                steps.append(model(tokens(2, 1, seed=10 + step), attention_mask=m, past_key_values=cache).logits)
+            logits.append(torch.cat(steps, 1))
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)

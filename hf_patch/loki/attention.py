@@ -128,6 +128,24 @@ def loki_attention_dense(
     return out.transpose(1, 2)
 
 
+_last_start: list = [None, None]  # (mask, kv_start) of the latest decode step: every layer shares one mask
+
+
+def decode_kv_start(attention_mask: torch.Tensor | None, kv_len: int) -> torch.Tensor | None | bool:
+    """First visible key per sequence for a one-token step: int32 [B], None (all visible), or False when the
+    visible keys are not one suffix of the cache (then the kernel's left-padding form does not apply)."""
+    if attention_mask is None:
+        return None
+    if _last_start[0] is attention_mask:
+        return _last_start[1]
+    vis = visible_keys(attention_mask, 1, kv_len, attention_mask.device)[:, 0, -1]  # [B, S]
+    start = kv_len - vis.sum(-1)
+    suffix = torch.arange(kv_len, device=vis.device)[None] >= start[:, None]
+    result = False if not torch.equal(vis, suffix) else (start.to(torch.int32) if bool(start.any()) else None)
+    _last_start[:] = [attention_mask, result]
+    return result
+
+
 def loki_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -148,5 +166,13 @@ def loki_attention_forward(
     if loki.mode == "decode" and t > 1:  # prefill: exact attention; rotated keys need rotated queries
         q = loki.rotate_queries(query).flatten(1, 2) if keys_rotated else query
         return sdpa_attention_forward(module, q, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if t == 1 and keys_rotated and (start := decode_kv_start(attention_mask, key.shape[2])) is not False:
+        from ..kernels.loki_decode import loki_decode_attention
+
+        uniform = int(loki.dims.min()) == int(loki.dims.max())
+        out = loki_decode_attention(loki.rotate_queries(query).flatten(1, 3), key, value,
+                                    d=int(loki.dims[0]) if uniform else loki.dims, k_frac=loki.k_frac,
+                                    scaling=scaling, kv_start=start, gqa_select=loki.gqa_select)
+        return out[:, None], None
     visible = visible_keys(attention_mask, t, key.shape[2], query.device)
     return loki_attention_dense(loki, query, key, value, visible, scaling, keys_rotated), None
