@@ -1,10 +1,298 @@
-"""Lightning Attention-2 dispatcher: Triton kernels on CUDA, the chunked PyTorch form elsewhere."""
+"""Lightning Attention-2 in Triton (forward and backward) and the public dispatcher ``lightning_attn``.
+
+One kernel does all the work. It runs a causal decayed linear attention ``out_i = a_i @ S_i`` over a *virtual*
+sequence (the real one, or the real one read backwards), chunk by chunk, keeping the ``[K, BV]`` state on chip:
+
+    intra: [(A_c B_c^T) * M] C_c          (M_ij = lam^(i-j), j <= i, within a chunk)
+    inter: diag(lam^(i + q_off)) A_c S     (q_off = 1 forwards, 0 backwards)
+    state: S = lam^n S + (diag(lam^(n - i - q_off)) B_c)^T C_c
+
+Forward is ``(a, b, c) = (q, k, v)``. The backward is the same kernel three times: ``dq = fwd(do, v, k)`` from
+``S_0^T``, ``dv = rev(k, q, do)`` and ``dk = rev(v, do, q)`` from the final-state gradient, where ``rev`` reads the
+sequence from its end; ``dv``'s final state is the gradient of the initial state.
+
+Parallelism: programs over (value block, head, segment). A sequence too long to fill the GPU with
+``B * H * V / BV`` programs is cut into segments: a first launch of the kernel computes each segment's local end
+state (reading only b and c), a light scan over segments turns those into each segment's entry state, and the
+main launch then runs all segments at once. No O(T^2) or per-chunk state buffer is kept; the only extra memory is
+one ``[K, V]`` float32 state per segment.
+"""
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-from .lightning_torch import lightning_attn_chunked
+from .lightning_torch import check_lightning_inputs, lightning_attn_chunked
+
+CHUNK = 64
+MAX_HEAD_DIM = 256
+# Launch settings; scripts/bench_lightning.py sweeps them.
+CONFIG = {"num_warps": 4, "num_stages": 2, "programs_per_sm": 4, "min_segment": 512}
+
+
+@triton.jit
+def _chunk_scan_kernel(
+    A, B, C, OUT, LOG_DECAY, INIT, FINAL, SEG_SEQ, SEG_OFF, CU,
+    seg_len,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    KP: tl.constexpr, BV: tl.constexpr, CHUNK: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_OUT: tl.constexpr, HAS_INIT: tl.constexpr, FINAL_PER_SEG: tl.constexpr,
+    HAS_FINAL: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One (value block, head, segment): walk the segment's chunks, write ``OUT`` and/or the end state.
+
+    A, B: [total, H, K]; C, OUT: [total, H, V]; INIT, FINAL: [*, H, K, V] float32.
+    FINAL_PER_SEG: the end state of every segment goes to FINAL[segment] (local states, no A/OUT needed);
+    else the last segment of a sequence writes FINAL[sequence].
+    """
+    i_v = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_s = tl.program_id(2)
+    seq = tl.load(SEG_SEQ + i_s)
+    seq_start = tl.load(CU + seq).to(tl.int64)
+    seq_len = tl.load(CU + seq + 1).to(tl.int64) - seq_start
+    p_begin = (i_s - tl.load(SEG_OFF + seq)).to(tl.int64) * seg_len
+    p_end = tl.minimum(p_begin + seg_len, seq_len)
+
+    log_lam = tl.load(LOG_DECAY + i_h)
+    r = tl.arange(0, CHUNK)
+    q_exp = (r + (0 if REVERSE else 1)).to(tl.float32)
+    q_w = tl.exp(q_exp * log_lam)
+    gap = (r[:, None] - r[None, :]).to(tl.float32)
+    intra_w = tl.exp(tl.where(r[:, None] >= r[None, :], gap * log_lam, float("-inf")))
+
+    offs_k = tl.arange(0, KP)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_k = offs_k < K
+    mask_v = offs_v < V
+    state_offs = i_h * K * V + offs_k[:, None] * V + offs_v[None, :]
+    state_mask = mask_k[:, None] & mask_v[None, :]
+    if HAS_INIT:
+        state = tl.load(INIT + i_s.to(tl.int64) * H * K * V + state_offs, mask=state_mask, other=0.0)
+    else:
+        state = tl.zeros([KP, BV], dtype=tl.float32)
+
+    for p in range(p_begin, p_end, CHUNK):
+        pos = p + r
+        row_mask = pos < p_end
+        if REVERSE:
+            rows = seq_start + seq_len - 1 - pos
+        else:
+            rows = seq_start + pos
+        b = tl.load(B + (rows * H + i_h)[:, None] * K + offs_k[None, :],
+                    mask=row_mask[:, None] & mask_k[None, :], other=0.0).to(MM_DTYPE)
+        c = tl.load(C + (rows * H + i_h)[:, None] * V + offs_v[None, :],
+                    mask=row_mask[:, None] & mask_v[None, :], other=0.0).to(MM_DTYPE)
+        if HAS_OUT:
+            a = tl.load(A + (rows * H + i_h)[:, None] * K + offs_k[None, :],
+                        mask=row_mask[:, None] & mask_k[None, :], other=0.0).to(MM_DTYPE)
+            scores = tl.dot(a, tl.trans(b), input_precision=PRECISION) * intra_w
+            out = tl.dot(scores.to(MM_DTYPE), c, input_precision=PRECISION)
+            out += tl.dot(a, state.to(MM_DTYPE), input_precision=PRECISION) * q_w[:, None]
+            tl.store(OUT + (rows * H + i_h)[:, None] * V + offs_v[None, :],
+                     out.to(OUT.dtype.element_ty), mask=row_mask[:, None] & mask_v[None, :])
+        n = tl.minimum(p_end - p, CHUNK).to(tl.float32)
+        k_w = tl.where(row_mask, tl.exp(tl.maximum(n - q_exp, 0.0) * log_lam), 0.0)
+        b_w = (b * k_w[:, None]).to(MM_DTYPE)
+        state = state * tl.exp(n * log_lam) + tl.dot(tl.trans(b_w), c, input_precision=PRECISION)
+
+    if FINAL_PER_SEG:
+        tl.store(FINAL + i_s.to(tl.int64) * H * K * V + state_offs, state, mask=state_mask)
+    elif HAS_FINAL:
+        if p_end == seq_len:
+            tl.store(FINAL + seq.to(tl.int64) * H * K * V + state_offs, state, mask=state_mask)
+
+
+@triton.jit
+def _segment_scan_kernel(
+    STATES, INIT, LOG_DECAY, SEG_OFF, CU, seg_len,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+):
+    """One (state block, head, sequence): turn local segment end states into segment entry states, in place.
+
+    STATES: [num_segments, H, K, V] float32; INIT: [N, H, K, V] float32.
+    """
+    n_kb = tl.cdiv(K, BK)
+    i_k = tl.program_id(0) % n_kb
+    i_v = tl.program_id(0) // n_kb
+    i_h = tl.program_id(1)
+    seq = tl.program_id(2)
+    seq_len = tl.load(CU + seq + 1) - tl.load(CU + seq)
+    first = tl.load(SEG_OFF + seq)
+    last = tl.load(SEG_OFF + seq + 1)
+    log_lam = tl.load(LOG_DECAY + i_h)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    offs = i_h * K * V + offs_k[:, None] * V + offs_v[None, :]
+    mask = (offs_k < K)[:, None] & (offs_v < V)[None, :]
+    if HAS_INIT:
+        state = tl.load(INIT + seq.to(tl.int64) * H * K * V + offs, mask=mask, other=0.0)
+    else:
+        state = tl.zeros([BK, BV], dtype=tl.float32)
+    for s in range(first, last):
+        n = tl.minimum(seg_len, seq_len - (s - first) * seg_len).to(tl.float32)
+        ptr = STATES + s * (H * K * V) + offs
+        local = tl.load(ptr, mask=mask, other=0.0)
+        tl.store(ptr, state, mask=mask)
+        state = state * tl.exp(n * log_lam) + local
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _segments(lengths: list[int] | None, num_seqs: int, seq_len: int, units: int, device, seg_len: int | None):
+    """Cut sequences into segments so that ``segments * units`` programs fill the GPU.
+
+    Returns ``(seg_len, seg_seq [S] int32, seg_off [N + 1] int32, multi)``; ``multi`` is False when every sequence
+    is one segment (then segment i is sequence i).
+    """
+    total = num_seqs * seq_len if lengths is None else sum(lengths)
+    longest = seq_len if lengths is None else max(lengths)
+    if seg_len is None:
+        target = CONFIG["programs_per_sm"] * _num_sms(device)
+        if num_seqs * units >= target:
+            seg_len = longest
+        else:
+            seg_len = max(CONFIG["min_segment"], -(-total * units // target))
+    seg_len = max(CHUNK, -(-seg_len // CHUNK) * CHUNK)
+    if seg_len >= longest:
+        seq_ids = torch.arange(num_seqs, device=device, dtype=torch.int32)
+        offsets = torch.arange(num_seqs + 1, device=device, dtype=torch.int32)
+        return max(seg_len, CHUNK), seq_ids, offsets, False
+    if lengths is None:
+        counts = torch.full((num_seqs,), -(-seq_len // seg_len), dtype=torch.int32)
+    else:
+        counts = torch.tensor([max(1, -(-n // seg_len)) for n in lengths], dtype=torch.int32)
+    offsets = torch.zeros(num_seqs + 1, dtype=torch.int32)
+    offsets[1:] = torch.cumsum(counts, 0)
+    seq_ids = torch.repeat_interleave(torch.arange(num_seqs, dtype=torch.int32), counts)
+    return seg_len, seq_ids.to(device), offsets.to(device), True
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _chunk_scan(
+    a: torch.Tensor | None,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    log_decay: torch.Tensor,
+    cu: torch.Tensor,
+    lengths: list[int] | None,
+    num_seqs: int,
+    seq_len: int,
+    init: torch.Tensor | None,
+    reverse: bool,
+    want_final: bool,
+    out_dtype: torch.dtype,
+    seg_len: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``out_i = a_i @ S_i`` over each sequence (read backwards if ``reverse``); see the module docstring.
+
+    a, b: [total, H, K]; c: [total, H, V] (contiguous); cu: int32 [N + 1]; init: [N, H, K, V] float32 or None.
+    Returns ``out [total, H, V]`` in ``out_dtype`` and the final state ``[N, H, K, V]`` float32 if ``want_final``.
+    """
+    total, heads, dim_k = b.shape
+    dim_v = c.shape[-1]
+    kp = _pow2(dim_k)
+    bv = min(64 if kp <= 128 else 32, _pow2(dim_v))
+    n_vb = triton.cdiv(dim_v, bv)
+    mm_dtype = tl.bfloat16 if b.dtype == torch.bfloat16 else tl.float32
+    precision = "ieee" if b.dtype in (torch.float32, torch.float64) else "tf32"
+    seg_len, seg_seq, seg_off, multi = _segments(lengths, num_seqs, seq_len, heads * n_vb, b.device, seg_len)
+    n_segs = seg_seq.numel()
+    common = dict(H=heads, K=dim_k, V=dim_v, KP=kp, BV=bv, CHUNK=CHUNK, REVERSE=reverse, MM_DTYPE=mm_dtype,
+                  PRECISION=precision, num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
+    grid = (n_vb, heads, n_segs)
+    entry = init
+    if multi:
+        entry = torch.empty(n_segs, heads, dim_k, dim_v, device=b.device, dtype=torch.float32)
+        _chunk_scan_kernel[grid](b, b, c, c, log_decay, entry, entry, seg_seq, seg_off, cu, seg_len,
+                                 HAS_OUT=False, HAS_INIT=False, FINAL_PER_SEG=True, HAS_FINAL=False, **common)
+        bk = min(64, _pow2(dim_k))
+        _segment_scan_kernel[(triton.cdiv(dim_k, bk) * n_vb, heads, num_seqs)](
+            entry, init if init is not None else entry, log_decay, seg_off, cu, seg_len,
+            H=heads, K=dim_k, V=dim_v, BK=bk, BV=bv, HAS_INIT=init is not None)
+    out = torch.empty(total, heads, dim_v, device=b.device, dtype=out_dtype) if a is not None else None
+    final = torch.empty(num_seqs, heads, dim_k, dim_v, device=b.device, dtype=torch.float32) if want_final else None
+    _chunk_scan_kernel[grid](
+        a if a is not None else b, b, c, out if out is not None else c, log_decay,
+        entry if entry is not None else c, final if final is not None else c, seg_seq, seg_off, cu, seg_len,
+        HAS_OUT=a is not None, HAS_INIT=entry is not None, FINAL_PER_SEG=False, HAS_FINAL=want_final, **common)
+    return out, final
+
+
+def _transpose_state(state: torch.Tensor | None) -> torch.Tensor | None:
+    return None if state is None else state.transpose(-1, -2).contiguous()
+
+
+class _LightningAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, initial_state, cu, lengths, num_seqs, seq_len, output_final_state, seg_len):
+        init = None if initial_state is None else initial_state.float().contiguous()
+        o, final = _chunk_scan(q, k, v, log_decay, cu, lengths, num_seqs, seq_len, init, False,
+                               output_final_state, q.dtype, seg_len)
+        ctx.save_for_backward(q, k, v, log_decay, init, cu)
+        ctx.meta = (lengths, num_seqs, seq_len, seg_len, initial_state is not None)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, d_final):
+        q, k, v, log_decay, init, cu = ctx.saved_tensors
+        lengths, num_seqs, seq_len, seg_len, has_init = ctx.meta
+        do = do.contiguous()
+        d_final = None if d_final is None else d_final.float().contiguous()
+        shape = (cu, lengths, num_seqs, seq_len)
+        dq, _ = _chunk_scan(do, v, k, log_decay, *shape, _transpose_state(init), False, False, q.dtype, seg_len)
+        dv, d_init = _chunk_scan(k, q, do, log_decay, *shape, d_final, True, has_init and ctx.needs_input_grad[4],
+                                 v.dtype, seg_len)
+        dk, _ = _chunk_scan(v, do, q, log_decay, *shape, _transpose_state(d_final), True, False, k.dtype, seg_len)
+        return dq, dk, dv, None, d_init, None, None, None, None, None, None
+
+
+def lightning_attn_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    seg_len: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Triton path of ``lightning_attn`` (any device Triton runs on; tests use its CPU interpreter).
+
+    ``seg_len`` (tokens, a multiple of 64) forces how sequences are cut into parallel segments; default: enough
+    segments to fill the GPU.
+    """
+    num_seqs = check_lightning_inputs(q, k, v, decay, initial_state, cu_seqlens)
+    if q.dtype == torch.float64:
+        raise ValueError("the Triton kernels take float16, bfloat16 or float32; use lightning_attn_chunked for float64")
+    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"head dims up to {MAX_HEAD_DIM} are supported; got D = {q.shape[-1]}, E = {v.shape[-1]}")
+    if decay.requires_grad and torch.is_grad_enabled():
+        raise ValueError("decay is not trainable in the Triton kernels; pass decay.detach() (or a buffer)")
+    batch, seq_len, heads, dim_k = q.shape
+    dim_v = v.shape[-1]
+    if cu_seqlens is None:
+        cu = torch.arange(0, (batch + 1) * seq_len, seq_len, device=q.device, dtype=torch.int32)
+        lengths = None
+    else:
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        bounds = cu_seqlens.tolist()
+        lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    flat = [x.reshape(batch * seq_len, heads, x.shape[-1]).contiguous() for x in (q, k, v)]
+    log_decay = torch.log(decay.detach().to(device=q.device, dtype=torch.float32)).contiguous()
+    o, final = _LightningAttnFunction.apply(*flat, log_decay, initial_state, cu, lengths, num_seqs,
+                                            seq_len, output_final_state, seg_len)
+    return o.view(batch, seq_len, heads, dim_v), final
 
 
 def lightning_attn(
@@ -22,5 +310,9 @@ def lightning_attn(
     ``[B, H, D, E]`` (``[N, H, D, E]`` with ``cu_seqlens`` int32 ``[N + 1]`` and ``B == 1``).
     ``o_t = q_t @ S_t`` with ``S_t = lam * S_{t-1} + k_t^T v_t`` (no scale, no normaliser).
     Returns ``o [B, T, H, E]`` in ``q.dtype`` and, if ``output_final_state``, the float32 final state.
+    CUDA tensors run the Triton kernels (gradients for q, k, v and initial_state; none for decay); anything else
+    runs ``lightning_attn_chunked``.
     """
+    if q.is_cuda and q.dtype != torch.float64:
+        return lightning_attn_triton(q, k, v, decay, initial_state, output_final_state, cu_seqlens)
     return lightning_attn_chunked(q, k, v, decay, initial_state, output_final_state, cu_seqlens)

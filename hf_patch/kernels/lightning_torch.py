@@ -122,9 +122,10 @@ def _naive_one(q, k, v, log_decay, s0):
     scores = torch.einsum("bthd,bshd->bhts", q, k) * mask
     o = torch.einsum("bhts,bshe->bthe", scores, v)
     end_w = torch.exp((seq_len - 1 - pos)[None, :] * log_decay[:, None])  # [H, T]
-    state = torch.einsum("hs,bshd,bshe->bhde", end_w, k, v)
+    state = torch.einsum("bshd,bshe->bhde", k * end_w.t()[None, :, :, None], v)
     if s0 is not None:
-        o = o + torch.einsum("ht,bthd,bhde->bthe", torch.exp((pos + 1)[None] * log_decay[:, None]), q, s0)
+        query_w = torch.exp((pos + 1)[:, None] * log_decay)  # [T, H]
+        o = o + torch.einsum("bthd,bhde->bthe", q * query_w[None, :, :, None], s0)
         state = state + torch.exp(seq_len * log_decay)[None, :, None, None] * s0
     return o, state
 
@@ -133,6 +134,8 @@ def _chunked_one(q, k, v, log_decay, s0, chunk: int = CHUNK):
     """Lightning Attention-2 tiling of one group: intra-chunk masked products in parallel, a scan over chunk states."""
     batch, seq_len, heads, dim_k = q.shape
     dim_v = v.shape[-1]
+    if seq_len == 0:  # an empty packed sequence keeps its initial state
+        return _naive_one(q, k, v, log_decay, s0)
     n_chunks = -(-seq_len // chunk)
     pad = n_chunks * chunk - seq_len
     if pad:
@@ -149,16 +152,17 @@ def _chunked_one(q, k, v, log_decay, s0, chunk: int = CHUNK):
     lens[-1] = chunk - pad
     key_exp = (lens[:, None] - 1 - pos[None, :]).clamp(min=0)  # [n, C]; padded keys are zero anyway
     key_w = torch.exp(key_exp[:, :, None] * log_decay)  # [n, C, H]
-    chunk_kv = torch.einsum("nsh,bnshd,bnshe->bnhde", key_w, k, v)  # [B, n, H, D, E]
+    chunk_kv = torch.einsum("bnshd,bnshe->bnhde", k * key_w[None, ..., None], v)  # [B, n, H, D, E]
     chunk_decay = torch.exp(lens[:, None] * log_decay)  # [n, H]
     state = q.new_zeros(batch, heads, dim_k, dim_v) if s0 is None else s0
     starts = []
-    for i in range(n_chunks):
+    # unbind (not indexing) keeps the backward linear in the number of chunks
+    for kv_i, decay_i in zip(chunk_kv.unbind(1), chunk_decay.unbind(0)):
         starts.append(state)
-        state = chunk_decay[i][None, :, None, None] * state + chunk_kv[:, i]
+        state = decay_i[None, :, None, None] * state + kv_i
     start_states = torch.stack(starts, dim=1)  # [B, n, H, D, E]: state entering each chunk
     query_w = torch.exp((pos + 1)[:, None] * log_decay)  # [C, H]
-    o = o + torch.einsum("th,bnthd,bnhde->bnthe", query_w, q, start_states)
+    o = o + torch.einsum("bnthd,bnhde->bnthe", q * query_w[None, None, :, :, None], start_states)
     o = o.reshape(batch, n_chunks * chunk, heads, dim_v)[:, :seq_len]
     return o, state
 
