@@ -17,7 +17,7 @@ from hf_patch.loki.budget import num_tokens
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU, the interpreter elsewhere
 # Small blocks so the interpreter runs several tiles and splits per row.
-SMALL = LokiKernelConfig(block_n_scores=16, block_n_attn=16, programs_per_sm=4)
+SMALL = LokiKernelConfig(block_n_scores=16, block_n_attn=16, programs_per_sm=4, select_block=16, select_sample=16)
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float64: 1e-10}
 
 
@@ -189,3 +189,33 @@ def test_budget_matches_shared_helper():
     top = logits.topk(math.ceil(50 * 0.3)).indices
     assert len(top) == 15
     assert torch.allclose(out[0, 0], torch.softmax(logits[top], 0) @ v[0, 0, top], atol=1e-12)
+
+
+def expected_positions(scores, k_b):
+    """Positions of the k_b largest scores of each row, ties to the earliest positions, in increasing order."""
+    order = torch.sort(-scores.double(), dim=-1, stable=True).indices
+    return [order[r, : int(k_b[r])].sort().values for r in range(scores.shape[0])]
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "unlucky-sample", "padded"])
+def test_select_tokens_is_exact_top_k(kind):
+    """The selection kernel against a stable sort: plain rows, heavy ties, a sample that only sees outliers (the
+    sample reads positions 0 mod 8, which hold the 32 largest scores, so the bracket holds too few and every
+    score becomes a candidate), and per-row budgets with -inf padding."""
+    gen = torch.Generator().manual_seed(1)
+    rows, s, k = 3, 64, 20
+    scores = torch.randn(rows, s, generator=gen)
+    k_b, cfg = None, SMALL
+    if kind == "ties":
+        scores = torch.randint(-2, 3, (rows, s), generator=gen).float()
+    elif kind == "unlucky-sample":
+        s, k, cfg = 256, 64, LokiKernelConfig(select_block=16, select_sample=32)
+        scores = torch.randn(rows, s, generator=gen) + 10.0 * (torch.arange(s) % 8 == 0)
+    elif kind == "padded":
+        scores[1, :40] = float("-inf")
+        k_b = torch.tensor([20, 7, 1], dtype=torch.int32)
+    scores = scores.to(DEVICE)
+    idx = ld.select_tokens(scores, k, k_b.to(DEVICE) if k_b is not None else None, 1, cfg).cpu()
+    budgets = k_b if k_b is not None else torch.full((rows,), k)
+    for r, want in enumerate(expected_positions(scores.cpu(), budgets)):
+        assert torch.equal(idx[r, : len(want)].long(), want)

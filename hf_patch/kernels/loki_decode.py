@@ -8,9 +8,10 @@ and a cache of rotated keys and values ``[B, Hkv, S, D]`` (GQA: query head ``h``
    (``gqa_select="query"``) or per KV head on the max of ``a`` over its G query heads (``"group"``);
 3. exact softmax attention (all D dims, ``scaling``) over the kept tokens, accumulated in float32.
 
-The Triton path runs three kernels around ``torch.topk``: approximate scores for all G heads of a KV head in one
-pass over the keys (split over S), a split-K kernel that gathers the kept keys and values by index and keeps an
-online softmax, and a small kernel that merges the splits.
+The Triton path runs four kernels: approximate scores for all G heads of a KV head in one pass over the keys
+(split over S); an exact top-k per selection row (sample-bracketed radix select, ties to the earliest positions)
+that writes the kept positions; a split-K kernel that gathers the kept keys and values by position and keeps an
+online softmax; and a small kernel that merges the splits. The PyTorch path selects with ``torch.topk``.
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ class LokiKernelConfig:
     programs_per_sm: int = 4
     num_warps: int = 4
     num_stages: int = 3
+    select_block: int = 2048  # scores per tile of the selection kernel
+    select_sample: int = 2048  # strided sample that brackets the k-th score
 
 
 @dataclass(frozen=True)
@@ -198,9 +201,11 @@ def _approx_scores_kernel(
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     g_ok = offs_g < group_size
-    d_ok = offs_d < d
+    # q is masked to the exact d; keys are read in whole 8-element (16-byte) groups so the loads stay vectorized
+    # (a mask against a runtime d would split them into scalar loads). The extra key dims meet zeros of q.
     q = tl.load(q_ptr + b * stride_qb + (j * group_size + offs_g)[:, None] * stride_qh + offs_d[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+                mask=g_ok[:, None] & (offs_d < d)[None, :], other=0.0)
+    d_ok = (offs_d // 8) < tl.cdiv(d, 8)
     if UPCAST:
         q = q.to(tl.float32)
     k_base = k_ptr + b * stride_kb + j * stride_kh
@@ -224,10 +229,10 @@ def _approx_scores_kernel(
 @triton.jit
 def _sparse_attention_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, kb_ptr, m_ptr, l_ptr, acc_ptr,
-    k_sel, rows_per_batch, kv_div, heads_per_row, tiles_per_prog, n_split, qk_scale, head_dim,
+    k_sel, rows_per_batch, kv_div, heads_per_row, tiles_per_prog, n_split, qk_scale,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-    HAS_KB: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_KB: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One split of the kept tokens of one selection row: gather K rows by index, exact scores for the row's
     query heads, online softmax (base 2), gather V rows, p.V. Writes the split's (max, sum, acc) in float32."""
@@ -240,7 +245,7 @@ def _sparse_attention_kernel(
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     g_ok = offs_g < heads_per_row
-    d_ok = offs_d < head_dim
+    d_ok = offs_d < HEAD_DIM
     q = tl.load(q_ptr + b * stride_qb + (r * heads_per_row + offs_g)[:, None] * stride_qh + offs_d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
@@ -274,14 +279,102 @@ def _sparse_attention_kernel(
     slot = (row * n_split + split) * heads_per_row + offs_g
     tl.store(m_ptr + slot, m_i, mask=g_ok)
     tl.store(l_ptr + slot, l_i, mask=g_ok)
-    tl.store(acc_ptr + slot[:, None] * head_dim + offs_d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+    tl.store(acc_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _order_key(score):
+    """float32 -> int32 whose signed order is the order of the floats (NaN aside)."""
+    bits = score.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _select_kernel(
+    s_ptr, kb_ptr, cand_ptr, idx_ptr,
+    seq, k_sel, rows_per_batch, sample_stride, n_sample,
+    HAS_KB: tl.constexpr, SAMPLE: tl.constexpr, BLOCK: tl.constexpr, MARGIN_SIGMAS: tl.constexpr,
+):
+    """Exact top-k_b of one row of scores [S] -> its positions in increasing order (int32 [k]).
+
+    A sorted strided sample brackets the k_b-th largest score: one pass counts the scores above the bracket
+    and copies the keys inside it to `cand`; if the bracket misses (unlucky sample), every key becomes a
+    candidate. A radix select (4 x 8 bits) over the candidates gives the exact threshold key t; the last pass
+    writes the positions with key > t and, of those with key == t, the first ones, up to k_b in all.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    kb = (tl.load(kb_ptr + row // rows_per_batch) if HAS_KB else k_sel) + tl.zeros([], dtype=tl.int32)
+    if kb > 0:
+        s_row = s_ptr + row * seq
+        c_row = cand_ptr + row * seq
+        offs_m = tl.arange(0, SAMPLE)
+        sample = tl.load(s_row + offs_m * sample_stride, mask=offs_m < n_sample, other=float("-inf"))
+        sample = tl.sort(_order_key(sample), descending=True)
+        frac = kb.to(tl.float32) / seq
+        center = frac * n_sample - 1.0  # sample index of the k_b-th largest score, in expectation
+        margin = MARGIN_SIGMAS * tl.sqrt(n_sample * frac * (1.0 - frac)) + 2.0
+        hi_at = tl.floor(center - margin).to(tl.int32)
+        lo_at = tl.ceil(center + margin).to(tl.int32)
+        hi = tl.where(hi_at >= 0, tl.sum(tl.where(offs_m == hi_at, sample, 0)), 2147483647)
+        lo = tl.where(lo_at < n_sample, tl.sum(tl.where(offs_m == lo_at, sample, 0)), -2147483648)
+
+        n_hi = tl.zeros([], dtype=tl.int32)
+        n_mid = tl.zeros([], dtype=tl.int32)
+        for start in range(0, seq, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            ok = offs < seq
+            key = _order_key(tl.load(s_row + offs, mask=ok, other=float("-inf")))
+            mid = ok & (key >= lo) & (key <= hi)
+            tl.store(c_row + n_mid + tl.cumsum(mid.to(tl.int32), 0) - 1, key, mask=mid)
+            n_mid += tl.sum(mid.to(tl.int32))
+            n_hi += tl.sum((ok & (key > hi)).to(tl.int32))
+        if (n_hi >= kb) | (n_hi + n_mid < kb):  # the sample misled: all keys are candidates
+            for start in range(0, seq, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                ok = offs < seq
+                tl.store(c_row + offs, _order_key(tl.load(s_row + offs, mask=ok, other=0.0)), mask=ok)
+            n_hi = n_hi * 0
+            n_mid = n_mid * 0 + seq
+
+        need = kb - n_hi  # rank of the threshold among the candidates (1 = largest)
+        prefix = tl.zeros([], dtype=tl.int64)  # radix digits of the threshold on the unsigned key
+        bins = tl.arange(0, 256)
+        for p in tl.static_range(4):
+            shift: tl.constexpr = 24 - 8 * p
+            hist = tl.zeros([256], dtype=tl.int32)
+            for start in range(0, n_mid, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                ok = offs < n_mid
+                u = tl.load(c_row + offs, mask=ok, other=0).to(tl.int64) + 2147483648
+                match = ok & ((u >> (shift + 8)) == (prefix >> (shift + 8)))
+                digit = tl.where(match, (u >> shift) & 255, 0).to(tl.int32)
+                misses = BLOCK - tl.sum(match.to(tl.int32))
+                hist += tl.histogram(digit, 256) - tl.where(bins == 0, misses, 0)
+            at_least = tl.cumsum(hist, 0, reverse=True)  # candidates (matching so far) with digit >= bin
+            chosen = tl.max(tl.where(at_least >= need, bins, -1))
+            need -= tl.sum(tl.where(bins > chosen, hist, 0))
+            prefix += chosen.to(tl.int64) << shift
+        t = (prefix - 2147483648).to(tl.int32)  # the k_b-th largest key; take `need` of the keys equal to it
+
+        i_row = idx_ptr + row * k_sel
+        n_out = tl.zeros([], dtype=tl.int32)
+        n_eq = tl.zeros([], dtype=tl.int32)
+        for start in range(0, seq, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            ok = offs < seq
+            key = _order_key(tl.load(s_row + offs, mask=ok, other=float("-inf")))
+            eq = ok & (key == t)
+            take = (ok & (key > t)) | (eq & (n_eq + tl.cumsum(eq.to(tl.int32), 0) <= need))
+            tl.store(i_row + n_out + tl.cumsum(take.to(tl.int32), 0) - 1, offs, mask=take)
+            n_out += tl.sum(take.to(tl.int32))
+            n_eq += tl.sum(eq.to(tl.int32))
 
 
 @triton.jit
 def _merge_splits_kernel(
     m_ptr, l_ptr, acc_ptr, out_ptr,
-    n_split, heads_per_row, q_heads, head_dim, stride_ob, stride_oh,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    n_split, heads_per_row, q_heads, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out[b, h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits (0 where nothing was kept)."""
     o = tl.program_id(0)
@@ -296,14 +389,14 @@ def _merge_splits_kernel(
     m_max = tl.max(m, axis=0)
     w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
     denom = tl.sum(w * l, axis=0)
-    acc = tl.load(acc_ptr + slot[:, None] * head_dim + offs_d[None, :],
-                  mask=s_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    acc = tl.load(acc_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=s_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     num = tl.sum(w[:, None] * acc, axis=0)
     res = tl.where(denom > 0, num / tl.where(denom > 0, denom, 1.0), 0.0)
     b = (o // q_heads).to(tl.int64)
     h = o % q_heads
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty),
-             mask=offs_d < head_dim)
+             mask=offs_d < HEAD_DIM)
 
 
 @functools.lru_cache(maxsize=None)
@@ -345,10 +438,21 @@ def triton_scores(p: _Problem, q: torch.Tensor, k_cache: torch.Tensor, kv_start:
     return scores
 
 
-def select_tokens(scores: torch.Tensor, k: int, k_b: torch.Tensor | None) -> torch.Tensor:
-    """Stage 2: int64 [rows, k] indices of the k best scores per row. Unsorted unless padding gives sequences
-    different budgets k_b <= k (then sorted, so the first k_b of each row are its best)."""
-    return scores.topk(k, dim=-1, sorted=k_b is not None).indices
+def select_tokens(scores: torch.Tensor, k: int, k_b: torch.Tensor | None, rows_per_batch: int,
+                  cfg: LokiKernelConfig) -> torch.Tensor:
+    """Stage 2: int32 [rows, k] positions of the k_b best scores of each row of float32 `scores` [rows, S], in
+    increasing order (row r belongs to sequence r // rows_per_batch; k_b = k without padding). Ties at the
+    threshold go to the earliest positions."""
+    rows, s = scores.shape
+    idx = torch.empty((rows, k), device=scores.device, dtype=torch.int32)
+    cand = torch.empty((rows, s), device=scores.device, dtype=torch.int32)
+    stride = max(1, s // cfg.select_sample)
+    _select_kernel[(rows,)](
+        scores, k_b if k_b is not None else idx, cand, idx,
+        s, k, rows_per_batch, stride, min(cfg.select_sample, triton.cdiv(s, stride)),
+        HAS_KB=k_b is not None, SAMPLE=cfg.select_sample, BLOCK=cfg.select_block, MARGIN_SIGMAS=5.0, num_warps=8,
+    )
+    return idx
 
 
 def triton_attend(p: _Problem, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, idx: torch.Tensor,
@@ -364,15 +468,15 @@ def triton_attend(p: _Problem, q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     block_d = max(_MIN_DOT, triton.next_power_of_2(dh))
     _sparse_attention_kernel[(rows, n_split)](
         q, k_cache, v_cache, idx, k_b if k_b is not None else idx, m, l, acc,
-        k, rows // b, 1 if p.group else p.group_size, heads_per_row, tiles, n_split, scaling * _LOG2E, dh,
+        k, rows // b, 1 if p.group else p.group_size, heads_per_row, tiles, n_split, scaling * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HAS_KB=k_b is not None, BLOCK_G=max(_MIN_DOT, triton.next_power_of_2(heads_per_row)), BLOCK_D=block_d,
+        HAS_KB=k_b is not None, HEAD_DIM=dh, BLOCK_G=max(_MIN_DOT, triton.next_power_of_2(heads_per_row)), BLOCK_D=block_d,
         BLOCK_N=cfg.block_n_attn, **_launch(cfg, q),
     )
     _merge_splits_kernel[(b * hq,)](
-        m, l, acc, out, n_split, heads_per_row, hq, dh, out.stride(0), out.stride(1),
-        BLOCK_S=triton.next_power_of_2(n_split), BLOCK_D=block_d, num_warps=4,
+        m, l, acc, out, n_split, heads_per_row, hq, out.stride(0), out.stride(1),
+        HEAD_DIM=dh, BLOCK_S=triton.next_power_of_2(n_split), BLOCK_D=block_d, num_warps=4,
     )
     return out
 
@@ -405,7 +509,7 @@ def loki_decode_attention_triton(
         return out.zero_()
     cfg = config or LokiKernelConfig()
     scores = triton_scores(p, q, k_cache, kv_start, cfg)
-    idx = select_tokens(scores, k, k_b)
+    idx = select_tokens(scores, k, k_b, scores.shape[0] // p.batch, cfg)
     return triton_attend(p, q, k_cache, v_cache, idx, k_b, scaling, cfg, out)
 
 
