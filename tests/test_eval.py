@@ -202,6 +202,38 @@ def test_hf_loki_patches_and_checks_arguments(tiny_model_dir, tiny_basis):
         LokiHFLM(**args, rotary="pre")
 
 
+def test_hf_loki_scores_transnormer_models(tiny_model_dir, tiny_basis, tmp_path):
+    """A TransNormer checkpoint loads through `import hf_patch` + AutoModelForCausalLM; its lm-eval scores are the
+    log-probabilities of the model's own forward pass; Loki refuses it with the supported architectures."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from hf_patch import TransNormerConfig, TransNormerForCausalLM
+    from hf_patch.eval.lm_eval_model import LokiHFLM
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, tmp_path / name)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    torch.manual_seed(0)
+    model = TransNormerForCausalLM(TransNormerConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        initializer_range=0.3, max_position_embeddings=1024)).eval()
+    model.save_pretrained(tmp_path)
+
+    lm = LokiHFLM(pretrained=str(tmp_path), dtype="float32", device="cpu", batch_size=3)
+    got = torch.tensor([ll for ll, _ in lm.loglikelihood(_requests(PAIRS))])
+    expected = []
+    for context, continuation in PAIRS:
+        ctx, cont = tokenizer(context)["input_ids"], tokenizer(continuation)["input_ids"]
+        with torch.no_grad():
+            logp = model(torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
+        expected.append(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
+    torch.testing.assert_close(got, torch.tensor(expected), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="Loki supports the architectures"):
+        LokiHFLM(pretrained=str(tmp_path), dtype="float32", device="cpu", basis=str(tiny_basis))
+
+
 def test_eval_cli_runs_lm_eval_with_local_tasks(tiny_model_dir, tiny_basis, local_tasks, tmp_path):
     from hf_patch.cli import main
 
@@ -318,8 +350,9 @@ def test_smollm2_quick_compare(tmp_path):
     from hf_patch.eval import compare
 
     cfg = load_config("configs/eval/smollm2_quick.yaml", compare.KEYS)
-    cfg.update(output_dir=str(tmp_path), basis={}, calibration={**cfg["calibration"], "num_tokens": 4096,
+    cfg.update(output_dir=str(tmp_path), basis={}, calibration={**cfg["calibration"], "num_tokens": 2048,
                                                                   "seq_len": 512},
+               tasks={"hfp_books_ppl": 1, "hfp_book_cloze": 4, "hfp_bigbench_strategyqa": 4},
                settings=[{"d_frac": 1.0, "k_frac": 1.0}, {"d_frac": 0.25, "k_frac": 0.25}])
     summary = {e["task"]: e["settings"] for e in compare.run_compare(cfg)["summary"]}
     ppl = summary["hfp_books_ppl"]
