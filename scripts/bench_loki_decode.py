@@ -7,7 +7,8 @@
    B in {1, 8, 16}, S in {4k, 16k, 64k, 128k}, Llama-3-8B heads (32 q, 8 KV, D = 128), bf16,
    (d_frac, k_frac) in {(0.25, 0.25), (0.25, 0.125), (0.5, 0.25)}: do_bench medians (L2 flushed by do_bench,
    inputs rotated), back-to-back steps (CPU launch cost included) and CUDA-graph replays; the stage split
-   (scores, top-k, gather-attention) and top-k's share; effective bandwidth and the bandwidth floors.
+   (scores, top-k selection, gather-attention), the selection's share and torch.topk on the same scores for
+   comparison; effective bandwidth and the bandwidth floors; the host (CPU) cost of each piece.
 
     PYTHONPATH=. python scripts/bench_loki_decode.py [--sweep] [--json out.json]
 """
@@ -17,6 +18,7 @@ import argparse
 import itertools
 import json
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -132,7 +134,7 @@ def sdpa_forms(q, k, v):
 def time_rotated(fns) -> float:
     """do_bench median (ms) of one call, cycling over input sets."""
     it = itertools.cycle(fns)
-    return do_bench(lambda: next(it)(), warmup=25, rep=100, return_mode="median")
+    return do_bench(lambda: next(it)(), warmup=15, rep=60, return_mode="median")
 
 
 def time_back_to_back(fns, reps: int = 20) -> float:
@@ -162,7 +164,7 @@ def time_graph(fns) -> float:
     with torch.cuda.graph(graph):
         for f in fns:
             f()
-    return do_bench(graph.replay, warmup=25, rep=100, return_mode="median") / len(fns)
+    return do_bench(graph.replay, warmup=15, rep=60, return_mode="median") / len(fns)
 
 
 def guarded(timer, fns) -> float:
@@ -189,43 +191,73 @@ def make_sets(b, s):
 
 
 def loki_stages(q, k, v, d, k_frac, cfg):
-    """Callables for the three stages of one step on fixed inputs (for the stage split)."""
+    """Callables for the stages of one step on fixed inputs: scores, selection, gather-attention (+ merge), and
+    torch.topk on the same scores for comparison."""
     p = ld._check(q, k, v, d, k_frac, None, "group")
     kk, _ = ld._budget(p, None)
     scores = ld.triton_scores(p, q, k, None, cfg)
-    idx = ld.select_tokens(scores, kk, None)
+    idx = ld.select_tokens(scores, kk, None, HKV, cfg)
     out = torch.empty_like(q)
-    return (lambda: ld.triton_scores(p, q, k, None, cfg), lambda: ld.select_tokens(scores, kk, None),
-            lambda: ld.triton_attend(p, q, k, v, idx, None, D**-0.5, cfg, out))
+    return (lambda: ld.triton_scores(p, q, k, None, cfg), lambda: ld.select_tokens(scores, kk, None, HKV, cfg),
+            lambda: ld.triton_attend(p, q, k, v, idx, None, D**-0.5, cfg, out),
+            lambda: scores.topk(kk, dim=-1, sorted=False))
+
+
+def stage_times(sets, d, k_frac, cfg, n: int = 4) -> list[float]:
+    """do_bench medians (ms) of the first `n` of `loki_stages`, rotating over two input sets."""
+    stages = [loki_stages(q, k, v, d, k_frac, cfg) for q, k, v in sets[:2]]
+    return [time_rotated([st[i] for st in stages]) for i in range(n)]
 
 
 def sweep(configs):
-    print("## launch-configuration sweep, (d, k) = (0.25, 0.25), do_bench median ms")
+    print("## launch-configuration sweep, (d, k) = (0.25, 0.25): scores / select / attend ms (do_bench medians)")
     shapes = [(1, 4096), (1, 131072), (8, 65536), (16, 16384)]
     print("| config | " + " | ".join(f"B={b} S={s}" for b, s in shapes) + " |")
     print("|---|" + "---|" * len(shapes))
     data = {name: {} for name in configs}
     for b, s in shapes:
-        sets = make_sets(b, s)
+        sets = make_sets(b, s)[:2]
         for name, cfg in configs.items():
-            fns = [lambda q=q, k=k, v=v: ld.loki_decode_attention_triton(q, k, v, d=32, k_frac=0.25,
-                                                                         scaling=D**-0.5, config=cfg)
-                   for q, k, v in sets]
-            data[name][(b, s)] = time_rotated(fns)
+            data[name][f"{b}x{s}"] = stage_times(sets, 32, 0.25, cfg, n=3)
         del sets
         torch.cuda.empty_cache()
     for name in configs:
-        print(f"| {name} | " + " | ".join(f"{data[name][sh]:.4f}" for sh in shapes) + " |")
+        print(f"| {name} | " + " | ".join("/".join(f"{t:.4f}" for t in data[name][f"{b}x{s}"]) for b, s in shapes)
+              + " |")
     print()
     return data
+
+
+def host_costs(cfg) -> dict:
+    """Host (CPU) microseconds per call of each piece at a size where the GPU work is negligible."""
+    q, k, v = random_cache(1, 4096, torch.bfloat16)
+    stages = loki_stages(q, k, v, 32, 0.25, cfg)
+    items = {"SDPA flash (packed)": sdpa_forms(q, k, v)["flash-packed"],
+             "Loki step": lambda: ld.loki_decode_attention(q, k, v, d=32, k_frac=0.25, scaling=D**-0.5),
+             "argument checks": lambda: ld._check(q, k, v, 32, 0.25, None, "group"),
+             "scores stage": stages[0], "select stage": stages[1], "attend stage (2 kernels)": stages[2],
+             "torch.topk": stages[3], "torch.empty": lambda: torch.empty(8, 4096, device="cuda")}
+    costs = {}
+    for name, fn in items.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(200):
+            fn()
+        costs[name] = (time.perf_counter() - start) / 200 * 1e6
+        torch.cuda.synchronize()
+    print("## host cost per call (B=1, S=4096; microseconds of CPU time)")
+    print(" | ".join(f"{name}: {us:.1f}" for name, us in costs.items()) + "\n")
+    return costs
 
 
 def table(cfg, bandwidth):
     print("## decode step: SDPA vs Loki (bf16, 32 q heads, 8 KV heads, D = 128); ms are do_bench medians")
     print("| B | S | d_f | k_f | SDPA ms (form) | Loki ms | speedup | back-to-back SDPA / Loki ms (speedup) | "
           "graph SDPA / Loki ms (speedup) | Loki eff. TB/s | floor full / Loki ms | scores / top-k / attend ms | "
-          "top-k share |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "top-k share | torch.topk ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for b, s in itertools.product(BATCHES, SEQS):
         sets = make_sets(b, s)
@@ -248,20 +280,21 @@ def table(cfg, bandwidth):
                         for q, k_, v in sets]
             t_loki = time_rotated(loki_fns)
             b2b_loki, graph_loki = time_back_to_back(loki_fns), guarded(time_graph, loki_fns)
-            stages = [time_rotated([st[i] for st in (loki_stages(q, k_, v, d, k_frac, cfg) for q, k_, v in sets[:2])])
-                      for i in range(3)]
+            stages = stage_times(sets, d, k_frac, cfg)
             loki_bytes = b * HKV * (s * d + 2 * k * D) * 2
             row = dict(B=b, S=s, d_frac=d_frac, k_frac=k_frac, sdpa_form=form, sdpa_ms=t_sdpa, loki_ms=t_loki,
                        speedup=t_sdpa / t_loki, b2b_sdpa_ms=b2b_sdpa, b2b_loki_ms=b2b_loki, graph_sdpa_ms=graph_sdpa,
                        graph_loki_ms=graph_loki, loki_eff_tbs=loki_bytes / (t_loki * 1e-3) / 1e12,
                        floor_full_ms=full_bytes / bandwidth * 1e3, floor_loki_ms=loki_bytes / bandwidth * 1e3,
-                       scores_ms=stages[0], topk_ms=stages[1], attend_ms=stages[2], topk_share=stages[1] / t_loki)
+                       scores_ms=stages[0], select_ms=stages[1], attend_ms=stages[2], torch_topk_ms=stages[3],
+                       select_share=stages[1] / t_loki)
             rows.append(row)
             print(f"| {b} | {s} | {d_frac} | {k_frac} | {t_sdpa:.4f} ({form}) | {t_loki:.4f} | {row['speedup']:.2f}x | "
                   f"{b2b_sdpa:.4f} / {b2b_loki:.4f} ({b2b_sdpa / b2b_loki:.2f}x) | "
                   f"{graph_sdpa:.4f} / {graph_loki:.4f} ({graph_sdpa / graph_loki:.2f}x) | {row['loki_eff_tbs']:.2f} | "
                   f"{row['floor_full_ms']:.4f} / {row['floor_loki_ms']:.4f} | "
-                  f"{stages[0]:.4f} / {stages[1]:.4f} / {stages[2]:.4f} | {row['topk_share']:.0%} |", flush=True)
+                  f"{stages[0]:.4f} / {stages[1]:.4f} / {stages[2]:.4f} | {row['select_share']:.0%} | {stages[3]:.4f} |",
+                  flush=True)
         del sets, sdpa_fns
         torch.cuda.empty_cache()
     return rows
@@ -282,15 +315,18 @@ def main() -> None:
     cfg = ld.LokiKernelConfig()
     if args.sweep:
         configs = {"default": cfg,
+                   "scores block 128": ld.LokiKernelConfig(block_n_scores=128),
+                   "scores block 128, 4 stages": ld.LokiKernelConfig(block_n_scores=128, num_stages=4),
                    "attn block 64": ld.LokiKernelConfig(block_n_attn=64),
                    "attn block 16": ld.LokiKernelConfig(block_n_attn=16),
-                   "scores block 128": ld.LokiKernelConfig(block_n_scores=128),
                    "2 programs/SM": ld.LokiKernelConfig(programs_per_sm=2),
                    "8 programs/SM": ld.LokiKernelConfig(programs_per_sm=8),
-                   "16 programs/SM": ld.LokiKernelConfig(programs_per_sm=16),
-                   "2 stages": ld.LokiKernelConfig(num_stages=2),
-                   "8 warps": ld.LokiKernelConfig(num_warps=8)}
+                   "4 stages": ld.LokiKernelConfig(num_stages=4),
+                   "8 warps": ld.LokiKernelConfig(num_warps=8),
+                   "select block 1024": ld.LokiKernelConfig(select_block=1024),
+                   "select sample 4096": ld.LokiKernelConfig(select_sample=4096)}
         result["sweep"] = {name: {f"{b}x{s}": t for (b, s), t in d.items()} for name, d in sweep(configs).items()}
+    result["host_us"] = host_costs(cfg)
     result["table"] = table(cfg, bandwidth)
     if args.json:
         with open(args.json, "w") as f:

@@ -340,7 +340,7 @@ def _select_kernel(
         prefix = tl.zeros([], dtype=tl.int64)  # radix digits of the threshold on the unsigned key
         bins = tl.arange(0, 256)
         for p in tl.static_range(4):
-            shift: tl.constexpr = 24 - 8 * p
+            shift = 24 - 8 * p
             hist = tl.zeros([256], dtype=tl.int32)
             for start in range(0, n_mid, BLOCK):
                 offs = start + tl.arange(0, BLOCK)
