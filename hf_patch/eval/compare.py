@@ -32,10 +32,12 @@ FULL = "full"
 
 
 def setting_label(setting: dict[str, Any] | None) -> str:
-    """'full' or e.g. 'loki d=0.25 k=0.25 pre' (the same names as `hf-patch main`)."""
+    """'full' or e.g. 'loki d=0.25 k=0.25 pre' (the names of `hf-patch main`), plus the mode if the setting sets one."""
     from ..loki.experiment import setting_name
 
-    return FULL if setting is None else setting_name(setting)
+    if setting is None:
+        return FULL
+    return setting_name(setting) + (f" {setting['mode']}-mode" if "mode" in setting else "")
 
 
 def _slug(label: str) -> str:
@@ -128,10 +130,10 @@ def evaluate_setting(cfg: dict[str, Any], setting: dict[str, Any] | None, basis:
     if todo:
         from lm_eval import simple_evaluate
 
-        local_only = all(t.startswith("hfp_") for t in cfg["tasks"])
         from ..loki.perplexity import resolve_device
         from .lm_eval_model import LokiHFLM
 
+        local_only = all(t.startswith("hfp_") for t in cfg["tasks"])
         lm = LokiHFLM(pretrained=str(cfg["model"]), dtype=cfg["dtype"], device=resolve_device(cfg["device"]),
                       batch_size=cfg["batch_size"], **(loki or {}))
         for task in tqdm(todo, desc=label, unit="task"):
