@@ -2,7 +2,7 @@
 
 Usage (GPU machine; baselines from wheels, see BENCHMARKS.md)::
 
-    PYTHONPATH=. python3 scripts/bench_lightning.py [--out DIR] [--sweep] [--skip-check] [--ns 1024,131072]
+    PYTHONPATH=. python3 scripts/bench_lightning.py [--out DIR] [--checks all|short|long|none] [--sweep] [--ns 1024,131072]
 
 (a) Outputs and all gradients (q, k, v, initial state) of ``lightning_attn`` vs the float64 chunked PyTorch form,
     fresh random inputs per case; several lengths (non-multiples of the block, >= 64k), strong and weak decay,
@@ -62,32 +62,45 @@ def check_case(name, batch, seq_len, heads, dim_k, dim_v, decay, dtype, cu=None,
         loss.backward()
         return [o.detach(), fin.detach()] + [x.grad for x in xs]
 
+    t0 = time.time()
     ours = grads(lightning_attn, dtype)
+    torch.cuda.synchronize()
+    t1 = time.time()
     ref = grads(lightning_attn_chunked, torch.float64)
+    torch.cuda.synchronize()
+    t2 = time.time()
     errs = [rel(a, b) for a, b in zip(ours, ref)]
     limit = 1e-5 if dtype == torch.float32 else 1e-2
     ok = all(e < limit for e in errs)  # NaN compares False
     labels = ["o", "S_T", "dq", "dk", "dv"] + (["dS0"] if init else [])
-    print(f"{'ok  ' if ok else 'FAIL'} {name:44s} " + " ".join(f"{l}={e:.1e}" for l, e in zip(labels, errs)), flush=True)
+    print(f"{'ok  ' if ok else 'FAIL'} {name:40s} " + " ".join(f"{l}={e:.1e}" for l, e in zip(labels, errs))
+          + f"  ({t1 - t0:.1f}s ours, {t2 - t1:.1f}s ref)", flush=True)
     return ok, dict(name=name, dtype=str(dtype), errors=dict(zip(labels, errs)))
 
 
-def run_checks():
+def run_checks(long: bool, deadline: float):
+    """Short cases (long=False) or the T >= 64k cases; stops starting cases past the deadline."""
     strong = [0.05, 0.5, 0.8, 0.9]
     weak = [1.0, 0.9999, 0.999, 0.99]
     results, all_ok = [], True
     for dtype in (torch.float32, torch.bfloat16):
         tag = "fp32" if dtype == torch.float32 else "bf16"
-        cases = [
-            (f"{tag} B=80 T=333 strong (one segment)", 80, 333, 4, 128, 128, strong, None),
-            (f"{tag} B=2 T=1000 strong", 2, 1000, 4, 128, 128, strong, None),
-            (f"{tag} B=2 T=1000 weak", 2, 1000, 4, 128, 128, weak, None),
-            (f"{tag} B=1 T=4133 weak D=64 E=96", 1, 4133, 4, 64, 96, weak, None),
-            (f"{tag} varlen N=4 T=9000 strong", 1, 9000, 4, 128, 128, strong, [0, 1, 3001, 3064, 9000]),
-            (f"{tag} B=1 T=65573 weak", 1, 65573, 2, 128, 128, weak[:2], None),
-            (f"{tag} B=1 T=65573 strong", 1, 65573, 2, 128, 128, strong[1:3], None),
-        ]
+        if long:
+            cases = [
+                (f"{tag} B=1 T={65573 if tag == 'fp32' else 131072} decay 1 and 0.5", 1,
+                 65573 if tag == "fp32" else 131072, 2, 128, 128, [1.0, 0.5], None),
+            ]
+        else:
+            cases = [
+                (f"{tag} B=80 T=333 strong (one segment)", 80, 333, 4, 128, 128, strong, None),
+                (f"{tag} B=2 T=1000 weak", 2, 1000, 4, 128, 128, weak, None),
+                (f"{tag} B=1 T=4133 weak D=64 E=96", 1, 4133, 4, 64, 96, weak, None),
+                (f"{tag} varlen N=4 T=9000 strong", 1, 9000, 4, 128, 128, strong, [0, 1, 3001, 3064, 9000]),
+            ]
         for name, b, t, h, d, e, lam, cu in cases:
+            if time.time() > deadline:
+                print(f"skipped (deadline): {name}", flush=True)
+                continue
             ok, res = check_case(name, b, t, h, d, e, lam[:h], dtype, cu)
             all_ok &= ok
             results.append(res)
@@ -145,7 +158,7 @@ def time_impl(make, fn, n):
     try:
         q, k, v = make(n)
         with torch.no_grad():
-            fwd = do_bench(lambda: fn(q, k, v), warmup=50, rep=200, return_mode="median")
+            fwd = do_bench(lambda: fn(q, k, v), warmup=10, rep=60, return_mode="median")
         for x in (q, k, v):
             x.requires_grad_()
         do = torch.randn_like(fn(q, k, v))
@@ -153,7 +166,7 @@ def time_impl(make, fn, n):
         def step():
             fn(q, k, v).backward(do)
 
-        fwd_bwd = do_bench(step, warmup=50, rep=200, grad_to_none=[q, k, v], return_mode="median")
+        fwd_bwd = do_bench(step, warmup=10, rep=60, grad_to_none=[q, k, v], return_mode="median")
         return fwd, fwd_bwd
     except Exception as exc:  # noqa: BLE001
         print(f"  timing failed at n={n}: {exc!r}", flush=True)
@@ -181,12 +194,14 @@ def peak_memory(fn, make, n):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def sweep(impls, ns):
-    """Try launch settings of our kernels at a few lengths (fwd+bwd ms)."""
+def sweep(impls, ns, deadline):
+    """Try launch settings of our kernels at a few lengths (fwd/fwd+bwd ms); stops past the deadline."""
     base = dict(lightning_mod.CONFIG)
     settings = [(w, s, base["programs_per_sm"]) for w in (4, 8) for s in (2, 3)]
     settings += [(base["num_warps"], base["num_stages"], pps) for pps in (2, 8)]
     for warps, stages, pps in settings:
+        if time.time() > deadline:
+            break
         lightning_mod.CONFIG.update(num_warps=warps, num_stages=stages, programs_per_sm=pps)
         row = []
         for n in ns:
@@ -201,37 +216,54 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--sweep", action="store_true", help="also sweep our launch settings")
-    parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--checks", choices=["none", "short", "long", "all"], default="all",
+                        help="short: T <= 9000 cases; long: T = 65573 and 131072")
+    parser.add_argument("--budget", type=float, default=280, help="seconds; optional parts stop past it")
     parser.add_argument("--ns", default="1024,2048,4096,8192,16384,32768,65536,131072")
-    parser.add_argument("--impls", default="ours,fla,official,sdpa")
+    parser.add_argument("--impls", default="ours,fla,official,sdpa", help="timed in this order, all n each")
+    parser.add_argument("--official-ns", default="1024,4096,16384,65536,131072",
+                        help="the official kernel recompiles per n: time it at these n only")
     args = parser.parse_args()
+    start = time.time()
+    deadline = start + args.budget
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()
     print(f"device {dev}; torch {torch.__version__}; triton {triton.__version__}; config {lightning_mod.CONFIG}",
           flush=True)
     report = dict(device=dev, torch=torch.__version__, triton=triton.__version__, date=time.strftime("%Y-%m-%d"))
-    if not args.skip_check:
-        t0 = time.time()
-        ok, report["checks"] = run_checks()
-        print(f"checks {'PASSED' if ok else 'FAILED'} in {time.time() - t0:.0f}s", flush=True)
+    out_json = os.path.join(args.out, "bench_lightning.json")
+
+    def save():
+        with open(out_json, "w") as f:
+            json.dump(report, f, indent=1)
+
+    ok, report["checks"] = True, []
+    for long in (False, True):
+        if args.checks in ("all", "long" if long else "short"):
+            part_ok, results = run_checks(long, deadline)
+            ok &= part_ok
+            report["checks"] += results
+            print(f"{'long' if long else 'short'} checks {'PASSED' if part_ok else 'FAILED'} at "
+                  f"{time.time() - start:.0f}s", flush=True)
+            save()
     decay = alibi_decay(HEADS)
     impls = make_impls(decay)
     cross_check_fla(impls, decay)
     ns = [int(x) for x in args.ns.split(",")]
-    if args.sweep:
-        sweep(impls, [ns[0], ns[-1]])
     names = [n for n in args.impls.split(",") if impls.get(n) is not None]
+    official_ns = {int(x) for x in args.official_ns.split(",")}
     table = {}
-    for n in ns:
-        for name in names:
+    for name in names:
+        for n in ns:
+            if name == "official" and n not in official_ns:
+                continue
             t0 = time.time()
             table[(name, n)] = time_impl(*impls[name], n)
             t = table[(name, n)]
             print(f"n={n:6d} {name:8s} " + ("n/a" if t is None else f"fwd {t[0]:8.3f} ms  fwd+bwd {t[1]:8.3f} ms")
                   + f"   ({time.time() - t0:.0f}s)", flush=True)
-    for name in ("ours", "fla"):
-        if name in names:
-            print(f"peak extra memory fwd+bwd n=131072 {name}: {peak_memory(impls[name][1], impls[name][0], 131072):.0f} MiB")
+    report["table"] = {f"{k[0]}@{k[1]}": v for k, v in table.items()}
+    save()
     cols = ["sdpa", "official", "fla", "ours"]
 
     def cell(name, n, i):
@@ -251,11 +283,17 @@ def main():
         lines.append(f"| {n} | " + " | ".join(cell(c, n, 1) for c in cols) + " | "
                      + " | ".join(cell(c, n, 0) for c in cols) + f" | {ratio('fla', n, 1)} | {ratio('official', n, 1)}"
                      f" | {ratio('sdpa', n, 1)} | {ratio('fla', n, 0)} | {tput} |")
+    print("\n".join(lines), flush=True)
+    for name in ("ours", "fla"):
+        if name in names and time.time() < deadline:
+            mib = peak_memory(impls[name][1], impls[name][0], 131072)
+            report[f"peak_extra_mib_{name}"] = mib
+            print(f"peak extra memory fwd+bwd n=131072 {name}: {mib:.0f} MiB", flush=True)
+    if args.sweep:
+        sweep(impls, [ns[0], ns[-1]], deadline)
     print("\n".join(lines))
-    report["table"] = {f"{k[0]}@{k[1]}": v for k, v in table.items()}
-    with open(os.path.join(args.out, "bench_lightning.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    if not args.skip_check and not ok:
+    save()
+    if not ok:
         sys.exit(1)
 
 

@@ -147,19 +147,19 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _segments(lengths: list[int] | None, num_seqs: int, seq_len: int, units: int, device, seg_len: int | None):
-    """Cut sequences into segments so that ``segments * units`` programs fill the GPU.
+    """Cut sequences into segments when ``sequences * units`` programs would leave the GPU half idle.
 
     Returns ``(seg_len, seg_seq [S] int32, seg_off [N + 1] int32, multi)``; ``multi`` is False when every sequence
     is one segment (then segment i is sequence i).
     """
-    total = num_seqs * seq_len if lengths is None else sum(lengths)
     longest = seq_len if lengths is None else max(lengths)
     if seg_len is None:
         target = CONFIG["programs_per_sm"] * _num_sms(device)
-        if num_seqs * units >= target:
+        programs = num_seqs * units
+        if 2 * programs >= target:
             seg_len = longest
-        else:
-            seg_len = max(CONFIG["min_segment"], -(-total * units // target))
+        else:  # cut the longest sequence into equal parts, enough to reach the target
+            seg_len = max(CONFIG["min_segment"], -(-longest // -(-target // programs)))
     seg_len = max(CHUNK, -(-seg_len // CHUNK) * CHUNK)
     if seg_len >= longest:
         seq_ids = torch.arange(num_seqs, device=device, dtype=torch.int32)
@@ -205,7 +205,7 @@ def _chunk_scan(
     bv = min(64 if kp <= 128 else 32, _pow2(dim_v))
     n_vb = triton.cdiv(dim_v, bv)
     mm_dtype = tl.bfloat16 if b.dtype == torch.bfloat16 else tl.float32
-    precision = "ieee" if b.dtype in (torch.float32, torch.float64) else "tf32"
+    precision = "tf32x3" if b.dtype == torch.float32 else "tf32"
     seg_len, seg_seq, seg_off, multi = _segments(lengths, num_seqs, seq_len, heads * n_vb, b.device, seg_len)
     n_segs = seg_seq.numel()
     common = dict(H=heads, K=dim_k, V=dim_v, KP=kp, BV=bv, CHUNK=CHUNK, REVERSE=reverse, MM_DTYPE=mm_dtype,
