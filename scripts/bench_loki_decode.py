@@ -314,18 +314,14 @@ def main() -> None:
                   copy_tbs=bandwidth / 1e12, correct=ok)
     cfg = ld.LokiKernelConfig()
     if args.sweep:
+        always = 1 << 30  # selection kernel on every row length (default: torch.topk past 32k)
         configs = {"default": cfg,
-                   "scores block 128": ld.LokiKernelConfig(block_n_scores=128),
-                   "scores block 128, 4 stages": ld.LokiKernelConfig(block_n_scores=128, num_stages=4),
-                   "attn block 64": ld.LokiKernelConfig(block_n_attn=64),
-                   "attn block 16": ld.LokiKernelConfig(block_n_attn=16),
-                   "2 programs/SM": ld.LokiKernelConfig(programs_per_sm=2),
-                   "8 programs/SM": ld.LokiKernelConfig(programs_per_sm=8),
-                   "4 stages": ld.LokiKernelConfig(num_stages=4),
-                   "8 warps": ld.LokiKernelConfig(num_warps=8),
-                   "select block 1024": ld.LokiKernelConfig(select_block=1024),
-                   "select sample 4096": ld.LokiKernelConfig(select_sample=4096)}
-        result["sweep"] = {name: {f"{b}x{s}": t for (b, s), t in d.items()} for name, d in sweep(configs).items()}
+                   "select kernel always": ld.LokiKernelConfig(select_kernel_max_seq=always),
+                   "... block 4096": ld.LokiKernelConfig(select_kernel_max_seq=always, select_block=4096),
+                   "... block 4096, 16 warps": ld.LokiKernelConfig(select_kernel_max_seq=always, select_block=4096,
+                                                                   select_warps=16),
+                   "... 4 warps": ld.LokiKernelConfig(select_kernel_max_seq=always, select_warps=4)}
+        result["sweep"] = sweep(configs)
     result["host_us"] = host_costs(cfg)
     result["table"] = table(cfg, bandwidth)
     if args.json:

@@ -18,6 +18,7 @@ from hf_patch.loki.budget import num_tokens
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU, the interpreter elsewhere
 # Small blocks so the interpreter runs several tiles and splits per row.
 SMALL = LokiKernelConfig(block_n_scores=16, block_n_attn=16, programs_per_sm=4, select_block=16, select_sample=16)
+SMALL_TOPK = LokiKernelConfig(block_n_scores=16, block_n_attn=16, select_kernel_max_seq=0)  # torch.topk selects
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float64: 1e-10}
 
 
@@ -82,13 +83,14 @@ def _start(padded, b, s):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_and_torch_match_reference(case, dtype):
+@pytest.mark.parametrize("cfg", [SMALL, SMALL_TOPK], ids=["select-kernel", "torch-topk"])
+def test_triton_and_torch_match_reference(case, dtype, cfg):
     b, hkv, g, s, dh, d, k_frac, select, padded = case
     q, k, v = make_inputs(b, hkv, g, s, dh, dtype)
     d, kv_start = _d(d, hkv), _start(padded, b, s)
     args = dict(d=d, k_frac=k_frac, scaling=dh**-0.5, kv_start=kv_start, gqa_select=select)
     ref = reference(q, k, v, d, k_frac, dh**-0.5, kv_start, select)
-    tri = loki_decode_attention_triton(q, k, v, config=SMALL, **args)
+    tri = loki_decode_attention_triton(q, k, v, config=cfg, **args)
     tch = loki_decode_attention_torch(q, k, v, **args)
     assert tri.dtype == tch.dtype == dtype and tri.shape == q.shape
     assert rel_err(tri, ref) < TOL[dtype]

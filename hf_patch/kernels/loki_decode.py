@@ -9,8 +9,9 @@ and a cache of rotated keys and values ``[B, Hkv, S, D]`` (GQA: query head ``h``
 3. exact softmax attention (all D dims, ``scaling``) over the kept tokens, accumulated in float32.
 
 The Triton path runs four kernels: approximate scores for all G heads of a KV head in one pass over the keys
-(split over S); an exact top-k per selection row (sample-bracketed radix select, ties to the earliest positions)
-that writes the kept positions; a split-K kernel that gathers the kept keys and values by position and keeps an
+(split over S); an exact top-k per selection row (sample-bracketed radix select, ties to the earliest positions;
+rows longer than `LokiKernelConfig.select_kernel_max_seq` use torch.topk instead) that writes the kept positions;
+a split-K kernel that gathers the kept keys and values by position and keeps an
 online softmax; and a small kernel that merges the splits. The PyTorch path selects with ``torch.topk``.
 """
 from __future__ import annotations
@@ -42,6 +43,9 @@ class LokiKernelConfig:
     num_stages: int = 3
     select_block: int = 2048  # scores per tile of the selection kernel
     select_sample: int = 2048  # strided sample that brackets the k-th score
+    select_warps: int = 8
+    select_kernel_max_seq: int = 32768  # longer rows select with torch.topk (faster there: one program per row
+    #                                     of the selection kernel is slow on long rows; measured on an H100)
 
 
 @dataclass(frozen=True)
@@ -354,20 +358,32 @@ def _select_kernel(
             chosen = tl.max(tl.where(at_least >= need, bins, -1))
             need -= tl.sum(tl.where(bins > chosen, hist, 0))
             prefix += chosen.to(tl.int64) << shift
+            n_equal = tl.sum(tl.where(bins == chosen, hist, 0))  # after the last digit: keys equal to t
         t = (prefix - 2147483648).to(tl.int32)  # the k_b-th largest key; take `need` of the keys equal to it
-
         i_row = idx_ptr + row * k_sel
-        n_out = tl.zeros([], dtype=tl.int32)
-        n_eq = tl.zeros([], dtype=tl.int32)
-        for start in range(0, seq, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            ok = offs < seq
-            key = _order_key(tl.load(s_row + offs, mask=ok, other=float("-inf")))
+        if n_equal == need:  # no tie to break (the usual case): every key >= t
+            _write_positions(s_row, i_row, seq, t, need, BREAK_TIES=False, BLOCK=BLOCK)
+        else:
+            _write_positions(s_row, i_row, seq, t, need, BREAK_TIES=True, BLOCK=BLOCK)
+
+
+@triton.jit
+def _write_positions(s_row, i_row, seq, t, need, BREAK_TIES: tl.constexpr, BLOCK: tl.constexpr):
+    """Write, in increasing order, the positions with key > t and the first `need` positions with key == t."""
+    n_out = tl.zeros([], dtype=tl.int32)
+    n_eq = tl.zeros([], dtype=tl.int32)
+    for start in range(0, seq, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ok = offs < seq
+        key = _order_key(tl.load(s_row + offs, mask=ok, other=float("-inf")))
+        if BREAK_TIES:
             eq = ok & (key == t)
             take = (ok & (key > t)) | (eq & (n_eq + tl.cumsum(eq.to(tl.int32), 0) <= need))
-            tl.store(i_row + n_out + tl.cumsum(take.to(tl.int32), 0) - 1, offs, mask=take)
-            n_out += tl.sum(take.to(tl.int32))
             n_eq += tl.sum(eq.to(tl.int32))
+        else:
+            take = ok & (key >= t)
+        tl.store(i_row + n_out + tl.cumsum(take.to(tl.int32), 0) - 1, offs, mask=take)
+        n_out += tl.sum(take.to(tl.int32))
 
 
 @triton.jit
@@ -440,17 +456,24 @@ def triton_scores(p: _Problem, q: torch.Tensor, k_cache: torch.Tensor, kv_start:
 
 def select_tokens(scores: torch.Tensor, k: int, k_b: torch.Tensor | None, rows_per_batch: int,
                   cfg: LokiKernelConfig) -> torch.Tensor:
-    """Stage 2: int32 [rows, k] positions of the k_b best scores of each row of float32 `scores` [rows, S], in
-    increasing order (row r belongs to sequence r // rows_per_batch; k_b = k without padding). Ties at the
-    threshold go to the earliest positions."""
+    """Stage 2: [rows, k] positions of the k_b best scores of each row of float32 `scores` [rows, S] (row r
+    belongs to sequence r // rows_per_batch; k_b = k without padding; entries past k_b are unused).
+
+    Rows up to `cfg.select_kernel_max_seq` use the selection kernel (int32, increasing positions, ties at the
+    threshold to the earliest positions); longer rows use torch.topk (int64; sorted when budgets differ, so the
+    first k_b are the best; ties in torch's order).
+    """
     rows, s = scores.shape
+    if s > cfg.select_kernel_max_seq:
+        return scores.topk(k, dim=-1, sorted=k_b is not None).indices
     idx = torch.empty((rows, k), device=scores.device, dtype=torch.int32)
     cand = torch.empty((rows, s), device=scores.device, dtype=torch.int32)
     stride = max(1, s // cfg.select_sample)
     _select_kernel[(rows,)](
         scores, k_b if k_b is not None else idx, cand, idx,
         s, k, rows_per_batch, stride, min(cfg.select_sample, triton.cdiv(s, stride)),
-        HAS_KB=k_b is not None, SAMPLE=cfg.select_sample, BLOCK=cfg.select_block, MARGIN_SIGMAS=5.0, num_warps=8,
+        HAS_KB=k_b is not None, SAMPLE=cfg.select_sample, BLOCK=cfg.select_block, MARGIN_SIGMAS=5.0,
+        num_warps=cfg.select_warps,
     )
     return idx
 
