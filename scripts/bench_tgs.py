@@ -182,7 +182,8 @@ def print_tables(tgs: list[dict], gen: list[dict]) -> None:
     for n in lens:
         tn, ll = by.get(("transnormer", n), {}), by.get(("llama", n), {})
         ratio = f"{tn['tgs'] / ll['tgs']:.2f}x" if tn.get("tgs") and ll.get("tgs") else "-"
-        print(f"| {n} | {tn.get('batch', ll.get('batch'))} | {tn.get('tgs') or 'OOM'} | {ll.get('tgs') or 'OOM'} | {ratio} |")
+        tn_tgs, ll_tgs = tn.get("tgs") or "OOM", ll.get("tgs") or "OOM"
+        print(f"| {n} | {tn.get('batch', ll.get('batch'))} | {tn_tgs} | {ll_tgs} | {ratio} |")
     if gen:
         print("\n| model | prompt | prefill ms | decode ms/token | cache MB |")
         print("|---|---:|---:|---:|---:|")
@@ -193,7 +194,7 @@ def print_tables(tgs: list[dict], gen: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/transnormer/100m_gpu.yaml", help="its `model:` section is used")
-    parser.add_argument("--models", default="transnormer,llama")
+    parser.add_argument("--models", default="transnormer,llama", help="TGS models; empty: skip the TGS table")
     parser.add_argument("--seq-lens", default="1024,2048,4096,8192,16384,32768,65536")
     parser.add_argument("--tokens-per-step", type=int, default=65536)
     parser.add_argument("--gen-prompts", default="1024,16384,65536")
@@ -214,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
            "python": platform.python_version(), "model": model_cfg, "tokens_per_step": args.tokens_per_step}
     print(json.dumps(env), flush=True)
     check = None if args.skip_check else check_cuda_path(model_cfg)
-    tgs = bench_tgs(model_cfg, args.models.split(","), seq_lens, args.tokens_per_step)
+    kinds = [k for k in args.models.split(",") if k]
+    tgs = bench_tgs(model_cfg, kinds, seq_lens, args.tokens_per_step) if kinds else []
     prompts = [int(x) for x in args.gen_prompts.split(",")] if args.gen_prompts else []
     gen = bench_generation(model_cfg, args.gen_models.split(","), prompts, args.gen_tokens) if prompts else []
     print_tables(tgs, gen)

@@ -180,6 +180,9 @@ class TransNormerModel(TransNormerPreTrainedModel):
         self.final_norm = TransNormerSimpleRMSNorm(config.rms_norm_eps)
         self.embed_scale = math.sqrt(config.hidden_size) if config.scale_embedding else 1.0
         self.gradient_checkpointing = False
+        # Decays per device, made on first use. Not a buffer: they follow from the config, and meta-device loading
+        # would leave a non-persistent buffer empty.
+        self._decays: dict[torch.device, torch.Tensor] = {}
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -189,11 +192,12 @@ class TransNormerModel(TransNormerPreTrainedModel):
         self.embed_tokens = value
 
     def decays(self, device: torch.device) -> torch.Tensor:
-        """Decay lambda of every layer and head, float32 [L, H] on `device`."""
-        cfg = self.config
-        return layer_decays(cfg.decay_schedule, cfg.num_hidden_layers, cfg.num_attention_heads).to(
-            device=device, dtype=torch.float32
-        )
+        """Decay lambda of every layer and head, float32 [L, H] on `device` (copied once, not per step)."""
+        if device not in self._decays:
+            cfg = self.config
+            schedule = layer_decays(cfg.decay_schedule, cfg.num_hidden_layers, cfg.num_attention_heads)
+            self._decays[device] = schedule.to(device=device, dtype=torch.float32)
+        return self._decays[device]
 
     def forward(
         self,
