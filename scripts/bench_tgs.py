@@ -177,8 +177,9 @@ def check_cuda_path(model_cfg: dict) -> dict:
 def print_tables(tgs: list[dict], gen: list[dict]) -> None:
     by = {(r["model"], r["seq_len"]): r for r in tgs}
     lens = sorted({r["seq_len"] for r in tgs})
-    print("\n| seq len | batch | TransNormer TGS | Llama (SDPA) TGS | ratio |")
-    print("|---:|---:|---:|---:|---:|")
+    if lens:
+        print("\n| seq len | batch | TransNormer TGS | Llama (SDPA) TGS | ratio |")
+        print("|---:|---:|---:|---:|---:|")
     for n in lens:
         tn, ll = by.get(("transnormer", n), {}), by.get(("llama", n), {})
         ratio = f"{tn['tgs'] / ll['tgs']:.2f}x" if tn.get("tgs") and ll.get("tgs") else "-"
