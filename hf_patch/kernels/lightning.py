@@ -1,6 +1,6 @@
 """Lightning Attention-2 in Triton (forward and backward) and the public dispatcher ``lightning_attn``.
 
-One kernel does all the work. It runs a causal decayed linear attention ``out_i = a_i @ S_i`` over a *virtual*
+One kernel does the work. It runs a causal decayed linear attention ``out_i = a_i @ S_i`` over a *virtual*
 sequence (the real one, or the real one read backwards), chunk by chunk, keeping the ``[K, BV]`` state on chip:
 
     intra: [(A_c B_c^T) * M] C_c          (M_ij = lam^(i-j), j <= i, within a chunk)
@@ -12,13 +12,16 @@ Forward is ``(a, b, c) = (q, k, v)``. The backward is the same kernel three time
 sequence from its end; ``dv``'s final state is the gradient of the initial state.
 
 Parallelism: programs over (value block, head, segment). A sequence too long to fill the GPU with
-``B * H * V / BV`` programs is cut into segments: a first launch of the kernel computes each segment's local end
-state (reading only b and c), a light scan over segments turns those into each segment's entry state, and the
-main launch then runs all segments at once. No O(T^2) or per-chunk state buffer is kept; the only extra memory is
-one ``[K, V]`` float32 state per segment.
+``B * H * V / BV`` programs is cut into segments. Each segment's local end state is one weighted reduction
+``sum_i lam^(end - i - q_off) b_i^T c_i`` (a matmul over the segment's tokens, no recurrence), a light scan over
+segments turns those into entry states, and the main launch runs all segments at once. The forward's entry states,
+transposed, are the ``dq`` pass's; ``dv``'s, transposed, are ``dk``'s: one segment pass per direction. No O(T^2)
+or per-chunk state buffer is kept; the only extra memory is one ``[K, V]`` float32 state per segment.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -33,28 +36,34 @@ CONFIG = {"num_warps": 4, "num_stages": 2, "programs_per_sm": 4, "min_segment": 
 
 
 @triton.jit
-def _chunk_scan_kernel(
-    A, B, C, OUT, LOG_DECAY, INIT, FINAL, SEG_SEQ, SEG_OFF, CU,
-    seg_len,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    KP: tl.constexpr, BV: tl.constexpr, CHUNK: tl.constexpr,
-    REVERSE: tl.constexpr, HAS_OUT: tl.constexpr, HAS_INIT: tl.constexpr, FINAL_PER_SEG: tl.constexpr,
-    HAS_FINAL: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """One (value block, head, segment): walk the segment's chunks, write ``OUT`` and/or the end state.
-
-    A, B: [total, H, K]; C, OUT: [total, H, V]; INIT, FINAL: [*, H, K, V] float32.
-    FINAL_PER_SEG: the end state of every segment goes to FINAL[segment] (local states, no A/OUT needed);
-    else the last segment of a sequence writes FINAL[sequence].
-    """
-    i_v = tl.program_id(0)
-    i_h = tl.program_id(1)
-    i_s = tl.program_id(2)
+def _segment_rows(SEG_SEQ, SEG_OFF, CU, i_s, seg_len):
+    """Sequence id, first token row, length and the virtual position range ``[p_begin, p_end)`` of segment i_s."""
     seq = tl.load(SEG_SEQ + i_s)
     seq_start = tl.load(CU + seq).to(tl.int64)
     seq_len = tl.load(CU + seq + 1).to(tl.int64) - seq_start
     p_begin = (i_s - tl.load(SEG_OFF + seq)).to(tl.int64) * seg_len
     p_end = tl.minimum(p_begin + seg_len, seq_len)
+    return seq, seq_start, seq_len, p_begin, p_end
+
+
+@triton.jit
+def _chunk_scan_kernel(
+    A, B, C, OUT, LOG_DECAY, ENTRY, FINAL, SEG_SEQ, SEG_OFF, CU,
+    seg_len,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    KP: tl.constexpr, BV: tl.constexpr, CHUNK: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_ENTRY: tl.constexpr, HAS_FINAL: tl.constexpr,
+    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One (value block, head, segment): walk the segment's chunks and write ``OUT``.
+
+    A, B: [total, H, K]; C, OUT: [total, H, V]; ENTRY: [segments, H, K, V] float32 (the state entering each
+    segment); FINAL: [N, H, K, V] float32, written by the last segment of each sequence.
+    """
+    i_v = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_s = tl.program_id(2)
+    seq, seq_start, seq_len, p_begin, p_end = _segment_rows(SEG_SEQ, SEG_OFF, CU, i_s, seg_len)
 
     log_lam = tl.load(LOG_DECAY + i_h)
     r = tl.arange(0, CHUNK)
@@ -69,8 +78,8 @@ def _chunk_scan_kernel(
     mask_v = offs_v < V
     state_offs = i_h * K * V + offs_k[:, None] * V + offs_v[None, :]
     state_mask = mask_k[:, None] & mask_v[None, :]
-    if HAS_INIT:
-        state = tl.load(INIT + i_s.to(tl.int64) * H * K * V + state_offs, mask=state_mask, other=0.0)
+    if HAS_ENTRY:
+        state = tl.load(ENTRY + i_s.to(tl.int64) * H * K * V + state_offs, mask=state_mask, other=0.0)
     else:
         state = tl.zeros([KP, BV], dtype=tl.float32)
 
@@ -81,28 +90,68 @@ def _chunk_scan_kernel(
             rows = seq_start + seq_len - 1 - pos
         else:
             rows = seq_start + pos
-        b = tl.load(B + (rows * H + i_h)[:, None] * K + offs_k[None, :],
-                    mask=row_mask[:, None] & mask_k[None, :], other=0.0).to(MM_DTYPE)
-        c = tl.load(C + (rows * H + i_h)[:, None] * V + offs_v[None, :],
-                    mask=row_mask[:, None] & mask_v[None, :], other=0.0).to(MM_DTYPE)
-        if HAS_OUT:
-            a = tl.load(A + (rows * H + i_h)[:, None] * K + offs_k[None, :],
-                        mask=row_mask[:, None] & mask_k[None, :], other=0.0).to(MM_DTYPE)
-            scores = tl.dot(a, tl.trans(b), input_precision=PRECISION) * intra_w
-            out = tl.dot(scores.to(MM_DTYPE), c, input_precision=PRECISION)
-            out += tl.dot(a, state.to(MM_DTYPE), input_precision=PRECISION) * q_w[:, None]
-            tl.store(OUT + (rows * H + i_h)[:, None] * V + offs_v[None, :],
-                     out.to(OUT.dtype.element_ty), mask=row_mask[:, None] & mask_v[None, :])
+        kv_rows = (rows * H + i_h)[:, None]
+        a = tl.load(A + kv_rows * K + offs_k[None, :], mask=row_mask[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(B + kv_rows * K + offs_k[None, :], mask=row_mask[:, None] & mask_k[None, :], other=0.0)
+        c = tl.load(C + kv_rows * V + offs_v[None, :], mask=row_mask[:, None] & mask_v[None, :], other=0.0)
+        a = a.to(MM_DTYPE)
+        b = b.to(MM_DTYPE)
+        c = c.to(MM_DTYPE)
+        scores = tl.dot(a, tl.trans(b), input_precision=PRECISION) * intra_w
+        out = tl.dot(scores.to(MM_DTYPE), c, input_precision=PRECISION)
+        out += tl.dot(a, state.to(MM_DTYPE), input_precision=PRECISION) * q_w[:, None]
+        tl.store(OUT + kv_rows * V + offs_v[None, :], out.to(OUT.dtype.element_ty),
+                 mask=row_mask[:, None] & mask_v[None, :])
         n = tl.minimum(p_end - p, CHUNK).to(tl.float32)
         k_w = tl.where(row_mask, tl.exp(tl.maximum(n - q_exp, 0.0) * log_lam), 0.0)
         b_w = (b * k_w[:, None]).to(MM_DTYPE)
         state = state * tl.exp(n * log_lam) + tl.dot(tl.trans(b_w), c, input_precision=PRECISION)
 
-    if FINAL_PER_SEG:
-        tl.store(FINAL + i_s.to(tl.int64) * H * K * V + state_offs, state, mask=state_mask)
-    elif HAS_FINAL:
+    if HAS_FINAL:
         if p_end == seq_len:
             tl.store(FINAL + seq.to(tl.int64) * H * K * V + state_offs, state, mask=state_mask)
+
+
+@triton.jit
+def _segment_state_kernel(
+    B, C, STATES, LOG_DECAY, SEG_SEQ, SEG_OFF, CU,
+    seg_len,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    KP: tl.constexpr, BV: tl.constexpr, CHUNK: tl.constexpr,
+    REVERSE: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One (value block, head, segment): the segment's local end state ``sum_i lam^(p_end - i - q_off) b_i^T c_i``.
+
+    A plain reduction over the segment's tokens (no recurrence between chunks). B: [total, H, K]; C: [total, H, V];
+    STATES: [segments, H, K, V] float32.
+    """
+    i_v = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_s = tl.program_id(2)
+    seq, seq_start, seq_len, p_begin, p_end = _segment_rows(SEG_SEQ, SEG_OFF, CU, i_s, seg_len)
+    log_lam = tl.load(LOG_DECAY + i_h)
+    r = tl.arange(0, CHUNK)
+    offs_k = tl.arange(0, KP)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_k = offs_k < K
+    mask_v = offs_v < V
+    acc = tl.zeros([KP, BV], dtype=tl.float32)
+    for p in range(p_begin, p_end, CHUNK):
+        pos = p + r
+        row_mask = pos < p_end
+        if REVERSE:
+            rows = seq_start + seq_len - 1 - pos
+        else:
+            rows = seq_start + pos
+        kv_rows = (rows * H + i_h)[:, None]
+        b = tl.load(B + kv_rows * K + offs_k[None, :], mask=row_mask[:, None] & mask_k[None, :], other=0.0)
+        c = tl.load(C + kv_rows * V + offs_v[None, :], mask=row_mask[:, None] & mask_v[None, :], other=0.0)
+        dist = (p_end - pos - (0 if REVERSE else 1)).to(tl.float32)
+        w = tl.where(row_mask, tl.exp(tl.maximum(dist, 0.0) * log_lam), 0.0)
+        b_w = (b.to(tl.float32) * w[:, None]).to(MM_DTYPE)
+        acc = tl.dot(tl.trans(b_w), c.to(MM_DTYPE), acc, input_precision=PRECISION)
+    state_offs = i_h * K * V + offs_k[:, None] * V + offs_v[None, :]
+    tl.store(STATES + i_s.to(tl.int64) * H * K * V + state_offs, acc, mask=mask_k[:, None] & mask_v[None, :])
 
 
 @triton.jit
@@ -113,7 +162,7 @@ def _segment_scan_kernel(
 ):
     """One (state block, head, sequence): turn local segment end states into segment entry states, in place.
 
-    STATES: [num_segments, H, K, V] float32; INIT: [N, H, K, V] float32.
+    STATES: [segments, H, K, V] float32; INIT: [N, H, K, V] float32.
     """
     n_kb = tl.cdiv(K, BK)
     i_k = tl.program_id(0) % n_kb
@@ -140,18 +189,23 @@ def _segment_scan_kernel(
         state = state * tl.exp(n * log_lam) + local
 
 
+class _Plan(NamedTuple):
+    """How sequences are cut into segments: ``seg_seq [S]`` and ``seg_off [N + 1]`` (int32, on the device)."""
+
+    seg_len: int
+    seg_seq: torch.Tensor
+    seg_off: torch.Tensor
+    multi: bool  # False: every sequence is one segment (segment i is sequence i)
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
 
 
-def _segments(lengths: list[int] | None, num_seqs: int, seq_len: int, units: int, device, seg_len: int | None):
-    """Cut sequences into segments when ``sequences * units`` programs would leave the GPU half idle.
-
-    Returns ``(seg_len, seg_seq [S] int32, seg_off [N + 1] int32, multi)``; ``multi`` is False when every sequence
-    is one segment (then segment i is sequence i).
-    """
+def _plan(lengths: list[int] | None, num_seqs: int, seq_len: int, units: int, device, seg_len: int | None) -> _Plan:
+    """Cut sequences into segments when ``sequences * units`` programs would leave the GPU half idle."""
     longest = seq_len if lengths is None else max(lengths)
     if seg_len is None:
         target = CONFIG["programs_per_sm"] * _num_sms(device)
@@ -164,7 +218,7 @@ def _segments(lengths: list[int] | None, num_seqs: int, seq_len: int, units: int
     if seg_len >= longest:
         seq_ids = torch.arange(num_seqs, device=device, dtype=torch.int32)
         offsets = torch.arange(num_seqs + 1, device=device, dtype=torch.int32)
-        return max(seg_len, CHUNK), seq_ids, offsets, False
+        return _Plan(seg_len, seq_ids, offsets, False)
     if lengths is None:
         counts = torch.full((num_seqs,), -(-seq_len // seg_len), dtype=torch.int32)
     else:
@@ -172,60 +226,57 @@ def _segments(lengths: list[int] | None, num_seqs: int, seq_len: int, units: int
     offsets = torch.zeros(num_seqs + 1, dtype=torch.int32)
     offsets[1:] = torch.cumsum(counts, 0)
     seq_ids = torch.repeat_interleave(torch.arange(num_seqs, dtype=torch.int32), counts)
-    return seg_len, seq_ids.to(device), offsets.to(device), True
+    return _Plan(seg_len, seq_ids.to(device), offsets.to(device), True)
 
 
 def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _chunk_scan(
-    a: torch.Tensor | None,
-    b: torch.Tensor,
-    c: torch.Tensor,
-    log_decay: torch.Tensor,
-    cu: torch.Tensor,
-    lengths: list[int] | None,
-    num_seqs: int,
-    seq_len: int,
-    init: torch.Tensor | None,
-    reverse: bool,
-    want_final: bool,
-    out_dtype: torch.dtype,
-    seg_len: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``out_i = a_i @ S_i`` over each sequence (read backwards if ``reverse``); see the module docstring.
-
-    a, b: [total, H, K]; c: [total, H, V] (contiguous); cu: int32 [N + 1]; init: [N, H, K, V] float32 or None.
-    Returns ``out [total, H, V]`` in ``out_dtype`` and the final state ``[N, H, K, V]`` float32 if ``want_final``.
-    """
-    total, heads, dim_k = b.shape
-    dim_v = c.shape[-1]
+def _launch_args(b: torch.Tensor, c: torch.Tensor, reverse: bool) -> tuple[int, dict]:
+    """Value-block count and the constexprs shared by the chunk and segment kernels."""
+    heads, dim_k, dim_v = b.shape[1], b.shape[2], c.shape[2]
     kp = _pow2(dim_k)
     bv = min(64 if kp <= 128 else 32, _pow2(dim_v))
-    n_vb = triton.cdiv(dim_v, bv)
-    mm_dtype = tl.bfloat16 if b.dtype == torch.bfloat16 else tl.float32
-    precision = "tf32x3" if b.dtype == torch.float32 else "tf32"
-    seg_len, seg_seq, seg_off, multi = _segments(lengths, num_seqs, seq_len, heads * n_vb, b.device, seg_len)
-    n_segs = seg_seq.numel()
-    common = dict(H=heads, K=dim_k, V=dim_v, KP=kp, BV=bv, CHUNK=CHUNK, REVERSE=reverse, MM_DTYPE=mm_dtype,
-                  PRECISION=precision, num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
-    grid = (n_vb, heads, n_segs)
-    entry = init
-    if multi:
-        entry = torch.empty(n_segs, heads, dim_k, dim_v, device=b.device, dtype=torch.float32)
-        _chunk_scan_kernel[grid](b, b, c, c, log_decay, entry, entry, seg_seq, seg_off, cu, seg_len,
-                                 HAS_OUT=False, HAS_INIT=False, FINAL_PER_SEG=True, HAS_FINAL=False, **common)
-        bk = min(64, _pow2(dim_k))
-        _segment_scan_kernel[(triton.cdiv(dim_k, bk) * n_vb, heads, num_seqs)](
-            entry, init if init is not None else entry, log_decay, seg_off, cu, seg_len,
-            H=heads, K=dim_k, V=dim_v, BK=bk, BV=bv, HAS_INIT=init is not None)
-    out = torch.empty(total, heads, dim_v, device=b.device, dtype=out_dtype) if a is not None else None
+    consts = dict(H=heads, K=dim_k, V=dim_v, KP=kp, BV=bv, CHUNK=CHUNK, REVERSE=reverse,
+                  MM_DTYPE=tl.bfloat16 if b.dtype == torch.bfloat16 else tl.float32,
+                  PRECISION="tf32x3" if b.dtype == torch.float32 else "tf32",
+                  num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
+    return triton.cdiv(dim_v, bv), consts
+
+
+def _segment_entries(b, c, log_decay, cu, plan: _Plan, num_seqs: int, init, reverse: bool) -> torch.Tensor:
+    """State entering each segment, ``[segments, H, K, V]`` float32 (b: [total, H, K], c: [total, H, V])."""
+    n_vb, consts = _launch_args(b, c, reverse)
+    heads, dim_k, dim_v = consts["H"], consts["K"], consts["V"]
+    n_segs = plan.seg_seq.numel()
+    states = torch.empty(n_segs, heads, dim_k, dim_v, device=b.device, dtype=torch.float32)
+    _segment_state_kernel[(n_vb, heads, n_segs)](b, c, states, log_decay, plan.seg_seq, plan.seg_off, cu,
+                                                 plan.seg_len, **consts)
+    bk = min(64, _pow2(dim_k))
+    _segment_scan_kernel[(triton.cdiv(dim_k, bk) * n_vb, heads, num_seqs)](
+        states, init if init is not None else states, log_decay, plan.seg_off, cu, plan.seg_len,
+        H=heads, K=dim_k, V=dim_v, BK=bk, BV=consts["BV"], HAS_INIT=init is not None)
+    return states
+
+
+def _chunk_scan(a, b, c, log_decay, cu, plan: _Plan, num_seqs: int, entry, reverse: bool, want_final: bool,
+                out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``out_i = a_i @ S_i`` over each sequence (read backwards if ``reverse``); see the module docstring.
+
+    a, b: [total, H, K]; c: [total, H, V] (contiguous); cu: int32 [N + 1]; entry: [segments, H, K, V] float32
+    or None (zero). Returns ``out [total, H, V]`` in ``out_dtype`` and the final state ``[N, H, K, V]`` float32
+    if ``want_final``.
+    """
+    n_vb, consts = _launch_args(b, c, reverse)
+    total, heads, dim_k = b.shape
+    dim_v = c.shape[-1]
+    out = torch.empty(total, heads, dim_v, device=b.device, dtype=out_dtype)
     final = torch.empty(num_seqs, heads, dim_k, dim_v, device=b.device, dtype=torch.float32) if want_final else None
-    _chunk_scan_kernel[grid](
-        a if a is not None else b, b, c, out if out is not None else c, log_decay,
-        entry if entry is not None else c, final if final is not None else c, seg_seq, seg_off, cu, seg_len,
-        HAS_OUT=a is not None, HAS_INIT=entry is not None, FINAL_PER_SEG=False, HAS_FINAL=want_final, **common)
+    _chunk_scan_kernel[(n_vb, heads, plan.seg_seq.numel())](
+        a, b, c, out, log_decay, entry if entry is not None else c, final if final is not None else c,
+        plan.seg_seq, plan.seg_off, cu, plan.seg_len,
+        HAS_ENTRY=entry is not None, HAS_FINAL=want_final, **consts)
     return out, final
 
 
@@ -235,26 +286,28 @@ def _transpose_state(state: torch.Tensor | None) -> torch.Tensor | None:
 
 class _LightningAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, initial_state, cu, lengths, num_seqs, seq_len, output_final_state, seg_len):
+    def forward(ctx, q, k, v, log_decay, initial_state, cu, plan, num_seqs, output_final_state):
         init = None if initial_state is None else initial_state.float().contiguous()
-        o, final = _chunk_scan(q, k, v, log_decay, cu, lengths, num_seqs, seq_len, init, False,
-                               output_final_state, q.dtype, seg_len)
-        ctx.save_for_backward(q, k, v, log_decay, init, cu)
-        ctx.meta = (lengths, num_seqs, seq_len, seg_len, initial_state is not None)
+        entry = _segment_entries(k, v, log_decay, cu, plan, num_seqs, init, False) if plan.multi else init
+        o, final = _chunk_scan(q, k, v, log_decay, cu, plan, num_seqs, entry, False, output_final_state, q.dtype)
+        ctx.save_for_backward(q, k, v, log_decay, entry, cu)
+        ctx.meta = (plan, num_seqs)
         return o, final
 
     @staticmethod
     def backward(ctx, do, d_final):
-        q, k, v, log_decay, init, cu = ctx.saved_tensors
-        lengths, num_seqs, seq_len, seg_len, has_init = ctx.meta
+        q, k, v, log_decay, entry, cu = ctx.saved_tensors
+        plan, num_seqs = ctx.meta
         do = do.contiguous()
         d_final = None if d_final is None else d_final.float().contiguous()
-        shape = (cu, lengths, num_seqs, seq_len)
-        dq, _ = _chunk_scan(do, v, k, log_decay, *shape, _transpose_state(init), False, False, q.dtype, seg_len)
-        dv, d_init = _chunk_scan(k, q, do, log_decay, *shape, d_final, True, has_init and ctx.needs_input_grad[4],
-                                 v.dtype, seg_len)
-        dk, _ = _chunk_scan(v, do, q, log_decay, *shape, _transpose_state(d_final), True, False, k.dtype, seg_len)
-        return dq, dk, dv, None, d_init, None, None, None, None, None, None
+        # dq runs forwards over S^T: the forward's entry states, transposed.
+        dq, _ = _chunk_scan(do, v, k, log_decay, cu, plan, num_seqs, _transpose_state(entry), False, False, q.dtype)
+        rev_entry = _segment_entries(q, do, log_decay, cu, plan, num_seqs, d_final, True) if plan.multi else d_final
+        want_d_init = ctx.needs_input_grad[4]
+        dv, d_init = _chunk_scan(k, q, do, log_decay, cu, plan, num_seqs, rev_entry, True, want_d_init, v.dtype)
+        dk, _ = _chunk_scan(v, do, q, log_decay, cu, plan, num_seqs, _transpose_state(rev_entry), True, False,
+                            k.dtype)
+        return dq, dk, dv, None, d_init, None, None, None, None
 
 
 def lightning_attn_triton(
@@ -290,8 +343,9 @@ def lightning_attn_triton(
         lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
     flat = [x.reshape(batch * seq_len, heads, x.shape[-1]).contiguous() for x in (q, k, v)]
     log_decay = torch.log(decay.detach().to(device=q.device, dtype=torch.float32)).contiguous()
-    o, final = _LightningAttnFunction.apply(*flat, log_decay, initial_state, cu, lengths, num_seqs,
-                                            seq_len, output_final_state, seg_len)
+    units = heads * triton.cdiv(max(dim_k, dim_v), 64)  # programs per segment, either pass direction
+    plan = _plan(lengths, num_seqs, seq_len, units, q.device, seg_len)
+    o, final = _LightningAttnFunction.apply(*flat, log_decay, initial_state, cu, plan, num_seqs, output_final_state)
     return o.view(batch, seq_len, heads, dim_v), final
 
 
