@@ -95,6 +95,33 @@ def bench_tgs(model_cfg: dict, kinds: list[str], seq_lens: list[int], tokens_per
     return rows
 
 
+def profile_step(model_cfg: dict, seq_len: int, tokens_per_step: int, rows: int = 14) -> list[dict]:
+    """GPU time of one TransNormer training step by kernel (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = build("transnormer", model_cfg, seq_len, "cuda").train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(0, VOCAB, (tokens_per_step // seq_len, seq_len), device="cuda")
+    step = train_step_fn(model, optimizer, ids)
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events)
+    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:rows]
+    table = [{"kernel": e.key[:70], "ms": round(e.self_device_time_total / 1e3, 2), "calls": e.count,
+              "share": round(e.self_device_time_total / total, 3)} for e in top]
+    print(f"\nprofile: one TransNormer step at seq_len {seq_len}, GPU total {total / 1e3:.1f} ms")
+    for row in table:
+        print(f"  {row['ms']:8.2f} ms {row['share']:6.1%} x{row['calls']:<5} {row['kernel']}")
+    del model, optimizer
+    torch.cuda.empty_cache()
+    return table
+
+
 @torch.no_grad()
 def bench_generation(model_cfg: dict, kinds: list[str], prompts: list[int], new_tokens: int) -> list[dict]:
     """Median per-token decode latency (batch 1, bf16 weights) after a prompt of each length."""
@@ -202,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gen-models", default="transnormer,llama")
     parser.add_argument("--gen-tokens", type=int, default=24)
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--profile-seq-len", type=int, default=0, help="profile one TransNormer step at this length")
     parser.add_argument("--out", help="write all results as JSON here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -220,9 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     tgs = bench_tgs(model_cfg, kinds, seq_lens, args.tokens_per_step) if kinds else []
     prompts = [int(x) for x in args.gen_prompts.split(",")] if args.gen_prompts else []
     gen = bench_generation(model_cfg, args.gen_models.split(","), prompts, args.gen_tokens) if prompts else []
+    profile = profile_step(model_cfg, args.profile_seq_len, args.tokens_per_step) if args.profile_seq_len else None
     print_tables(tgs, gen)
     if args.out:
-        Path(args.out).write_text(json.dumps({"env": env, "check": check, "tgs": tgs, "generation": gen}, indent=1))
+        results = {"env": env, "check": check, "tgs": tgs, "generation": gen, "profile": profile}
+        Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
 
 

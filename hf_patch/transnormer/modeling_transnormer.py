@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
@@ -25,15 +26,14 @@ def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
 
 
 class TransNormerSimpleRMSNorm(nn.Module):
-    """Parameter-free SRMSNorm `x / (||x||_2 / sqrt(d))` over the last dim, computed in float32 at least."""
+    """Parameter-free SRMSNorm `x / (||x||_2 / sqrt(d))` over the last dim (`F.rms_norm`: float32 math inside)."""
 
     def __init__(self, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(_at_least_float32(x.dtype))
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 class TransNormerLrpe(nn.Module):
