@@ -172,6 +172,14 @@ def test_greedy_generation_with_cache_equals_full_recompute(lrpe):
     assert len(set(cached[0, 11:].tolist())) > 3  # not a degenerate repetition
 
 
+def test_beam_search_reorders_the_states():
+    model = tiny_model()
+    ids = torch.randint(1, TINY["vocab_size"], (2, 6))
+    cached = model.generate(ids, max_new_tokens=8, do_sample=False, num_beams=3)
+    recomputed = model.generate(ids, max_new_tokens=8, do_sample=False, num_beams=3, use_cache=False)
+    assert torch.equal(cached, recomputed)
+
+
 def test_left_padded_batch_generation_equals_single_sequences():
     model = tiny_model(lrpe_layers=[1])
     prompts = [torch.randint(1, TINY["vocab_size"], (n,)) for n in (5, 12, 9)]
