@@ -430,47 +430,11 @@ def _split(n: int, block: int, rows: int, target_programs: int) -> tuple[int, in
     return triton.cdiv(tiles, per_split), per_split
 
 
-def _dot_options(q: torch.Tensor) -> dict:
-    """Constexprs shared by the two main kernels."""
+def _launch(cfg: LokiKernelConfig, q: torch.Tensor) -> dict:
+    """Launch options shared by the two main kernels."""
     # The CPU interpreter (tests) mis-multiplies bf16 in tl.dot: there, dot operands are upcast to float32.
-    return dict(UPCAST=q.device.type == "cpu", DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
-
-
-_COMPILED: dict[tuple, object] = {}
-_DIRECT = [True]  # False once the compiled-kernel launcher refuses our argument convention (other Triton)
-
-
-def _spec(value, constexpr: bool):
-    """What Triton specializes a kernel on for one argument; constexprs by their value."""
-    if constexpr or value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.dtype, value.device, value.data_ptr() % 16 == 0
-    if isinstance(value, int):
-        return value == 1, value % 16 == 0, -(2**31) <= value < 2**31
-    return type(value)
-
-
-def _run(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int = 3, **constexprs) -> None:
-    """`kernel[grid](*args, **constexprs)`. On CUDA, once a specialization (dtypes, 16-byte alignment, ints equal
-    to 1 or divisible by 16, constexpr values) is compiled, later launches call the compiled kernel directly:
-    Triton's generic launch path costs 30-50 us of CPU per launch on the benchmark machine."""
-    if args[0].device.type != "cuda" or not _DIRECT[0]:
-        kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
-        return
-    full = args + tuple(constexprs[name] for name in kernel.arg_names[len(args):])
-    key = (kernel, num_warps, num_stages, *(_spec(v, p.is_constexpr) for v, p in zip(full, kernel.params)))
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        compiled = kernel[grid](*full, num_warps=num_warps, num_stages=num_stages)
-        if compiled is not None:
-            _COMPILED[key] = compiled
-        return
-    try:
-        compiled[tuple(grid) + (1,) * (3 - len(grid))](*full)
-    except TypeError:  # this Triton's launcher takes another argument list: use the generic path from now on
-        _DIRECT[0] = False
-        kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+    return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, UPCAST=q.device.type == "cpu",
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
 
 
 def triton_scores(p: _Problem, q: torch.Tensor, k_cache: torch.Tensor, kv_start: torch.Tensor | None,
@@ -479,13 +443,14 @@ def triton_scores(p: _Problem, q: torch.Tensor, k_cache: torch.Tensor, kv_start:
     b, hkv, g, s = p.batch, p.kv_heads, p.group_size, p.seq
     scores = torch.empty((b * hkv if p.group else b * p.q_heads, s), device=q.device, dtype=torch.float32)
     n_split, tiles = _split(s, cfg.block_n_scores, b * hkv, cfg.programs_per_sm * _num_sms(q.device))
-    args = (q, k_cache, p.dims if p.dims is not None else scores, kv_start if kv_start is not None else scores,
-            scores, s, hkv, g, tiles, p.d_max,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
-    _run(_approx_scores_kernel, (b * hkv, n_split), args, cfg.num_warps, cfg.num_stages,
-         GROUP=p.group, PER_HEAD_D=p.dims is not None, HAS_START=kv_start is not None,
-         BLOCK_G=max(_MIN_DOT, triton.next_power_of_2(g)), BLOCK_D=max(_MIN_DOT, triton.next_power_of_2(p.d_max)),
-         BLOCK_N=cfg.block_n_scores, **_dot_options(q))
+    _approx_scores_kernel[(b * hkv, n_split)](
+        q, k_cache, p.dims if p.dims is not None else scores, kv_start if kv_start is not None else scores, scores,
+        s, hkv, g, tiles, p.d_max,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=p.group, PER_HEAD_D=p.dims is not None, HAS_START=kv_start is not None,
+        BLOCK_G=max(_MIN_DOT, triton.next_power_of_2(g)), BLOCK_D=max(_MIN_DOT, triton.next_power_of_2(p.d_max)),
+        BLOCK_N=cfg.block_n_scores, **_launch(cfg, q),
+    )
     return scores
 
 
@@ -504,10 +469,12 @@ def select_tokens(scores: torch.Tensor, k: int, k_b: torch.Tensor | None, rows_p
     idx = torch.empty((rows, k), device=scores.device, dtype=torch.int32)
     cand = torch.empty((rows, s), device=scores.device, dtype=torch.int32)
     stride = max(1, s // cfg.select_sample)
-    args = (scores, k_b if k_b is not None else idx, cand, idx,
-            s, k, rows_per_batch, stride, min(cfg.select_sample, triton.cdiv(s, stride)))
-    _run(_select_kernel, (rows,), args, cfg.select_warps,
-         HAS_KB=k_b is not None, SAMPLE=cfg.select_sample, BLOCK=cfg.select_block, MARGIN_SIGMAS=5.0)
+    _select_kernel[(rows,)](
+        scores, k_b if k_b is not None else idx, cand, idx,
+        s, k, rows_per_batch, stride, min(cfg.select_sample, triton.cdiv(s, stride)),
+        HAS_KB=k_b is not None, SAMPLE=cfg.select_sample, BLOCK=cfg.select_block, MARGIN_SIGMAS=5.0,
+        num_warps=cfg.select_warps,
+    )
     return idx
 
 
@@ -522,15 +489,18 @@ def triton_attend(p: _Problem, q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     l = torch.empty_like(m)
     acc = torch.empty((rows, n_split, heads_per_row, dh), device=q.device, dtype=torch.float32)
     block_d = max(_MIN_DOT, triton.next_power_of_2(dh))
-    args = (q, k_cache, v_cache, idx, k_b if k_b is not None else idx, m, l, acc,
-            k, rows // b, 1 if p.group else p.group_size, heads_per_row, tiles, n_split, scaling * _LOG2E,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
-    _run(_sparse_attention_kernel, (rows, n_split), args, cfg.num_warps, cfg.num_stages,
-         HAS_KB=k_b is not None, HEAD_DIM=dh, BLOCK_G=max(_MIN_DOT, triton.next_power_of_2(heads_per_row)),
-         BLOCK_D=block_d, BLOCK_N=cfg.block_n_attn, **_dot_options(q))
-    _run(_merge_splits_kernel, (b * hq,), (m, l, acc, out, n_split, heads_per_row, hq, out.stride(0), out.stride(1)),
-         4, HEAD_DIM=dh, BLOCK_S=triton.next_power_of_2(n_split), BLOCK_D=block_d)
+    _sparse_attention_kernel[(rows, n_split)](
+        q, k_cache, v_cache, idx, k_b if k_b is not None else idx, m, l, acc,
+        k, rows // b, 1 if p.group else p.group_size, heads_per_row, tiles, n_split, scaling * _LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        HAS_KB=k_b is not None, HEAD_DIM=dh, BLOCK_G=max(_MIN_DOT, triton.next_power_of_2(heads_per_row)), BLOCK_D=block_d,
+        BLOCK_N=cfg.block_n_attn, **_launch(cfg, q),
+    )
+    _merge_splits_kernel[(b * hq,)](
+        m, l, acc, out, n_split, heads_per_row, hq, out.stride(0), out.stride(1),
+        HEAD_DIM=dh, BLOCK_S=triton.next_power_of_2(n_split), BLOCK_D=block_d, num_warps=4,
+    )
     return out
 
 
