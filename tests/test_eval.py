@@ -344,23 +344,23 @@ def test_compare_tables_plots_and_resumes(tiny_model_dir, local_tasks, tmp_path,
 
 @pytest.mark.slow
 def test_smollm2_quick_compare(tmp_path):
-    """The real SmolLM2-135M on a few examples: Loki keeping everything equals full attention; a 25% budget
-    changes the scores; the perplexity of held-out books is that of a trained model."""
+    """The real SmolLM2-135M through `compare` on a few examples (a basis calibrated on the way): held-out
+    perplexity is that of a trained model, Loki at (0.25, 0.25) changes it, every metric is a number.
+    (Loki with d = D, k = S equalling full attention is checked on the tiny model above.)"""
     from hf_patch.config import load_config
     from hf_patch.eval import compare
 
     cfg = load_config("configs/eval/smollm2_quick.yaml", compare.KEYS)
     cfg.update(output_dir=str(tmp_path), basis={}, calibration={**cfg["calibration"], "num_tokens": 2048,
                                                                   "seq_len": 512},
-               tasks={"hfp_books_ppl": 1, "hfp_book_cloze": 4, "hfp_bigbench_strategyqa": 4},
-               settings=[{"d_frac": 1.0, "k_frac": 1.0}, {"d_frac": 0.25, "k_frac": 0.25}])
+               tasks={"hfp_books_ppl": 1, "hfp_book_cloze": 4, "hfp_bigbench_strategyqa": 4})
     summary = {e["task"]: e["settings"] for e in compare.run_compare(cfg)["summary"]}
     ppl = summary["hfp_books_ppl"]
-    assert 5 < ppl["full"]["value"] < 200
-    assert ppl["loki d=1 k=1 pre"]["value"] == pytest.approx(ppl["full"]["value"], rel=1e-3)
-    assert ppl["loki d=0.25 k=0.25 pre"]["value"] != pytest.approx(ppl["full"]["value"], rel=1e-3)
-    for task, settings in summary.items():
-        assert settings["loki d=1 k=1 pre"]["value"] == pytest.approx(settings["full"]["value"], rel=1e-3), task
+    assert 5 < ppl["full"]["value"] < 500
+    assert ppl["loki d=0.25 k=0.25 pre"]["value"] > 1.01 * ppl["full"]["value"]
+    for task in ("hfp_book_cloze", "hfp_bigbench_strategyqa"):
+        assert all(0 <= s["value"] <= 1 for s in summary[task].values()), task
+    assert (tmp_path / "results.md").is_file() and (tmp_path / "accuracy_vs_k.png").is_file()
 
 
 @pytest.mark.network
