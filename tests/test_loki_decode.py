@@ -97,6 +97,16 @@ def test_triton_and_torch_match_reference(case, dtype, cfg):
     assert rel_err(tch, ref) < TOL[dtype]
 
 
+def test_per_head_dims_as_tuple_or_tensor():
+    q, k, v = make_inputs(1, 2, 2, 40, 16, torch.float32)
+    args = dict(k_frac=0.25, scaling=0.25, gqa_select="query")
+    ref = reference(q, k, v, torch.tensor([3, 12]), 0.25, 0.25, None, "query")
+    for impl in (loki_decode_attention_torch, lambda *a, **kw: loki_decode_attention_triton(*a, config=SMALL, **kw)):
+        from_tuple = impl(q, k, v, d=(3, 12), **args)
+        assert torch.equal(from_tuple, impl(q, k, v, d=torch.tensor([3, 12]), **args))
+        assert rel_err(from_tuple, ref) < 1e-4
+
+
 def test_torch_float64_and_dispatch_on_cpu():
     q, k, v = make_inputs(2, 2, 3, 40, 16, torch.float64)
     args = dict(d=4, k_frac=0.25, scaling=0.3, kv_start=torch.tensor([0, 7], device=DEVICE), gqa_select="query")
@@ -160,6 +170,8 @@ def test_fully_padded_sequence_gives_zeros():
         (dict(d=17), ValueError, "d must lie in"),
         (dict(d=2.5), TypeError, "d must be an int"),
         (dict(d=torch.tensor([4, 4, 4])), ValueError, "per-head d"),
+        (dict(d=(4, 4, 4)), ValueError, "per-head d"),
+        (dict(d=(4, True)), ValueError, "per-head d"),
         (dict(gqa_select="head"), ValueError, "gqa_select"),
         (dict(kv_start=torch.tensor([0])), ValueError, "kv_start"),
         (dict(k_cache=torch.zeros(2, 2, 16, 8).transpose(-1, -2)), ValueError, "stride"),

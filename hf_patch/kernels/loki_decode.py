@@ -100,16 +100,25 @@ def _check(q, k_cache, v_cache, d, k_frac, kv_start, gqa_select) -> _Problem:
     if isinstance(d, torch.Tensor):
         if d.shape != (hkv,) or d.dtype.is_floating_point or d.dtype == torch.bool:
             raise ValueError(f"per-head d must be an int tensor [Hkv={hkv}], got {d.dtype} {tuple(d.shape)}")
-        d_min, d_max = int(d.min()), int(d.max())  # a host sync when d is on the GPU: pass it on the CPU
-        dims = d.to(device=q.device, dtype=torch.int32) if d_min != d_max else None
+        d = tuple(d.tolist())  # a host sync when d is on the GPU: keep it on the CPU or pass a tuple of ints
+    if isinstance(d, (tuple, list)):
+        if len(d) != hkv or not all(isinstance(x, int) and not isinstance(x, bool) for x in d):
+            raise ValueError(f"per-head d must hold {hkv} ints (one per KV head), got {d!r}")
+        d_min, d_max = min(d), max(d)
     elif isinstance(d, int) and not isinstance(d, bool):
         d_min = d_max = d
-        dims = None
     else:
-        raise TypeError(f"d must be an int or an int tensor [Hkv], got {type(d).__name__}")
+        raise TypeError(f"d must be an int, or ints per KV head (tuple or int tensor [Hkv]), got {type(d).__name__}")
     if not 1 <= d_min <= d_max <= dh:
         raise ValueError(f"d must lie in [1, D={dh}], got values in [{d_min}, {d_max}]")
+    dims = _dims_on(q.device, tuple(d)) if d_min != d_max else None
     return _Problem(b, hq, hkv, s, dh, d_max, dims, k_frac, gqa_select == "group")
+
+
+@functools.lru_cache(maxsize=64)
+def _dims_on(device: torch.device, dims: tuple[int, ...]) -> torch.Tensor:
+    """Per-head dims as int32 [Hkv] on `device`, copied once (no host-to-device copy per decode step)."""
+    return torch.tensor(dims, dtype=torch.int32, device=device)
 
 
 def _budget(p: _Problem, kv_start: torch.Tensor | None) -> tuple[int, torch.Tensor | None]:
@@ -130,7 +139,7 @@ def loki_decode_attention_torch(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     *,
-    d: int | torch.Tensor,
+    d: int | tuple[int, ...] | torch.Tensor,
     k_frac: float,
     scaling: float,
     kv_start: torch.Tensor | None = None,
@@ -510,7 +519,7 @@ def loki_decode_attention_triton(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     *,
-    d: int | torch.Tensor,
+    d: int | tuple[int, ...] | torch.Tensor,
     k_frac: float,
     scaling: float,
     kv_start: torch.Tensor | None = None,
@@ -542,7 +551,7 @@ def loki_decode_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     *,
-    d: int | torch.Tensor,
+    d: int | tuple[int, ...] | torch.Tensor,
     k_frac: float,
     scaling: float,
     kv_start: torch.Tensor | None = None,
@@ -551,8 +560,9 @@ def loki_decode_attention(
     """One Loki decode step: sparse attention of `q` over the top `k_frac` of the cached tokens.
 
     q: [B, Hq, D] rotated into the PCA basis of its KV head; k_cache, v_cache: [B, Hkv, S, D] (keys rotated; any
-    strides with stride(-1) == 1, e.g. [:, :, :S] of a preallocated cache); d: int or int tensor [Hkv] (dims of
-    the approximate scores; keep it on the CPU to avoid a host sync); k_frac in (0, 1]; scaling: softmax scale;
+    strides with stride(-1) == 1, e.g. [:, :, :S] of a preallocated cache); d: dims of the approximate scores,
+    an int, or one per KV head (tuple of ints or int tensor [Hkv]; a tensor on the GPU costs a host sync);
+    k_frac in (0, 1]; scaling: softmax scale;
     kv_start: int [B] first valid key of each sequence (left padding) or None; gqa_select: "group" (one top-k per
     KV head on the max over its query heads) or "query" (one per query head).
     Returns [B, Hq, D] in q.dtype. CUDA bf16/fp16/fp32 runs the Triton kernels, anything else PyTorch.
