@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
@@ -17,9 +16,6 @@ import torch
 pytest.importorskip("lm_eval")
 
 from hf_patch.eval import prepare  # noqa: E402
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 STORY = (
     "Anne walked to the garden before breakfast. The garden was quiet, and the roses were wet with rain. "
@@ -150,10 +146,11 @@ def local_tasks(tmp_path, monkeypatch) -> Path:
     """Tiny task files in a temporary $HF_PATCH_CACHE/tasks, built by the real preparation functions."""
     monkeypatch.setenv("HF_PATCH_CACHE", str(tmp_path / "cache"))
     sdist = _fake_sdist(tmp_path / "bb.tar.gz", {"winowhy": {"": WINOWHY}})
+    winowhy = prepare.read_bigbench_tasks(sdist, ["winowhy"])["winowhy"]
     prepare.write_tasks({
         "books_ppl": prepare.books_ppl_records(PASSAGES),
         "book_cloze": prepare.cloze_records(PASSAGES, n=4, min_context_words=30),
-        "bigbench_winowhy": prepare.bigbench_records("winowhy", prepare.read_bigbench_tasks(sdist, ["winowhy"])["winowhy"]),
+        "bigbench_winowhy": prepare.bigbench_records("winowhy", winowhy),
     })
     return prepare.tasks_dir()
 

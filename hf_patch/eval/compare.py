@@ -258,8 +258,8 @@ def plot(summary: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) 
     import matplotlib.pyplot as plt
 
     cols = min(3, len(summary))
-    fig, axes = plt.subplots(math.ceil(len(summary) / cols), cols, figsize=(4.2 * cols, 3.3 * math.ceil(len(summary) / cols)),
-                             squeeze=False)
+    n_rows = math.ceil(len(summary) / cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4.2 * cols, 3.3 * n_rows), squeeze=False)
     for ax, e in zip(axes.flat, summary):
         scale = 1 if e["metric"].endswith(LOWER_IS_BETTER) else 100
         ax.axhline(scale * e["settings"][FULL]["value"], color="black", linestyle="--", label="full")
