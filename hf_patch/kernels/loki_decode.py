@@ -234,9 +234,9 @@ def _approx_scores_kernel(
         valid = in_seq & (offs_n >= start)
         if GROUP:
             a = tl.max(tl.where(g_ok[:, None], a, float("-inf")), axis=0)
-            tl.store(s_ptr + row * seq + offs_n, tl.where(valid, a, float("-inf")), mask=in_seq)
+            tl.store(s_ptr + row.to(tl.int64) * seq + offs_n, tl.where(valid, a, float("-inf")), mask=in_seq)
         else:
-            out = s_ptr + (row * group_size + offs_g)[:, None] * seq + offs_n[None, :]
+            out = s_ptr + (row.to(tl.int64) * group_size + offs_g)[:, None] * seq + offs_n[None, :]
             tl.store(out, tl.where(valid[None, :], a, float("-inf")), mask=g_ok[:, None] & in_seq[None, :])
 
 
