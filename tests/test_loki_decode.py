@@ -138,7 +138,7 @@ def test_poisoned_buffers_are_overwritten(monkeypatch):
     out = torch.full_like(q, float("nan"))
     monkeypatch.setattr(ld.torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
     monkeypatch.setattr(ld.torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
-    for select in ("group", "query", "group"):  # the repeat launches compiled kernels directly on a GPU
+    for select in ("group", "query", "group"):  # the repeat reuses the buffers of an earlier call
         res = loki_decode_attention_triton(q, k, v, d=8, k_frac=0.25, scaling=0.2, gqa_select=select,
                                            kv_start=torch.tensor([0, 13], dtype=torch.int32, device=DEVICE),
                                            config=SMALL, out=out)
