@@ -11,7 +11,9 @@ subcommand); `--include_path` gains the hf-patch task directory (merged with you
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -54,6 +56,7 @@ def _joined_dirs(dirs: list[Path]) -> Path:
     """A temporary directory mirroring each of `dirs` (real subdirectories, symlinked files): lm-eval scans it
     recursively without following directory symlinks, and finds each task's Python helpers beside its YAML."""
     joined = Path(tempfile.mkdtemp(prefix="hf_patch_tasks-"))
+    atexit.register(shutil.rmtree, joined, True)
     for i, d in enumerate(dirs):
         d = d.expanduser().resolve()
         if not d.is_dir():
