@@ -6,7 +6,9 @@
     accelerate launch scripts/train_transnormer.py --config configs/transnormer/100m_gpu.yaml  # one or many GPUs
     python scripts/train_transnormer.py --config ... --prepare-tokens .gpu/books              # token ids only
 
-Both models see the same tokenizer (SmolLM2), token windows in the same order, optimizer and schedule. Token ids
+Both models see the same tokenizer (SmolLM2), token windows in the same order, optimizer, schedule and loss code
+(`fused_loss: true`, the default: `hf_patch.transnormer.CausalLMWithFusedLoss`, the fused linear + cross entropy on
+the last hidden state, no logits; `false`: the models' own `forward(labels=...)`). Token ids
 come from `data.tokens_dir` ({train,eval}.npy, uint16; made by --prepare-tokens) when it exists, else from the
 `books:calibration` / `books:evaluation` texts. Writes under `output_dir/<model>/`: metrics.json, metrics.csv,
 checkpoints (`save_pretrained`), and `output_dir/loss.png` with every model trained there so far.
@@ -25,11 +27,12 @@ import numpy as np
 import torch
 
 from hf_patch.config import load_config, override
+from hf_patch.transnormer import CausalLMWithFusedLoss
 
 KEYS = {
     "model", "tokenizer", "data", "seq_len", "batch_size", "steps", "lr", "warmup_steps",
     "weight_decay", "betas", "grad_clip", "eval_every", "eval_batches", "save_every", "mixed_precision",
-    "output_dir", "seed", "gradient_checkpointing",
+    "output_dir", "seed", "gradient_checkpointing", "fused_loss",
 }
 MODELS = ("transnormer", "llama")
 
@@ -144,12 +147,14 @@ def train(cfg: dict, kind: str) -> Path:
     world, per_device = accelerator.num_processes, cfg["batch_size"]
     order = batch_order(len(train_windows), per_device * world, cfg["steps"], cfg["seed"])
 
-    model = build_model(kind, cfg, tokenizer)
+    lm = build_model(kind, cfg, tokenizer)
     if cfg.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable()
-    params = sum(p.numel() for p in model.parameters())
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+        lm.gradient_checkpointing_enable()
+    params = sum(p.numel() for p in lm.parameters())
+    decay = [p for n, p in lm.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in lm.named_parameters() if p.dim() < 2]
+    # What `accelerate` wraps (autocast, DDP): the loss-only wrapper, or the model itself.
+    model = CausalLMWithFusedLoss(lm) if cfg.get("fused_loss", True) else lm
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg["lr"], betas=tuple(cfg["betas"]),
@@ -196,7 +201,9 @@ def train(cfg: dict, kind: str) -> Path:
 
 def save_checkpoint(accelerator, model, tokenizer, path: Path) -> None:
     accelerator.wait_for_everyone()
-    accelerator.unwrap_model(model).save_pretrained(
+    unwrapped = accelerator.unwrap_model(model)
+    lm = unwrapped.lm if isinstance(unwrapped, CausalLMWithFusedLoss) else unwrapped  # not the loss wrapper
+    lm.save_pretrained(
         path, is_main_process=accelerator.is_main_process, save_function=accelerator.save
     )
     if accelerator.is_main_process:

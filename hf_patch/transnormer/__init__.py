@@ -7,12 +7,14 @@ from .cache import TransNormerCache
 from .configuration_transnormer import TransNormerConfig
 from .convert_transnormer import convert_official_checkpoint
 from .modeling_transnormer import TransNormerForCausalLM, TransNormerModel, TransNormerPreTrainedModel
+from .training import CausalLMWithFusedLoss
 
 AutoConfig.register(TransNormerConfig.model_type, TransNormerConfig, exist_ok=True)
 AutoModel.register(TransNormerConfig, TransNormerModel, exist_ok=True)
 AutoModelForCausalLM.register(TransNormerConfig, TransNormerForCausalLM, exist_ok=True)
 
 __all__ = [
+    "CausalLMWithFusedLoss",
     "TransNormerCache",
     "TransNormerConfig",
     "TransNormerForCausalLM",
