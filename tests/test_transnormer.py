@@ -18,7 +18,9 @@ from hf_patch.transnormer import (
     TransNormerModel,
     convert_official_checkpoint,
 )
+from hf_patch.transnormer import srmsnorm
 from hf_patch.transnormer.decay import alibi_slopes, layer_decays
+from hf_patch.transnormer.srmsnorm import srms_norm
 
 TINY = dict(
     vocab_size=61, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
@@ -107,6 +109,61 @@ def test_forward_matches_dense_reference(schedule):
         logits = model(ids).logits
     ref = reference_logits(model, ids)
     assert (logits.double() - ref).norm() / ref.norm() < 1e-4
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("x_dtype,gate_dtype", [(torch.float32, None), (torch.float32, torch.float32),
+                                                (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)])
+def test_srms_norm_triton_kernels_match_torch(x_dtype, gate_dtype):
+    """SRMSNorm (gated: the attention output's norm) in Triton (CPU interpreter here) vs the PyTorch ops."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 40, generator=g).to(x_dtype).requires_grad_()
+    qkvu = torch.randn(3, 5, 160, generator=g).to(gate_dtype or x_dtype)
+    gate = qkvu[..., 120:].detach().requires_grad_() if gate_dtype else None  # a strided slice, like u
+    dy = torch.randn(3, 5, 40, generator=g)
+    results = []
+    for backend in ("torch", "triton"):
+        y = srms_norm(x, 1e-6, gate=gate, backend=backend)
+        results.append((y, *torch.autograd.grad(y, [t for t in (x, gate) if t is not None], dy.to(y.dtype))))
+    low = torch.bfloat16 in (x_dtype, gate_dtype)
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert _rel(got, want) < (1e-2 if low else 1e-6)
+
+
+def test_srms_norm_output_dtypes():
+    x, u = torch.randn(4, 40), torch.randn(4, 40).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for backend in ("torch", "triton"):
+            assert srms_norm(x, 1e-6, autocast_output=True, backend=backend).dtype == torch.bfloat16
+            assert srms_norm(x, 1e-6, backend=backend).dtype == torch.float32  # as F.rms_norm under autocast
+            assert srms_norm(u, 1e-6, gate=u, autocast_output=True, backend=backend).dtype == torch.bfloat16
+    assert srms_norm(x, 1e-6, gate=u).dtype == torch.float32 and srms_norm(u, 1e-6).dtype == torch.bfloat16
+    assert srms_norm(x.double(), 1e-6, autocast_output=True).dtype == torch.float64
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_model_on_triton_norms_equals_torch_norms(monkeypatch, autocast):
+    """A training step with every SRMSNorm on the Triton kernels: same loss, logits and gradients (bf16 autocast:
+    the norms' outputs in bf16 instead of float32 copies that the next linear casts to bf16)."""
+    model = tiny_model(lrpe_layers=[1], initializer_range=0.05).train()
+    ids = torch.randint(0, TINY["vocab_size"], (2, 21), generator=torch.Generator().manual_seed(3))
+
+    def step():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(ids, labels=ids)
+        out.loss.backward()
+        return out.logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    reference = step()
+    monkeypatch.setattr(srmsnorm, "DEFAULT_BACKEND", "triton")
+    fused = step()
+    tol = 3e-2 if autocast else 1e-5  # bf16: the interpreter rounds to bf16 by truncation
+    assert _rel(fused[0], reference[0]) < tol and _rel(fused[1], reference[1]) < tol
 
 
 def test_loss_hidden_states_tuple_and_tied_head():

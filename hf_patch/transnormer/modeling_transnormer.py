@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
@@ -19,6 +18,7 @@ from .. import kernels
 from .cache import TransNormerCache
 from .configuration_transnormer import TransNormerConfig
 from .decay import layer_decays
+from .srmsnorm import srms_norm
 
 
 def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
@@ -26,14 +26,20 @@ def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
 
 
 class TransNormerSimpleRMSNorm(nn.Module):
-    """Parameter-free SRMSNorm `x / (||x||_2 / sqrt(d))` over the last dim (`F.rms_norm`: float32 math inside)."""
+    """Parameter-free SRMSNorm `x / (||x||_2 / sqrt(d))` over the last dim, optionally gated: `gate * norm(x)`.
 
-    def __init__(self, eps: float = 1e-6):
+    float32 maths inside (`srmsnorm.srms_norm`: fused Triton kernels on CUDA, `F.rms_norm` elsewhere). With
+    `autocast_output` the result comes in the autocast dtype when autocast is on: for a norm that only feeds linear
+    layers, which would cast it to that dtype anyway (the same numbers, without the float32 round trip).
+    """
+
+    def __init__(self, eps: float = 1e-6, autocast_output: bool = False):
         super().__init__()
         self.eps = eps
+        self.autocast_output = autocast_output
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        return srms_norm(x, self.eps, gate=gate, autocast_output=self.autocast_output)
 
 
 class TransNormerLrpe(nn.Module):
@@ -88,7 +94,7 @@ class TransNormerLinearAttention(nn.Module):
         self.head_dim = config.head_dim
         self.qkvu_proj = nn.Linear(config.hidden_size, 4 * config.attention_hidden_size, bias=config.bias)
         self.out_proj = nn.Linear(config.attention_hidden_size, config.hidden_size, bias=config.bias)
-        self.norm = TransNormerSimpleRMSNorm(config.rms_norm_eps)
+        self.norm = TransNormerSimpleRMSNorm(config.rms_norm_eps, autocast_output=True)  # feeds out_proj only
         self.act = ACT2FN[config.hidden_act]
         self.lrpe = TransNormerLrpe(self.num_heads, self.head_dim) if layer_idx in config.lrpe_layers else None
 
@@ -120,8 +126,7 @@ class TransNormerLinearAttention(nn.Module):
             )
         if cache is not None:
             cache.update_state(self.layer_idx, state)
-        o = self.norm(o.reshape(batch, length, -1).to(u.dtype))
-        return self.out_proj(u * o)
+        return self.out_proj(self.norm(o.reshape(batch, length, -1), gate=u))
 
 
 class TransNormerDecoderLayer(GradientCheckpointingLayer):
@@ -129,9 +134,10 @@ class TransNormerDecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: TransNormerConfig, layer_idx: int):
         super().__init__()
-        self.token_norm = TransNormerSimpleRMSNorm(config.rms_norm_eps)
+        # Both norms feed linear layers only (qkvu_proj; l1 and l2): their output may come in the autocast dtype.
+        self.token_norm = TransNormerSimpleRMSNorm(config.rms_norm_eps, autocast_output=True)
         self.token_mixer = TransNormerLinearAttention(config, layer_idx)
-        self.channel_norm = TransNormerSimpleRMSNorm(config.rms_norm_eps)
+        self.channel_norm = TransNormerSimpleRMSNorm(config.rms_norm_eps, autocast_output=True)
         self.channel_mixer = TransNormerGLU(config)
 
     def forward(
