@@ -197,18 +197,18 @@ def peak_memory(fn, make, n):
 def sweep(impls, ns, deadline):
     """Try launch settings of our kernels at a few lengths (fwd/fwd+bwd ms); stops past the deadline."""
     base = dict(lightning_mod.CONFIG)
-    settings = [(w, s, base["programs_per_sm"]) for w in (4, 8) for s in (2, 3)]
-    settings += [(base["num_warps"], base["num_stages"], pps) for pps in (2, 8)]
-    for warps, stages, pps in settings:
+    settings = [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+    settings += [dict(programs_per_sm=pps) for pps in (1, 2, 8)]
+    settings += [dict(min_segment=m) for m in (2048, 8192)]
+    for setting in settings:
         if time.time() > deadline:
             break
-        lightning_mod.CONFIG.update(num_warps=warps, num_stages=stages, programs_per_sm=pps)
+        lightning_mod.CONFIG.update(base, **setting)
         row = []
         for n in ns:
             t = time_impl(*impls["ours"], n)
             row.append("fail" if t is None else f"{t[0]:.2f}/{t[1]:.2f}")
-        print(f"sweep warps={warps} stages={stages} programs/SM={pps} (fwd/fwd+bwd ms): " + "  ".join(
-            f"n={n}: {r}" for n, r in zip(ns, row)), flush=True)
+        print(f"sweep {setting} (fwd/fwd+bwd ms): " + "  ".join(f"n={n}: {r}" for n, r in zip(ns, row)), flush=True)
     lightning_mod.CONFIG.update(base)
 
 
@@ -216,6 +216,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--sweep", action="store_true", help="also sweep our launch settings")
+    parser.add_argument("--sweep-ns", default="8192,16384,65536,131072", help="lengths the sweep times")
     parser.add_argument("--checks", choices=["none", "short", "long", "all"], default="all",
                         help="short: T <= 9000 cases; long: T = 65573 and 131072")
     parser.add_argument("--budget", type=float, default=280, help="seconds; optional parts stop past it")
@@ -290,7 +291,7 @@ def main():
             report[f"peak_extra_mib_{name}"] = mib
             print(f"peak extra memory fwd+bwd n=131072 {name}: {mib:.0f} MiB", flush=True)
     if args.sweep:
-        sweep(impls, [ns[0], ns[-1]], deadline)
+        sweep(impls, [int(x) for x in args.sweep_ns.split(",")], deadline)
     print("\n".join(lines))
     save()
     if not ok:
