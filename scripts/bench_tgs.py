@@ -5,11 +5,16 @@ TransNormer's per-token generation latency against prompt length (the Lightning 
     python scripts/bench_tgs.py --config configs/transnormer/100m_gpu.yaml --out tgs.json
 
 A training step is forward + loss + backward + AdamW step on fp32 master weights under bf16 autocast, with
-`--tokens-per-step` tokens at every sequence length (batch = tokens / length). The loss is computed in chunks
-through the tied LM head (same code for both models) so 64k-token steps do not hold [tokens, vocab] logits.
-Before timing, the script checks the CUDA (Triton) path in float32 against the PyTorch chunked path in float64
-(logits and gradients) and greedy generation with the cache against full recompute; it stops if they disagree.
-Timings: `triton.testing.do_bench` medians (CUDA events); random token ids.
+`--tokens-per-step` tokens at every sequence length (batch = tokens / length). The loss is the same code for both
+models: by default (`--loss fused`) `hf_patch.transnormer.CausalLMWithFusedLoss`, the fused linear + cross entropy
+through the tied LM head (chunks of tokens, gradients computed in the forward, no [tokens, vocab] logits, no
+recompute); `--loss checkpointed` is the earlier loss (8,192-token chunks of `F.cross_entropy` on float32 logits,
+each chunk checkpointed). Before timing, the script checks the fused loss against `F.cross_entropy` in float64
+(loss and gradients; float32, and bf16 autocast with float32 master weights), the TransNormer's CUDA (Triton) path
+in float32 against the PyTorch chunked path in float64 (logits and gradients), its bf16-autocast step with the
+Triton SRMSNorm kernels against the same step with PyTorch's `F.rms_norm`, and greedy generation with the cache
+against full recompute; it stops if any disagree. Timings: `triton.testing.do_bench` medians (CUDA events); random
+token ids.
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ from torch.utils.checkpoint import checkpoint
 
 from hf_patch import kernels
 from hf_patch.config import load_config
-from hf_patch.transnormer import TransNormerConfig, TransNormerForCausalLM
+from hf_patch.kernels.cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference
+from hf_patch.transnormer import CausalLMWithFusedLoss, TransNormerConfig, TransNormerForCausalLM, srmsnorm
 from hf_patch.transnormer.baseline import matching_llama_config
 
 VOCAB = 49152  # SmolLM2's tokenizer
@@ -44,7 +50,8 @@ def build(kind: str, model_cfg: dict, max_len: int, device: str) -> torch.nn.Mod
 
 
 def chunked_lm_loss(hidden: torch.Tensor, head: torch.Tensor, labels: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """Mean next-token cross entropy of hidden [B, T, C] through head [V, C]; logits live one chunk at a time."""
+    """The earlier benchmark loss (`--loss checkpointed`): mean next-token cross entropy of hidden [B, T, C] through
+    head [V, C], float32 logits one checkpointed chunk at a time (so the backward recomputes them)."""
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
     piece = lambda a, b: F.cross_entropy((a @ head.T).float(), b, reduction="sum")  # noqa: E731
@@ -53,11 +60,16 @@ def chunked_lm_loss(hidden: torch.Tensor, head: torch.Tensor, labels: torch.Tens
     return total / y.numel()
 
 
-def train_step_fn(model, optimizer, ids: torch.Tensor):
+def train_step_fn(model, optimizer, ids: torch.Tensor, loss_kind: str = "fused"):
+    fused = CausalLMWithFusedLoss(model)
+
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
-            loss = chunked_lm_loss(hidden, model.lm_head.weight, ids)
+            if loss_kind == "fused":
+                loss = fused(ids, labels=ids).loss
+            else:
+                hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+                loss = chunked_lm_loss(hidden, model.lm_head.weight, ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -66,7 +78,8 @@ def train_step_fn(model, optimizer, ids: torch.Tensor):
     return step
 
 
-def bench_tgs(model_cfg: dict, kinds: list[str], seq_lens: list[int], tokens_per_step: int) -> list[dict]:
+def bench_tgs(model_cfg: dict, kinds: list[str], seq_lens: list[int], tokens_per_step: int,
+              loss_kind: str) -> list[dict]:
     from triton.testing import do_bench
 
     rows = []
@@ -77,7 +90,7 @@ def bench_tgs(model_cfg: dict, kinds: list[str], seq_lens: list[int], tokens_per
         for seq_len in seq_lens:
             batch = tokens_per_step // seq_len
             ids = torch.randint(0, VOCAB, (batch, seq_len), device="cuda")
-            step = train_step_fn(model, optimizer, ids)
+            step = train_step_fn(model, optimizer, ids, loss_kind)
             try:
                 torch.cuda.reset_peak_memory_stats()
                 ms = do_bench(step, warmup=1, rep=1500, return_mode="median")
@@ -95,14 +108,14 @@ def bench_tgs(model_cfg: dict, kinds: list[str], seq_lens: list[int], tokens_per
     return rows
 
 
-def profile_step(model_cfg: dict, seq_len: int, tokens_per_step: int, rows: int = 14) -> list[dict]:
+def profile_step(model_cfg: dict, seq_len: int, tokens_per_step: int, loss_kind: str, rows: int = 16) -> list[dict]:
     """GPU time of one TransNormer training step by kernel (torch.profiler), largest first."""
     from torch.profiler import ProfilerActivity, profile
 
     model = build("transnormer", model_cfg, seq_len, "cuda").train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, VOCAB, (tokens_per_step // seq_len, seq_len), device="cuda")
-    step = train_step_fn(model, optimizer, ids)
+    step = train_step_fn(model, optimizer, ids, loss_kind)
     for _ in range(2):
         step()
     torch.cuda.synchronize()
@@ -165,8 +178,9 @@ def cache_megabytes(cache) -> float:
 
 
 def check_cuda_path(model_cfg: dict) -> dict:
-    """Triton path (float32) vs the PyTorch chunked path in float64: logits and gradients of a 2-layer model; then
-    greedy generation with the cache vs full recompute (a widely initialised model, so no near-ties)."""
+    """Triton path (float32) vs the PyTorch chunked path in float64: logits and gradients of a 2-layer model; the
+    same model's gradients under bf16 autocast with the Triton SRMSNorm kernels vs with `F.rms_norm` (both against
+    float64); then greedy generation with the cache vs full recompute (a widely initialised model, so no near-ties)."""
     small = {**model_cfg, "num_hidden_layers": 2, "lrpe_layers": [0], "initializer_range": 0.3}
     torch.manual_seed(0)
     model = build("transnormer", small, 2048, "cuda").float()
@@ -186,6 +200,15 @@ def check_cuda_path(model_cfg: dict) -> dict:
     logits, grads = run(model, kernels.lightning_attn)
     ref_logits, ref_grads = run(reference, kernels.lightning_attn_chunked)
     rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    bf16 = {}
+    for backend in ("auto", "torch"):  # the SRMSNorm kernels (bf16 outputs) vs F.rms_norm, under bf16 autocast
+        model.zero_grad(set_to_none=True)
+        srmsnorm.DEFAULT_BACKEND = backend
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                bf16[backend] = run(model, kernels.lightning_attn)[1]
+        finally:
+            srmsnorm.DEFAULT_BACKEND = "auto"
     model.eval()
     model.generation_config.eos_token_id = None
     prompt = torch.randint(0, VOCAB, (2, 300), device="cuda")
@@ -194,11 +217,55 @@ def check_cuda_path(model_cfg: dict) -> dict:
     result = {"logits_rel_err_vs_fp64": rel(logits, ref_logits), "grad_rel_err_vs_fp64": rel(grads, ref_grads),
               "generate_cache_equals_recompute": bool(torch.equal(cached, recomputed)),
               "distinct_generated_tokens": len(set(cached[:, 300:].flatten().tolist())),
-              "nan": bool(torch.isnan(logits).any() or torch.isnan(grads).any())}
+              "bf16_autocast_grad_rel_err_vs_fp64": {"triton_srmsnorm": rel(bf16["auto"], ref_grads),
+                                                     "torch_rms_norm": rel(bf16["torch"], ref_grads)},
+              "nan": bool(torch.isnan(logits).any() or torch.isnan(grads).any() or torch.isnan(bf16["auto"]).any())}
     print("check:", json.dumps(result), flush=True)
-    if result["nan"] or result["logits_rel_err_vs_fp64"] > 1e-2 or result["grad_rel_err_vs_fp64"] > 2e-2:
+    bf16_err = result["bf16_autocast_grad_rel_err_vs_fp64"]
+    if (result["nan"] or result["logits_rel_err_vs_fp64"] > 1e-2 or result["grad_rel_err_vs_fp64"] > 2e-2
+            or bf16_err["triton_srmsnorm"] > 1.5 * bf16_err["torch_rms_norm"] + 1e-3):
         raise SystemExit(f"CUDA path disagrees with the float64 reference: {result}")
     return result
+
+
+def check_fused_loss(hidden_size: int, tokens: int = 6000, chunk: int = 2500) -> dict:
+    """The fused linear + cross entropy (Triton) vs `F.cross_entropy` on float64 logits, at the benchmark's head
+    shape [49152, C]: loss and gradients (h, W) in float32, under bf16 autocast with float32 master weights, and in
+    bfloat16; chunks not aligned with the tokens, every 7th label ignored. The reference computed at the same
+    precision is reported beside it: the fused error may be at most twice its error (plus a small floor)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(tokens, hidden_size, device="cuda", generator=g)
+    w = torch.randn(VOCAB, hidden_size, device="cuda", generator=g) * 0.05
+    y = torch.randint(0, VOCAB, (tokens,), device="cuda", generator=g)
+    y[::7] = -100
+
+    def run(fn, dtype, autocast):
+        hh, ww = (t.to(dtype).detach().requires_grad_() for t in (h, w))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = fn(hh, ww, y, chunk_size=chunk)
+        loss.backward()
+        assert hh.grad.dtype == dtype and ww.grad.dtype == dtype
+        return [t.detach().double() for t in (loss, hh.grad, ww.grad)]
+
+    exact = run(linear_cross_entropy_reference, torch.float64, False)
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    results, failed = {}, []
+    for name, dtype, autocast, floor in (("float32", torch.float32, False, 1e-6),
+                                         ("bf16_autocast_fp32_weights", torch.float32, True, 1e-3),
+                                         ("bfloat16", torch.bfloat16, False, 1e-3)):
+        fused = run(fused_linear_cross_entropy, dtype, autocast)
+        ref = run(linear_cross_entropy_reference, dtype, autocast)
+        row = {}
+        for part, f, r, e in zip(("loss", "grad_h", "grad_W"), fused, ref, exact):
+            row[part] = {"fused": rel(f, e), "reference": rel(r, e)}
+            if not row[part]["fused"] <= 2 * row[part]["reference"] + floor:
+                failed.append(f"{name} {part}")
+        results[name] = row
+        torch.cuda.empty_cache()
+    print("check fused loss (rel. error vs float64):", json.dumps(results), flush=True)
+    if failed:
+        raise SystemExit(f"fused linear + cross entropy disagrees with the reference: {failed}")
+    return results
 
 
 def print_tables(tgs: list[dict], gen: list[dict]) -> None:
@@ -228,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gen-prompts", default="1024,16384,65536")
     parser.add_argument("--gen-models", default="transnormer,llama")
     parser.add_argument("--gen-tokens", type=int, default=24)
+    parser.add_argument("--loss", choices=("fused", "checkpointed"), default="fused",
+                        help="training-step loss for both models (see the module docstring)")
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--profile-seq-len", type=int, default=0, help="profile one TransNormer step at this length")
     parser.add_argument("--out", help="write all results as JSON here")
@@ -243,15 +312,19 @@ def main(argv: list[str] | None = None) -> int:
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "model": model_cfg, "tokens_per_step": args.tokens_per_step}
     print(json.dumps(env), flush=True)
+    env["loss"] = args.loss
+    loss_check = None if args.skip_check else check_fused_loss(model_cfg["hidden_size"])
     check = None if args.skip_check else check_cuda_path(model_cfg)
     kinds = [k for k in args.models.split(",") if k]
-    tgs = bench_tgs(model_cfg, kinds, seq_lens, args.tokens_per_step) if kinds else []
+    tgs = bench_tgs(model_cfg, kinds, seq_lens, args.tokens_per_step, args.loss) if kinds else []
     prompts = [int(x) for x in args.gen_prompts.split(",")] if args.gen_prompts else []
     gen = bench_generation(model_cfg, args.gen_models.split(","), prompts, args.gen_tokens) if prompts else []
-    profile = profile_step(model_cfg, args.profile_seq_len, args.tokens_per_step) if args.profile_seq_len else None
+    profile = (profile_step(model_cfg, args.profile_seq_len, args.tokens_per_step, args.loss)
+               if args.profile_seq_len else None)
     print_tables(tgs, gen)
     if args.out:
-        results = {"env": env, "check": check, "tgs": tgs, "generation": gen, "profile": profile}
+        results = {"env": env, "check": check, "loss_check": loss_check, "tgs": tgs, "generation": gen,
+                   "profile": profile}
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
 
