@@ -319,6 +319,10 @@ class TransNormerForCausalLM(TransNormerPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast | tuple:
         """labels [B, T] (-100 = ignored) give the mean next-token loss; they are shifted inside, as in Llama.
 
+        The loss goes through the logits, which are returned too (transformers' convention). Training that needs
+        only the loss can wrap the model in `hf_patch.transnormer.CausalLMWithFusedLoss` (fused linear + cross
+        entropy on the last hidden state: the same loss without [B, T, vocab] logits).
+
         logits_to_keep: an int keeps the last that many positions' logits (0 = all); a tensor selects positions.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
