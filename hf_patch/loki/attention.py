@@ -16,6 +16,7 @@ ATTENTION_NAME = "hf_patch_loki"
 ROTATED_FLAG = "_loki_rotated"  # set on key tensors that the Loki cache already rotated into the basis
 MODES = ("decode", "all")
 GQA_SELECT = ("query", "group")
+PREFILL_KERNELS_ON_CPU = False  # tests: send CPU tensors of mode "all" to the Triton kernels (interpreter) too
 
 
 @dataclass
@@ -118,7 +119,8 @@ def loki_attention_dense(
     q_rot = loki.rotate_queries(query)  # [B, H_kv, G, T, D]
     d_max = int(loki.dims.max())
     k_approx = key[..., :d_max] if keys_rotated else loki.rotate_keys(key, d_max)
-    scores = torch.matmul(loki.approx_query(q_rot).flatten(2, 3), k_approx.transpose(-1, -2))
+    # float32 scores from the same bf16/fp16 operands as the CUDA kernels (hf_patch/kernels/loki_prefill.py)
+    scores = torch.matmul(loki.approx_query(q_rot).flatten(2, 3).float(), k_approx.float().transpose(-1, -2))
     selected = select_tokens(scores.unflatten(2, (hq // key.shape[1], t)), visible, loki.k_frac, loki.gqa_select)
     q_exact = q_rot.flatten(1, 2) if keys_rotated else query
     mask = selected.expand(-1, -1, hq // key.shape[1], -1, -1).flatten(1, 2)  # [B, H_q, T, S]
@@ -174,5 +176,11 @@ def loki_attention_forward(
                                     d=int(loki.dims[0]) if uniform else loki.dims, k_frac=loki.k_frac,
                                     scaling=scaling, kv_start=start, gqa_select=loki.gqa_select)
         return out[:, None], None
+    if query.is_cuda or PREFILL_KERNELS_ON_CPU:  # every row (mode "all"): kernels where the mask is causal + padding
+        from ..kernels.loki_prefill import loki_prefill_forward
+
+        out = loki_prefill_forward(loki, query, key, value, attention_mask, scaling, keys_rotated)
+        if out is not None:
+            return out, None
     visible = visible_keys(attention_mask, t, key.shape[2], query.device)
     return loki_attention_dense(loki, query, key, value, visible, scaling, keys_rotated), None
