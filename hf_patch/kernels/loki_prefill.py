@@ -50,6 +50,11 @@ class LokiPrefillConfig:
     max_iter: int = 64  # hard bound on counting passes (reached only with NaN scores)
 
 
+def default_config(dtype: torch.dtype) -> LokiPrefillConfig:
+    """float32 dots run on FMA units (no TF32): smaller tiles keep them in registers (sm_90: no spills)."""
+    return LokiPrefillConfig(block_m=32, block_n=32) if dtype == torch.float32 else LokiPrefillConfig()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Which keys each row sees: causal + one contiguous [start_b, end_b) range per sequence, or not expressible
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,7 +199,8 @@ def _normal_quantile(p):
     """z with P(N(0,1) <= z) = p, p in (0, 1) (Abramowitz & Stegun 26.2.23, |error| < 4.5e-4)."""
     pp = tl.minimum(p, 1.0 - p)
     t = tl.sqrt(-2.0 * tl.log(pp))
-    z = t - (2.515517 + 0.802853 * t + 0.010328 * t * t) / (1.0 + 1.432788 * t + 0.189269 * t * t + 0.001308 * t * t * t)
+    num = 2.515517 + 0.802853 * t + 0.010328 * t * t
+    z = t - num / (1.0 + 1.432788 * t + 0.189269 * t * t + 0.001308 * t * t * t)
     return tl.where(p > 0.5, z, -z)
 
 
@@ -351,18 +357,25 @@ def _attend_tile(
     if UPCAST:
         keys = keys.to(tl.float32)
     s = tl.dot(q, tl.trans(keys), input_precision=DOT_PREC) * qk_scale
-    s = tl.where(keep, s, float("-inf"))
+    vals = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+    acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, tl.where(keep, s, float("-inf")), vals, DOT_PREC, UPCAST)
+    return acc, m_i, l_i, cnt + tl.sum(keep.to(tl.int32), axis=1)
+
+
+@triton.jit
+def online_softmax_step(acc, m_i, l_i, s, vals, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile of an online softmax in base 2 (flash attention): logits s [M, N] already scaled by log2(e)
+    (-inf = key dropped), values [N, D] -> updated (acc [M, D], running max [M], running sum [M]), float32.
+    A row with nothing kept so far keeps max -inf, sum 0 and acc 0."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    vals = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
     p = p.to(vals.dtype)
     if UPCAST:
         p, vals = p.to(tl.float32), vals.to(tl.float32)
-    acc = acc * alpha[:, None] + tl.dot(p, vals, input_precision=DOT_PREC)
-    return acc, m_new, l_i, cnt + tl.sum(keep.to(tl.int32), axis=1)
+    return acc * alpha[:, None] + tl.dot(p, vals, input_precision=DOT_PREC), m_new, l_i
 
 
 @triton.jit
@@ -495,7 +508,7 @@ def loki_prefill_attention(loki, query: torch.Tensor, key: torch.Tensor, value: 
     H_q, D]) except the visible keys, given as `ranges` from `key_ranges` (None: plain causal). The approximate
     query and keys are prepared exactly as there (same tensors, hence the same kept sets).
     """
-    cfg = config or LokiPrefillConfig()
+    cfg = config or default_config(query.dtype)
     b, hq, t, dh = query.shape
     s = key.shape[2]
     if out is None:
@@ -517,7 +530,8 @@ def loki_prefill_attention(loki, query: torch.Tensor, key: torch.Tensor, value: 
 
 
 def loki_prefill_forward(loki, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attention_mask: torch.Tensor | None, scaling: float, keys_rotated: bool) -> torch.Tensor | None:
+                         attention_mask: torch.Tensor | None, scaling: float,
+                         keys_rotated: bool) -> torch.Tensor | None:
     """The kernel path of Loki's attention function: [B, T, H_q, D], or None when it does not apply (dtype, head
     dim, a visible mask that is not causal + one key range per sequence); the caller then runs the PyTorch path."""
     if not (query.dtype == key.dtype == value.dtype) or query.dtype not in _TRITON_DTYPES or query.shape[-1] > 256:
