@@ -197,7 +197,12 @@ def model_checks(model64, model16, basis, device: str, smoke: bool) -> dict:
         full16 = eval_step(model16, ids)
         patch_loki(model16, basis, 0.25, 0.25, mode="all")
         loki16 = eval_step(model16, ids)
-        padded16 = eval_step(model16, ids, pad)
+        calls, real = [], lp.loki_prefill_attention
+        lp.loki_prefill_attention = lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs)
+        try:
+            padded16 = eval_step(model16, ids, pad)  # Transformers' own padding mask -> key ranges -> kernels
+        finally:
+            lp.loki_prefill_attention = real
         with dense_path():
             dense16 = eval_step(model16, ids)
             padded_dense16 = eval_step(model16, ids, pad)
@@ -208,12 +213,18 @@ def model_checks(model64, model16, basis, device: str, smoke: bool) -> dict:
               "loki(0.25,0.25) bf16 kernels vs loki fp64": rel_err(loki16, loki64),
               "loki(0.25,0.25) bf16 kernels vs bf16 dense path": rel_err(loki16, dense16),
               "same, left padding (valid positions)": rel_err(padded16[keep], padded_dense16[keep]),
+              "layers on the kernels with left padding": f"{len(calls)} of {config_layers(model16)}",
               "loki(0.25,0.25) fp64 vs full fp64": rel_err(loki64, full64)}
     check(bool(torch.isfinite(loki16).all() and torch.isfinite(full16).all() and torch.isfinite(padded16[keep]).all()),
           "model: non-finite log-probabilities")
     check(result["loki d=k=1 (fp64) vs full (fp64)"] < 1e-5, "model: Loki d=k=1 differs from full attention")
+    check(device == "cpu" or len(calls) == config_layers(model16), "model: padded batch not on the kernels")
     check(result["loki(0.25,0.25) bf16 kernels vs bf16 dense path"] < 5e-2, "model: kernels far from the dense path")
     return result
+
+
+def config_layers(model) -> int:
+    return model.config.num_hidden_layers
 
 
 def attention_breakdown(batch: int, tokens: int, bench, device: str, configs: dict) -> dict:
