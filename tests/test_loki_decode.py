@@ -16,9 +16,15 @@ from hf_patch.kernels.loki_decode import (
 from hf_patch.loki.budget import num_tokens
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU, the interpreter elsewhere
-# Small blocks so the interpreter runs several tiles and splits per row.
-SMALL = LokiKernelConfig(block_n_scores=16, block_n_attn=16, programs_per_sm=4, select_block=16, select_sample=16)
-SMALL_TOPK = LokiKernelConfig(block_n_scores=16, block_n_attn=16, select_kernel_max_seq=0)  # torch.topk selects
+# Small blocks so the interpreter runs several tiles, splits and chunks per row. The three forms of the Triton path:
+# one fused kernel per row (short caches), or scores + selection (one program per row, or several) + attention.
+SMALL = LokiKernelConfig(block_n_scores=16, block_n_attn=16, programs_per_sm=2, select_block=16, select_sample=16,
+                         block_n_fused=16, block_n_fused_attn=16)
+SPLIT = LokiKernelConfig(block_n_scores=16, block_n_attn=16, programs_per_sm=2, select_block=16, select_sample=16,
+                         fused_max_seq=0)
+MULTI = LokiKernelConfig(block_n_scores=16, block_n_attn=16, programs_per_sm=2, fused_max_seq=0,
+                         select_kernel_max_seq=0, multi_select_block=16, multi_select_sample=16)
+CONFIGS = {"fused": SMALL, "split": SPLIT, "multi-select": MULTI}
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float64: 1e-10}
 
 
@@ -64,12 +70,12 @@ def rel_err(x, ref):
     return ((x.double().cpu() - ref.cpu()).norm() / ref.norm()).item()
 
 
-CASES = [  # (B, Hkv, G, S, D, d, k_frac, gqa_select, padded)
-    (2, 2, 1, 37, 32, 8, 0.25, "group", False),
-    (2, 2, 3, 50, 32, 16, 0.3, "group", True),
-    (1, 2, 4, 61, 16, 4, 0.5, "query", False),
-    (3, 1, 4, 45, 32, "per-head", 0.25, "query", True),
-    (2, 2, 4, 33, 32, "per-head", 0.125, "group", True),
+CASES = [  # (B, Hkv, G, S, D, d, k_frac, gqa_select, padded, dtype)
+    (2, 2, 1, 37, 32, 8, 0.25, "group", False, torch.float32),
+    (2, 2, 3, 50, 32, 16, 0.3, "group", True, torch.bfloat16),
+    (1, 2, 4, 61, 16, 4, 0.5, "query", False, torch.bfloat16),
+    (3, 1, 4, 45, 32, "per-head", 0.25, "query", True, torch.float32),
+    (2, 2, 4, 33, 32, "per-head", 0.125, "group", True, torch.float16),
 ]
 
 
@@ -81,20 +87,31 @@ def _start(padded, b, s):
     return torch.tensor([0, 9, s - 4][:b], dtype=torch.int32, device=DEVICE) if padded else None
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("cfg", [SMALL, SMALL_TOPK], ids=["select-kernel", "torch-topk"])
-def test_triton_and_torch_match_reference(case, dtype, cfg):
-    b, hkv, g, s, dh, d, k_frac, select, padded = case
+def narrow_copy(k, d, width_pad=3):
+    """The first d' = max d + width_pad dims of the keys as their own contiguous buffer (as LokiCache keeps)."""
+    d_max = int(max(d.tolist())) if isinstance(d, torch.Tensor) else d
+    return k[..., : min(k.shape[-1], d_max + width_pad)].contiguous()
+
+
+@pytest.mark.parametrize("form, case", [pytest.param(form, case, id=f"{form}-{i}") for form in CONFIGS
+                                        for i, case in enumerate(CASES) if form == "fused" or i in (1, 3, 4)])
+def test_triton_and_torch_match_reference(form, case):
+    """Every form of the Triton path and the PyTorch path, with and without the narrow key copy: the same
+    function as the float64 reference (and the narrow copy changes nothing, to the bit)."""
+    b, hkv, g, s, dh, d, k_frac, select, padded, dtype = case
     q, k, v = make_inputs(b, hkv, g, s, dh, dtype)
     d, kv_start = _d(d, hkv), _start(padded, b, s)
     args = dict(d=d, k_frac=k_frac, scaling=dh**-0.5, kv_start=kv_start, gqa_select=select)
     ref = reference(q, k, v, d, k_frac, dh**-0.5, kv_start, select)
-    tri = loki_decode_attention_triton(q, k, v, config=cfg, **args)
-    tch = loki_decode_attention_torch(q, k, v, **args)
-    assert tri.dtype == tch.dtype == dtype and tri.shape == q.shape
+    tri = loki_decode_attention_triton(q, k, v, config=CONFIGS[form], **args)
+    assert tri.dtype == dtype and tri.shape == q.shape
     assert rel_err(tri, ref) < TOL[dtype]
-    assert rel_err(tch, ref) < TOL[dtype]
+    k_approx = narrow_copy(k, d)
+    assert torch.equal(loki_decode_attention_triton(q, k, v, config=CONFIGS[form], k_approx=k_approx, **args), tri)
+    if form == "fused":  # the PyTorch path once per case
+        tch = loki_decode_attention_torch(q, k, v, **args)
+        assert tch.dtype == dtype and rel_err(tch, ref) < TOL[dtype]
+        assert torch.equal(loki_decode_attention_torch(q, k, v, k_approx=k_approx, **args), tch)
 
 
 def test_per_head_dims_as_tuple_or_tensor():
@@ -115,43 +132,52 @@ def test_torch_float64_and_dispatch_on_cpu():
     assert torch.equal(loki_decode_attention(q, k, v, **args), loki_decode_attention_torch(q, k, v, **args))
 
 
-@pytest.mark.parametrize("select", ["group", "query"])
-@pytest.mark.parametrize("g", [1, 4])
-def test_full_budget_is_softmax_attention(select, g):
-    q, k, v = make_inputs(2, 2, g, 29, 32, torch.float32)
-    dense = torch.nn.functional.scaled_dot_product_attention(
-        q.double()[:, :, None], k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1), scale=0.2
-    )[:, :, 0]
-    args = dict(d=32, k_frac=1.0, scaling=0.2, gqa_select=select)
-    assert rel_err(loki_decode_attention_triton(q, k, v, config=SMALL, **args), dense) < 1e-5
-    assert rel_err(loki_decode_attention_torch(q, k, v, **args), dense) < 1e-5
+@pytest.mark.parametrize("form", CONFIGS)
+def test_full_budget_is_softmax_attention(form):
+    for select, g in (("group", 4), ("query", 1)):
+        q, k, v = make_inputs(2, 2, g, 29, 32, torch.float32)
+        dense = torch.nn.functional.scaled_dot_product_attention(
+            q.double()[:, :, None], k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1), scale=0.2
+        )[:, :, 0]
+        args = dict(d=32, k_frac=1.0, scaling=0.2, gqa_select=select)
+        assert rel_err(loki_decode_attention_triton(q, k, v, config=CONFIGS[form], **args), dense) < 1e-5
+        if form == "fused":
+            assert rel_err(loki_decode_attention_torch(q, k, v, **args), dense) < 1e-5
 
 
-def test_poisoned_buffers_are_overwritten(monkeypatch):
-    """Every float buffer the Triton path allocates starts as NaN: outputs and all split partials get written."""
+@pytest.mark.parametrize("form", CONFIGS)
+def test_poisoned_buffers_are_overwritten(monkeypatch, form):
+    """Every buffer the Triton path allocates starts as garbage (NaN, or -2^30 for ints; counters excepted):
+    outputs and all split partials get written; repeats reuse the buffers (and counters) of earlier calls."""
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
     def poison(t):
         return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2**30))
 
-    q, k, v = make_inputs(2, 2, 4, 70, 32, torch.bfloat16)
+    q, k, v = make_inputs(2, 2, 4, 45, 32, torch.bfloat16)
     out = torch.full_like(q, float("nan"))
+    ld.clear_workspaces()
     monkeypatch.setattr(ld.torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
     monkeypatch.setattr(ld.torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
-    for select in ("group", "query", "group"):  # the repeat reuses the buffers of an earlier call
+    for select in ("query", "group"):  # the second call reuses (smaller parts of) the first one's buffers
         res = loki_decode_attention_triton(q, k, v, d=8, k_frac=0.25, scaling=0.2, gqa_select=select,
                                            kv_start=torch.tensor([0, 13], dtype=torch.int32, device=DEVICE),
-                                           config=SMALL, out=out)
+                                           config=CONFIGS[form], out=out)
         assert res.data_ptr() == out.data_ptr() and not out.isnan().any()
         ref = reference(q, k, v, 8, 0.25, 0.2, torch.tensor([0, 13]), select)
         assert rel_err(out, ref) < TOL[torch.bfloat16]
         out.fill_(float("nan"))
+    counters = [ld._workspace(q.device).buffers.get(name) for name in ("select_meta", "select_hist", "attend_done")]
+    assert all(c is None or not c[:, 1:3].any() if i == 0 else c is None or not c.any()
+               for i, c in enumerate(counters))  # the kernels reset the counters they use
 
 
-def test_fully_padded_sequence_gives_zeros():
+@pytest.mark.parametrize("form", CONFIGS)
+def test_fully_padded_sequence_gives_zeros(form):
     q, k, v = make_inputs(2, 1, 2, 20, 16, torch.float32)
     kv_start = torch.tensor([0, 20], dtype=torch.int32, device=DEVICE)
-    for impl in (loki_decode_attention_torch, lambda *a, **kw: loki_decode_attention_triton(*a, config=SMALL, **kw)):
+    impls = [lambda *a, **kw: loki_decode_attention_triton(*a, config=CONFIGS[form], **kw)]
+    for impl in impls + ([loki_decode_attention_torch] if form == "fused" else []):
         res = impl(q, k, v, d=4, k_frac=0.5, scaling=0.25, kv_start=kv_start)
         assert torch.equal(res[1], torch.zeros_like(res[1])) and not res.isnan().any()
         assert rel_err(res[0], reference(q, k, v, 4, 0.5, 0.25, kv_start, "group")[0]) < 1e-4
@@ -175,6 +201,10 @@ def test_fully_padded_sequence_gives_zeros():
         (dict(gqa_select="head"), ValueError, "gqa_select"),
         (dict(kv_start=torch.tensor([0])), ValueError, "kv_start"),
         (dict(k_cache=torch.zeros(2, 2, 16, 8).transpose(-1, -2)), ValueError, "stride"),
+        (dict(k_approx=torch.zeros(2, 2, 8, 3)), ValueError, "k_approx"),  # narrower than d
+        (dict(k_approx=torch.zeros(2, 2, 7, 4)), ValueError, "k_approx"),  # another length
+        (dict(k_approx=torch.zeros(2, 2, 8, 4, dtype=torch.float64)), ValueError, "k_approx"),
+        (dict(k_approx=torch.zeros(2, 2, 4, 8).transpose(-1, -2)), ValueError, "k_approx"),
     ],
 )
 def test_bad_arguments_raise(change, error, match):
@@ -211,25 +241,37 @@ def expected_positions(scores, k_b):
     return [order[r, : int(k_b[r])].sort().values for r in range(scores.shape[0])]
 
 
-@pytest.mark.parametrize("kind", ["random", "ties", "unlucky-sample", "padded"])
-def test_select_tokens_is_exact_top_k(kind):
-    """The selection kernel against a stable sort: plain rows, heavy ties, a sample that only sees outliers (the
+@pytest.mark.parametrize("multi", [False, True], ids=["one-program-per-row", "multi-program"])
+@pytest.mark.parametrize("kind", ["random", "ties", "unlucky-sample", "padded", "long-ties"])
+def test_select_tokens_is_exact_top_k(kind, multi):
+    """Both selections against a stable sort: plain rows, heavy ties, a sample that only sees outliers (the
     sample reads positions 0 mod 8, which hold the 32 largest scores, so the bracket holds too few and every
-    score becomes a candidate), and per-row budgets with -inf padding."""
+    score becomes a candidate), per-row budgets with -inf padding (one row fully padded), and long rows on a
+    grid of values with a narrow bracket (ties at the threshold spread over several chunks of a row)."""
     gen = torch.Generator().manual_seed(1)
     rows, s, k = 3, 64, 20
     scores = torch.randn(rows, s, generator=gen)
-    k_b, cfg = None, SMALL
+    k_b, sample, block = None, 16, 16
     if kind == "ties":
         scores = torch.randint(-2, 3, (rows, s), generator=gen).float()
     elif kind == "unlucky-sample":
-        s, k, cfg = 256, 64, LokiKernelConfig(select_block=16, select_sample=32)
+        s, k, sample, block = 256, 64, 32, 64
         scores = torch.randn(rows, s, generator=gen) + 10.0 * (torch.arange(s) % 8 == 0)
     elif kind == "padded":
-        scores[1, :40] = float("-inf")
-        k_b = torch.tensor([20, 7, 1], dtype=torch.int32)
+        scores = torch.randn(4, s, generator=gen)
+        scores[1, :40] = scores[3] = float("-inf")
+        k_b = torch.tensor([20, 7, 1, 0], dtype=torch.int32)
+    elif kind == "long-ties":
+        rows, s, k, sample, block = 2, 512, 128, 128, 32
+        scores = torch.round(torch.randn(rows, s, generator=gen) * 8) / 8
+    if multi:
+        cfg = LokiKernelConfig(select_kernel_max_seq=0, multi_select_block=block, multi_select_sample=sample)
+    else:
+        cfg = LokiKernelConfig(select_block=block, select_sample=sample)
     scores = scores.to(DEVICE)
-    idx = ld.select_tokens(scores, k, k_b.to(DEVICE) if k_b is not None else None, 1, cfg).cpu()
-    budgets = k_b if k_b is not None else torch.full((rows,), k)
+    budgets = k_b if k_b is not None else torch.full((scores.shape[0],), k)
+    k_b = k_b.to(DEVICE) if k_b is not None else None
+    idx = ld.select_tokens(scores, k, k_b, 1, cfg).cpu()
     for r, want in enumerate(expected_positions(scores.cpu(), budgets)):
         assert torch.equal(idx[r, : len(want)].long(), want)
+    assert torch.equal(ld.select_tokens(scores, k, k_b, 1, cfg).cpu(), idx)  # counters were reset

@@ -8,11 +8,27 @@ and a cache of rotated keys and values ``[B, Hkv, S, D]`` (GQA: query head ``h``
    (``gqa_select="query"``) or per KV head on the max of ``a`` over its G query heads (``"group"``);
 3. exact softmax attention (all D dims, ``scaling``) over the kept tokens, accumulated in float32.
 
-The Triton path runs four kernels: approximate scores for all G heads of a KV head in one pass over the keys
-(split over S); an exact top-k per selection row (sample-bracketed radix select, ties to the earliest positions;
-rows longer than `LokiKernelConfig.select_kernel_max_seq` use torch.topk instead) that writes the kept positions;
-a split-K kernel that gathers the kept keys and values by position and keeps an online softmax; and a small
-kernel that merges the splits. The PyTorch path selects with ``torch.topk``.
+Stage 1 reads the first dims of the keys either from the key cache or, when given, from ``k_approx``: a
+contiguous copy of the first ``d' >= max d`` rotated dims (``LokiCache`` keeps one; it costs d'/D of the key
+memory and lets stage 1 stream whole rows instead of 64-byte pieces of 256-byte rows).
+
+The Triton path picks one of three forms by the cache length S (`LokiKernelConfig`):
+
+- S <= ``fused_max_seq``: one kernel, one program per selection row, runs all three stages (no other launch);
+- otherwise a scores kernel (all G heads of a KV head in one pass over the keys, split over S), a selection,
+  and a split-K attention kernel that gathers the kept keys and values by position, keeps an online softmax
+  and whose last program per row merges the splits;
+- the selection is exact top-k, ties at the threshold to the earliest positions, positions written in
+  increasing order. Rows up to ``select_kernel_max_seq``: one program per row (a sorted strided sample brackets
+  the k_b-th score, one pass collects the candidates inside the bracket, a radix select finds the threshold,
+  one pass writes the positions). Longer rows: many programs per row; each collects the candidates of its
+  chunk of the row and a 256-bin histogram of where they lie in the bracket; the last program of a row finds
+  the bin of the k_b-th score, the exact threshold among that bin's few candidates, and each chunk's output
+  offset and share of the ties; a second kernel writes each chunk's positions.
+
+The Triton path keeps scratch buffers per (device, stream) between calls (`clear_workspaces` frees them), so
+calls on one stream must not overlap in time (stream order guarantees this for ordinary use). The PyTorch
+path selects with ``torch.topk``.
 """
 from __future__ import annotations
 
@@ -30,6 +46,8 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _LOG2E = 1.4426950408889634
 _MIN_DOT = 16  # smallest tl.dot dimension
+_SUB_BINS = 256  # bins of the bracket histogram of the multi-program selection
+_META = 4  # per-row int32 header of the multi-program selection: threshold, candidate count, ticket, unused
 
 
 @dataclass(frozen=True)
@@ -41,12 +59,23 @@ class LokiKernelConfig:
     programs_per_sm: int = 4
     num_warps: int = 4
     num_stages: int = 3
-    select_block: int = 2048  # scores per tile of the selection kernel
-    select_sample: int = 2048  # strided sample that brackets the k-th score
+    select_block: int = 2048  # scores per tile of the selection kernels
+    select_sample: int = 2048  # strided sample that brackets the k-th score (one program per row)
     select_warps: int = 8
-    # Longer rows select with torch.topk: one program per row of the selection kernel is slower there
-    # (H100: 0.17 vs 0.12 ms at B=8, S=64k; 0.31 vs 0.09 ms at B=1, S=128k; faster at S=16k: 0.055 vs 0.095).
-    select_kernel_max_seq: int = 32768
+    # Rows up to this length select with one program per row; longer rows with several programs per row.
+    select_kernel_max_seq: int = 8192
+    multi_select_block: int = 1024  # scores per tile of the multi-program selection
+    multi_select_sample: int = 1024  # its bracket sample (every program sorts it)
+    multi_select_max_chunks: int = 256  # programs per row at most
+    multi_select_warps: int = 4
+    # Caches up to this length run the whole step in one kernel, one program per selection row.
+    fused_max_seq: int = 4096
+    block_n_fused: int = 128  # keys per tile of the fused kernel's scores stage
+    block_n_fused_attn: int = 64  # kept keys per tile of the fused kernel's attention stage
+    fused_warps: int = 4
+
+
+_DEFAULT_CONFIG = LokiKernelConfig()
 
 
 @dataclass(frozen=True)
@@ -67,8 +96,13 @@ class _Problem:
     def group_size(self) -> int:
         return self.q_heads // self.kv_heads
 
+    @property
+    def rows_per_batch(self) -> int:
+        """Selection rows per sequence: one per KV head ("group") or per query head ("query")."""
+        return self.kv_heads if self.group else self.q_heads
 
-def _check(q, k_cache, v_cache, d, k_frac, kv_start, gqa_select) -> _Problem:
+
+def _check(q, k_cache, v_cache, d, k_frac, kv_start, gqa_select, k_approx=None) -> _Problem:
     """Validate the arguments of `loki_decode_attention`; raise ValueError/TypeError saying what to fix."""
     if q.dim() != 3 or k_cache.dim() != 4:
         raise ValueError(f"q must be [B, Hq, D] and k_cache [B, Hkv, S, D]; got {tuple(q.shape)} and "
@@ -111,6 +145,12 @@ def _check(q, k_cache, v_cache, d, k_frac, kv_start, gqa_select) -> _Problem:
         raise TypeError(f"d must be an int, or ints per KV head (tuple or int tensor [Hkv]), got {type(d).__name__}")
     if not 1 <= d_min <= d_max <= dh:
         raise ValueError(f"d must lie in [1, D={dh}], got values in [{d_min}, {d_max}]")
+    if k_approx is not None and (k_approx.dim() != 4 or k_approx.shape[:3] != k_cache.shape[:3]
+                                 or not d_max <= k_approx.shape[-1] <= dh or k_approx.dtype != q.dtype
+                                 or k_approx.device != q.device or k_approx.stride(-1) != 1):
+        raise ValueError(f"k_approx must be [B, Hkv, S, d'] with max d = {d_max} <= d' <= D, k_cache's "
+                         f"{tuple(k_cache.shape[:3])}, dtype {q.dtype}, device {q.device} and stride(-1) == 1; "
+                         f"got {k_approx.dtype} {tuple(k_approx.shape)} on {k_approx.device}")
     dims = _dims_on(q.device, tuple(d)) if d_min != d_max else None
     return _Problem(b, hq, hkv, s, dh, d_max, dims, k_frac, gqa_select == "group")
 
@@ -144,10 +184,12 @@ def loki_decode_attention_torch(
     scaling: float,
     kv_start: torch.Tensor | None = None,
     gqa_select: str = "group",
+    k_approx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Loki decode step in PyTorch (any device; also float64). Same arguments and result as
-    `loki_decode_attention`. Reads the first d dims of the keys and gathers only the kept rows of K and V."""
-    p = _check(q, k_cache, v_cache, d, k_frac, kv_start, gqa_select)
+    `loki_decode_attention`. Reads the first d dims of the keys (from `k_approx` when given) and gathers only
+    the kept rows of K and V."""
+    p = _check(q, k_cache, v_cache, d, k_frac, kv_start, gqa_select, k_approx)
     b, hkv, g, s = p.batch, p.kv_heads, p.group_size, p.seq
     acc_dtype = torch.promote_types(q.dtype, torch.float32)
     qg = q.reshape(b, hkv, g, p.head_dim).to(acc_dtype)  # [B, Hkv, G, D]
@@ -159,8 +201,8 @@ def loki_decode_attention_torch(
     if p.dims is not None:
         keep = torch.arange(p.d_max, device=q.device) < p.dims[:, None]  # [Hkv, d_max]
         q_approx = q_approx * keep[None, :, None]
-    k_approx = k_cache[..., : p.d_max].to(acc_dtype)  # [B, Hkv, S, d_max]
-    scores = torch.matmul(q_approx, k_approx.transpose(-1, -2))  # [B, Hkv, G, S]
+    keys_approx = (k_cache if k_approx is None else k_approx)[..., : p.d_max].to(acc_dtype)  # [B, Hkv, S, d_max]
+    scores = torch.matmul(q_approx, keys_approx.transpose(-1, -2))  # [B, Hkv, G, S]
     if kv_start is not None:
         invalid = torch.arange(s, device=q.device)[None, :] < kv_start[:, None]  # [B, S]
         scores = scores.masked_fill(invalid[:, None, None], float("-inf"))
@@ -189,90 +231,60 @@ def loki_decode_attention_torch(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Triton kernels
+# Triton building blocks
 # ---------------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _approx_scores_kernel(
-    q_ptr, k_ptr, dims_ptr, start_ptr, s_ptr,
-    seq, kv_heads, group_size, tiles_per_prog, d_uniform,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
-    GROUP: tl.constexpr, PER_HEAD_D: tl.constexpr, HAS_START: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    """Scores of the G query heads of one KV head over one split of S, on the first d dims only.
-
-    Writes float32 [B*Hkv, S] (max over the group) or [B*Hq, S] (per query head); -inf before kv_start.
-    """
-    row = tl.program_id(0)
-    split = tl.program_id(1)
-    b = (row // kv_heads).to(tl.int64)
-    j = (row % kv_heads).to(tl.int64)
-    d = tl.load(dims_ptr + j) if PER_HEAD_D else d_uniform
-    start = tl.load(start_ptr + b) if HAS_START else 0
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    g_ok = offs_g < group_size
-    # q is masked to the exact d; keys are read in whole 8-element (16-byte) groups so the loads stay vectorized
-    # (a mask against a runtime d would split them into scalar loads). The extra key dims meet zeros of q.
-    q = tl.load(q_ptr + b * stride_qb + (j * group_size + offs_g)[:, None] * stride_qh + offs_d[None, :],
-                mask=g_ok[:, None] & (offs_d < d)[None, :], other=0.0)
-    d_ok = (offs_d // 8) < tl.cdiv(d, 8)
-    if UPCAST:
-        q = q.to(tl.float32)
-    k_base = k_ptr + b * stride_kb + j * stride_kh
-    for t in range(tiles_per_prog):
-        offs_n = (split * tiles_per_prog + t) * BLOCK_N + tl.arange(0, BLOCK_N)
-        in_seq = offs_n < seq
-        keys = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :],
-                       mask=in_seq[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            keys = keys.to(tl.float32)
-        a = tl.dot(q, tl.trans(keys), input_precision=DOT_PREC)  # [BLOCK_G, BLOCK_N] float32
-        valid = in_seq & (offs_n >= start)
-        if GROUP:
-            a = tl.max(tl.where(g_ok[:, None], a, float("-inf")), axis=0)
-            tl.store(s_ptr + row.to(tl.int64) * seq + offs_n, tl.where(valid, a, float("-inf")), mask=in_seq)
-        else:
-            out = s_ptr + (row.to(tl.int64) * group_size + offs_g)[:, None] * seq + offs_n[None, :]
-            tl.store(out, tl.where(valid[None, :], a, float("-inf")), mask=g_ok[:, None] & in_seq[None, :])
+def _order_key(score):
+    """float32 -> int32 whose signed order is the order of the floats (NaN aside)."""
+    bits = score.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 @triton.jit
-def _sparse_attention_kernel(
-    q_ptr, k_ptr, v_ptr, idx_ptr, kb_ptr, m_ptr, l_ptr, acc_ptr,
-    k_sel, rows_per_batch, kv_div, heads_per_row, tiles_per_prog, n_split, qk_scale,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-    HAS_KB: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """One split of the kept tokens of one selection row: gather K rows by index, exact scores for the row's
-    query heads, online softmax (base 2), gather V rows, p.V. Writes the split's (max, sum, acc) in float32."""
-    row = tl.program_id(0)
-    split = tl.program_id(1)
-    b = (row // rows_per_batch).to(tl.int64)
-    r = (row % rows_per_batch).to(tl.int64)
-    j = r // kv_div
-    kb = tl.load(kb_ptr + b) if HAS_KB else k_sel
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    g_ok = offs_g < heads_per_row
-    d_ok = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qb + (r * heads_per_row + offs_g)[:, None] * stride_qh + offs_d[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+def _load_heads(q_ptr, b, head0, n_heads, stride_qb, stride_qh, offs_g, offs_d, n_dims, UPCAST: tl.constexpr):
+    """Rows head0 .. head0 + n_heads - 1 of q[b] as [BLOCK_G, BLOCK_D], zero past n_heads heads and n_dims dims."""
+    q = tl.load(q_ptr + b * stride_qb + (head0 + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                mask=(offs_g < n_heads)[:, None] & (offs_d < n_dims)[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    k_base = k_ptr + b * stride_kb + j * stride_kh
-    v_base = v_ptr + b * stride_vb + j * stride_vh
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for t in range(tiles_per_prog):
-        offs_n = (split * tiles_per_prog + t) * BLOCK_N + tl.arange(0, BLOCK_N)
-        live = offs_n < kb
-        idx = tl.load(idx_ptr + row.to(tl.int64) * k_sel + offs_n, mask=live, other=0)
+    return q
+
+
+@triton.jit
+def _key_dims(offs_d, d, KEY_WIDTH: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Dims of a key row that the approximate scores read: whole 8-element (16-byte) groups covering d, so the
+    loads stay vectorized (a mask against a runtime d would split them into scalar loads; the extra dims meet
+    zeros of q), within the KEY_WIDTH dims that the key buffer holds."""
+    ok = (offs_d // 8) < tl.cdiv(d, 8)
+    if KEY_WIDTH < BLOCK_D:
+        ok = ok & (offs_d < KEY_WIDTH)
+    return ok
+
+
+@triton.jit
+def _approx_tile(q, k_base, stride_ks, offs_n, offs_d, kd_ok, seq, start,
+                 DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Approximate scores [BLOCK_G, BLOCK_N] of q's rows against the keys at offs_n; -inf outside [start, seq)."""
+    in_seq = offs_n < seq
+    keys = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=in_seq[:, None] & kd_ok[None, :],
+                   other=0.0)
+    if UPCAST:
+        keys = keys.to(tl.float32)
+    a = tl.dot(q, tl.trans(keys), input_precision=DOT_PREC)
+    return tl.where((in_seq & (offs_n >= start))[None, :], a, float("-inf"))
+
+
+@triton.jit
+def _attend(q, k_base, v_base, i_row, n_lo, n_hi, stride_ks, stride_vs, qk_scale, offs_d, d_ok, m_i, l_i, acc,
+            BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Online softmax (base 2) of q's rows over the keys and values at positions i_row[n_lo:n_hi], continuing
+    from (m_i, l_i, acc); returns the updated (max, sum, acc) in float32."""
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        live = offs_n < n_hi
+        idx = tl.load(i_row + offs_n, mask=live, other=0)
         tile_mask = live[:, None] & d_ok[None, :]
         keys = tl.load(k_base + idx[:, None] * stride_ks + offs_d[None, :], mask=tile_mask, other=0.0)
         if UPCAST:
@@ -290,101 +302,125 @@ def _sparse_attention_kernel(
             p, vals = p.to(tl.float32), vals.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p, vals, input_precision=DOT_PREC)
         m_i = m_new
-    slot = (row * n_split + split) * heads_per_row + offs_g
-    tl.store(m_ptr + slot, m_i, mask=g_ok)
-    tl.store(l_ptr + slot, l_i, mask=g_ok)
-    tl.store(acc_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+    return m_i, l_i, acc
 
 
 @triton.jit
-def _order_key(score):
-    """float32 -> int32 whose signed order is the order of the floats (NaN aside)."""
-    bits = score.to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+def _store_heads(out_ptr, b, head0, n_heads, stride_ob, stride_oh, offs_g, offs_d, d_ok, l_i, acc):
+    """out[b, head0 + g] = acc[g] / l_i[g] for the row's heads (0 where nothing was kept)."""
+    res = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+    tl.store(out_ptr + b * stride_ob + (head0 + offs_g)[:, None] * stride_oh + offs_d[None, :],
+             res.to(out_ptr.dtype.element_ty), mask=(offs_g < n_heads)[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def _select_kernel(
-    s_ptr, kb_ptr, cand_ptr, idx_ptr,
-    seq, k_sel, rows_per_batch, sample_stride, n_sample,
-    HAS_KB: tl.constexpr, SAMPLE: tl.constexpr, BLOCK: tl.constexpr, MARGIN_SIGMAS: tl.constexpr,
-):
-    """Exact top-k_b of one row of scores [S] -> its positions in increasing order (int32 [k]).
+def _merge_splits(part, out_ptr, b, head0, heads, n_split, stride_ob, stride_oh,
+                  HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[b, head0 + g] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits' partials of one row
+    (m at part[s * heads + g], l after them, acc [D] after those); 0 where nothing was kept."""
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    n_part = n_split * heads
+    for g in range(heads):
+        m_max = tl.full([], float("-inf"), tl.float32)
+        for s0 in range(0, n_split, BLOCK_S):
+            m = tl.load(part + (s0 + offs_s) * heads + g, mask=s0 + offs_s < n_split, other=float("-inf"),
+                        cache_modifier=".cg")
+            m_max = tl.maximum(m_max, tl.max(m, axis=0))
+        m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
+        denom = tl.zeros([], tl.float32)
+        num = tl.zeros([BLOCK_D], tl.float32)
+        for s0 in range(0, n_split, BLOCK_S):
+            ok = s0 + offs_s < n_split
+            slot = (s0 + offs_s) * heads + g
+            w = tl.exp2(tl.load(part + slot, mask=ok, other=float("-inf"), cache_modifier=".cg") - m_ref)
+            denom += tl.sum(w * tl.load(part + n_part + slot, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+            acc = tl.load(part + 2 * n_part + slot[:, None] * HEAD_DIM + offs_d[None, :],
+                          mask=ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+            num += tl.sum(w[:, None] * acc, axis=0)
+        res = tl.where(denom > 0, num / tl.where(denom > 0, denom, 1.0), 0.0)
+        tl.store(out_ptr + b * stride_ob + (head0 + g) * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty),
+                 mask=d_ok)
 
-    A sorted strided sample brackets the k_b-th largest score: one pass counts the scores above the bracket
-    and copies the keys inside it to `cand`; if the bracket misses (unlucky sample), every key becomes a
-    candidate. A radix select (4 x 8 bits) over the candidates gives the exact threshold key t; the last pass
-    writes the positions with key > t and, of those with key == t, the first ones, up to k_b in all.
-    """
-    row = tl.program_id(0).to(tl.int64)
-    kb = (tl.load(kb_ptr + row // rows_per_batch) if HAS_KB else k_sel) + tl.zeros([], dtype=tl.int32)
-    if kb > 0:
-        s_row = s_ptr + row * seq
-        c_row = cand_ptr + row * seq
-        offs_m = tl.arange(0, SAMPLE)
-        sample = tl.load(s_row + offs_m * sample_stride, mask=offs_m < n_sample, other=float("-inf"))
-        sample = tl.sort(_order_key(sample), descending=True)
-        frac = kb.to(tl.float32) / seq
-        center = frac * n_sample - 1.0  # sample index of the k_b-th largest score, in expectation
-        margin = MARGIN_SIGMAS * tl.sqrt(n_sample * frac * (1.0 - frac)) + 2.0
-        hi_at = tl.floor(center - margin).to(tl.int32)
-        lo_at = tl.ceil(center + margin).to(tl.int32)
-        hi = tl.where(hi_at >= 0, tl.sum(tl.where(offs_m == hi_at, sample, 0)), 2147483647)
-        lo = tl.where(lo_at < n_sample, tl.sum(tl.where(offs_m == lo_at, sample, 0)), -2147483648)
 
-        n_hi = tl.zeros([], dtype=tl.int32)
-        n_mid = tl.zeros([], dtype=tl.int32)
-        for start in range(0, seq, BLOCK):
+# --- exact top-k selection -------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _digit_hist(u, ok, prefix, shift):
+    """[256] histogram of the 8-bit digit at `shift` of the unsigned keys `u` (int64) that are `ok` and agree with
+    `prefix` on the digits above it."""
+    match = ok & ((u >> (shift + 8)) == (prefix >> (shift + 8)))
+    digit = tl.where(match, (u >> shift) & 255, 0).to(tl.int32)
+    return tl.histogram(digit, 256) - tl.where(tl.arange(0, 256) == 0, tl.sum(tl.where(match, 0, 1)), 0)
+
+
+@triton.jit
+def _pick_digit(hist, need, prefix, shift):
+    """The digit of the need-th largest key given the [256] histogram of its candidates' digits:
+    (prefix with it, its rank among the keys with that digit, how many keys have that digit)."""
+    bins = tl.arange(0, 256)
+    chosen = tl.max(tl.where(tl.cumsum(hist, 0, reverse=True) >= need, bins, -1))
+    need -= tl.sum(tl.where(bins > chosen, hist, 0))
+    return prefix + (chosen.to(tl.int64) << shift), need, tl.sum(tl.where(bins == chosen, hist, 0))
+
+
+@triton.jit
+def _bracket(s_row, seq, kb, sample_stride, n_sample, SAMPLE: tl.constexpr, MARGIN_SIGMAS: tl.constexpr):
+    """Order keys (lo, hi) that hold the kb-th largest score of the row between them with high probability:
+    order statistics of a strided sample, MARGIN_SIGMAS binomial standard deviations (+2) either side, to the
+    top 16 bits of the key (sign, exponent, 7 mantissa bits) and widened to the edges of those 16-bit bins."""
+    offs_m = tl.arange(0, SAMPLE)
+    u = _order_key(tl.load(s_row + offs_m * sample_stride, mask=offs_m < n_sample, other=float("-inf")))
+    u = u.to(tl.int64) + 2147483648
+    frac = kb.to(tl.float32) / seq
+    center = frac * n_sample - 1.0  # rank - 1 of the kb-th largest score in the sample, in expectation
+    margin = MARGIN_SIGMAS * tl.sqrt(n_sample * frac * (1.0 - frac)) + 2.0
+    hi_at = tl.floor(center - margin).to(tl.int32)
+    lo_at = tl.ceil(center + margin).to(tl.int32)
+    top = _digit_hist(u, u >= 0, tl.zeros([], dtype=tl.int64), 24)  # the first digit: shared by both
+    hi_p, hi_r, _ = _pick_digit(top, tl.maximum(hi_at, 0) + 1, tl.zeros([], dtype=tl.int64), 24)
+    lo_p, lo_r, _ = _pick_digit(top, tl.minimum(lo_at, n_sample - 1) + 1, tl.zeros([], dtype=tl.int64), 24)
+    hi_p, _, _ = _pick_digit(_digit_hist(u, u >= 0, hi_p, 16), hi_r, hi_p, 16)
+    lo_p, _, _ = _pick_digit(_digit_hist(u, u >= 0, lo_p, 16), lo_r, lo_p, 16)
+    hi = tl.where(hi_at >= 0, hi_p + 65535 - 2147483648, 2147483647)
+    lo = tl.where(lo_at < n_sample, lo_p - 2147483648, -2147483648)
+    return lo.to(tl.int32), hi.to(tl.int32)
+
+
+@triton.jit
+def _radix_select(c_row, n, need, lo, hi, BLOCK: tl.constexpr):
+    """The need-th largest (1 = largest) of the n order keys at c_row, all within [lo, hi], by 8-bit radix
+    passes over them (the leading digits that lo and hi share are skipped).
+
+    Returns (t, rank, n_equal): the key t, the rank of the need-th key among the keys equal to t, and how many
+    keys equal t."""
+    diff = lo ^ hi
+    first = (diff >> 24 == 0).to(tl.int32) + (diff >> 16 == 0).to(tl.int32) + (diff >> 8 == 0).to(tl.int32) + \
+        (diff == 0).to(tl.int32)
+    prefix = (lo.to(tl.int64) + 2147483648) >> (32 - 8 * first) << (32 - 8 * first)  # the shared digits
+    n_equal = n + tl.zeros([], dtype=tl.int32)
+    for p in range(first, 4):
+        hist = tl.zeros([256], dtype=tl.int32)
+        for start in range(0, n, BLOCK):
             offs = start + tl.arange(0, BLOCK)
-            ok = offs < seq
-            key = _order_key(tl.load(s_row + offs, mask=ok, other=float("-inf")))
-            mid = ok & (key >= lo) & (key <= hi)
-            tl.store(c_row + n_mid + tl.cumsum(mid.to(tl.int32), 0) - 1, key, mask=mid)
-            n_mid += tl.sum(mid.to(tl.int32))
-            n_hi += tl.sum((ok & (key > hi)).to(tl.int32))
-        if (n_hi >= kb) | (n_hi + n_mid < kb):  # the sample misled: all keys are candidates
-            for start in range(0, seq, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                ok = offs < seq
-                tl.store(c_row + offs, _order_key(tl.load(s_row + offs, mask=ok, other=0.0)), mask=ok)
-            n_hi = n_hi * 0
-            n_mid = n_mid * 0 + seq
-
-        need = kb - n_hi  # rank of the threshold among the candidates (1 = largest)
-        prefix = tl.zeros([], dtype=tl.int64)  # radix digits of the threshold on the unsigned key
-        bins = tl.arange(0, 256)
-        for p in tl.static_range(4):
-            shift = 24 - 8 * p
-            hist = tl.zeros([256], dtype=tl.int32)
-            for start in range(0, n_mid, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                ok = offs < n_mid
-                u = tl.load(c_row + offs, mask=ok, other=0).to(tl.int64) + 2147483648
-                match = ok & ((u >> (shift + 8)) == (prefix >> (shift + 8)))
-                digit = tl.where(match, (u >> shift) & 255, 0).to(tl.int32)
-                misses = BLOCK - tl.sum(match.to(tl.int32))
-                hist += tl.histogram(digit, 256) - tl.where(bins == 0, misses, 0)
-            at_least = tl.cumsum(hist, 0, reverse=True)  # candidates (matching so far) with digit >= bin
-            chosen = tl.max(tl.where(at_least >= need, bins, -1))
-            need -= tl.sum(tl.where(bins > chosen, hist, 0))
-            prefix += chosen.to(tl.int64) << shift
-            n_equal = tl.sum(tl.where(bins == chosen, hist, 0))  # after the last digit: keys equal to t
-        t = (prefix - 2147483648).to(tl.int32)  # the k_b-th largest key; take `need` of the keys equal to it
-        i_row = idx_ptr + row * k_sel
-        if n_equal == need:  # no tie to break (the usual case): every key >= t
-            _write_positions(s_row, i_row, seq, t, need, BREAK_TIES=False, BLOCK=BLOCK)
-        else:
-            _write_positions(s_row, i_row, seq, t, need, BREAK_TIES=True, BLOCK=BLOCK)
+            ok = offs < n
+            u = tl.load(c_row + offs, mask=ok, other=0, cache_modifier=".cg").to(tl.int64) + 2147483648
+            hist += _digit_hist(u, ok, prefix, 24 - 8 * p)
+        prefix, need, n_equal = _pick_digit(hist, need, prefix, 24 - 8 * p)  # last digit: n_equal keys equal t
+    return (prefix - 2147483648).to(tl.int32), need, n_equal
 
 
 @triton.jit
-def _write_positions(s_row, i_row, seq, t, need, BREAK_TIES: tl.constexpr, BLOCK: tl.constexpr):
-    """Write, in increasing order, the positions with key > t and the first `need` positions with key == t."""
-    n_out = tl.zeros([], dtype=tl.int32)
+def _write_positions(s_row, i_row, pos_lo, pos_hi, t, need, out_at, BREAK_TIES: tl.constexpr, BLOCK: tl.constexpr):
+    """Write to i_row[out_at:], in increasing order, the positions in [pos_lo, pos_hi) with key > t and the first
+    `need` of those with key == t (all of them without BREAK_TIES)."""
+    n_out = out_at + tl.zeros([], dtype=tl.int32)
     n_eq = tl.zeros([], dtype=tl.int32)
-    for start in range(0, seq, BLOCK):
+    for start in range(pos_lo, pos_hi, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        ok = offs < seq
+        ok = offs < pos_hi
         key = _order_key(tl.load(s_row + offs, mask=ok, other=float("-inf")))
         if BREAK_TIES:
             eq = ok & (key == t)
@@ -397,32 +433,349 @@ def _write_positions(s_row, i_row, seq, t, need, BREAK_TIES: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _merge_splits_kernel(
-    m_ptr, l_ptr, acc_ptr, out_ptr,
-    n_split, heads_per_row, q_heads, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+def _select_row(s_row, c_row, i_row, seq, kb, sample_stride, n_sample,
+                SAMPLE: tl.constexpr, BLOCK: tl.constexpr, MARGIN_SIGMAS: tl.constexpr):
+    """Exact top-kb (kb >= 1) of one row of scores [seq] -> its positions in increasing order at i_row.
+
+    A sorted strided sample brackets the kb-th largest score: one pass counts the scores above the bracket
+    and copies the keys inside it to `c_row`; if the bracket misses (unlucky sample), every key becomes a
+    candidate. A radix select over the candidates gives the exact threshold key t; the last pass writes the
+    positions with key > t and, of those with key == t, the first ones, up to kb in all.
+    """
+    lo, hi = _bracket(s_row, seq, kb, sample_stride, n_sample, SAMPLE, MARGIN_SIGMAS)
+    n_hi = tl.zeros([], dtype=tl.int32)
+    n_mid = tl.zeros([], dtype=tl.int32)
+    for start in range(0, seq, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ok = offs < seq
+        key = _order_key(tl.load(s_row + offs, mask=ok, other=float("-inf")))
+        mid = ok & (key >= lo) & (key <= hi)
+        tl.store(c_row + n_mid + tl.cumsum(mid.to(tl.int32), 0) - 1, key, mask=mid)
+        n_mid += tl.sum(mid.to(tl.int32))
+        n_hi += tl.sum((ok & (key > hi)).to(tl.int32))
+    tl.debug_barrier()
+    if (n_hi >= kb) | (n_hi + n_mid < kb):  # the sample misled: all keys are candidates
+        for start in range(0, seq, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            ok = offs < seq
+            tl.store(c_row + offs, _order_key(tl.load(s_row + offs, mask=ok, other=0.0)), mask=ok)
+        n_hi = n_hi * 0
+        n_mid = n_mid * 0 + seq
+        lo = lo * 0 + (-2147483648)
+        hi = hi * 0 + 2147483647
+    tl.debug_barrier()
+    t, need, n_equal = _radix_select(c_row, n_mid, kb - n_hi, lo, hi, BLOCK)
+    if n_equal == need:  # no tie to break (the usual case): every key >= t
+        _write_positions(s_row, i_row, 0, seq, t, need, 0, BREAK_TIES=False, BLOCK=BLOCK)
+    else:
+        _write_positions(s_row, i_row, 0, seq, t, need, 0, BREAK_TIES=True, BLOCK=BLOCK)
+
+
+@triton.jit
+def _count_by_chunk(pos, chunk_len, mask, CP2: tl.constexpr):
+    """[CP2] how many of the masked positions fall into each chunk of chunk_len positions."""
+    chunk = tl.where(mask, pos // chunk_len, 0)
+    misses = tl.sum(tl.where(mask, 0, 1))
+    return tl.histogram(chunk, CP2) - tl.where(tl.arange(0, CP2) == 0, misses, 0)
+
+
+@triton.jit
+def _finish_row(s_row, ck_row, cp_row, m_row, h_row, seq, kb, lo, hi, n_chunks, chunk_len,
+                CP2: tl.constexpr, BLOCK: tl.constexpr):
+    """Run by the last program of a row of the multi-program selection, once every chunk has collected.
+
+    From the chunks' counts above the bracket and the bracket histogram: the bin of the kb-th largest score,
+    the exact threshold t among that bin's candidates (radix select), and per chunk how many of its keys it
+    keeps (key > t, plus its share of the keys == t, earliest chunks first), hence where its positions go.
+    Writes t, the chunk offsets and tie shares to the row's meta; resets the row's counters and histogram.
+    Row meta (int32): [t, candidates, ticket, -, above[CP2], offset[CP2], ties[CP2]].
+    """
+    chunks = tl.arange(0, CP2)
+    c_ok = chunks < n_chunks
+    bins = tl.arange(0, 256)
+    gt_c = tl.load(m_row + 4 + chunks, mask=c_ok, other=0, cache_modifier=".cg")
+    n_mid = tl.load(m_row + 1, cache_modifier=".cg")
+    hist = tl.load(h_row + bins, cache_modifier=".cg")
+    if kb > 0:
+        need = kb - tl.sum(gt_c)
+        if (need <= 0) | (need > n_mid):  # the sample misled: every key of the row is a candidate
+            for start in range(0, seq, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                ok = offs < seq
+                tl.store(ck_row + offs, _order_key(tl.load(s_row + offs, mask=ok, other=0.0)), mask=ok)
+                tl.store(cp_row + offs, offs, mask=ok)
+            n_sub = seq + tl.zeros([], dtype=tl.int32)
+            gt_c = gt_c * 0
+            need = kb + tl.zeros([], dtype=tl.int32)
+            sub_lo = lo * 0 + (-2147483648)
+            sub_hi = hi * 0 + 2147483647
+        else:  # keep the candidates of the threshold's bin (compacted in place), count those above it
+            bstar = tl.max(tl.where(tl.cumsum(hist, 0, reverse=True) >= need, bins, -1))
+            need -= tl.sum(tl.where(bins > bstar, hist, 0))
+            lo64 = lo.to(tl.int64)
+            span = hi.to(tl.int64) - lo64 + 1
+            sub_lo = (lo64 + (bstar * span + 255) // 256).to(tl.int32)  # the keys of bin bstar
+            sub_hi = (lo64 + ((bstar + 1) * span + 255) // 256 - 1).to(tl.int32)
+            n_sub = tl.zeros([], dtype=tl.int32)
+            for start in range(0, n_mid, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                ok = offs < n_mid
+                key = tl.load(ck_row + offs, mask=ok, other=0, cache_modifier=".cg")
+                pos = tl.load(cp_row + offs, mask=ok, other=0, cache_modifier=".cg")
+                sub = ((key.to(tl.int64) - lo64) * 256 // span).to(tl.int32)
+                gt_c += _count_by_chunk(pos, chunk_len, ok & (sub > bstar), CP2)
+                inb = ok & (sub == bstar)
+                dst = n_sub + tl.cumsum(inb.to(tl.int32), 0) - 1
+                tl.debug_barrier()  # the whole tile is read before anything is written over it
+                tl.store(ck_row + dst, key, mask=inb)
+                tl.store(cp_row + dst, pos, mask=inb)
+                n_sub += tl.sum(inb.to(tl.int32))
+        tl.debug_barrier()
+        t, need, n_equal = _radix_select(ck_row, n_sub, need, sub_lo, sub_hi, BLOCK)
+        eq_c = tl.zeros([CP2], dtype=tl.int32)
+        for start in range(0, n_sub, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            ok = offs < n_sub
+            key = tl.load(ck_row + offs, mask=ok, other=0, cache_modifier=".cg")
+            pos = tl.load(cp_row + offs, mask=ok, other=0, cache_modifier=".cg")
+            gt_c += _count_by_chunk(pos, chunk_len, ok & (key > t), CP2)
+            eq_c += _count_by_chunk(pos, chunk_len, ok & (key == t), CP2)
+        ties = tl.minimum(tl.maximum(need - (tl.cumsum(eq_c, 0) - eq_c), 0), eq_c)
+        take = gt_c + ties
+        tl.store(m_row, t)
+        tl.store(m_row + 4 + CP2 + chunks, tl.cumsum(take, 0) - take, mask=c_ok)
+        tl.store(m_row + 4 + 2 * CP2 + chunks, ties, mask=c_ok)
+    tl.store(m_row + 1, 0)
+    tl.store(m_row + 2, 0)
+    tl.store(h_row + bins, tl.zeros([256], dtype=tl.int32))
+
+
+# --- kernels ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _approx_scores_kernel(
+    q_ptr, k_ptr, dims_ptr, start_ptr, s_ptr,
+    seq, s_stride, kv_heads, group_size, tiles_per_prog, d_uniform,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
+    GROUP: tl.constexpr, PER_HEAD_D: tl.constexpr, HAS_START: tl.constexpr, KEY_WIDTH: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
-    """out[b, h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits (0 where nothing was kept)."""
-    o = tl.program_id(0)
-    row = o // heads_per_row
-    g = o % heads_per_row
-    offs_s = tl.arange(0, BLOCK_S)
+    """Scores of the G query heads of one KV head over one split of S, on the first d dims only.
+
+    Writes float32 rows (stride s_stride) [B*Hkv, S] (max over the group) or [B*Hq, S] (per query head);
+    -inf before kv_start.
+    """
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (row // kv_heads).to(tl.int64)
+    j = (row % kv_heads).to(tl.int64)
+    d = tl.load(dims_ptr + j) if PER_HEAD_D else d_uniform
+    start = tl.load(start_ptr + b) if HAS_START else 0
+    offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < n_split
-    slot = (row * n_split + offs_s) * heads_per_row + g
-    m = tl.load(m_ptr + slot, mask=s_ok, other=float("-inf"))
-    l = tl.load(l_ptr + slot, mask=s_ok, other=0.0)
-    m_max = tl.max(m, axis=0)
-    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
-    denom = tl.sum(w * l, axis=0)
-    acc = tl.load(acc_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :],
-                  mask=s_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    num = tl.sum(w[:, None] * acc, axis=0)
-    res = tl.where(denom > 0, num / tl.where(denom > 0, denom, 1.0), 0.0)
-    b = (o // q_heads).to(tl.int64)
-    h = o % q_heads
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
+    g_ok = offs_g < group_size
+    q = _load_heads(q_ptr, b, j * group_size, group_size, stride_qb, stride_qh, offs_g, offs_d, d, UPCAST)
+    kd_ok = _key_dims(offs_d, d, KEY_WIDTH, BLOCK_D)
+    k_base = k_ptr + b * stride_kb + j * stride_kh
+    for t in range(tiles_per_prog):
+        offs_n = (split * tiles_per_prog + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+        a = _approx_tile(q, k_base, stride_ks, offs_n, offs_d, kd_ok, seq, start, DOT_PREC, UPCAST)
+        in_seq = offs_n < seq
+        if GROUP:
+            a = tl.max(tl.where(g_ok[:, None], a, float("-inf")), axis=0)
+            tl.store(s_ptr + row.to(tl.int64) * s_stride + offs_n, a, mask=in_seq)
+        else:
+            out = s_ptr + (row.to(tl.int64) * group_size + offs_g)[:, None] * s_stride + offs_n[None, :]
+            tl.store(out, a, mask=g_ok[:, None] & in_seq[None, :])
+
+
+@triton.jit
+def _select_kernel(
+    s_ptr, kb_ptr, cand_ptr, idx_ptr,
+    seq, s_stride, c_stride, i_stride, k_sel, rows_per_batch, sample_stride, n_sample,
+    HAS_KB: tl.constexpr, SAMPLE: tl.constexpr, BLOCK: tl.constexpr, MARGIN_SIGMAS: tl.constexpr,
+):
+    """Exact top-k_b of one row of scores per program (`_select_row`): its positions in increasing order."""
+    row = tl.program_id(0).to(tl.int64)
+    kb = (tl.load(kb_ptr + row // rows_per_batch) if HAS_KB else k_sel) + tl.zeros([], dtype=tl.int32)
+    if kb > 0:
+        _select_row(s_ptr + row * s_stride, cand_ptr + row * c_stride, idx_ptr + row * i_stride, seq, kb,
+                    sample_stride, n_sample, SAMPLE, BLOCK, MARGIN_SIGMAS)
+
+
+@triton.jit
+def _collect_kernel(
+    s_ptr, kb_ptr, ck_ptr, cp_ptr, meta_ptr, hist_ptr,
+    seq, s_stride, c_stride, p_stride, m_stride, h_stride, k_sel, rows_per_batch, n_chunks, tiles_per_chunk,
+    sample_stride, n_sample,
+    HAS_KB: tl.constexpr, SAMPLE: tl.constexpr, BLOCK: tl.constexpr, CP2: tl.constexpr,
+    MARGIN_SIGMAS: tl.constexpr,
+):
+    """Multi-program selection, pass 1: one chunk of one row per program.
+
+    Every program of a row computes the same bracket (`_bracket`), counts its chunk's keys above it, appends
+    the keys inside it (with their positions) to the row's candidates and adds where they fall in the bracket
+    (256 equal bins) to the row's histogram. The last program of the row to finish runs `_finish_row`.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    kb = (tl.load(kb_ptr + row // rows_per_batch) if HAS_KB else k_sel) + tl.zeros([], dtype=tl.int32)
+    s_row = s_ptr + row * s_stride
+    ck_row = ck_ptr + row * c_stride
+    cp_row = cp_ptr + row * p_stride
+    m_row = meta_ptr + row * m_stride
+    h_row = hist_ptr + row * h_stride
+    lo, hi = _bracket(s_row, seq, kb, sample_stride, n_sample, SAMPLE, MARGIN_SIGMAS)
+    lo64 = lo.to(tl.int64)
+    span = hi.to(tl.int64) - lo64 + 1
+    bins = tl.arange(0, 256)
+    n_gt = tl.zeros([], dtype=tl.int32)
+    if kb > 0:
+        hist = tl.zeros([256], dtype=tl.int32)
+        for t in range(tiles_per_chunk):
+            offs = (chunk * tiles_per_chunk + t) * BLOCK + tl.arange(0, BLOCK)
+            ok = offs < seq
+            key = _order_key(tl.load(s_row + offs, mask=ok, other=float("-inf")))
+            n_gt += tl.sum((ok & (key > hi)).to(tl.int32))
+            mid = ok & (key >= lo) & (key <= hi)
+            n_mid = tl.sum(mid.to(tl.int32))
+            if n_mid > 0:
+                dst = tl.atomic_add(m_row + 1, n_mid, sem="relaxed") + tl.cumsum(mid.to(tl.int32), 0) - 1
+                tl.store(ck_row + dst, key, mask=mid)
+                tl.store(cp_row + dst, offs, mask=mid)
+                sub = tl.where(mid, ((key.to(tl.int64) - lo64) * 256 // span).to(tl.int32), 0)
+                hist += tl.histogram(sub, 256) - tl.where(bins == 0, BLOCK - n_mid, 0)
+        tl.atomic_add(h_row + bins, hist, mask=hist > 0, sem="relaxed")
+    tl.store(m_row + 4 + chunk, n_gt)
+    tl.debug_barrier()  # all of this program's writes precede its ticket (acquire-release, GPU scope)
+    if tl.atomic_add(m_row + 2, 1) == n_chunks - 1:
+        _finish_row(s_row, ck_row, cp_row, m_row, h_row, seq, kb, lo, hi, n_chunks, tiles_per_chunk * BLOCK,
+                    CP2, BLOCK)
+
+
+@triton.jit
+def _write_kernel(
+    s_ptr, kb_ptr, meta_ptr, idx_ptr,
+    seq, s_stride, m_stride, i_stride, k_sel, rows_per_batch, tiles_per_chunk,
+    HAS_KB: tl.constexpr, CP2: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Multi-program selection, pass 2: each chunk writes its kept positions (key > t, and its share of the
+    keys == t, earliest first) at its offset, so each row's positions come out in increasing order."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    kb = (tl.load(kb_ptr + row // rows_per_batch) if HAS_KB else k_sel) + tl.zeros([], dtype=tl.int32)
+    if kb > 0:
+        m_row = meta_ptr + row * m_stride
+        c0 = chunk * tiles_per_chunk * BLOCK
+        _write_positions(s_ptr + row * s_stride, idx_ptr + row * i_stride, c0,
+                         tl.minimum(c0 + tiles_per_chunk * BLOCK, seq), tl.load(m_row),
+                         tl.load(m_row + 4 + 2 * CP2 + chunk), tl.load(m_row + 4 + CP2 + chunk),
+                         BREAK_TIES=True, BLOCK=BLOCK)
+
+
+@triton.jit
+def _sparse_attention_kernel(
+    q_ptr, k_ptr, v_ptr, idx_ptr, kb_ptr, part_ptr, done_ptr, out_ptr,
+    k_sel, i_stride, p_stride, rows_per_batch, kv_div, heads_per_row, tiles_per_prog, n_split, qk_scale,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_ob, stride_oh,
+    HAS_KB: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One split of the kept tokens of one selection row: gather K rows by index, exact scores for the row's
+    query heads, online softmax, gather V rows, p.V. With one split it writes the output; otherwise it writes
+    its (max, sum, acc) and the row's last split to finish merges them into the output."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (row // rows_per_batch).to(tl.int64)
+    r = (row % rows_per_batch).to(tl.int64)
+    j = r // kv_div
+    head0 = r * heads_per_row
+    kb = tl.load(kb_ptr + b) if HAS_KB else k_sel
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_ok = offs_g < heads_per_row
+    d_ok = offs_d < HEAD_DIM
+    q = _load_heads(q_ptr, b, head0, heads_per_row, stride_qb, stride_qh, offs_g, offs_d, HEAD_DIM, UPCAST)
+    n_lo = split * tiles_per_prog * BLOCK_N
+    m_i, l_i, acc = _attend(q, k_ptr + b * stride_kb + j * stride_kh, v_ptr + b * stride_vb + j * stride_vh,
+                            idx_ptr + row.to(tl.int64) * i_stride, n_lo,
+                            tl.minimum(n_lo + tiles_per_prog * BLOCK_N, kb),
+                            stride_ks, stride_vs, qk_scale, offs_d, d_ok,
+                            tl.full([BLOCK_G], float("-inf"), tl.float32), tl.zeros([BLOCK_G], tl.float32),
+                            tl.zeros([BLOCK_G, BLOCK_D], tl.float32), BLOCK_N, DOT_PREC, UPCAST)
+    if n_split == 1:
+        _store_heads(out_ptr, b, head0, heads_per_row, stride_ob, stride_oh, offs_g, offs_d, d_ok, l_i, acc)
+    else:
+        part = part_ptr + row.to(tl.int64) * p_stride
+        n_part = n_split * heads_per_row
+        slot = split * heads_per_row + offs_g
+        tl.store(part + slot, m_i, mask=g_ok)
+        tl.store(part + n_part + slot, l_i, mask=g_ok)
+        tl.store(part + 2 * n_part + slot[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                 mask=g_ok[:, None] & d_ok[None, :])
+        tl.debug_barrier()  # all partials of this program precede its ticket (acquire-release, GPU scope)
+        if tl.atomic_add(done_ptr + row, 1) == n_split - 1:
+            _merge_splits(part, out_ptr, b, head0, heads_per_row, n_split, stride_ob, stride_oh,
+                          HEAD_DIM, BLOCK_S, BLOCK_D)
+            tl.store(done_ptr + row, 0)
+
+
+@triton.jit
+def _fused_kernel(
+    q_ptr, ka_ptr, k_ptr, v_ptr, dims_ptr, start_ptr, kb_ptr, s_ptr, c_ptr, i_ptr, out_ptr,
+    seq, s_stride, c_stride, i_stride, k_sel, rows_per_batch, kv_div, heads_per_row, d_uniform,
+    sample_stride, n_sample, qk_scale,
+    stride_qb, stride_qh, stride_kab, stride_kah, stride_kas, stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs, stride_ob, stride_oh,
+    PER_HEAD_D: tl.constexpr, HAS_START: tl.constexpr, HAS_KB: tl.constexpr, KEY_WIDTH: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_NS: tl.constexpr, BLOCK_N: tl.constexpr, SAMPLE: tl.constexpr, SELECT_BLOCK: tl.constexpr,
+    MARGIN_SIGMAS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """The whole step for one selection row (short caches): approximate scores of the row's heads (max over
+    the group), the exact top-k_b of `_select_row`, then softmax attention over the kept keys and values."""
+    row = tl.program_id(0)
+    b = (row // rows_per_batch).to(tl.int64)
+    r = (row % rows_per_batch).to(tl.int64)
+    j = r // kv_div
+    head0 = r * heads_per_row
+    kb = (tl.load(kb_ptr + b) if HAS_KB else k_sel) + tl.zeros([], dtype=tl.int32)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    if kb > 0:
+        s_row = s_ptr + row.to(tl.int64) * s_stride
+        i_row = i_ptr + row.to(tl.int64) * i_stride
+        d = tl.load(dims_ptr + j) if PER_HEAD_D else d_uniform
+        start = tl.load(start_ptr + b) if HAS_START else 0
+        offs_da = tl.arange(0, BLOCK_DA)
+        qa = _load_heads(q_ptr, b, head0, heads_per_row, stride_qb, stride_qh, offs_g, offs_da, d, UPCAST)
+        kd_ok = _key_dims(offs_da, d, KEY_WIDTH, BLOCK_DA)
+        ka_base = ka_ptr + b * stride_kab + j * stride_kah
+        for n0 in range(0, seq, BLOCK_NS):
+            offs_n = n0 + tl.arange(0, BLOCK_NS)
+            a = _approx_tile(qa, ka_base, stride_kas, offs_n, offs_da, kd_ok, seq, start, DOT_PREC, UPCAST)
+            a = tl.max(tl.where((offs_g < heads_per_row)[:, None], a, float("-inf")), axis=0)
+            tl.store(s_row + offs_n, a, mask=offs_n < seq)
+        tl.debug_barrier()
+        _select_row(s_row, c_ptr + row.to(tl.int64) * c_stride, i_row, seq, kb, sample_stride, n_sample,
+                    SAMPLE, SELECT_BLOCK, MARGIN_SIGMAS)
+        tl.debug_barrier()
+        q = _load_heads(q_ptr, b, head0, heads_per_row, stride_qb, stride_qh, offs_g, offs_d, HEAD_DIM, UPCAST)
+        m_i, l_i, acc = _attend(q, k_ptr + b * stride_kb + j * stride_kh, v_ptr + b * stride_vb + j * stride_vh,
+                                i_row, 0, kb, stride_ks, stride_vs, qk_scale, offs_d, d_ok, m_i, l_i, acc,
+                                BLOCK_N, DOT_PREC, UPCAST)
+    _store_heads(out_ptr, b, head0, heads_per_row, stride_ob, stride_oh, offs_g, offs_d, d_ok, l_i, acc)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host side of the Triton path
+# ---------------------------------------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=None)
@@ -432,84 +785,174 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _split(n: int, block: int, rows: int, target_programs: int) -> tuple[int, int]:
-    """(splits per row, tiles per split) for `n` items in tiles of `block`, aiming at `target_programs` in all."""
+def _split(n: int, block: int, rows: int, target_programs: int, most: int | None = None) -> tuple[int, int]:
+    """(splits per row, tiles per split) for `n` items in tiles of `block`, aiming at `target_programs` in all
+    (at most `most` splits per row)."""
     tiles = max(1, triton.cdiv(n, block))
-    splits = min(tiles, max(1, triton.cdiv(target_programs, rows)))
+    splits = min(tiles, max(1, triton.cdiv(target_programs, rows)), most or tiles)
     per_split = triton.cdiv(tiles, splits)
     return triton.cdiv(tiles, per_split), per_split
 
 
 def _launch(cfg: LokiKernelConfig, q: torch.Tensor) -> dict:
-    """Launch options shared by the two main kernels."""
+    """Launch options shared by the kernels that multiply."""
     # The CPU interpreter (tests) mis-multiplies bf16 in tl.dot: there, dot operands are upcast to float32.
     return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, UPCAST=q.device.type == "cpu",
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def triton_scores(p: _Problem, q: torch.Tensor, k_cache: torch.Tensor, kv_start: torch.Tensor | None,
+def _block(n: int) -> int:
+    """Power-of-two block of at least n (and at least the smallest tl.dot dimension)."""
+    return max(_MIN_DOT, triton.next_power_of_2(n))
+
+
+class _Workspace:
+    """Scratch buffers of the Triton path for one (device, stream), kept between calls: 2-D, rows padded
+    (kernels take the row stride), grown by half again when too small. Counters are allocated zeroed and the
+    kernels reset them after use."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype, zeros: bool = False) -> torch.Tensor:
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] < cols:
+            if buf is not None:
+                rows, cols = max(rows, buf.shape[0]), max(cols, buf.shape[1] * 3 // 2)
+            shape = (rows, triton.cdiv(cols, 64) * 64)
+            buf = torch.zeros(shape, dtype=dtype, device=self.device) if zeros else \
+                torch.empty(shape, dtype=dtype, device=self.device)
+            self.buffers[name] = buf
+        return buf
+
+
+_WORKSPACES: dict[tuple, _Workspace] = {}
+
+
+def _workspace(device: torch.device) -> _Workspace:
+    """The scratch buffers for `device` and its current stream."""
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+    ws = _WORKSPACES.get((device, stream))
+    if ws is None:
+        ws = _WORKSPACES[(device, stream)] = _Workspace(device)
+    return ws
+
+
+def clear_workspaces() -> None:
+    """Free the scratch buffers that the Triton path keeps between calls (they are rebuilt on demand)."""
+    _WORKSPACES.clear()
+
+
+def triton_scores(p: _Problem, q: torch.Tensor, keys: torch.Tensor, kv_start: torch.Tensor | None,
                   cfg: LokiKernelConfig) -> torch.Tensor:
-    """Stage 1: approximate scores, float32 [B*Hkv, S] ("group", max over the group) or [B*Hq, S] ("query")."""
+    """Stage 1: approximate scores, float32 [B*Hkv, S] ("group", max over the group) or [B*Hq, S] ("query"),
+    from `keys` (the key cache or its narrow copy). A view of the workspace, valid until the next call."""
     b, hkv, g, s = p.batch, p.kv_heads, p.group_size, p.seq
-    scores = torch.empty((b * hkv if p.group else b * p.q_heads, s), device=q.device, dtype=torch.float32)
+    rows = b * p.rows_per_batch
+    scores = _workspace(q.device).get("scores", rows, s, torch.float32)
     n_split, tiles = _split(s, cfg.block_n_scores, b * hkv, cfg.programs_per_sm * _num_sms(q.device))
     _approx_scores_kernel[(b * hkv, n_split)](
-        q, k_cache, p.dims if p.dims is not None else scores, kv_start if kv_start is not None else scores, scores,
-        s, hkv, g, tiles, p.d_max,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        GROUP=p.group, PER_HEAD_D=p.dims is not None, HAS_START=kv_start is not None,
-        BLOCK_G=max(_MIN_DOT, triton.next_power_of_2(g)), BLOCK_D=max(_MIN_DOT, triton.next_power_of_2(p.d_max)),
-        BLOCK_N=cfg.block_n_scores, **_launch(cfg, q),
+        q, keys, p.dims if p.dims is not None else scores, kv_start if kv_start is not None else scores, scores,
+        s, scores.stride(0), hkv, g, tiles, p.d_max,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        GROUP=p.group, PER_HEAD_D=p.dims is not None, HAS_START=kv_start is not None, KEY_WIDTH=keys.shape[-1],
+        BLOCK_G=_block(g), BLOCK_D=_block(p.d_max), BLOCK_N=cfg.block_n_scores, **_launch(cfg, q),
     )
-    return scores
+    return scores[:rows, :s]
 
 
 def select_tokens(scores: torch.Tensor, k: int, k_b: torch.Tensor | None, rows_per_batch: int,
                   cfg: LokiKernelConfig) -> torch.Tensor:
-    """Stage 2: [rows, k] positions of the k_b best scores of each row of float32 `scores` [rows, S] (row r
-    belongs to sequence r // rows_per_batch; k_b = k without padding; entries past k_b are unused).
-
-    Rows up to `cfg.select_kernel_max_seq` use the selection kernel (int32, increasing positions, ties at the
-    threshold to the earliest positions); longer rows use torch.topk (int64; sorted when budgets differ, so the
-    first k_b are the best; ties in torch's order).
-    """
+    """Stage 2: int32 [rows, k] positions of the k_b best scores of each row of float32 `scores` [rows, S]
+    (stride(-1) == 1; row r belongs to sequence r // rows_per_batch; k_b = k without padding; entries past k_b
+    are unused), in increasing order, ties at the threshold to the earliest positions. Rows up to
+    `cfg.select_kernel_max_seq` use one program per row, longer rows several. A view of the workspace, valid
+    until the next call."""
     rows, s = scores.shape
-    if s > cfg.select_kernel_max_seq:
-        return scores.topk(k, dim=-1, sorted=k_b is not None).indices
-    idx = torch.empty((rows, k), device=scores.device, dtype=torch.int32)
-    cand = torch.empty((rows, s), device=scores.device, dtype=torch.int32)
-    stride = max(1, s // cfg.select_sample)
-    _select_kernel[(rows,)](
-        scores, k_b if k_b is not None else idx, cand, idx,
-        s, k, rows_per_batch, stride, min(cfg.select_sample, triton.cdiv(s, stride)),
-        HAS_KB=k_b is not None, SAMPLE=cfg.select_sample, BLOCK=cfg.select_block, MARGIN_SIGMAS=5.0,
-        num_warps=cfg.select_warps,
+    ws = _workspace(scores.device)
+    idx = ws.get("idx", rows, k, torch.int32)
+    cand = ws.get("cand", rows, s, torch.int32)
+    kb_arg = k_b if k_b is not None else idx
+    if s <= cfg.select_kernel_max_seq:
+        stride = max(1, s // cfg.select_sample)
+        _select_kernel[(rows,)](
+            scores, kb_arg, cand, idx,
+            s, scores.stride(0), cand.stride(0), idx.stride(0), k, rows_per_batch, stride,
+            min(cfg.select_sample, triton.cdiv(s, stride)),
+            HAS_KB=k_b is not None, SAMPLE=cfg.select_sample, BLOCK=cfg.select_block, MARGIN_SIGMAS=5.0,
+            num_warps=cfg.select_warps,
+        )
+        return idx[:rows, :k]
+    block = cfg.multi_select_block
+    n_chunks, tiles = _split(s, block, rows, cfg.programs_per_sm * _num_sms(scores.device),
+                             cfg.multi_select_max_chunks)
+    cp2 = max(_MIN_DOT, triton.next_power_of_2(n_chunks))
+    cand_pos = ws.get("cand_pos", rows, s, torch.int32)
+    meta = ws.get("select_meta", rows, 4 + 3 * cp2, torch.int32, zeros=True)
+    hist = ws.get("select_hist", rows, _SUB_BINS, torch.int32, zeros=True)
+    stride = max(1, s // cfg.multi_select_sample)
+    _collect_kernel[(rows, n_chunks)](
+        scores, kb_arg, cand, cand_pos, meta, hist,
+        s, scores.stride(0), cand.stride(0), cand_pos.stride(0), meta.stride(0), hist.stride(0), k, rows_per_batch,
+        n_chunks, tiles,
+        stride, min(cfg.multi_select_sample, triton.cdiv(s, stride)),
+        HAS_KB=k_b is not None, SAMPLE=cfg.multi_select_sample, BLOCK=block, CP2=cp2, MARGIN_SIGMAS=5.0,
+        num_warps=cfg.multi_select_warps,
     )
-    return idx
+    _write_kernel[(rows, n_chunks)](
+        scores, kb_arg, meta, idx, s, scores.stride(0), meta.stride(0), idx.stride(0), k, rows_per_batch, tiles,
+        HAS_KB=k_b is not None, CP2=cp2, BLOCK=block, num_warps=cfg.multi_select_warps,
+    )
+    return idx[:rows, :k]
 
 
 def triton_attend(p: _Problem, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, idx: torch.Tensor,
                   k_b: torch.Tensor | None, scaling: float, cfg: LokiKernelConfig, out: torch.Tensor) -> torch.Tensor:
-    """Stage 3: exact attention over the rows `idx` [rows, k] of K and V (split-K, then a merge) into `out`."""
-    b, hq, dh = p.batch, p.q_heads, p.head_dim
+    """Stage 3: exact attention over the rows `idx` [rows, k] of K and V into `out` (split-K; the last split of
+    each row merges)."""
     rows, k = idx.shape
     heads_per_row = p.group_size if p.group else 1
     n_split, tiles = _split(k, cfg.block_n_attn, rows, cfg.programs_per_sm * _num_sms(q.device))
-    m = torch.empty((rows, n_split, heads_per_row), device=q.device, dtype=torch.float32)
-    l = torch.empty_like(m)
-    acc = torch.empty((rows, n_split, heads_per_row, dh), device=q.device, dtype=torch.float32)
-    block_d = max(_MIN_DOT, triton.next_power_of_2(dh))
+    ws = _workspace(q.device)
+    part = ws.get("partials", rows, n_split * heads_per_row * (p.head_dim + 2), torch.float32)
+    done = ws.get("attend_done", 1, rows, torch.int32, zeros=True)
     _sparse_attention_kernel[(rows, n_split)](
-        q, k_cache, v_cache, idx, k_b if k_b is not None else idx, m, l, acc,
-        k, rows // b, 1 if p.group else p.group_size, heads_per_row, tiles, n_split, scaling * _LOG2E,
+        q, k_cache, v_cache, idx, k_b if k_b is not None else idx, part, done, out,
+        k, idx.stride(0), part.stride(0), p.rows_per_batch, 1 if p.group else p.group_size, heads_per_row, tiles,
+        n_split, scaling * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HAS_KB=k_b is not None, HEAD_DIM=dh, BLOCK_G=max(_MIN_DOT, triton.next_power_of_2(heads_per_row)), BLOCK_D=block_d,
-        BLOCK_N=cfg.block_n_attn, **_launch(cfg, q),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+        HAS_KB=k_b is not None, HEAD_DIM=p.head_dim, BLOCK_G=_block(heads_per_row), BLOCK_D=_block(p.head_dim),
+        BLOCK_N=cfg.block_n_attn, BLOCK_S=min(32, triton.next_power_of_2(n_split)), **_launch(cfg, q),
     )
-    _merge_splits_kernel[(b * hq,)](
-        m, l, acc, out, n_split, heads_per_row, hq, out.stride(0), out.stride(1),
-        HEAD_DIM=dh, BLOCK_S=triton.next_power_of_2(n_split), BLOCK_D=block_d, num_warps=4,
+    return out
+
+
+def triton_fused(p: _Problem, q: torch.Tensor, keys: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 kv_start: torch.Tensor | None, k: int, k_b: torch.Tensor | None, scaling: float,
+                 cfg: LokiKernelConfig, out: torch.Tensor) -> torch.Tensor:
+    """All three stages in one kernel, one program per selection row, into `out` (for short caches)."""
+    rows, s = p.batch * p.rows_per_batch, p.seq
+    ws = _workspace(q.device)
+    scores = ws.get("scores", rows, s, torch.float32)
+    cand = ws.get("cand", rows, s, torch.int32)
+    idx = ws.get("idx", rows, k, torch.int32)
+    heads_per_row = p.group_size if p.group else 1
+    stride = max(1, s // cfg.select_sample)
+    _fused_kernel[(rows,)](
+        q, keys, k_cache, v_cache, p.dims if p.dims is not None else scores,
+        kv_start if kv_start is not None else scores, k_b if k_b is not None else idx, scores, cand, idx, out,
+        s, scores.stride(0), cand.stride(0), idx.stride(0), k, p.rows_per_batch, 1 if p.group else p.group_size,
+        heads_per_row, p.d_max, stride, min(cfg.select_sample, triton.cdiv(s, stride)), scaling * _LOG2E,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), out.stride(0), out.stride(1),
+        PER_HEAD_D=p.dims is not None, HAS_START=kv_start is not None, HAS_KB=k_b is not None,
+        KEY_WIDTH=keys.shape[-1], HEAD_DIM=p.head_dim, BLOCK_G=_block(heads_per_row), BLOCK_DA=_block(p.d_max),
+        BLOCK_D=_block(p.head_dim), BLOCK_NS=cfg.block_n_fused, BLOCK_N=cfg.block_n_fused_attn,
+        SAMPLE=cfg.select_sample,
+        SELECT_BLOCK=cfg.select_block, MARGIN_SIGMAS=5.0, **{**_launch(cfg, q), "num_warps": cfg.fused_warps},
     )
     return out
 
@@ -524,13 +967,14 @@ def loki_decode_attention_triton(
     scaling: float,
     kv_start: torch.Tensor | None = None,
     gqa_select: str = "group",
+    k_approx: torch.Tensor | None = None,
     config: LokiKernelConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Loki decode step with the Triton kernels (bf16/fp16/fp32; CUDA, or CPU under TRITON_INTERPRET=1).
     Same arguments and result as `loki_decode_attention`; `config` overrides the launch settings; `out`
     ([B, Hq, D] in q.dtype, last dim contiguous) receives the result when given."""
-    p = _check(q, k_cache, v_cache, d, k_frac, kv_start, gqa_select)
+    p = _check(q, k_cache, v_cache, d, k_frac, kv_start, gqa_select, k_approx)
     if q.dtype not in _TRITON_DTYPES:
         raise TypeError(f"the Triton path takes {_TRITON_DTYPES}, got {q.dtype}: use loki_decode_attention_torch")
     if out is None:
@@ -540,9 +984,12 @@ def loki_decode_attention_triton(
     k, k_b = _budget(p, kv_start)
     if k == 0:
         return out.zero_()
-    cfg = config or LokiKernelConfig()
-    scores = triton_scores(p, q, k_cache, kv_start, cfg)
-    idx = select_tokens(scores, k, k_b, scores.shape[0] // p.batch, cfg)
+    cfg = config or _DEFAULT_CONFIG
+    keys = k_cache if k_approx is None else k_approx
+    if p.seq <= cfg.fused_max_seq:
+        return triton_fused(p, q, keys, k_cache, v_cache, kv_start, k, k_b, scaling, cfg, out)
+    scores = triton_scores(p, q, keys, kv_start, cfg)
+    idx = select_tokens(scores, k, k_b, p.rows_per_batch, cfg)
     return triton_attend(p, q, k_cache, v_cache, idx, k_b, scaling, cfg, out)
 
 
@@ -556,6 +1003,7 @@ def loki_decode_attention(
     scaling: float,
     kv_start: torch.Tensor | None = None,
     gqa_select: str = "group",
+    k_approx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One Loki decode step: sparse attention of `q` over the top `k_frac` of the cached tokens.
 
@@ -564,8 +1012,12 @@ def loki_decode_attention(
     an int, or one per KV head (tuple of ints or int tensor [Hkv]; a tensor on the GPU costs a host sync);
     k_frac in (0, 1]; scaling: softmax scale;
     kv_start: int [B] first valid key of each sequence (left padding) or None; gqa_select: "group" (one top-k per
-    KV head on the max over its query heads) or "query" (one per query head).
+    KV head on the max over its query heads) or "query" (one per query head);
+    k_approx: optional [B, Hkv, S, d'] copy of the first d' >= max d dims of the rotated keys (stride(-1) == 1;
+    `LokiCache` keeps one, costing d'/D of the key memory): the approximate scores read it instead of k_cache,
+    whole rows at full bandwidth; the result is the same.
     Returns [B, Hq, D] in q.dtype. CUDA bf16/fp16/fp32 runs the Triton kernels, anything else PyTorch.
     """
     impl = loki_decode_attention_triton if q.is_cuda and q.dtype in _TRITON_DTYPES else loki_decode_attention_torch
-    return impl(q, k_cache, v_cache, d=d, k_frac=k_frac, scaling=scaling, kv_start=kv_start, gqa_select=gqa_select)
+    return impl(q, k_cache, v_cache, d=d, k_frac=k_frac, scaling=scaling, kv_start=kv_start, gqa_select=gqa_select,
+                k_approx=k_approx)
