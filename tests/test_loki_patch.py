@@ -7,6 +7,7 @@ from loki_helpers import ARCHS, random_basis, tiny_model
 
 import hf_patch
 from hf_patch import LokiCache, patch_loki, unpatch
+from hf_patch.loki.cache import APPROX_KEYS
 from hf_patch.loki.attention import LokiLayer, loki_attention_dense, visible_keys
 from hf_patch.loki.budget import num_tokens
 from hf_patch.loki.dims import allocate_dims
@@ -154,6 +155,16 @@ def test_cache_appends_in_place_and_stores_rotated_keys():
         ref = plain(torch.cat([x] + [tokens(1, 1, seed=s) for s in range(5)], 1), use_cache=True).past_key_values
     p = basis.components[0]
     torch.testing.assert_close(layer.keys @ p.transpose(-1, -2), ref.layers[0].keys, atol=1e-5, rtol=1e-5)
+    # beside them, the first d' (= max d rounded up to 8, below D) rotated dims as their own contiguous buffer
+    approx = getattr(layer.keys, APPROX_KEYS)
+    width = min(layer.keys.shape[-1], -(-int(layer.loki.dims.max()) // 8) * 8)
+    assert approx.shape == (*layer.keys.shape[:3], width) and approx.stride(-1) == 1 and width < layer.keys.shape[-1]
+    assert torch.equal(approx, layer.keys[..., :width]) and approx.data_ptr() == layer._ka.data_ptr()
+    without = LokiCache(model, approx_keys=False)
+    with torch.no_grad():
+        model(x, past_key_values=without)
+    assert not hasattr(without.layers[0].keys, APPROX_KEYS)
+    assert torch.equal(without.layers[0].keys, layer.keys[:, :, :10])
 
 
 def test_cache_grows_geometrically():

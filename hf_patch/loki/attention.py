@@ -170,11 +170,15 @@ def loki_attention_forward(
         return sdpa_attention_forward(module, q, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if t == 1 and keys_rotated and (start := decode_kv_start(attention_mask, key.shape[2])) is not False:
         from ..kernels.loki_decode import loki_decode_attention
+        from .cache import APPROX_KEYS
 
-        uniform = int(loki.dims.min()) == int(loki.dims.max())
+        if "_decode_dims" not in loki.__dict__:  # d as the kernel takes it, computed once per layer
+            dims = tuple(int(x) for x in loki.dims)
+            loki.__dict__["_decode_dims"] = dims[0] if len(set(dims)) == 1 else dims
         out = loki_decode_attention(loki.rotate_queries(query).flatten(1, 3), key, value,
-                                    d=int(loki.dims[0]) if uniform else loki.dims, k_frac=loki.k_frac,
-                                    scaling=scaling, kv_start=start, gqa_select=loki.gqa_select)
+                                    d=loki.__dict__["_decode_dims"], k_frac=loki.k_frac, scaling=scaling,
+                                    kv_start=start, gqa_select=loki.gqa_select,
+                                    k_approx=getattr(key, APPROX_KEYS, None))
         return out[:, None], None
     if query.is_cuda or PREFILL_KERNELS_ON_CPU:  # every row (mode "all"): kernels where the mask is causal + padding
         from ..kernels.loki_prefill import loki_prefill_forward

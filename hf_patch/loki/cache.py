@@ -2,6 +2,10 @@
 
 Appending a token writes into preallocated storage and returns views of the filled part: a decode step never
 copies the cache (the buffers grow geometrically, so a sequence of S tokens costs O(log S) reallocations).
+Beside the rotated keys it keeps, by default, a contiguous copy of their first d' dims (d' = the layer's largest
+d, rounded up to a multiple of 8): the decode kernel's approximate scores read it at full bandwidth instead of
+64-byte pieces of each key row. It costs d'/D of the key memory (d_frac = 0.25: +12.5% of the keys, +6.25% of
+the KV cache); `LokiCache(model, approx_keys=False)` leaves it out.
 """
 from __future__ import annotations
 
@@ -11,28 +15,40 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .attention import ROTATED_FLAG, LokiLayer
 
 GROWTH = 256  # capacity is kept a multiple of this many tokens
+APPROX_KEYS = "_loki_approx_keys"  # attribute of the published keys: their narrow copy [B, H_kv, length, d']
 
 
 class LokiCacheLayer(CacheLayerMixin):
-    """One layer: rotated keys and values in [B, H_kv, capacity, D] buffers; `keys`/`values` view [:, :, :length]."""
+    """One layer: rotated keys and values in [B, H_kv, capacity, D] buffers, and (approx_keys) a copy of the first
+    d' rotated dims in a [B, H_kv, capacity, d'] buffer; `keys`/`values` view [:, :, :length], and
+    `getattr(keys, APPROX_KEYS)` the narrow copy's [:, :, :length] (absent without one)."""
 
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, loki: LokiLayer, capacity: int = 0):
+    def __init__(self, loki: LokiLayer, capacity: int = 0, approx_keys: bool = True):
         super().__init__()
         self.loki = loki
         self.capacity_hint = capacity
+        self.approx_keys = approx_keys
         self.length = 0
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
+        self._ka: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self._k = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]))
+        head_dim = key_states.shape[-1]
+        self._k = key_states.new_empty((*key_states.shape[:2], 0, head_dim))
         self._v = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]))
+        width = min(head_dim, -(-int(self.loki.dims.max()) // 8) * 8)  # 16-byte rows (bf16) for vector loads
+        if self.approx_keys and width < head_dim:
+            self._ka = key_states.new_empty((*key_states.shape[:2], 0, width))
         self.is_initialized = True
         self._reserve(max(self.capacity_hint, key_states.shape[-2]))
+
+    def _buffers(self) -> list[str]:
+        return ["_k", "_v"] + (["_ka"] if self._ka is not None else [])
 
     def _reserve(self, needed: int) -> None:
         capacity = self._k.shape[2]
@@ -40,16 +56,18 @@ class LokiCacheLayer(CacheLayerMixin):
             return
         new = max(needed, capacity + capacity // 2)
         new = -(-new // GROWTH) * GROWTH
-        k = self._k.new_empty((*self._k.shape[:2], new, self._k.shape[-1]))
-        v = self._v.new_empty((*self._v.shape[:2], new, self._v.shape[-1]))
-        k[:, :, : self.length] = self._k[:, :, : self.length]
-        v[:, :, : self.length] = self._v[:, :, : self.length]
-        self._k, self._v = k, v
+        for name in self._buffers():
+            old = getattr(self, name)
+            buf = old.new_empty((*old.shape[:2], new, old.shape[-1]))
+            buf[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, buf)
 
     def _publish(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.keys = self._k[:, :, : self.length]
         self.values = self._v[:, :, : self.length]
         setattr(self.keys, ROTATED_FLAG, True)
+        if self._ka is not None:
+            setattr(self.keys, APPROX_KEYS, self._ka[:, :, : self.length])
         return self.keys, self.values
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -58,7 +76,10 @@ class LokiCacheLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         t = key_states.shape[-2]
         self._reserve(self.length + t)
-        self._k[:, :, self.length : self.length + t] = self.loki.rotate_keys(key_states).to(self.dtype)
+        rotated = self.loki.rotate_keys(key_states).to(self.dtype)
+        self._k[:, :, self.length : self.length + t] = rotated
+        if self._ka is not None:
+            self._ka[:, :, self.length : self.length + t] = rotated[..., : self._ka.shape[-1]]
         self._v[:, :, self.length : self.length + t] = value_states.to(self.dtype)
         self.length += t
         return self._publish()
@@ -86,7 +107,8 @@ class LokiCacheLayer(CacheLayerMixin):
 
     def _map_batch(self, fn) -> None:
         if self.is_initialized:
-            self._k, self._v = fn(self._k), fn(self._v)
+            for name in self._buffers():
+                setattr(self, name, fn(getattr(self, name)))
             self._publish()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -108,10 +130,11 @@ class LokiCache(Cache):
     """Cache for a model patched with Loki: one `LokiCacheLayer` per attention layer.
 
     `generate` builds one automatically on a patched model; pass one yourself as `past_key_values=LokiCache(model)`
-    for manual decoding loops. `capacity` preallocates that many tokens per layer.
+    for manual decoding loops. `capacity` preallocates that many tokens per layer. `approx_keys` keeps the narrow
+    copy of the first d' rotated key dims that the decode kernel scores from (+d'/D of the key memory).
     """
 
-    def __init__(self, model: torch.nn.Module, capacity: int = 0):
+    def __init__(self, model: torch.nn.Module, capacity: int = 0, approx_keys: bool = True):
         from .patch import loki_layers
 
-        super().__init__(layers=[LokiCacheLayer(layer, capacity) for layer in loki_layers(model)])
+        super().__init__(layers=[LokiCacheLayer(layer, capacity, approx_keys) for layer in loki_layers(model)])
