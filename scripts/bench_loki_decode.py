@@ -1,16 +1,22 @@
 """One Loki decode attention step against full attention (SDPA) on the GPU: correctness first, then speed.
 
-1. Checks the Triton path (and the PyTorch path run on the GPU) against a float64 dense reference with an explicit
-   selection mask, on fresh random inputs at real sizes (relative error, NaN check, poisoned output).
-2. Optionally (--sweep) times a few launch configurations on representative shapes.
-3. Times SDPA (fastest of its fair forms: flash/efficient, GQA-packed or enable_gqa) and Loki at
-   B in {1, 8, 16}, S in {4k, 16k, 64k, 128k}, Llama-3-8B heads (32 q, 8 KV, D = 128), bf16,
+1. Checks the Triton path (its three forms: one fused kernel, scores + one-program-per-row selection + attention,
+   scores + multi-program selection + attention; with and without the narrow key copy `k_approx`) and the PyTorch
+   path run on the GPU against a float64 dense reference with an explicit selection mask, on fresh random inputs
+   at real sizes (relative error, NaN check, poisoned output, bitwise repeatability); the selection alone against
+   a stable sort on adversarial rows (ties on a grid of values, an outlier pattern that misleads the sample,
+   padding, one fully padded sequence).
+2. Optionally (--sweep) times the whole step under a few launch configurations on representative shapes.
+3. Times SDPA (fastest of its fair forms: flash/efficient, GQA-packed or enable_gqa) and Loki (reading the
+   approximate scores from a narrow key copy, as `LokiCache` keeps one) at B in {1, 8, 16},
+   S in {4k, 16k, 64k, 128k}, Llama-3-8B heads (32 q, 8 KV, D = 128), bf16,
    (d_frac, k_frac) in {(0.25, 0.25), (0.25, 0.125), (0.5, 0.25)}: do_bench medians (L2 flushed by do_bench,
-   inputs rotated), back-to-back steps (CPU launch cost included) and CUDA-graph replays; the stage split
-   (scores, top-k selection, gather-attention), the selection's share and torch.topk on the same scores for
-   comparison; effective bandwidth and the bandwidth floors; the host (CPU) cost of each piece.
+   inputs rotated), back-to-back steps (CPU launch cost included) and CUDA-graph replays; Loki without the
+   narrow copy at the first setting; the stage split (scores, top-k selection, gather-attention with its merge),
+   the selection's share and torch.topk on the same scores for comparison; effective bandwidth and the
+   bandwidth floors; the host (CPU) cost of each piece.
 
-    PYTHONPATH=. python scripts/bench_loki_decode.py [--sweep] [--json out.json]
+    PYTHONPATH=. python scripts/bench_loki_decode.py [--sweep] [--json out.json] [--batches 8 16] [--seqs 16384]
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ HQ, HKV, D = 32, 8, 128
 SETTINGS = [(0.25, 0.25), (0.25, 0.125), (0.5, 0.25)]
 BATCHES, SEQS = [1, 8, 16], [4096, 16384, 65536, 131072]
 ROTATE_BYTES = 512 << 20  # inputs rotated over at least this many bytes so the 50 MB L2 cannot hold them
+DEVICE = "cuda"
 
 
 def dense_reference(q, k, v, d, k_frac, scaling, kv_start, gqa_select):
@@ -65,50 +72,121 @@ def rel_err(x, ref) -> float:
 
 def random_cache(b, s, dtype, capacity_extra=0):
     """q [B, Hq, D] and K, V views [:, :, :S] of a [B, Hkv, S + extra, D] buffer (as the in-place cache hands out)."""
-    q = torch.randn(b, HQ, D, device="cuda", dtype=dtype)
-    k = torch.randn(b, HKV, s + capacity_extra, D, device="cuda", dtype=dtype)[:, :, :s]
-    v = torch.randn(b, HKV, s + capacity_extra, D, device="cuda", dtype=dtype)[:, :, :s]
+    q = torch.randn(b, HQ, D, device=DEVICE, dtype=dtype)
+    k = torch.randn(b, HKV, s + capacity_extra, D, device=DEVICE, dtype=dtype)[:, :, :s]
+    v = torch.randn(b, HKV, s + capacity_extra, D, device=DEVICE, dtype=dtype)[:, :, :s]
     return q, k, v
+
+
+def narrow_copy(k, d, capacity_extra=0):
+    """The first d' = max d (rounded up to 8) dims of the keys in their own [B, Hkv, S + extra, d'] buffer, viewed
+    [:, :, :S] (what `LokiCache` keeps beside the keys)."""
+    d_max = int(max(d.tolist())) if isinstance(d, torch.Tensor) else d
+    width = min(D, -(-d_max // 8) * 8)
+    buf = k.new_empty((*k.shape[:2], k.shape[2] + capacity_extra, width))
+    buf[:, :, : k.shape[2]] = k[..., :width]
+    return buf[:, :, : k.shape[2]]
+
+
+CHECK_CASES = [  # (B, S, dtype, gqa_select, d, k_frac, kv_start, forms); "default": the form picked for that S
+    (2, 16411, torch.bfloat16, "group", 32, 0.25, [0, 1000], ["default", "fused", "one-program select",
+                                                                 "multi-program select"]),
+    (2, 16411, torch.bfloat16, "query", 32, 0.25, None, ["default"]),
+    (1, 65543, torch.float16, "group", "per-head", 0.125, None, ["default"]),
+    (3, 4099, torch.float32, "query", 64, 0.5, [0, 17, 4000], ["default", "fused"]),
+    (4, 8192, torch.bfloat16, "group", 64, 0.25, None, ["default"]),
+    (4, 3001, torch.bfloat16, "group", 32, 0.25, [0, 5, 3001, 2000], ["default"]),
+    (8, 131072, torch.bfloat16, "group", 32, 0.25, None, ["default"]),
+]
+SELECT_CASES = [(64, 65536, 0.25), (128, 16384, 0.125), (8, 131072, 0.25), (16, 5000, 0.5)]  # (rows, S, k_frac)
+FULL_CHECK = (2, 4099)  # (B, S) of the d = D, k_frac = 1 check against SDPA
+PER_HEAD_D = [16, 24, 32, 40, 48, 32, 16, 8]  # d per KV head in the "per-head" case
+HOST_SEQS, HOST_REPS = (4096, 8192, 16384), 200  # host-cost measurement: cache lengths (one per form), calls
+FORMS = {  # the three forms of the Triton path, forced whatever the length
+    "fused": ld.LokiKernelConfig(fused_max_seq=1 << 30),
+    "one-program select": ld.LokiKernelConfig(fused_max_seq=0, select_kernel_max_seq=1 << 30),
+    "multi-program select": ld.LokiKernelConfig(fused_max_seq=0, select_kernel_max_seq=0),
+}
 
 
 def check_correctness() -> bool:
     print("## correctness vs a float64 dense reference (fresh random inputs, poisoned outputs)")
-    print("| B | S | dtype | select | d | k_frac | kv_start | triton rel err | torch-path rel err | NaN |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    cases = [
-        (2, 16411, torch.bfloat16, "group", 32, 0.25, [0, 1000]),
-        (2, 16411, torch.bfloat16, "query", 32, 0.25, None),
-        (1, 65543, torch.float16, "group", "per-head", 0.125, None),
-        (3, 4099, torch.float32, "query", 64, 0.5, [0, 17, 4000]),
-        (4, 8192, torch.bfloat16, "group", 64, 0.25, None),
-    ]
+    print("| B | S | dtype | select | d | k_frac | kv_start | form | triton rel err (k_approx: no / yes) | "
+          "torch-path rel err | NaN | repeat bitwise |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     ok = True
-    for b, s, dtype, select, d, k_frac, start in cases:
+    for b, s, dtype, select, d, k_frac, start, forms in CHECK_CASES:
         torch.manual_seed(b * s)
         q, k, v = random_cache(b, s, dtype, capacity_extra=300)
-        d = torch.tensor([16, 24, 32, 40, 48, 32, 16, 8], dtype=torch.int32) if d == "per-head" else d
-        kv_start = torch.tensor(start, device="cuda", dtype=torch.int32) if start else None
+        d = torch.tensor(PER_HEAD_D, dtype=torch.int32) if d == "per-head" else d
+        k_approx = narrow_copy(k, d, capacity_extra=300)
+        kv_start = torch.tensor(start, device=DEVICE, dtype=torch.int32) if start else None
         args = dict(d=d, k_frac=k_frac, scaling=D**-0.5, kv_start=kv_start, gqa_select=select)
-        ld.loki_decode_attention_triton(q, k, v, **args)  # compile first: the checked call is a warm launch
-        out = torch.full_like(q, float("nan"))
-        ld.loki_decode_attention_triton(q, k, v, out=out, **args)
-        torch.cuda.synchronize()
-        ref = dense_reference(q, k, v, **args)
-        err_t = rel_err(out, ref)
-        err_p = rel_err(ld.loki_decode_attention_torch(q, k, v, **args), ref)
-        nan = bool(out.isnan().any())
-        tol = 1e-4 if dtype == torch.float32 else 1e-2
-        ok &= err_t < tol and err_p < tol and not nan
-        dd = "per-head" if isinstance(d, torch.Tensor) else d
-        print(f"| {b} | {s} | {str(dtype)[6:]} | {select} | {dd} | {k_frac} | {start} | {err_t:.2e} | {err_p:.2e} "
-              f"| {nan} |")
-    q, k, v = random_cache(2, 4099, torch.bfloat16)
-    full = ld.loki_decode_attention(q, k, v, d=D, k_frac=1.0, scaling=D**-0.5)
+        ref = dense_reference(q, k, v, **args) if s * b <= 200_000 else None
+        err_p = rel_err(ld.loki_decode_attention_torch(q, k, v, **args), ref) if ref is not None else float("nan")
+        for form in forms:
+            cfg = FORMS.get(form)
+            errs, outs = [], []
+            for narrow in (None, k_approx):
+                ld.loki_decode_attention_triton(q, k, v, k_approx=narrow, config=cfg, **args)  # compile first
+                out = torch.full_like(q, float("nan"))
+                ld.loki_decode_attention_triton(q, k, v, k_approx=narrow, config=cfg, out=out, **args)
+                torch.cuda.synchronize()
+                outs.append(out)
+            if ref is None:  # too large for the float64 dense reference: against the PyTorch path in float32
+                ref = ld.loki_decode_attention_torch(q.float(), k.float(), v.float(),
+                                                     **{**args, "kv_start": kv_start}).double()
+            errs = [rel_err(out, ref) for out in outs]
+            again = ld.loki_decode_attention_triton(q, k, v, k_approx=k_approx, config=cfg, **args)
+            same = bool(torch.equal(again, outs[1]) and torch.equal(outs[0], outs[1]))
+            nan = bool(any(out.isnan().any() for out in outs))
+            tol = 1e-4 if dtype == torch.float32 else 1e-2
+            ok &= max(errs) < tol and not (err_p >= tol) and not nan and same
+            dd = "per-head" if isinstance(d, torch.Tensor) else d
+            print(f"| {b} | {s} | {str(dtype)[6:]} | {select} | {dd} | {k_frac} | {start} | {form} | "
+                  f"{errs[0]:.2e} / {errs[1]:.2e} | {err_p:.2e} | {nan} | {same} |", flush=True)
+        del q, k, v, k_approx
+    q, k, v = random_cache(*FULL_CHECK, torch.bfloat16)
     sdpa = F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
-    err = rel_err(full, sdpa.double())
-    ok &= err < 1e-2
-    print(f"\nd = D, k_frac = 1 vs SDPA (bf16, B=2, S=4099): rel err {err:.2e}")
+    for form, cfg in FORMS.items():
+        full = ld.loki_decode_attention_triton(q, k, v, d=D, k_frac=1.0, scaling=D**-0.5, config=cfg)
+        err = rel_err(full, sdpa.double())
+        ok &= err < 1e-2
+        print(f"d = D, k_frac = 1 vs SDPA (bf16, B, S = {FULL_CHECK}, {form}): rel err {err:.2e}")
+    ok &= check_selection()
     print(f"correctness: {'PASS' if ok else 'FAIL'}\n")
+    return ok
+
+
+def check_selection() -> bool:
+    """Both selections against a stable sort (ties to the earliest positions, increasing order) on rows built to
+    be hard: a grid of values (many ties at the threshold, across chunks), a sample-misleading outlier pattern
+    (every 16th position large: the strided sample sees only those), padding with one fully padded row."""
+    ok = True
+    gen = torch.Generator(device=DEVICE).manual_seed(7)
+    for rows, s, k_frac in SELECT_CASES:
+        grid = torch.round(torch.randn(rows, s, device=DEVICE, generator=gen) * 4) / 4
+        every16 = torch.arange(s, device=DEVICE) % 16 == 0
+        outliers = torch.randn(rows, s, device=DEVICE, generator=gen) + 20.0 * every16
+        padded = torch.randn(rows, s, device=DEVICE, generator=gen)
+        starts = torch.randint(0, s, (rows,), device=DEVICE, generator=gen)
+        starts[-1] = s
+        padded = padded.masked_fill(torch.arange(s, device=DEVICE)[None] < starts[:, None], float("-inf"))
+        k = max_tokens(s, k_frac)
+        for name, scores, k_b in (("grid", grid, None), ("outliers", outliers, None),
+                                  ("padded", padded, num_tokens(s - starts, k_frac).clamp_min(0).to(torch.int32))):
+            budgets = k_b.tolist() if k_b is not None else [k] * rows
+            order = torch.sort(-scores.double(), dim=-1, stable=True).indices
+            for multi in (False, True):
+                cfg = ld.LokiKernelConfig(select_kernel_max_seq=0 if multi else 1 << 30)
+                idx = ld.select_tokens(scores, k, k_b, 1, cfg)
+                good = all(torch.equal(idx[r, : budgets[r]].long(), order[r, : budgets[r]].sort().values)
+                           for r in range(rows))
+                ok &= good
+                if not good:
+                    print(f"selection FAILED: {name}, rows={rows}, S={s}, multi-program={multi}")
+    print(f"selection vs stable sort (grid ties / misleading sample / padding; both selections): "
+          f"{'ok' if ok else 'FAILED'}")
     return ok
 
 
@@ -179,122 +257,179 @@ def guarded(timer, fns) -> float:
 
 
 def copy_bandwidth() -> float:
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
     y = torch.empty_like(x)
     t = do_bench(lambda: y.copy_(x), return_mode="median")
     return 2 * x.numel() / (t * 1e-3)
 
 
 def make_sets(b, s):
+    """Input sets (q, k, v, {d': narrow copy of the first d' key dims}) rotated over >= ROTATE_BYTES."""
     per_set = 2 * b * HKV * s * D * 2
     n = max(2, min(16, math.ceil(ROTATE_BYTES / per_set)))
-    return [random_cache(b, s, torch.bfloat16) for _ in range(n)]
+    sets = []
+    for _ in range(n):
+        q, k, v = random_cache(b, s, torch.bfloat16)
+        sets.append((q, k, v, {d: narrow_copy(k, d) for d in sorted({num_dims(f, D) for f, _ in SETTINGS})}))
+    return sets
 
 
-def loki_stages(q, k, v, d, k_frac, cfg):
-    """Callables for the stages of one step on fixed inputs: scores, selection, gather-attention (+ merge), and
-    torch.topk on the same scores for comparison."""
-    p = ld._check(q, k, v, d, k_frac, None, "group")
+def loki_fns(sets, d, k_frac, narrow=True, cfg=None):
+    """One Loki step per input set (reading the narrow key copy unless `narrow` is False)."""
+    return [lambda q=q, k=k, v=v, ka=ka: ld.loki_decode_attention_triton(
+        q, k, v, d=d, k_frac=k_frac, scaling=D**-0.5, k_approx=ka[d] if narrow else None, config=cfg)
+        for q, k, v, ka in sets]
+
+
+def loki_stages(q, k, v, k_approx, d, k_frac, cfg):
+    """Callables for the stages of the split form of one step on fixed inputs: scores (from the narrow copy),
+    selection, gather-attention (+ merge), and torch.topk on the same scores for comparison."""
+    p = ld._check(q, k, v, d, k_frac, None, "group", k_approx)
     kk, _ = ld._budget(p, None)
-    scores = ld.triton_scores(p, q, k, None, cfg)
+    scores = ld.triton_scores(p, q, k_approx, None, cfg)
     idx = ld.select_tokens(scores, kk, None, HKV, cfg)
     out = torch.empty_like(q)
-    return (lambda: ld.triton_scores(p, q, k, None, cfg), lambda: ld.select_tokens(scores, kk, None, HKV, cfg),
+    return (lambda: ld.triton_scores(p, q, k_approx, None, cfg), lambda: ld.select_tokens(scores, kk, None, HKV, cfg),
             lambda: ld.triton_attend(p, q, k, v, idx, None, D**-0.5, cfg, out),
             lambda: scores.topk(kk, dim=-1, sorted=False))
 
 
 def stage_times(sets, d, k_frac, cfg, n: int = 4) -> list[float]:
-    """do_bench medians (ms) of the first `n` of `loki_stages`, rotating over two input sets."""
-    stages = [loki_stages(q, k, v, d, k_frac, cfg) for q, k, v in sets[:2]]
+    """do_bench medians (ms) of the first `n` of `loki_stages`, rotating over two input sets. The stages share
+    the workspace, so each set's selection reads the scores last written (same shapes: the timing is the same)."""
+    stages = [loki_stages(q, k, v, ka[d], d, k_frac, cfg) for q, k, v, ka in sets[:2]]
     return [time_rotated([st[i] for st in stages]) for i in range(n)]
 
 
-def sweep(configs):
-    print("## launch-configuration sweep, (d, k) = (0.25, 0.25): scores / select / attend ms (do_bench medians)")
-    shapes = [(1, 4096), (1, 131072), (8, 65536), (16, 16384)]
+SWEEP_SHAPES = [(1, 4096), (16, 4096), (1, 16384), (16, 16384), (8, 65536), (1, 131072)]
+
+
+def sweep_configs() -> dict:
+    c = ld.LokiKernelConfig
+    return {
+        "default": c(),
+        "no fused kernel": c(fused_max_seq=0),
+        "fused up to 16k": c(fused_max_seq=16384),
+        "fused, 8 warps": c(fused_warps=8),
+        "fused, scores tile 64": c(block_n_fused=64),
+        "fused, scores tile 256": c(block_n_fused=256),
+        "fused, attention tile 32": c(block_n_fused_attn=32),
+        "one-program select up to 32k": c(select_kernel_max_seq=32768),
+        "multi-program select always": c(select_kernel_max_seq=0),
+        "multi select tile 2048": c(multi_select_block=2048),
+        "multi select sample 2048": c(multi_select_sample=2048),
+        "multi select 8 warps": c(multi_select_warps=8),
+        "multi select <= 64 chunks a row": c(multi_select_max_chunks=64),
+        "scores tile 128": c(block_n_scores=128),
+        "scores tile 256": c(block_n_scores=256),
+        "attend tile 64": c(block_n_attn=64),
+        "8 programs per SM": c(programs_per_sm=8),
+    }
+
+
+def sweep(configs, shapes):
+    print("## launch-configuration sweep, (d, k) = (0.25, 0.25): Loki step ms (do_bench medians, narrow key copy)")
     print("| config | " + " | ".join(f"B={b} S={s}" for b, s in shapes) + " |")
     print("|---|" + "---|" * len(shapes))
     data = {name: {} for name in configs}
     for b, s in shapes:
         sets = make_sets(b, s)[:2]
         for name, cfg in configs.items():
-            data[name][f"{b}x{s}"] = stage_times(sets, 32, 0.25, cfg, n=3)
+            data[name][f"{b}x{s}"] = guarded(time_rotated, loki_fns(sets, num_dims(0.25, D), 0.25, cfg=cfg))
         del sets
         torch.cuda.empty_cache()
     for name in configs:
-        print(f"| {name} | " + " | ".join("/".join(f"{t:.4f}" for t in data[name][f"{b}x{s}"]) for b, s in shapes)
-              + " |")
+        print(f"| {name} | " + " | ".join(f"{data[name][f'{b}x{s}']:.4f}" for b, s in shapes) + " |")
     print()
     return data
 
 
 def host_costs(cfg) -> dict:
-    """Host (CPU) microseconds per call of each piece at a size where the GPU work is negligible."""
-    q, k, v = random_cache(1, 4096, torch.bfloat16)
-    stages = loki_stages(q, k, v, 32, 0.25, cfg)
-    items = {"SDPA flash (packed)": sdpa_forms(q, k, v)["flash-packed"],
-             "Loki step": lambda: ld.loki_decode_attention(q, k, v, d=32, k_frac=0.25, scaling=D**-0.5),
-             "argument checks": lambda: ld._check(q, k, v, 32, 0.25, None, "group"),
-             "scores stage": stages[0], "select stage": stages[1], "attend stage (2 kernels)": stages[2],
-             "torch.topk": stages[3], "torch.empty": lambda: torch.empty(8, 4096, device="cuda")}
+    """Host (CPU) microseconds per call of each piece where the GPU work is small (B=1; by default the step at
+    S=4096 is the fused kernel, at 8192 scores + one-program select + attention, at 16384 scores + multi-program
+    select + attention)."""
+    items = {}
+    d = num_dims(0.25, D)
+    for s in HOST_SEQS:
+        q, k, v = random_cache(1, s, torch.bfloat16)
+        ka = narrow_copy(k, d)
+        items[f"Loki step S={s}"] = lambda q=q, k=k, v=v, ka=ka: ld.loki_decode_attention(
+            q, k, v, d=d, k_frac=0.25, scaling=D**-0.5, k_approx=ka)
+        if s == HOST_SEQS[0]:
+            items["SDPA flash (packed)"] = sdpa_forms(q, k, v)["flash-packed"]
+            items["argument checks"] = lambda q=q, k=k, v=v, ka=ka: ld._check(q, k, v, d, 0.25, None, "group", ka)
+            items["torch.empty"] = lambda: torch.empty(8, 4096, device=DEVICE)
+        if s == HOST_SEQS[-1]:
+            stages = loki_stages(q, k, v, ka, d, 0.25, cfg)
+            items.update({"scores stage": stages[0], "select stage": stages[1], "attend stage": stages[2],
+                          "torch.topk": stages[3]})
     costs = {}
     for name, fn in items.items():
-        for _ in range(20):
+        for _ in range(HOST_REPS // 10):
             fn()
         torch.cuda.synchronize()
         start = time.perf_counter()
-        for _ in range(200):
+        for _ in range(HOST_REPS):
             fn()
-        costs[name] = (time.perf_counter() - start) / 200 * 1e6
+        costs[name] = (time.perf_counter() - start) / HOST_REPS * 1e6
         torch.cuda.synchronize()
-    print("## host cost per call (B=1, S=4096; microseconds of CPU time)")
+    print(f"## host cost per call (B=1, S in {HOST_SEQS}; microseconds of CPU time, or of GPU time where that is "
+          "longer)")
     print(" | ".join(f"{name}: {us:.1f}" for name, us in costs.items()) + "\n")
     return costs
 
 
-def table(cfg, bandwidth):
+def best_sdpa(sets):
+    """(form, ms, callables) of the fastest SDPA form on these inputs."""
+    best = None
+    for form in sdpa_forms(*sets[0][:3]):
+        try:
+            fns = [sdpa_forms(q, k, v)[form] for q, k, v, _ in sets]
+            t = time_rotated(fns)
+        except RuntimeError:  # backend does not take this form
+            continue
+        if best is None or t < best[1]:
+            best = (form, t, fns)
+    return best
+
+
+def table(cfg, bandwidth, batches, seqs, settings):
     print("## decode step: SDPA vs Loki (bf16, 32 q heads, 8 KV heads, D = 128); ms are do_bench medians")
-    print("| B | S | d_f | k_f | SDPA ms (form) | Loki ms | speedup | back-to-back SDPA / Loki ms (speedup) | "
-          "graph SDPA / Loki ms (speedup) | Loki eff. TB/s | floor full / Loki ms | scores / top-k / attend ms | "
-          "top-k share | torch.topk ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| B | S | d_f | k_f | SDPA ms (form) | Loki ms | speedup | Loki w/o narrow copy ms | "
+          "back-to-back SDPA / Loki ms (speedup) | graph SDPA / Loki ms (speedup) | Loki eff. TB/s | "
+          "floor full / Loki ms | form | scores / top-k / attend ms | top-k share | torch.topk ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
-    for b, s in itertools.product(BATCHES, SEQS):
+    for b, s in itertools.product(batches, seqs):
         sets = make_sets(b, s)
-        best = None
-        for form in sdpa_forms(*sets[0]):
-            try:
-                fns = [sdpa_forms(q, k, v)[form] for q, k, v in sets]
-                t = time_rotated(fns)
-            except RuntimeError:  # backend does not take this form
-                continue
-            if best is None or t < best[1]:
-                best = (form, t, fns)
-        form, t_sdpa, sdpa_fns = best
+        form, t_sdpa, sdpa_fns = best_sdpa(sets)
         b2b_sdpa, graph_sdpa = time_back_to_back(sdpa_fns), guarded(time_graph, sdpa_fns)
         full_bytes = 2 * b * HKV * s * D * 2
-        for d_frac, k_frac in SETTINGS:
+        for i, (d_frac, k_frac) in enumerate(settings):
             d = num_dims(d_frac, D)
             k = max_tokens(s, k_frac)
-            loki_fns = [lambda q=q, k_=k_, v=v: ld.loki_decode_attention(q, k_, v, d=d, k_frac=k_frac, scaling=D**-0.5)
-                        for q, k_, v in sets]
-            t_loki = time_rotated(loki_fns)
-            b2b_loki, graph_loki = time_back_to_back(loki_fns), guarded(time_graph, loki_fns)
+            fns = loki_fns(sets, d, k_frac)
+            t_loki = time_rotated(fns)
+            t_wide = time_rotated(loki_fns(sets, d, k_frac, narrow=False)) if i == 0 else float("nan")
+            b2b_loki, graph_loki = time_back_to_back(fns), guarded(time_graph, fns)
             stages = stage_times(sets, d, k_frac, cfg)
+            path = "fused" if s <= cfg.fused_max_seq else \
+                "1-prog select" if s <= cfg.select_kernel_max_seq else "multi select"
             loki_bytes = b * HKV * (s * d + 2 * k * D) * 2
             row = dict(B=b, S=s, d_frac=d_frac, k_frac=k_frac, sdpa_form=form, sdpa_ms=t_sdpa, loki_ms=t_loki,
-                       speedup=t_sdpa / t_loki, b2b_sdpa_ms=b2b_sdpa, b2b_loki_ms=b2b_loki, graph_sdpa_ms=graph_sdpa,
-                       graph_loki_ms=graph_loki, loki_eff_tbs=loki_bytes / (t_loki * 1e-3) / 1e12,
-                       floor_full_ms=full_bytes / bandwidth * 1e3, floor_loki_ms=loki_bytes / bandwidth * 1e3,
-                       scores_ms=stages[0], select_ms=stages[1], attend_ms=stages[2], torch_topk_ms=stages[3],
+                       speedup=t_sdpa / t_loki, loki_wide_ms=t_wide, b2b_sdpa_ms=b2b_sdpa, b2b_loki_ms=b2b_loki,
+                       graph_sdpa_ms=graph_sdpa, graph_loki_ms=graph_loki,
+                       loki_eff_tbs=loki_bytes / (t_loki * 1e-3) / 1e12, floor_full_ms=full_bytes / bandwidth * 1e3,
+                       floor_loki_ms=loki_bytes / bandwidth * 1e3, path=path, scores_ms=stages[0],
+                       select_ms=stages[1], attend_ms=stages[2], torch_topk_ms=stages[3],
                        select_share=stages[1] / t_loki)
             rows.append(row)
             print(f"| {b} | {s} | {d_frac} | {k_frac} | {t_sdpa:.4f} ({form}) | {t_loki:.4f} | {row['speedup']:.2f}x | "
-                  f"{b2b_sdpa:.4f} / {b2b_loki:.4f} ({b2b_sdpa / b2b_loki:.2f}x) | "
+                  f"{t_wide:.4f} | {b2b_sdpa:.4f} / {b2b_loki:.4f} ({b2b_sdpa / b2b_loki:.2f}x) | "
                   f"{graph_sdpa:.4f} / {graph_loki:.4f} ({graph_sdpa / graph_loki:.2f}x) | {row['loki_eff_tbs']:.2f} | "
-                  f"{row['floor_full_ms']:.4f} / {row['floor_loki_ms']:.4f} | "
-                  f"{stages[0]:.4f} / {stages[1]:.4f} / {stages[2]:.4f} | {row['select_share']:.0%} | {stages[3]:.4f} |",
+                  f"{row['floor_full_ms']:.4f} / {row['floor_loki_ms']:.4f} | {path} | "
+                  f"{stages[0]:.4f} / {stages[1]:.4f} / {stages[2]:.4f} | {row['select_share']:.0%} | "
+                  f"{stages[3]:.4f} |",
                   flush=True)
         del sets, sdpa_fns
         torch.cuda.empty_cache()
@@ -303,28 +438,33 @@ def table(cfg, bandwidth):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sweep", action="store_true", help="time a few launch configurations first")
+    parser.add_argument("--sweep", action="store_true", help="time the step under a few launch configurations")
     parser.add_argument("--json", help="write every figure to this file")
+    parser.add_argument("--batches", type=int, nargs="+", default=BATCHES, help="limit the table")
+    parser.add_argument("--seqs", type=int, nargs="+", default=SEQS, help="limit the table")
+    parser.add_argument("--settings", default=",".join(f"{d}:{k}" for d, k in SETTINGS),
+                        help="d_frac:k_frac pairs of the table (the first is also timed without the narrow copy)")
+    parser.add_argument("--skip-checks", action="store_true", help="time only (after a run that checked)")
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name} ({props.multi_processor_count} SMs) | torch {torch.__version__} | triton {triton.__version__}")
     bandwidth = copy_bandwidth()
     print(f"device-to-device copy bandwidth: {bandwidth / 1e12:.2f} TB/s\n")
-    ok = check_correctness()
+    t0 = time.time()
+    ok = None if args.skip_checks else check_correctness()
     result = dict(device=props.name, torch=torch.__version__, triton=triton.__version__,
                   copy_tbs=bandwidth / 1e12, correct=ok)
+    print(f"(checks: {time.time() - t0:.0f} s)\n")
     cfg = ld.LokiKernelConfig()
     if args.sweep:
-        always = 1 << 30  # selection kernel on every row length (default: torch.topk past 32k)
-        configs = {"default": cfg,
-                   "select kernel always": ld.LokiKernelConfig(select_kernel_max_seq=always),
-                   "... block 4096": ld.LokiKernelConfig(select_kernel_max_seq=always, select_block=4096),
-                   "... block 4096, 16 warps": ld.LokiKernelConfig(select_kernel_max_seq=always, select_block=4096,
-                                                                   select_warps=16),
-                   "... 4 warps": ld.LokiKernelConfig(select_kernel_max_seq=always, select_warps=4)}
-        result["sweep"] = sweep(configs)
+        t0 = time.time()
+        result["sweep"] = sweep(sweep_configs(), SWEEP_SHAPES)
+        print(f"(sweep: {time.time() - t0:.0f} s)\n")
     result["host_us"] = host_costs(cfg)
-    result["table"] = table(cfg, bandwidth)
+    settings = [tuple(float(x) for x in pair.split(":")) for pair in args.settings.split(",")]
+    t0 = time.time()
+    result["table"] = table(cfg, bandwidth, args.batches, args.seqs, settings)
+    print(f"(table: {time.time() - t0:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -3,7 +3,9 @@
 A random-weight Llama-architecture model with Llama-3-8B layer shapes (32 q heads, 8 KV heads, D = 128,
 hidden 4096, MLP 14336) and a few layers, bf16. For each context length: prefill + N new tokens; decode
 tokens/s = B * (N - 1) / (t(N) - t(1)), so prefill is excluded. Full attention is timed with transformers'
-default DynamicCache and with its static cache; Loki with its own in-place cache (mode "decode").
+default DynamicCache and with its static cache; Loki with its own in-place cache (mode "decode"), which keeps a
+narrow copy of the first d' rotated key dims for the decode kernel's approximate scores; the first Loki setting is
+also timed without that copy (`LokiCache(model, approx_keys=False)`).
 
     PYTHONPATH=. python scripts/bench_loki_generate.py --layers 4 --batch 8 --contexts 16384 32768
 """
@@ -15,7 +17,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_patch import PCABasis, patch_loki, unpatch
+from hf_patch import LokiCache, PCABasis, patch_loki, unpatch
 
 
 def random_orthonormal_basis(layers: int, heads: int, dim: int) -> PCABasis:
@@ -24,7 +26,10 @@ def random_orthonormal_basis(layers: int, heads: int, dim: int) -> PCABasis:
     return PCABasis(components, eigenvalues, torch.zeros(layers, heads, dim), {"rotary": "pre", "model_id": "random"})
 
 
-def timed_generate(model, prompt, mask, new_tokens: int, **kwargs) -> float:
+def timed_generate(model, prompt, mask, new_tokens: int, cache_factory=None, **kwargs) -> float:
+    """Seconds of one `generate` call (a fresh cache from `cache_factory(capacity)` when given)."""
+    if cache_factory is not None:
+        kwargs["past_key_values"] = cache_factory(prompt.shape[1] + new_tokens)
     torch.cuda.synchronize()
     start = time.perf_counter()
     model.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -67,11 +72,15 @@ def main() -> None:
         best_full = max(full, static)
         rows.append((context, "full (DynamicCache)", full, full / best_full))
         rows.append((context, "full (static cache)", static, static / best_full))
-        for d_frac, k_frac in settings:
+        for i, (d_frac, k_frac) in enumerate(settings):
             patch_loki(model, basis, d_frac=d_frac, k_frac=k_frac, mode="decode", gqa_select="group")
             tps = decode_tokens_per_s(model, prompt, mask, args.new_tokens, args.repeats)
-            unpatch(model)
             rows.append((context, f"loki d={d_frac:g} k={k_frac:g}", tps, tps / best_full))
+            if i == 0:
+                tps = decode_tokens_per_s(model, prompt, mask, args.new_tokens, args.repeats,
+                                          cache_factory=lambda n: LokiCache(model, capacity=n, approx_keys=False))
+                rows.append((context, f"loki d={d_frac:g} k={k_frac:g}, no narrow key copy", tps, tps / best_full))
+            unpatch(model)
         del prompt, mask
         torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | {args.layers} layers of 8B shape, "
