@@ -12,19 +12,21 @@ Stage 1 reads the first dims of the keys either from the key cache or, when give
 contiguous copy of the first ``d' >= max d`` rotated dims (``LokiCache`` keeps one; it costs d'/D of the key
 memory and lets stage 1 stream whole rows instead of 64-byte pieces of 256-byte rows).
 
-The Triton path picks one of three forms by the cache length S (`LokiKernelConfig`):
+The Triton path runs one of three forms, by the cache length S (thresholds in `LokiKernelConfig`):
 
-- S <= ``fused_max_seq``: one kernel, one program per selection row, runs all three stages (no other launch);
-- otherwise a scores kernel (all G heads of a KV head in one pass over the keys, split over S), a selection,
+- S <= ``fused_max_seq``: one kernel, one program per selection row, runs all three stages;
+- otherwise a scores kernel (all G heads of a KV head in one pass over the keys, split over S), the selection,
   and a split-K attention kernel that gathers the kept keys and values by position, keeps an online softmax
-  and whose last program per row merges the splits;
-- the selection is exact top-k, ties at the threshold to the earliest positions, positions written in
-  increasing order. Rows up to ``select_kernel_max_seq``: one program per row (a sorted strided sample brackets
-  the k_b-th score, one pass collects the candidates inside the bracket, a radix select finds the threshold,
-  one pass writes the positions). Longer rows: many programs per row; each collects the candidates of its
-  chunk of the row and a 256-bin histogram of where they lie in the bracket; the last program of a row finds
-  the bin of the k_b-th score, the exact threshold among that bin's few candidates, and each chunk's output
-  offset and share of the ties; a second kernel writes each chunk's positions.
+  and whose last program per row merges the splits. The selection is one kernel with one program per row for
+  rows up to ``select_kernel_max_seq`` (a strided sample brackets the k_b-th score, one pass collects the
+  candidates inside the bracket, a radix select finds the threshold, one pass writes the positions), else two
+  kernels with many programs per row (each collects the candidates of its chunk of the row and a 256-bin
+  histogram of where they lie in the bracket; the last program of a row finds the bin of the k_b-th score, the
+  exact threshold among that bin's few candidates, and each chunk's output offset and share of the ties; the
+  second kernel writes each chunk's positions).
+
+Every selection is the exact top-k_b, ties at the threshold to the earliest positions, positions in increasing
+order (deterministic: the same positions and the same output, bit for bit, on every call).
 
 The Triton path keeps scratch buffers per (device, stream) between calls (`clear_workspaces` frees them), so
 calls on one stream must not overlap in time (stream order guarantees this for ordinary use). The PyTorch
@@ -437,7 +439,7 @@ def _select_row(s_row, c_row, i_row, seq, kb, sample_stride, n_sample,
                 SAMPLE: tl.constexpr, BLOCK: tl.constexpr, MARGIN_SIGMAS: tl.constexpr):
     """Exact top-kb (kb >= 1) of one row of scores [seq] -> its positions in increasing order at i_row.
 
-    A sorted strided sample brackets the kb-th largest score: one pass counts the scores above the bracket
+    A strided sample brackets the kb-th largest score: one pass counts the scores above the bracket
     and copies the keys inside it to `c_row`; if the bracket misses (unlucky sample), every key becomes a
     candidate. A radix select over the candidates gives the exact threshold key t; the last pass writes the
     positions with key > t and, of those with key == t, the first ones, up to kb in all.
@@ -469,6 +471,14 @@ def _select_row(s_row, c_row, i_row, seq, kb, sample_stride, n_sample,
         _write_positions(s_row, i_row, 0, seq, t, need, 0, BREAK_TIES=False, BLOCK=BLOCK)
     else:
         _write_positions(s_row, i_row, 0, seq, t, need, 0, BREAK_TIES=True, BLOCK=BLOCK)
+
+
+@triton.jit
+def _bin_shift(lo, hi):
+    """log2 of the width (in keys) of the bracket's bins: [lo, hi] in at most 256 bins of 2^shift keys (the last
+    bin takes any remainder)."""
+    span = hi.to(tl.int64) - lo.to(tl.int64) + 1
+    return tl.maximum(tl.ceil(tl.log2(span.to(tl.float32))).to(tl.int64) - 8, 0)
 
 
 @triton.jit
@@ -513,18 +523,20 @@ def _finish_row(s_row, ck_row, cp_row, m_row, h_row, seq, kb, lo, hi, n_chunks, 
             bstar = tl.max(tl.where(tl.cumsum(hist, 0, reverse=True) >= need, bins, -1))
             need -= tl.sum(tl.where(bins > bstar, hist, 0))
             lo64 = lo.to(tl.int64)
-            span = hi.to(tl.int64) - lo64 + 1
-            sub_lo = (lo64 + (bstar * span + 255) // 256).to(tl.int32)  # the keys of bin bstar
-            sub_hi = (lo64 + ((bstar + 1) * span + 255) // 256 - 1).to(tl.int32)
+            shift = _bin_shift(lo, hi)
+            sub_lo = hi * 0 + 2147483647  # the smallest and largest key of bin bstar
+            sub_hi = lo * 0 + (-2147483648)
             n_sub = tl.zeros([], dtype=tl.int32)
             for start in range(0, n_mid, BLOCK):
                 offs = start + tl.arange(0, BLOCK)
                 ok = offs < n_mid
                 key = tl.load(ck_row + offs, mask=ok, other=0, cache_modifier=".cg")
                 pos = tl.load(cp_row + offs, mask=ok, other=0, cache_modifier=".cg")
-                sub = ((key.to(tl.int64) - lo64) * 256 // span).to(tl.int32)
+                sub = tl.minimum((key.to(tl.int64) - lo64) >> shift, 255).to(tl.int32)
                 gt_c += _count_by_chunk(pos, chunk_len, ok & (sub > bstar), CP2)
                 inb = ok & (sub == bstar)
+                sub_lo = tl.minimum(sub_lo, tl.min(tl.where(inb, key, 2147483647)))
+                sub_hi = tl.maximum(sub_hi, tl.max(tl.where(inb, key, -2147483648)))
                 dst = n_sub + tl.cumsum(inb.to(tl.int32), 0) - 1
                 tl.debug_barrier()  # the whole tile is read before anything is written over it
                 tl.store(ck_row + dst, key, mask=inb)
@@ -617,7 +629,8 @@ def _collect_kernel(
 
     Every program of a row computes the same bracket (`_bracket`), counts its chunk's keys above it, appends
     the keys inside it (with their positions) to the row's candidates and adds where they fall in the bracket
-    (256 equal bins) to the row's histogram. The last program of the row to finish runs `_finish_row`.
+    (`_bin_shift`: 256 bins of 2^shift keys) to the row's histogram. The last program of the row to finish runs
+    `_finish_row`.
     """
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
@@ -629,7 +642,7 @@ def _collect_kernel(
     h_row = hist_ptr + row * h_stride
     lo, hi = _bracket(s_row, seq, kb, sample_stride, n_sample, SAMPLE, MARGIN_SIGMAS)
     lo64 = lo.to(tl.int64)
-    span = hi.to(tl.int64) - lo64 + 1
+    shift = _bin_shift(lo, hi)
     bins = tl.arange(0, 256)
     n_gt = tl.zeros([], dtype=tl.int32)
     if kb > 0:
@@ -645,7 +658,7 @@ def _collect_kernel(
                 dst = tl.atomic_add(m_row + 1, n_mid, sem="relaxed") + tl.cumsum(mid.to(tl.int32), 0) - 1
                 tl.store(ck_row + dst, key, mask=mid)
                 tl.store(cp_row + dst, offs, mask=mid)
-                sub = tl.where(mid, ((key.to(tl.int64) - lo64) * 256 // span).to(tl.int32), 0)
+                sub = tl.where(mid, tl.minimum((key.to(tl.int64) - lo64) >> shift, 255).to(tl.int32), 0)
                 hist += tl.histogram(sub, 256) - tl.where(bins == 0, BLOCK - n_mid, 0)
         tl.atomic_add(h_row + bins, hist, mask=hist > 0, sem="relaxed")
     tl.store(m_row + 4 + chunk, n_gt)
