@@ -17,6 +17,7 @@
    bandwidth floors; the host (CPU) cost of each piece.
 
     PYTHONPATH=. python scripts/bench_loki_decode.py [--sweep] [--json out.json] [--batches 8 16] [--seqs 16384]
+        [--settings 0.25:0.25] [--skip-checks] [--no-table]
 """
 from __future__ import annotations
 
@@ -445,6 +446,7 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(f"{d}:{k}" for d, k in SETTINGS),
                         help="d_frac:k_frac pairs of the table (the first is also timed without the narrow copy)")
     parser.add_argument("--skip-checks", action="store_true", help="time only (after a run that checked)")
+    parser.add_argument("--no-table", action="store_true", help="skip the SDPA-vs-Loki table (e.g. sweep only)")
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name} ({props.multi_processor_count} SMs) | torch {torch.__version__} | triton {triton.__version__}")
@@ -462,9 +464,10 @@ def main() -> None:
         print(f"(sweep: {time.time() - t0:.0f} s)\n")
     result["host_us"] = host_costs(cfg)
     settings = [tuple(float(x) for x in pair.split(":")) for pair in args.settings.split(",")]
-    t0 = time.time()
-    result["table"] = table(cfg, bandwidth, args.batches, args.seqs, settings)
-    print(f"(table: {time.time() - t0:.0f} s)")
+    if not args.no_table:
+        t0 = time.time()
+        result["table"] = table(cfg, bandwidth, args.batches, args.seqs, settings)
+        print(f"(table: {time.time() - t0:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
