@@ -242,12 +242,13 @@ def expected_positions(scores, k_b):
 
 
 @pytest.mark.parametrize("multi", [False, True], ids=["one-program-per-row", "multi-program"])
-@pytest.mark.parametrize("kind", ["random", "ties", "unlucky-sample", "padded", "long-ties"])
+@pytest.mark.parametrize("kind", ["random", "ties", "unlucky-sample", "padded", "long-ties", "signed-zeros"])
 def test_select_tokens_is_exact_top_k(kind, multi):
     """Both selections against a stable sort: plain rows, heavy ties, a sample that only sees outliers (the
     sample reads positions 0 mod 8, which hold the 32 largest scores, so the bracket holds too few and every
     score becomes a candidate), per-row budgets with -inf padding (one row fully padded), and long rows on a
-    grid of values with a narrow bracket (ties at the threshold spread over several chunks of a row)."""
+    grid of values with a narrow bracket (ties at the threshold spread over several chunks of a row), and a
+    threshold at zero where -0.0 and +0.0 (equal scores) must tie."""
     gen = torch.Generator().manual_seed(1)
     rows, s, k = 3, 64, 20
     scores = torch.randn(rows, s, generator=gen)
@@ -264,6 +265,11 @@ def test_select_tokens_is_exact_top_k(kind, multi):
     elif kind == "long-ties":
         rows, s, k, sample, block = 2, 512, 128, 128, 32
         scores = torch.round(torch.randn(rows, s, generator=gen) * 8) / 8
+    elif kind == "signed-zeros":  # about 21 ones per row, so the 30th best score is a zero of either sign
+        signs = torch.where(torch.rand(rows, s, generator=gen) < 0.5, -1.0, 1.0)
+        scores = (torch.randint(-1, 2, (rows, s), generator=gen).float() * signs).where(
+            torch.rand(rows, s, generator=gen) < 0.7, 0.0 * signs)
+        k = 30
     if multi:
         cfg = LokiKernelConfig(select_kernel_max_seq=0, multi_select_block=block, multi_select_sample=sample)
     else:

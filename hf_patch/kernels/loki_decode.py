@@ -239,8 +239,9 @@ def loki_decode_attention_torch(
 
 @triton.jit
 def _order_key(score):
-    """float32 -> int32 whose signed order is the order of the floats (NaN aside)."""
-    bits = score.to(tl.int32, bitcast=True)
+    """float32 -> int32 whose signed order is the order of the floats (NaN aside; -0.0 and +0.0 map to one key,
+    as they compare equal)."""
+    bits = tl.where(score == 0.0, 0.0, score).to(tl.int32, bitcast=True)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
