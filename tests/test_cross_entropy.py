@@ -1,6 +1,8 @@
 """Fused linear + cross entropy (hf_patch.kernels.cross_entropy) against F.cross_entropy, and the loss-only wrapper.
 
-The Triton kernel runs through Triton's CPU interpreter here (tests/conftest.py sets TRITON_INTERPRET=1).
+The Triton kernel runs compiled on a GPU and through Triton's CPU interpreter elsewhere (tests/conftest.py sets
+TRITON_INTERPRET=1 when there is no GPU): the Triton tests draw their inputs on the CPU (seeded), move them to DEVICE
+and compare against references computed on the same device.
 """
 from __future__ import annotations
 
@@ -17,20 +19,24 @@ from hf_patch.kernels.cross_entropy import (
 from hf_patch.transnormer import CausalLMWithFusedLoss, TransNormerConfig, TransNormerForCausalLM
 
 N, C, V = 45, 12, 37  # 45 tokens in chunks of 16 (the last one short); V spans three 16-wide kernel tiles
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU, the interpreter elsewhere
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
-def problem(dtype=torch.float64, bias=True, seed=0):
+def problem(dtype=torch.float64, bias=True, seed=0, device="cpu"):
+    """h [N, C], W [V, C], b [V] (leaves that require grad) and labels [N], drawn on the CPU, then put on ``device``."""
     g = torch.Generator().manual_seed(seed)
-    h = torch.randn(N, C, generator=g, dtype=dtype).requires_grad_()
-    w = (torch.randn(V, C, generator=g, dtype=dtype) * 0.5).requires_grad_()
-    b = (torch.randn(V, generator=g, dtype=dtype) * 0.5).requires_grad_() if bias else None
+    h = torch.randn(N, C, generator=g, dtype=dtype)
+    w = torch.randn(V, C, generator=g, dtype=dtype) * 0.5
+    b = torch.randn(V, generator=g, dtype=dtype) * 0.5 if bias else None
     y = torch.randint(0, V, (N,), generator=g)
     y[[2, 3, 20, 44]] = -100
-    return h, w, b, y
+    h, w, b = (None if t is None else t.to(device).requires_grad_() for t in (h, w, b))
+    return h, w, b, y.to(device)
 
 
 def loss_and_grads(fn, h, w, b, y, scale=1.0, **kwargs):
@@ -42,7 +48,7 @@ def loss_and_grads(fn, h, w, b, y, scale=1.0, **kwargs):
 
 @pytest.mark.parametrize("backend,dtype,tol", [("torch", torch.float64, 1e-12), ("triton", torch.float32, 2e-6)])
 def test_loss_and_gradients_match_the_reference(backend, dtype, tol):
-    h, w, b, y = problem(dtype)
+    h, w, b, y = problem(dtype, device=DEVICE)
     loss, grads = loss_and_grads(fused_linear_cross_entropy, h, w, b, y, scale=0.7, chunk_size=16, backend=backend,
                                  block=16)
     ref_loss, ref_grads = loss_and_grads(linear_cross_entropy_reference, h, w, b, y, scale=0.7, chunk_size=16)
@@ -56,13 +62,13 @@ def test_loss_and_gradients_match_the_reference(backend, dtype, tol):
 def test_triton_kernel_low_precision_logits(dtype):
     """The per-chunk step alone: the Triton kernel vs its PyTorch twin on the same low-precision logits."""
     g = torch.Generator().manual_seed(1)
-    logits = (torch.randn(9, V, generator=g) * 3).to(dtype)
+    logits = (torch.randn(9, V, generator=g) * 3).to(dtype).to(DEVICE)
     labels = torch.randint(0, V, (9,), generator=g)
     labels[4] = -100
-    scale = torch.tensor([1 / 8.0])
+    labels, scale = labels.to(DEVICE), torch.tensor([1 / 8.0], device=DEVICE)
     out = []
     for step in (_ce_rows_triton, _ce_rows_torch):
-        x, loss = logits.clone(), torch.empty(9)
+        x, loss = logits.clone(), torch.empty(9, device=DEVICE)
         step(x, labels, loss, scale, True, block=16)
         out.append((x, loss))
     (x_t, loss_t), (x_r, loss_r) = out
@@ -74,11 +80,11 @@ def test_triton_kernel_low_precision_logits(dtype):
 
 def test_autocast_bf16_with_float32_master_weights():
     """bf16 matmuls, float32 loss, float32 gradients for float32 inputs (what a training step under autocast sees)."""
-    h, w, b, y = problem(torch.float32, bias=False)
+    h, w, b, y = problem(torch.float32, bias=False, device=DEVICE)
     results = []
     for fn, kwargs in ((fused_linear_cross_entropy, dict(chunk_size=16, backend="triton", block=16)),
                        (linear_cross_entropy_reference, dict(chunk_size=16))):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
             results.append(loss_and_grads(fn, h, w, None, y, **kwargs))
     (loss, grads), (ref_loss, ref_grads) = results
     exact = loss_and_grads(linear_cross_entropy_reference, h, w, None, y)
@@ -111,7 +117,7 @@ def test_tied_embedding_gets_both_gradients():
 
 
 def test_ignored_chunks_and_all_ignored():
-    h, w, b, y = problem(torch.float32)
+    h, w, b, y = problem(torch.float32, device=DEVICE)
     y[:16] = -100  # the whole first chunk; the kernel's default tile (one 64-wide tile, partly masked)
     loss, grads = loss_and_grads(fused_linear_cross_entropy, h, w, b, y, chunk_size=16, backend="triton")
     ref_loss, ref_grads = loss_and_grads(linear_cross_entropy_reference, h, w, b, y, chunk_size=16)

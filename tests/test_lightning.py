@@ -1,4 +1,8 @@
-"""Lightning Attention-2: chunked PyTorch form, Triton kernels (CPU interpreter) and decode step vs the quadratic reference."""
+"""Lightning Attention-2: chunked PyTorch form, Triton kernels and decode step vs the quadratic reference.
+
+The Triton kernels run compiled on a GPU and through Triton's CPU interpreter elsewhere (tests/conftest.py): their
+inputs are drawn on the CPU (seeded), moved to DEVICE, and compared on the CPU with references computed there.
+"""
 
 import pytest
 import torch
@@ -6,9 +10,17 @@ import torch
 from hf_patch.kernels import lightning_attn, lightning_attn_chunked, lightning_attn_naive, lightning_attn_step
 from hf_patch.kernels.lightning import lightning_attn_triton
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU, the interpreter elsewhere
+
 
 def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+    x, ref = x.detach().cpu().double(), ref.detach().cpu().double()
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+def to(device, *tensors):
+    """The tensors (None kept) on ``device``: the CPU-drawn inputs for the kernels."""
+    return [None if t is None else t.to(device) for t in tensors]
 
 
 def make_inputs(batch, seq_len, heads, dim_k, dim_v, decay, dtype, num_states=None, seed=0):
@@ -25,9 +37,9 @@ def outputs_and_grads(fn, q, k, v, decay, s0, cu_seqlens=None, cast=None, **kwar
     xs = [x.detach().to(cast or x.dtype).requires_grad_() for x in (q, k, v)]
     state = s0.detach().to(torch.float64 if cast == torch.float64 else s0.dtype).requires_grad_()
     o, final = fn(*xs, decay.to(state.dtype), state, True, cu_seqlens, **kwargs)
-    gen = torch.Generator().manual_seed(1)
-    loss = (o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum()
-    loss = loss + (final.double() * torch.randn(final.shape, generator=gen, dtype=torch.float64)).sum()
+    gen = torch.Generator().manual_seed(1)  # the cotangents are drawn on the CPU: the same ones on every device
+    loss = (o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device)).sum()
+    loss = loss + (final.double() * torch.randn(final.shape, generator=gen, dtype=torch.float64).to(o.device)).sum()
     loss.backward()
     return [o.detach(), final.detach()] + [x.grad for x in xs] + [state.grad]
 
@@ -77,8 +89,9 @@ def test_triton_matches_naive_float32(case):
     batch, seq_len, heads, dim_k, dim_v, decay, cu, seg_len = case
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
     inputs = make_inputs(batch, seq_len, heads, dim_k, dim_v, decay, torch.float32, num_states=len(cu) - 1 if cu else None)
-    got = outputs_and_grads(lightning_attn_triton, *inputs, cu_t, seg_len=seg_len)
-    ref = outputs_and_grads(lightning_attn_naive, *inputs, cu_t, cast=torch.float64)
+    # float32 dots run as tf32x3 on a GPU (about float32 accuracy); 2e-6 is the interpreter's (true float32) bound
+    got = outputs_and_grads(lightning_attn_triton, *to(DEVICE, *inputs, cu_t), seg_len=seg_len)
+    ref = outputs_and_grads(lightning_attn_naive, *inputs, cu_t, cast=torch.float64)  # float64, on the CPU
     for name, a, b in zip(["o", "final", "dq", "dk", "dv", "ds0"], got, ref):
         assert not torch.isnan(a).any(), name
         assert rel(a, b) < 2e-6, name
@@ -87,7 +100,7 @@ def test_triton_matches_naive_float32(case):
 def test_triton_float16_and_no_initial_state():
     # (bfloat16 dots are wrong in Triton's CPU interpreter; bf16 is checked on the GPU by scripts/bench_lightning.py)
     q, k, v, decay, _ = make_inputs(2, 90, 2, 16, 16, [0.9, 0.999], torch.float16)
-    o, final = lightning_attn_triton(q, k, v, decay, output_final_state=True, seg_len=64)
+    o, final = lightning_attn_triton(*to(DEVICE, q, k, v, decay), output_final_state=True, seg_len=64)
     ref_o, ref_final = lightning_attn_naive(q.double(), k.double(), v.double(), decay.double(), output_final_state=True)
     assert o.dtype == torch.float16 and final.dtype == torch.float32
     assert rel(o, ref_o) < 2e-3 and rel(final, ref_final) < 1e-4
@@ -96,6 +109,7 @@ def test_triton_float16_and_no_initial_state():
 def test_prefill_then_steps_equals_one_pass():
     q, k, v, decay, s0 = make_inputs(2, 80, 2, 16, 16, [0.95, 1.0], torch.float32)
     full, full_state = lightning_attn_naive(q.double(), k.double(), v.double(), decay.double(), s0.double(), True)
+    q, k, v, decay, s0 = to(DEVICE, q, k, v, decay, s0)  # prefill and decode steps where the model runs them
     for prefill_fn in (lightning_attn_chunked, lightning_attn_triton):
         o, state = prefill_fn(q[:, :70], k[:, :70], v[:, :70], decay, s0, True)
         outs = [o]
@@ -155,11 +169,11 @@ def test_triton_only_errors():
 def test_triton_segments_without_states_match_naive():
     """Cut into segments, no initial state, no final state: the segment pass must start every chain from zero."""
     q, k, v, decay, _ = make_inputs(2, 190, 2, 40, 24, [0.3, 1.0], torch.float32)
-    xs = [x.clone().requires_grad_() for x in (q, k, v)]
-    o, final = lightning_attn_triton(*xs, decay, seg_len=64)
+    xs = [x.to(DEVICE, copy=True).requires_grad_() for x in (q, k, v)]
+    o, final = lightning_attn_triton(*xs, decay.to(DEVICE), seg_len=64)
     assert final is None
-    cot = torch.randn(o.shape, generator=torch.Generator().manual_seed(1))
-    (o * cot).sum().backward()
+    cot = torch.randn(o.shape, generator=torch.Generator().manual_seed(1))  # on the CPU
+    (o * cot.to(DEVICE)).sum().backward()
     refs = [x.double().requires_grad_() for x in (q, k, v)]
     ref_o, _ = lightning_attn_naive(*refs, decay.double())
     (ref_o * cot.double()).sum().backward()

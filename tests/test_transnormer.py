@@ -22,6 +22,8 @@ from hf_patch.transnormer import srmsnorm
 from hf_patch.transnormer.decay import alibi_slopes, layer_decays
 from hf_patch.transnormer.srmsnorm import srms_norm
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton norm tests: compiled on a GPU, interpreted here
+
 TINY = dict(
     vocab_size=61, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
     initializer_range=0.3,  # a random model with spread-out logits: greedy choices are far from ties
@@ -112,18 +114,19 @@ def test_forward_matches_dense_reference(schedule):
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()
+    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("x_dtype,gate_dtype", [(torch.float32, None), (torch.float32, torch.float32),
                                                 (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)])
 def test_srms_norm_triton_kernels_match_torch(x_dtype, gate_dtype):
-    """SRMSNorm (gated: the attention output's norm) in Triton (CPU interpreter here) vs the PyTorch ops."""
+    """SRMSNorm (gated: the attention output's norm) in Triton (CPU interpreter off a GPU) vs the PyTorch ops."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 5, 40, generator=g).to(x_dtype).requires_grad_()
-    qkvu = torch.randn(3, 5, 160, generator=g).to(gate_dtype or x_dtype)
+    x = torch.randn(3, 5, 40, generator=g).to(x_dtype).to(DEVICE).requires_grad_()
+    qkvu = torch.randn(3, 5, 160, generator=g).to(gate_dtype or x_dtype).to(DEVICE)
     gate = qkvu[..., 120:].detach().requires_grad_() if gate_dtype else None  # a strided slice, like u
-    dy = torch.randn(3, 5, 40, generator=g)
+    dy = torch.randn(3, 5, 40, generator=g).to(DEVICE)
     results = []
     for backend in ("torch", "triton"):
         y = srms_norm(x, 1e-6, gate=gate, backend=backend)
@@ -135,8 +138,8 @@ def test_srms_norm_triton_kernels_match_torch(x_dtype, gate_dtype):
 
 
 def test_srms_norm_output_dtypes():
-    x, u = torch.randn(4, 40), torch.randn(4, 40).bfloat16()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x, u = torch.randn(4, 40).to(DEVICE), torch.randn(4, 40).bfloat16().to(DEVICE)
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
         for backend in ("torch", "triton"):
             assert srms_norm(x, 1e-6, autocast_output=True, backend=backend).dtype == torch.bfloat16
             assert srms_norm(x, 1e-6, backend=backend).dtype == torch.float32  # as F.rms_norm under autocast
@@ -149,16 +152,17 @@ def test_srms_norm_output_dtypes():
 def test_model_on_triton_norms_equals_torch_norms(monkeypatch, autocast):
     """A training step with every SRMSNorm on the Triton kernels: same loss, logits and gradients (bf16 autocast:
     the norms' outputs in bf16 instead of float32 copies that the next linear casts to bf16)."""
-    model = tiny_model(lrpe_layers=[1], initializer_range=0.05).train()
-    ids = torch.randint(0, TINY["vocab_size"], (2, 21), generator=torch.Generator().manual_seed(3))
+    model = tiny_model(lrpe_layers=[1], initializer_range=0.05).train().to(DEVICE)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 21), generator=torch.Generator().manual_seed(3)).to(DEVICE)
 
     def step():
         model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16, enabled=autocast):
             out = model(ids, labels=ids)
         out.loss.backward()
         return out.logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
+    monkeypatch.setattr(srmsnorm, "DEFAULT_BACKEND", "torch")  # "auto" picks Triton for large CUDA inputs
     reference = step()
     monkeypatch.setattr(srmsnorm, "DEFAULT_BACKEND", "triton")
     fused = step()
