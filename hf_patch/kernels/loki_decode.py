@@ -282,6 +282,22 @@ def _approx_tile(q, k_base, stride_ks, offs_n, offs_d, kd_ok, seq, start,
 
 
 @triton.jit
+def online_softmax_step(acc, m_i, l_i, s, vals, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile of an online softmax in base 2 (flash attention): logits s [M, N] already scaled by log2(e)
+    (-inf = key dropped), values [N, D] -> updated (acc [M, D], running max [M], running sum [M]), float32.
+    A row with nothing kept so far keeps max -inf, sum 0 and acc 0."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    p = p.to(vals.dtype)
+    if UPCAST:
+        p, vals = p.to(tl.float32), vals.to(tl.float32)
+    return acc * alpha[:, None] + tl.dot(p, vals, input_precision=DOT_PREC), m_new, l_i
+
+
+@triton.jit
 def _attend(q, k_base, v_base, i_row, n_lo, n_hi, stride_ks, stride_vs, qk_scale, offs_d, d_ok, m_i, l_i, acc,
             BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Online softmax (base 2) of q's rows over the keys and values at positions i_row[n_lo:n_hi], continuing
@@ -296,17 +312,8 @@ def _attend(q, k_base, v_base, i_row, n_lo, n_hi, stride_ks, stride_vs, qk_scale
             keys = keys.to(tl.float32)
         s = tl.dot(q, tl.trans(keys), input_precision=DOT_PREC) * qk_scale
         s = tl.where(live[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         vals = tl.load(v_base + idx[:, None] * stride_vs + offs_d[None, :], mask=tile_mask, other=0.0)
-        p = p.to(vals.dtype)
-        if UPCAST:
-            p, vals = p.to(tl.float32), vals.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, vals, input_precision=DOT_PREC)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, vals, DOT_PREC, UPCAST)
     return m_i, l_i, acc
 
 

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ..loki.budget import num_tokens
-from .loki_decode import _order_key
+from .loki_decode import _order_key, online_softmax_step
 
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _LOG2E = 1.4426950408889634
@@ -360,22 +360,6 @@ def _attend_tile(
     vals = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
     acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, tl.where(keep, s, float("-inf")), vals, DOT_PREC, UPCAST)
     return acc, m_i, l_i, cnt + tl.sum(keep.to(tl.int32), axis=1)
-
-
-@triton.jit
-def online_softmax_step(acc, m_i, l_i, s, vals, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """One key tile of an online softmax in base 2 (flash attention): logits s [M, N] already scaled by log2(e)
-    (-inf = key dropped), values [N, D] -> updated (acc [M, D], running max [M], running sum [M]), float32.
-    A row with nothing kept so far keeps max -inf, sum 0 and acc 0."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    p = p.to(vals.dtype)
-    if UPCAST:
-        p, vals = p.to(tl.float32), vals.to(tl.float32)
-    return acc * alpha[:, None] + tl.dot(p, vals, input_precision=DOT_PREC), m_new, l_i
 
 
 @triton.jit
