@@ -103,7 +103,10 @@ def test_triton_float16_and_no_initial_state():
     o, final = lightning_attn_triton(*to(DEVICE, q, k, v, decay), output_final_state=True, seg_len=64)
     ref_o, ref_final = lightning_attn_naive(q.double(), k.double(), v.double(), decay.double(), output_final_state=True)
     assert o.dtype == torch.float16 and final.dtype == torch.float32
-    assert rel(o, ref_o) < 2e-3 and rel(final, ref_final) < 1e-4
+    # float16 operands meet tf32 dots on a GPU (10-bit mantissa, like float16 itself: 4.1e-4 measured on an H100);
+    # the interpreter multiplies them in true float32.
+    state_tol = 1e-3 if DEVICE == "cuda" else 1e-4
+    assert rel(o, ref_o) < 2e-3 and rel(final, ref_final) < state_tol
 
 
 def test_prefill_then_steps_equals_one_pass():
