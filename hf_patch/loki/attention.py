@@ -5,6 +5,7 @@ principal dims, keep the top `k`, and run exact softmax attention (all D dims) o
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,12 @@ class LokiLayer:
     mode: str = "decode"
     gqa_select: str = "query"
     _on_device: dict = field(default_factory=dict, repr=False)
+
+    @functools.cached_property
+    def kernel_dims(self) -> int | tuple[int, ...]:
+        """d as the decode kernel takes it: one int, or one int per KV head (computed once, no device sync later)."""
+        dims = tuple(int(x) for x in self.dims)
+        return dims[0] if len(set(dims)) == 1 else dims
 
     @property
     def num_kv_heads(self) -> int:
@@ -172,11 +179,8 @@ def loki_attention_forward(
         from ..kernels.loki_decode import loki_decode_attention
         from .cache import APPROX_KEYS
 
-        if "_decode_dims" not in loki.__dict__:  # d as the kernel takes it, computed once per layer
-            dims = tuple(int(x) for x in loki.dims)
-            loki.__dict__["_decode_dims"] = dims[0] if len(set(dims)) == 1 else dims
         out = loki_decode_attention(loki.rotate_queries(query).flatten(1, 3), key, value,
-                                    d=loki.__dict__["_decode_dims"], k_frac=loki.k_frac, scaling=scaling,
+                                    d=loki.kernel_dims, k_frac=loki.k_frac, scaling=scaling,
                                     kv_start=start, gqa_select=loki.gqa_select,
                                     k_approx=getattr(key, APPROX_KEYS, None))
         return out[:, None], None
