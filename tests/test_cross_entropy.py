@@ -139,6 +139,11 @@ def test_no_grad_gives_the_loss_only():
         fused_linear_cross_entropy(h, w, y[:-1])
     with pytest.raises(ValueError, match="backend"):
         fused_linear_cross_entropy(h, w, y, backend="cuda")
+    for bad in (V, -1):  # outside the head's rows and not the ignore index: refused, not silently scored
+        y_bad = y.clone()
+        y_bad[5] = bad
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 37\)"):
+            fused_linear_cross_entropy(h, w, y_bad, b)
 
 
 @pytest.mark.parametrize("kind", ["transnormer", "llama"])

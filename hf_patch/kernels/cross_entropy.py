@@ -222,6 +222,9 @@ def fused_linear_cross_entropy(
         raise ValueError(f"labels {tuple(labels.shape)} must match hidden {tuple(hidden.shape)} without its last dim")
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).to(device=h.device, dtype=torch.long).contiguous()
+    vocab = weight.shape[0]
+    if bool((((y < 0) & (y != IGNORE_INDEX)) | (y >= vocab)).any()):  # one host sync: the kernel would not notice
+        raise ValueError(f"labels must lie in [0, {vocab}) (the LM head's rows) or be {IGNORE_INDEX} (ignored)")
     dtype = _compute_dtype(hidden, weight)
     chunk = chunk_size or _default_chunk(h.shape[0], weight.shape[0], dtype)
     step = _step(backend, dtype, h.device, block)
