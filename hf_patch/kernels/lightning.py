@@ -32,7 +32,7 @@ from .lightning_torch import check_lightning_inputs, lightning_attn_chunked
 CHUNK = 64
 MAX_HEAD_DIM = 256
 # Launch settings; scripts/bench_lightning.py sweeps them.
-CONFIG = {"num_warps": 4, "num_stages": 2, "programs_per_sm": 4, "min_segment": 512}
+CONFIG = {"num_warps": 4, "num_stages": 2, "programs_per_sm": 4, "min_segment": 512, "min_block_v": 64}
 
 
 @triton.jit
@@ -196,6 +196,7 @@ class _Plan(NamedTuple):
     seg_seq: torch.Tensor
     seg_off: torch.Tensor
     multi: bool  # False: every sequence is one segment (segment i is sequence i)
+    block_v: int  # value columns per program
 
 
 def _num_sms(device: torch.device) -> int:
@@ -204,18 +205,27 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
-def _plan(lengths: list[int] | None, num_seqs: int, seq_len: int, units: int, device, seg_len: int | None) -> _Plan:
-    """Cut sequences into segments when ``sequences * units`` programs would leave SMs idle.
+def _plan(lengths: list[int] | None, num_seqs: int, seq_len: int, heads: int, dim_k: int, dim_v: int, device,
+          seg_len: int | None) -> _Plan:
+    """Value-block width and segments: how a call is spread over programs (value block, head, segment).
 
-    Segments cost two extra passes (entry states, forwards and backwards), so sequences stay whole while there is
-    a program per SM. Otherwise the longest sequence is cut into as many equal parts as keep all programs within
-    one wave of ``programs_per_sm`` per SM: a second, partial wave costs about as much as the first (H100: 16
-    segments of a 128k sequence, 512 programs, 5.6 ms fwd+bwd; 17 segments, 544 programs, 6.6 ms).
+    Value blocks are as wide as a ``[K, BV]`` float32 state in registers allows (64 columns up to K = 128), or
+    narrower down to ``CONFIG["min_block_v"]`` while there are fewer programs than SMs (each narrower program
+    recomputes its chunk's ``q k^T``). Segments cost two extra passes (entry states, forwards and backwards), so
+    sequences stay whole while there is a program per SM. Otherwise the longest sequence is cut into as many
+    equal parts as keep all programs within one wave of ``programs_per_sm`` per SM: a second, partial wave costs
+    about as much as the first (H100: 16 segments of a 128k sequence, 512 programs, 5.6 ms fwd+bwd; 17 segments,
+    544 programs, 6.6 ms).
     """
     longest = seq_len if lengths is None else max(lengths)
+    sms = _num_sms(device)
+    width = max(dim_k, dim_v)
+    block_v = min(64 if _pow2(width) <= 128 else 32, _pow2(width))
+    programs = num_seqs * heads * triton.cdiv(width, block_v)
+    while programs < sms and block_v // 2 >= CONFIG["min_block_v"]:
+        block_v //= 2
+        programs = num_seqs * heads * triton.cdiv(width, block_v)
     if seg_len is None:
-        sms = _num_sms(device)
-        programs = num_seqs * units
         if programs >= sms:
             seg_len = longest
         else:
@@ -225,7 +235,7 @@ def _plan(lengths: list[int] | None, num_seqs: int, seq_len: int, units: int, de
     if seg_len >= longest:
         seq_ids = torch.arange(num_seqs, device=device, dtype=torch.int32)
         offsets = torch.arange(num_seqs + 1, device=device, dtype=torch.int32)
-        return _Plan(seg_len, seq_ids, offsets, False)
+        return _Plan(seg_len, seq_ids, offsets, False, block_v)
     if lengths is None:
         counts = torch.full((num_seqs,), -(-seq_len // seg_len), dtype=torch.int32)
     else:
@@ -233,18 +243,19 @@ def _plan(lengths: list[int] | None, num_seqs: int, seq_len: int, units: int, de
     offsets = torch.zeros(num_seqs + 1, dtype=torch.int32)
     offsets[1:] = torch.cumsum(counts, 0)
     seq_ids = torch.repeat_interleave(torch.arange(num_seqs, dtype=torch.int32), counts)
-    return _Plan(seg_len, seq_ids.to(device), offsets.to(device), True)
+    return _Plan(seg_len, seq_ids.to(device), offsets.to(device), True, block_v)
 
 
 def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _launch_args(b: torch.Tensor, c: torch.Tensor, reverse: bool) -> tuple[int, dict]:
-    """Value-block count and the constexprs shared by the chunk and segment kernels."""
+def _launch_args(b: torch.Tensor, c: torch.Tensor, reverse: bool, block_v: int) -> tuple[int, dict]:
+    """Value-block count and the constexprs shared by the chunk and segment kernels (value blocks of at most
+    ``block_v`` columns, and at most what a ``[K, BV]`` float32 state in registers allows)."""
     heads, dim_k, dim_v = b.shape[1], b.shape[2], c.shape[2]
     kp = _pow2(dim_k)
-    bv = min(64 if kp <= 128 else 32, _pow2(dim_v))
+    bv = min(block_v, 64 if kp <= 128 else 32, _pow2(dim_v))
     consts = dict(H=heads, K=dim_k, V=dim_v, KP=kp, BV=bv, CHUNK=CHUNK, REVERSE=reverse,
                   MM_DTYPE=tl.bfloat16 if b.dtype == torch.bfloat16 else tl.float32,
                   PRECISION="tf32x3" if b.dtype == torch.float32 else "tf32",
@@ -254,7 +265,7 @@ def _launch_args(b: torch.Tensor, c: torch.Tensor, reverse: bool) -> tuple[int, 
 
 def _segment_entries(b, c, log_decay, cu, plan: _Plan, num_seqs: int, init, reverse: bool) -> torch.Tensor:
     """State entering each segment, ``[segments, H, K, V]`` float32 (b: [total, H, K], c: [total, H, V])."""
-    n_vb, consts = _launch_args(b, c, reverse)
+    n_vb, consts = _launch_args(b, c, reverse, plan.block_v)
     heads, dim_k, dim_v = consts["H"], consts["K"], consts["V"]
     n_segs = plan.seg_seq.numel()
     states = torch.empty(n_segs, heads, dim_k, dim_v, device=b.device, dtype=torch.float32)
@@ -275,7 +286,7 @@ def _chunk_scan(a, b, c, log_decay, cu, plan: _Plan, num_seqs: int, entry, rever
     or None (zero). Returns ``out [total, H, V]`` in ``out_dtype`` and the final state ``[N, H, K, V]`` float32
     if ``want_final``.
     """
-    n_vb, consts = _launch_args(b, c, reverse)
+    n_vb, consts = _launch_args(b, c, reverse, plan.block_v)
     total, heads, dim_k = b.shape
     dim_v = c.shape[-1]
     out = torch.empty(total, heads, dim_v, device=b.device, dtype=out_dtype)
@@ -350,8 +361,7 @@ def lightning_attn_triton(
         lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
     flat = [x.reshape(batch * seq_len, heads, x.shape[-1]).contiguous() for x in (q, k, v)]
     log_decay = torch.log(decay.detach().to(device=q.device, dtype=torch.float32)).contiguous()
-    units = heads * triton.cdiv(max(dim_k, dim_v), 64)  # programs per segment, either pass direction
-    plan = _plan(lengths, num_seqs, seq_len, units, q.device, seg_len)
+    plan = _plan(lengths, num_seqs, seq_len, heads, dim_k, dim_v, q.device, seg_len)
     o, final = _LightningAttnFunction.apply(*flat, log_decay, initial_state, cu, plan, num_seqs, output_final_state)
     return o.view(batch, seq_len, heads, dim_v), final
 
