@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import dot_block, num_sms
 from .lightning_torch import check_lightning_inputs, lightning_attn_chunked
 
 CHUNK = 64
@@ -199,12 +200,6 @@ class _Plan(NamedTuple):
     block_v: int  # value columns per program
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def _plan(lengths: list[int] | None, num_seqs: int, seq_len: int, heads: int, dim_k: int, dim_v: int, device,
           seg_len: int | None) -> _Plan:
     """Value-block width and segments: how a call is spread over programs (value block, head, segment).
@@ -219,9 +214,9 @@ def _plan(lengths: list[int] | None, num_seqs: int, seq_len: int, heads: int, di
     544 programs, 6.6 ms).
     """
     longest = seq_len if lengths is None else max(lengths)
-    sms = _num_sms(device)
+    sms = num_sms(device)
     width = max(dim_k, dim_v)
-    block_v = min(64 if _pow2(width) <= 128 else 32, _pow2(width))
+    block_v = min(64 if dot_block(width) <= 128 else 32, dot_block(width))
     programs = num_seqs * heads * triton.cdiv(width, block_v)
     while programs < sms and block_v // 2 >= CONFIG["min_block_v"]:
         block_v //= 2
@@ -247,16 +242,12 @@ def _plan(lengths: list[int] | None, num_seqs: int, seq_len: int, heads: int, di
     return _Plan(seg_len, seq_ids.to(device), offsets.to(device), True, block_v)
 
 
-def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
 def _launch_args(b: torch.Tensor, c: torch.Tensor, reverse: bool, block_v: int) -> tuple[int, dict]:
     """Value-block count and the constexprs shared by the chunk and segment kernels (value blocks of at most
     ``block_v`` columns, and at most what a ``[K, BV]`` float32 state in registers allows)."""
     heads, dim_k, dim_v = b.shape[1], b.shape[2], c.shape[2]
-    kp = _pow2(dim_k)
-    bv = min(block_v, 64 if kp <= 128 else 32, _pow2(dim_v))
+    kp = dot_block(dim_k)
+    bv = min(block_v, 64 if kp <= 128 else 32, dot_block(dim_v))
     consts = dict(H=heads, K=dim_k, V=dim_v, KP=kp, BV=bv, CHUNK=CHUNK, REVERSE=reverse,
                   MM_DTYPE=tl.bfloat16 if b.dtype == torch.bfloat16 else tl.float32,
                   PRECISION="tf32x3" if b.dtype == torch.float32 else "tf32",
@@ -272,7 +263,7 @@ def _segment_entries(b, c, log_decay, cu, plan: _Plan, num_seqs: int, init, reve
     states = torch.empty(n_segs, heads, dim_k, dim_v, device=b.device, dtype=torch.float32)
     _segment_state_kernel[(n_vb, heads, n_segs)](b, c, states, log_decay, plan.seg_seq, plan.seg_off, cu,
                                                  plan.seg_len, **consts)
-    bk = min(64, _pow2(dim_k))
+    bk = min(64, dot_block(dim_k))
     _segment_scan_kernel[(triton.cdiv(dim_k, bk) * n_vb, heads, num_seqs)](
         states, init if init is not None else states, log_decay, plan.seg_off, cu, plan.seg_len,
         H=heads, K=dim_k, V=dim_v, BK=bk, BV=consts["BV"], HAS_INIT=init is not None)

@@ -42,12 +42,12 @@ import triton
 import triton.language as tl
 
 from ..loki.budget import check_fraction, max_tokens, num_tokens
+from .launch import dot_block, dot_options, num_sms
 
 GQA_SELECT = ("query", "group")
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _LOG2E = 1.4426950408889634
-_MIN_DOT = 16  # smallest tl.dot dimension
 _SUB_BINS = 256  # bins of the bracket histogram of the multi-program selection
 _META = 4  # per-row int32 header of the multi-program selection: threshold, candidate count, ticket, unused
 
@@ -801,13 +801,6 @@ def _fused_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # Triton interpreter on the CPU: few programs keep tests fast
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _split(n: int, block: int, rows: int, target_programs: int, most: int | None = None) -> tuple[int, int]:
     """(splits per row, tiles per split) for `n` items in tiles of `block`, aiming at `target_programs` in all
     (at most `most` splits per row)."""
@@ -819,14 +812,7 @@ def _split(n: int, block: int, rows: int, target_programs: int, most: int | None
 
 def _launch(cfg: LokiKernelConfig, q: torch.Tensor) -> dict:
     """Launch options shared by the kernels that multiply."""
-    # The CPU interpreter (tests) mis-multiplies bf16 in tl.dot: there, dot operands are upcast to float32.
-    return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, UPCAST=q.device.type == "cpu",
-                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
-
-
-def _block(n: int) -> int:
-    """Power-of-two block of at least n (and at least the smallest tl.dot dimension)."""
-    return max(_MIN_DOT, triton.next_power_of_2(n))
+    return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dot_options(q))
 
 
 class _Workspace:
@@ -874,13 +860,13 @@ def triton_scores(p: _Problem, q: torch.Tensor, keys: torch.Tensor, kv_start: to
     b, hkv, g, s = p.batch, p.kv_heads, p.group_size, p.seq
     rows = b * p.rows_per_batch
     scores = _workspace(q.device).get("scores", rows, s, torch.float32)
-    n_split, tiles = _split(s, cfg.block_n_scores, b * hkv, cfg.programs_per_sm * _num_sms(q.device))
+    n_split, tiles = _split(s, cfg.block_n_scores, b * hkv, cfg.programs_per_sm * num_sms(q.device))
     _approx_scores_kernel[(b * hkv, n_split)](
         q, keys, p.dims if p.dims is not None else scores, kv_start if kv_start is not None else scores, scores,
         s, scores.stride(0), hkv, g, tiles, p.d_max,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         GROUP=p.group, PER_HEAD_D=p.dims is not None, HAS_START=kv_start is not None, KEY_WIDTH=keys.shape[-1],
-        BLOCK_G=_block(g), BLOCK_D=_block(p.d_max), BLOCK_N=cfg.block_n_scores, **_launch(cfg, q),
+        BLOCK_G=dot_block(g), BLOCK_D=dot_block(p.d_max), BLOCK_N=cfg.block_n_scores, **_launch(cfg, q),
     )
     return scores[:rows, :s]
 
@@ -908,9 +894,9 @@ def select_tokens(scores: torch.Tensor, k: int, k_b: torch.Tensor | None, rows_p
         )
         return idx[:rows, :k]
     block = cfg.multi_select_block
-    n_chunks, tiles = _split(s, block, rows, cfg.programs_per_sm * _num_sms(scores.device),
+    n_chunks, tiles = _split(s, block, rows, cfg.programs_per_sm * num_sms(scores.device),
                              cfg.multi_select_max_chunks)
-    cp2 = max(_MIN_DOT, triton.next_power_of_2(n_chunks))
+    cp2 = dot_block(n_chunks)
     cand_pos = ws.get("cand_pos", rows, s, torch.int32)
     meta = ws.get("select_meta", rows, 4 + 3 * cp2, torch.int32, zeros=True)
     hist = ws.get("select_hist", rows, _SUB_BINS, torch.int32, zeros=True)
@@ -936,7 +922,7 @@ def triton_attend(p: _Problem, q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     each row merges)."""
     rows, k = idx.shape
     heads_per_row = p.group_size if p.group else 1
-    n_split, tiles = _split(k, cfg.block_n_attn, rows, cfg.programs_per_sm * _num_sms(q.device))
+    n_split, tiles = _split(k, cfg.block_n_attn, rows, cfg.programs_per_sm * num_sms(q.device))
     ws = _workspace(q.device)
     part = ws.get("partials", rows, n_split * heads_per_row * (p.head_dim + 2), torch.float32)
     done = ws.get("attend_done", 1, rows, torch.int32, zeros=True)
@@ -946,7 +932,7 @@ def triton_attend(p: _Problem, q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         n_split, scaling * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        HAS_KB=k_b is not None, HEAD_DIM=p.head_dim, BLOCK_G=_block(heads_per_row), BLOCK_D=_block(p.head_dim),
+        HAS_KB=k_b is not None, HEAD_DIM=p.head_dim, BLOCK_G=dot_block(heads_per_row), BLOCK_D=dot_block(p.head_dim),
         BLOCK_N=cfg.block_n_attn, BLOCK_S=min(32, triton.next_power_of_2(n_split)), **_launch(cfg, q),
     )
     return out
@@ -972,8 +958,8 @@ def triton_fused(p: _Problem, q: torch.Tensor, keys: torch.Tensor, k_cache: torc
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), out.stride(0), out.stride(1),
         PER_HEAD_D=p.dims is not None, HAS_START=kv_start is not None, HAS_KB=k_b is not None,
-        KEY_WIDTH=keys.shape[-1], HEAD_DIM=p.head_dim, BLOCK_G=_block(heads_per_row), BLOCK_DA=_block(p.d_max),
-        BLOCK_D=_block(p.head_dim), BLOCK_NS=cfg.block_n_fused, BLOCK_N=cfg.block_n_fused_attn,
+        KEY_WIDTH=keys.shape[-1], HEAD_DIM=p.head_dim, BLOCK_G=dot_block(heads_per_row), BLOCK_DA=dot_block(p.d_max),
+        BLOCK_D=dot_block(p.head_dim), BLOCK_NS=cfg.block_n_fused, BLOCK_N=cfg.block_n_fused_attn,
         SAMPLE=cfg.select_sample,
         SELECT_BLOCK=cfg.select_block, MARGIN_SIGMAS=5.0, **{**_launch(cfg, q), "num_warps": cfg.fused_warps},
     )

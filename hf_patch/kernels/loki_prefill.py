@@ -31,11 +31,11 @@ import triton
 import triton.language as tl
 
 from ..loki.budget import num_tokens
+from .launch import dot_block, dot_options
 from .loki_decode import _order_key, online_softmax_step
 
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _LOG2E = 1.4426950408889634
-_MIN_DOT = 16  # smallest tl.dot dimension
 
 
 @dataclass(frozen=True)
@@ -432,9 +432,7 @@ def _padded(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _launch_opts(cfg: LokiPrefillConfig, x: torch.Tensor) -> dict:
-    # The CPU interpreter (tests) mis-multiplies bf16 in tl.dot: there, dot operands are upcast to float32.
-    return dict(num_warps=cfg.num_warps, UPCAST=x.device.type == "cpu",
-                DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32")
+    return dict(num_warps=cfg.num_warps, **dot_options(x))
 
 
 def prefill_thresholds(qa: torch.Tensor, ka: torch.Tensor, kb: torch.Tensor, ranges, group: bool,
@@ -477,7 +475,7 @@ def prefill_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qa: torch.
         v.stride(0), v.stride(1), v.stride(2), qa.stride(0), qa.stride(1), qa.stride(2),
         ka.stride(0), ka.stride(1), ka.stride(2), out.stride(0), out.stride(1), out.stride(2),
         G_SEL=g if group else 1, HAS_RANGE=ranges is not None, COUNT=count is not None, HEAD_DIM=dh,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=max(_MIN_DOT, triton.next_power_of_2(dh)),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=dot_block(dh),
         BLOCK_DP=qa.shape[-1], num_stages=cfg.num_stages, **_launch_opts(cfg, q),
     )
     return out
@@ -501,7 +499,7 @@ def loki_prefill_attention(loki, query: torch.Tensor, key: torch.Tensor, value: 
         return out
     q_rot = loki.rotate_queries(query)  # [B, H_kv, G, T, D]
     d_max = int(loki.dims.max())
-    dp = max(_MIN_DOT, triton.next_power_of_2(d_max))
+    dp = dot_block(d_max)
     qa = _padded(loki.approx_query(q_rot).flatten(1, 2), dp)  # [B, H_q, T, DP]
     ka = _padded(key[..., :d_max] if keys_rotated else loki.rotate_keys(key, d_max), dp)  # [B, H_kv, S, DP]
     q = q_rot.flatten(1, 2) if keys_rotated else query
