@@ -200,7 +200,7 @@ def sweep(impls, ns, deadline):
     settings = [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
     settings += [dict(programs_per_sm=pps) for pps in (1, 2, 8)]
     settings += [dict(min_segment=m) for m in (2048, 8192)]
-    settings += [dict(min_block_v=bv) for bv in (32, 16)]
+    settings += [dict(state_num_warps=4)]
     for setting in settings:
         if time.time() > deadline:
             break

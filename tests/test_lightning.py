@@ -183,19 +183,3 @@ def test_triton_segments_without_states_match_naive():
     assert rel(o, ref_o) < 2e-6
     for x, ref in zip(xs, refs):
         assert rel(x.grad, ref.grad) < 2e-6
-
-
-def test_narrow_value_blocks_match_naive(monkeypatch):
-    """Too few programs for the SMs and min_block_v = 16: value blocks of 16 columns (E = 40 -> 3 blocks, the last
-    one partial), whole sequences; outputs and gradients as with the default blocks."""
-    from hf_patch.kernels import lightning as lightning_mod
-
-    monkeypatch.setitem(lightning_mod.CONFIG, "min_block_v", 16)
-    q, k, v, decay, s0 = make_inputs(1, 150, 1, 24, 40, [0.9], torch.float32, num_states=1)
-    plan = lightning_mod._plan(None, 1, 150, 1, 24, 40, torch.device(DEVICE), None)
-    if DEVICE == "cpu":  # the interpreter counts 4 SMs: one head's 64-wide block narrows to 16 columns
-        assert plan.block_v == 16 and not plan.multi
-    got = outputs_and_grads(lightning_attn_triton, *to(DEVICE, q, k, v, decay, s0))
-    want = outputs_and_grads(lightning_attn_naive, q, k, v, decay, s0, cast=torch.float64)
-    for g, w in zip(got, want):
-        assert rel(g, w) < 2e-6

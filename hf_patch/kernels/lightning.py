@@ -33,7 +33,8 @@ from .lightning_torch import check_lightning_inputs, lightning_attn_chunked
 CHUNK = 64
 MAX_HEAD_DIM = 256
 # Launch settings; scripts/bench_lightning.py sweeps them.
-CONFIG = {"num_warps": 4, "num_stages": 2, "programs_per_sm": 4, "min_segment": 512, "min_block_v": 64}
+CONFIG = {"num_warps": 4, "num_stages": 2, "programs_per_sm": 4, "min_segment": 512, "state_num_warps": 8}
+STATE_ELEMS = 128 * 128  # float32 [K, BV] accumulator of a segment-state program: all 128 columns at K = 128
 
 
 @triton.jit
@@ -53,13 +54,14 @@ def _chunk_scan_kernel(
     seg_len,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     KP: tl.constexpr, BV: tl.constexpr, CHUNK: tl.constexpr,
-    REVERSE: tl.constexpr, HAS_ENTRY: tl.constexpr, HAS_FINAL: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_ENTRY: tl.constexpr, ENTRY_T: tl.constexpr, HAS_FINAL: tl.constexpr,
     MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One (value block, head, segment): walk the segment's chunks and write ``OUT``.
 
     A, B: [total, H, K]; C, OUT: [total, H, V]; ENTRY: [segments, H, K, V] float32 (the state entering each
-    segment); FINAL: [N, H, K, V] float32, written by the last segment of each sequence.
+    segment; [segments, H, V, K] if ENTRY_T, read transposed); FINAL: [N, H, K, V] float32, written by the last
+    segment of each sequence.
     """
     i_v = tl.program_id(0)
     i_h = tl.program_id(1)
@@ -80,7 +82,11 @@ def _chunk_scan_kernel(
     state_offs = i_h * K * V + offs_k[:, None] * V + offs_v[None, :]
     state_mask = mask_k[:, None] & mask_v[None, :]
     if HAS_ENTRY:
-        state = tl.load(ENTRY + i_s.to(tl.int64) * H * K * V + state_offs, mask=state_mask, other=0.0)
+        if ENTRY_T:
+            entry_offs = i_h * K * V + offs_v[None, :] * K + offs_k[:, None]
+        else:
+            entry_offs = state_offs
+        state = tl.load(ENTRY + i_s.to(tl.int64) * H * K * V + entry_offs, mask=state_mask, other=0.0)
     else:
         state = tl.zeros([KP, BV], dtype=tl.float32)
 
@@ -137,7 +143,9 @@ def _segment_state_kernel(
     mask_k = offs_k < K
     mask_v = offs_v < V
     acc = tl.zeros([KP, BV], dtype=tl.float32)
-    for p in range(p_begin, p_end, CHUNK):
+    # a sequence's last segment: no later segment enters from it, so its local state is never read (left zero)
+    p_stop = tl.where(p_end < seq_len, p_end, p_begin)
+    for p in range(p_begin, p_stop, CHUNK):
         pos = p + r
         row_mask = pos < p_end
         if REVERSE:
@@ -197,30 +205,28 @@ class _Plan(NamedTuple):
     seg_seq: torch.Tensor
     seg_off: torch.Tensor
     multi: bool  # False: every sequence is one segment (segment i is sequence i)
-    block_v: int  # value columns per program
+
+
+def _block_v(dim_k: int, dim_v: int) -> int:
+    """Value columns per chunk-kernel program: as many as a ``[K, BV]`` float32 state in registers allows (64 up to
+    K = 128, 32 beyond). Narrower blocks to fill the SMs lost to segments on the H100 (BENCHMARKS.md)."""
+    return min(64 if dot_block(dim_k) <= 128 else 32, dot_block(dim_v))
 
 
 def _plan(lengths: list[int] | None, num_seqs: int, seq_len: int, heads: int, dim_k: int, dim_v: int, device,
           seg_len: int | None) -> _Plan:
-    """Value-block width and segments: how a call is spread over programs (value block, head, segment).
+    """Segments: how a call is spread over programs (value block, head, segment).
 
-    Value blocks are as wide as a ``[K, BV]`` float32 state in registers allows (64 columns up to K = 128), or
-    narrower down to ``CONFIG["min_block_v"]`` while there are fewer programs than SMs (each narrower program
-    recomputes its chunk's ``q k^T``; on the H100 that lost to segments: 32-column blocks 5.9 / 8.5 / 7.6 ms
-    fwd+bwd at 32k / 64k / 128k against 5.5 / 5.6 / 5.8, hence the default 64, i.e. never narrower). Segments cost two extra passes (entry states, forwards and backwards), so
-    sequences stay whole while there is a program per SM. Otherwise the longest sequence is cut into as many
-    equal parts as keep all programs within one wave of ``programs_per_sm`` per SM: a second, partial wave costs
-    about as much as the first (H100: 16 segments of a 128k sequence, 512 programs, 5.6 ms fwd+bwd; 17 segments,
-    544 programs, 6.6 ms).
+    Segments cost two extra passes (entry states, forwards and backwards), so sequences stay whole while there is
+    a program per SM (counted over the wider of K and V: the backward swaps them). Otherwise the longest sequence
+    is cut into as many equal parts as keep all programs within one wave of ``programs_per_sm`` per SM: a second,
+    partial wave costs about as much as the first (H100: 16 segments of a 128k sequence, 512 programs, 5.6 ms
+    fwd+bwd; 17 segments, 544 programs, 6.6 ms).
     """
     longest = seq_len if lengths is None else max(lengths)
     sms = num_sms(device)
     width = max(dim_k, dim_v)
-    block_v = min(64 if dot_block(width) <= 128 else 32, dot_block(width))
-    programs = num_seqs * heads * triton.cdiv(width, block_v)
-    while programs < sms and block_v // 2 >= CONFIG["min_block_v"]:
-        block_v //= 2
-        programs = num_seqs * heads * triton.cdiv(width, block_v)
+    programs = num_seqs * heads * triton.cdiv(width, _block_v(width, width))
     if seg_len is None:
         if programs >= sms:
             seg_len = longest
@@ -231,7 +237,7 @@ def _plan(lengths: list[int] | None, num_seqs: int, seq_len: int, heads: int, di
     if seg_len >= longest:
         seq_ids = torch.arange(num_seqs, device=device, dtype=torch.int32)
         offsets = torch.arange(num_seqs + 1, device=device, dtype=torch.int32)
-        return _Plan(seg_len, seq_ids, offsets, False, block_v)
+        return _Plan(seg_len, seq_ids, offsets, False)
     if lengths is None:
         counts = torch.full((num_seqs,), -(-seq_len // seg_len), dtype=torch.int32)
     else:
@@ -239,59 +245,57 @@ def _plan(lengths: list[int] | None, num_seqs: int, seq_len: int, heads: int, di
     offsets = torch.zeros(num_seqs + 1, dtype=torch.int32)
     offsets[1:] = torch.cumsum(counts, 0)
     seq_ids = torch.repeat_interleave(torch.arange(num_seqs, dtype=torch.int32), counts)
-    return _Plan(seg_len, seq_ids.to(device), offsets.to(device), True, block_v)
+    return _Plan(seg_len, seq_ids.to(device), offsets.to(device), True)
 
 
-def _launch_args(b: torch.Tensor, c: torch.Tensor, reverse: bool, block_v: int) -> tuple[int, dict]:
-    """Value-block count and the constexprs shared by the chunk and segment kernels (value blocks of at most
-    ``block_v`` columns, and at most what a ``[K, BV]`` float32 state in registers allows)."""
-    heads, dim_k, dim_v = b.shape[1], b.shape[2], c.shape[2]
-    kp = dot_block(dim_k)
-    bv = min(block_v, 64 if kp <= 128 else 32, dot_block(dim_v))
-    consts = dict(H=heads, K=dim_k, V=dim_v, KP=kp, BV=bv, CHUNK=CHUNK, REVERSE=reverse,
-                  MM_DTYPE=tl.bfloat16 if b.dtype == torch.bfloat16 else tl.float32,
-                  PRECISION="tf32x3" if b.dtype == torch.float32 else "tf32",
-                  num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
-    return triton.cdiv(dim_v, bv), consts
+def _dot_consts(x: torch.Tensor) -> dict:
+    """Dot operand dtype and precision for inputs of x's dtype (bf16 stays bf16, float32 runs as tf32x3)."""
+    return dict(MM_DTYPE=tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float32,
+                PRECISION="tf32x3" if x.dtype == torch.float32 else "tf32")
 
 
 def _segment_entries(b, c, log_decay, cu, plan: _Plan, num_seqs: int, init, reverse: bool) -> torch.Tensor:
-    """State entering each segment, ``[segments, H, K, V]`` float32 (b: [total, H, K], c: [total, H, V])."""
-    n_vb, consts = _launch_args(b, c, reverse, plan.block_v)
-    heads, dim_k, dim_v = consts["H"], consts["K"], consts["V"]
+    """State entering each segment, ``[segments, H, K, V]`` float32 (b: [total, H, K], c: [total, H, V]).
+
+    The local-state programs take all value columns up to ``STATE_ELEMS`` (b read once); the scan runs over
+    32 x 32 state blocks (enough programs to hide its latency)."""
+    _, heads, dim_k = b.shape
+    dim_v = c.shape[-1]
+    kp = dot_block(dim_k)
+    bv = min(dot_block(dim_v), max(16, STATE_ELEMS // kp))
     n_segs = plan.seg_seq.numel()
     states = torch.empty(n_segs, heads, dim_k, dim_v, device=b.device, dtype=torch.float32)
-    _segment_state_kernel[(n_vb, heads, n_segs)](b, c, states, log_decay, plan.seg_seq, plan.seg_off, cu,
-                                                 plan.seg_len, **consts)
-    bk = min(64, dot_block(dim_k))
-    _segment_scan_kernel[(triton.cdiv(dim_k, bk) * n_vb, heads, num_seqs)](
+    _segment_state_kernel[(triton.cdiv(dim_v, bv), heads, n_segs)](
+        b, c, states, log_decay, plan.seg_seq, plan.seg_off, cu, plan.seg_len,
+        H=heads, K=dim_k, V=dim_v, KP=kp, BV=bv, CHUNK=CHUNK, REVERSE=reverse, **_dot_consts(b),
+        num_warps=CONFIG["state_num_warps"], num_stages=CONFIG["num_stages"])
+    blk = 32
+    _segment_scan_kernel[(triton.cdiv(dim_k, blk) * triton.cdiv(dim_v, blk), heads, num_seqs)](
         states, init if init is not None else states, log_decay, plan.seg_off, cu, plan.seg_len,
-        H=heads, K=dim_k, V=dim_v, BK=bk, BV=consts["BV"], HAS_INIT=init is not None)
+        H=heads, K=dim_k, V=dim_v, BK=blk, BV=blk, HAS_INIT=init is not None)
     return states
 
 
 def _chunk_scan(a, b, c, log_decay, cu, plan: _Plan, num_seqs: int, entry, reverse: bool, want_final: bool,
-                out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+                out_dtype: torch.dtype, entry_t: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``out_i = a_i @ S_i`` over each sequence (read backwards if ``reverse``); see the module docstring.
 
     a, b: [total, H, K]; c: [total, H, V] (contiguous); cu: int32 [N + 1]; entry: [segments, H, K, V] float32
-    or None (zero). Returns ``out [total, H, V]`` in ``out_dtype`` and the final state ``[N, H, K, V]`` float32
-    if ``want_final``.
+    (``[segments, H, V, K]`` if ``entry_t``: read transposed) or None (zero). Returns ``out [total, H, V]`` in
+    ``out_dtype`` and the final state ``[N, H, K, V]`` float32 if ``want_final``.
     """
-    n_vb, consts = _launch_args(b, c, reverse, plan.block_v)
     total, heads, dim_k = b.shape
     dim_v = c.shape[-1]
+    bv = _block_v(dim_k, dim_v)
     out = torch.empty(total, heads, dim_v, device=b.device, dtype=out_dtype)
     final = torch.empty(num_seqs, heads, dim_k, dim_v, device=b.device, dtype=torch.float32) if want_final else None
-    _chunk_scan_kernel[(n_vb, heads, plan.seg_seq.numel())](
+    _chunk_scan_kernel[(triton.cdiv(dim_v, bv), heads, plan.seg_seq.numel())](
         a, b, c, out, log_decay, entry if entry is not None else c, final if final is not None else c,
         plan.seg_seq, plan.seg_off, cu, plan.seg_len,
-        HAS_ENTRY=entry is not None, HAS_FINAL=want_final, **consts)
+        H=heads, K=dim_k, V=dim_v, KP=dot_block(dim_k), BV=bv, CHUNK=CHUNK, REVERSE=reverse,
+        HAS_ENTRY=entry is not None, ENTRY_T=entry_t, HAS_FINAL=want_final, **_dot_consts(b),
+        num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
     return out, final
-
-
-def _transpose_state(state: torch.Tensor | None) -> torch.Tensor | None:
-    return None if state is None else state.transpose(-1, -2).contiguous()
 
 
 class _LightningAttnFunction(torch.autograd.Function):
@@ -310,13 +314,12 @@ class _LightningAttnFunction(torch.autograd.Function):
         plan, num_seqs = ctx.meta
         do = do.contiguous()
         d_final = None if d_final is None else d_final.float().contiguous()
-        # dq runs forwards over S^T: the forward's entry states, transposed.
-        dq, _ = _chunk_scan(do, v, k, log_decay, cu, plan, num_seqs, _transpose_state(entry), False, False, q.dtype)
+        # dq runs forwards over S^T: the forward's entry states, read transposed; dk likewise from dv's.
+        dq, _ = _chunk_scan(do, v, k, log_decay, cu, plan, num_seqs, entry, False, False, q.dtype, entry_t=True)
         rev_entry = _segment_entries(q, do, log_decay, cu, plan, num_seqs, d_final, True) if plan.multi else d_final
         want_d_init = ctx.needs_input_grad[4]
         dv, d_init = _chunk_scan(k, q, do, log_decay, cu, plan, num_seqs, rev_entry, True, want_d_init, v.dtype)
-        dk, _ = _chunk_scan(v, do, q, log_decay, cu, plan, num_seqs, _transpose_state(rev_entry), True, False,
-                            k.dtype)
+        dk, _ = _chunk_scan(v, do, q, log_decay, cu, plan, num_seqs, rev_entry, True, False, k.dtype, entry_t=True)
         return dq, dk, dv, None, d_init, None, None, None, None
 
 
