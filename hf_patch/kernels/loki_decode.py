@@ -19,11 +19,12 @@ The Triton path runs one of three forms, by the cache length S (thresholds in `L
   and a split-K attention kernel that gathers the kept keys and values by position, keeps an online softmax
   and whose last program per row merges the splits. The selection is one kernel with one program per row for
   rows up to ``select_kernel_max_seq`` (a strided sample brackets the k_b-th score, one pass collects the
-  candidates inside the bracket, a radix select finds the threshold, one pass writes the positions), else two
-  kernels with many programs per row (each collects the candidates of its chunk of the row and a 256-bin
-  histogram of where they lie in the bracket; the last program of a row finds the bin of the k_b-th score, the
-  exact threshold among that bin's few candidates, and each chunk's output offset and share of the ties; the
-  second kernel writes each chunk's positions).
+  candidates inside the bracket, a radix select finds the threshold, one pass writes the positions), else three
+  kernels with many programs per row, one chunk of the row each: (1) count the chunk's scores above the bracket
+  and add a 256-bin histogram of those inside it to the row's; the row's last program finds the bin of the
+  k_b-th score; (2) count the chunk's scores above that bin and collect the bin's few candidates; the row's
+  last program finds the exact threshold among them and each chunk's output offset and share of the ties;
+  (3) write each chunk's positions.
 
 Every selection is the exact top-k_b, ties at the threshold to the earliest positions, positions in increasing
 order (deterministic: the same positions and the same output, bit for bit, on every call).
@@ -49,7 +50,10 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _LOG2E = 1.4426950408889634
 _SUB_BINS = 256  # bins of the bracket histogram of the multi-program selection
-_META = 4  # per-row int32 header of the multi-program selection: threshold, candidate count, ticket, unused
+# Per-row int32 header of the multi-program selection: threshold, candidate count, tickets of passes 1 and 2,
+# the threshold bin's first and last key, the rank of the k_b-th score within that bin, resolved (by pass 1).
+# Then per chunk: count above (the bracket, then the bin), output offset, share of the ties.
+_META = tl.constexpr(8)
 
 
 @dataclass(frozen=True)
@@ -500,74 +504,61 @@ def _count_by_chunk(pos, chunk_len, mask, CP2: tl.constexpr):
 
 
 @triton.jit
-def _finish_row(s_row, ck_row, cp_row, m_row, h_row, seq, kb, lo, hi, n_chunks, chunk_len,
-                CP2: tl.constexpr, BLOCK: tl.constexpr):
-    """Run by the last program of a row of the multi-program selection, once every chunk has collected.
-
-    From the chunks' counts above the bracket and the bracket histogram: the bin of the kb-th largest score,
-    the exact threshold t among that bin's candidates (radix select), and per chunk how many of its keys it
-    keeps (key > t, plus its share of the keys == t, earliest chunks first), hence where its positions go.
-    Writes t, the chunk offsets and tie shares to the row's meta; resets the row's counters and histogram.
-    Row meta (int32): [t, candidates, ticket, -, above[CP2], offset[CP2], ties[CP2]].
-    """
+def _resolve_row(ck_row, cp_row, m_row, n_cand, need, gt_c, lo, hi, chunk_len, n_chunks,
+                 CP2: tl.constexpr, BLOCK: tl.constexpr):
+    """The exact threshold among a row's n_cand candidates (order keys at ck_row in [lo, hi], positions at
+    cp_row; `need` = the rank of the k_b-th score among them, gt_c [CP2] = each chunk's count of keys above them)
+    and each chunk's output offset and share of the ties (earliest chunks first), written to the row's meta."""
     chunks = tl.arange(0, CP2)
+    t, need, n_equal = _radix_select(ck_row, n_cand, need, lo, hi, BLOCK)
+    eq_c = tl.zeros([CP2], dtype=tl.int32)
+    for start in range(0, n_cand, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ok = offs < n_cand
+        key = tl.load(ck_row + offs, mask=ok, other=0, cache_modifier=".cg")
+        pos = tl.load(cp_row + offs, mask=ok, other=0, cache_modifier=".cg")
+        gt_c += _count_by_chunk(pos, chunk_len, ok & (key > t), CP2)
+        eq_c += _count_by_chunk(pos, chunk_len, ok & (key == t), CP2)
+    ties = tl.minimum(tl.maximum(need - (tl.cumsum(eq_c, 0) - eq_c), 0), eq_c)
+    take = gt_c + ties
     c_ok = chunks < n_chunks
+    tl.store(m_row, t)
+    tl.store(m_row + _META + CP2 + chunks, tl.cumsum(take, 0) - take, mask=c_ok)
+    tl.store(m_row + _META + 2 * CP2 + chunks, ties, mask=c_ok)
+
+
+@triton.jit
+def _pick_bin(s_row, ck_row, cp_row, m_row, h_row, seq, kb, lo, hi, n_chunks, chunk_len,
+              CP2: tl.constexpr, BLOCK: tl.constexpr):
+    """Run by the last program of a row in pass 1, once every chunk has counted: the bracket bin of the kb-th
+    largest score (its first and last key and the rank within it) into the row's meta. If the sample misled
+    (the kb-th score lies outside the bracket), every key of the row becomes a candidate and the row is
+    resolved here (marked so that pass 2 skips it). Resets the row's histogram and ticket."""
+    chunks = tl.arange(0, CP2)
     bins = tl.arange(0, 256)
-    gt_c = tl.load(m_row + 4 + chunks, mask=c_ok, other=0, cache_modifier=".cg")
-    n_mid = tl.load(m_row + 1, cache_modifier=".cg")
+    gt_c = tl.load(m_row + _META + chunks, mask=chunks < n_chunks, other=0, cache_modifier=".cg")
     hist = tl.load(h_row + bins, cache_modifier=".cg")
-    if kb > 0:
-        need = kb - tl.sum(gt_c)
-        if (need <= 0) | (need > n_mid):  # the sample misled: every key of the row is a candidate
-            for start in range(0, seq, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                ok = offs < seq
-                tl.store(ck_row + offs, _order_key(tl.load(s_row + offs, mask=ok, other=0.0)), mask=ok)
-                tl.store(cp_row + offs, offs, mask=ok)
-            n_sub = seq + tl.zeros([], dtype=tl.int32)
-            gt_c = gt_c * 0
-            need = kb + tl.zeros([], dtype=tl.int32)
-            sub_lo = lo * 0 + (-2147483648)
-            sub_hi = hi * 0 + 2147483647
-        else:  # keep the candidates of the threshold's bin (compacted in place), count those above it
-            bstar = tl.max(tl.where(tl.cumsum(hist, 0, reverse=True) >= need, bins, -1))
-            need -= tl.sum(tl.where(bins > bstar, hist, 0))
-            lo64 = lo.to(tl.int64)
-            shift = _bin_shift(lo, hi)
-            sub_lo = hi * 0 + 2147483647  # the smallest and largest key of bin bstar
-            sub_hi = lo * 0 + (-2147483648)
-            n_sub = tl.zeros([], dtype=tl.int32)
-            for start in range(0, n_mid, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                ok = offs < n_mid
-                key = tl.load(ck_row + offs, mask=ok, other=0, cache_modifier=".cg")
-                pos = tl.load(cp_row + offs, mask=ok, other=0, cache_modifier=".cg")
-                sub = tl.minimum((key.to(tl.int64) - lo64) >> shift, 255).to(tl.int32)
-                gt_c += _count_by_chunk(pos, chunk_len, ok & (sub > bstar), CP2)
-                inb = ok & (sub == bstar)
-                sub_lo = tl.minimum(sub_lo, tl.min(tl.where(inb, key, 2147483647)))
-                sub_hi = tl.maximum(sub_hi, tl.max(tl.where(inb, key, -2147483648)))
-                dst = n_sub + tl.cumsum(inb.to(tl.int32), 0) - 1
-                tl.debug_barrier()  # the whole tile is read before anything is written over it
-                tl.store(ck_row + dst, key, mask=inb)
-                tl.store(cp_row + dst, pos, mask=inb)
-                n_sub += tl.sum(inb.to(tl.int32))
-        tl.debug_barrier()
-        t, need, n_equal = _radix_select(ck_row, n_sub, need, sub_lo, sub_hi, BLOCK)
-        eq_c = tl.zeros([CP2], dtype=tl.int32)
-        for start in range(0, n_sub, BLOCK):
+    need = kb - tl.sum(gt_c)
+    if (need <= 0) | (need > tl.sum(hist)):
+        for start in range(0, seq, BLOCK):
             offs = start + tl.arange(0, BLOCK)
-            ok = offs < n_sub
-            key = tl.load(ck_row + offs, mask=ok, other=0, cache_modifier=".cg")
-            pos = tl.load(cp_row + offs, mask=ok, other=0, cache_modifier=".cg")
-            gt_c += _count_by_chunk(pos, chunk_len, ok & (key > t), CP2)
-            eq_c += _count_by_chunk(pos, chunk_len, ok & (key == t), CP2)
-        ties = tl.minimum(tl.maximum(need - (tl.cumsum(eq_c, 0) - eq_c), 0), eq_c)
-        take = gt_c + ties
-        tl.store(m_row, t)
-        tl.store(m_row + 4 + CP2 + chunks, tl.cumsum(take, 0) - take, mask=c_ok)
-        tl.store(m_row + 4 + 2 * CP2 + chunks, ties, mask=c_ok)
-    tl.store(m_row + 1, 0)
+            ok = offs < seq
+            tl.store(ck_row + offs, _order_key(tl.load(s_row + offs, mask=ok, other=0.0)), mask=ok)
+            tl.store(cp_row + offs, offs, mask=ok)
+        tl.debug_barrier()
+        _resolve_row(ck_row, cp_row, m_row, seq, kb, gt_c * 0, lo * 0 + (-2147483648), hi * 0 + 2147483647,
+                     chunk_len, n_chunks, CP2, BLOCK)
+        tl.store(m_row + 7, 1)
+    else:
+        bstar = tl.max(tl.where(tl.cumsum(hist, 0, reverse=True) >= need, bins, -1))
+        need -= tl.sum(tl.where(bins > bstar, hist, 0))
+        shift = _bin_shift(lo, hi)
+        bin_lo = lo.to(tl.int64) + (bstar.to(tl.int64) << shift)
+        bin_hi = tl.where(bstar == 255, hi.to(tl.int64), bin_lo + (1 << shift) - 1)
+        tl.store(m_row + 4, bin_lo.to(tl.int32))
+        tl.store(m_row + 5, bin_hi.to(tl.int32))
+        tl.store(m_row + 6, need)
+        tl.store(m_row + 7, 0)
     tl.store(m_row + 2, 0)
     tl.store(h_row + bins, tl.zeros([256], dtype=tl.int32))
 
@@ -628,7 +619,7 @@ def _select_kernel(
 
 
 @triton.jit
-def _collect_kernel(
+def _bracket_hist_kernel(
     s_ptr, kb_ptr, ck_ptr, cp_ptr, meta_ptr, hist_ptr,
     seq, s_stride, c_stride, p_stride, m_stride, h_stride, k_sel, rows_per_batch, n_chunks, tiles_per_chunk,
     sample_stride, n_sample,
@@ -637,26 +628,61 @@ def _collect_kernel(
 ):
     """Multi-program selection, pass 1: one chunk of one row per program.
 
-    Every program of a row computes the same bracket (`_bracket`), counts its chunk's keys above it, appends
-    the keys inside it (with their positions) to the row's candidates and adds where they fall in the bracket
-    (`_bin_shift`: 256 bins of 2^shift keys) to the row's histogram. The last program of the row to finish runs
-    `_finish_row`.
+    Every program of a row computes the same bracket (`_bracket`), counts its chunk's keys above it and adds
+    where the keys inside it fall (`_bin_shift`: 256 bins of 2^shift keys) to the row's histogram. The last
+    program of the row to finish runs `_pick_bin`.
     """
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     kb = (tl.load(kb_ptr + row // rows_per_batch) if HAS_KB else k_sel) + tl.zeros([], dtype=tl.int32)
-    s_row = s_ptr + row * s_stride
-    ck_row = ck_ptr + row * c_stride
-    cp_row = cp_ptr + row * p_stride
-    m_row = meta_ptr + row * m_stride
-    h_row = hist_ptr + row * h_stride
-    lo, hi = _bracket(s_row, seq, kb, sample_stride, n_sample, SAMPLE, MARGIN_SIGMAS)
-    lo64 = lo.to(tl.int64)
-    shift = _bin_shift(lo, hi)
-    bins = tl.arange(0, 256)
-    n_gt = tl.zeros([], dtype=tl.int32)
     if kb > 0:
+        s_row = s_ptr + row * s_stride
+        m_row = meta_ptr + row * m_stride
+        h_row = hist_ptr + row * h_stride
+        lo, hi = _bracket(s_row, seq, kb, sample_stride, n_sample, SAMPLE, MARGIN_SIGMAS)
+        lo64 = lo.to(tl.int64)
+        shift = _bin_shift(lo, hi)
+        bins = tl.arange(0, 256)
+        n_gt = tl.zeros([], dtype=tl.int32)
         hist = tl.zeros([256], dtype=tl.int32)
+        for t in range(tiles_per_chunk):
+            offs = (chunk * tiles_per_chunk + t) * BLOCK + tl.arange(0, BLOCK)
+            ok = offs < seq
+            key = _order_key(tl.load(s_row + offs, mask=ok, other=float("-inf")))
+            n_gt += tl.sum((ok & (key > hi)).to(tl.int32))
+            mid = ok & (key >= lo) & (key <= hi)
+            sub = tl.where(mid, tl.minimum((key.to(tl.int64) - lo64) >> shift, 255).to(tl.int32), 0)
+            hist += tl.histogram(sub, 256) - tl.where(bins == 0, BLOCK - tl.sum(mid.to(tl.int32)), 0)
+        tl.atomic_add(h_row + bins, hist, mask=hist > 0, sem="relaxed")
+        tl.store(m_row + _META + chunk, n_gt)
+        tl.debug_barrier()  # all of this program's writes precede its ticket (acquire-release, GPU scope)
+        if tl.atomic_add(m_row + 2, 1) == n_chunks - 1:
+            _pick_bin(s_row, ck_ptr + row * c_stride, cp_ptr + row * p_stride, m_row, h_row, seq, kb, lo, hi,
+                      n_chunks, tiles_per_chunk * BLOCK, CP2, BLOCK)
+
+
+@triton.jit
+def _bin_collect_kernel(
+    s_ptr, kb_ptr, ck_ptr, cp_ptr, meta_ptr,
+    seq, s_stride, c_stride, p_stride, m_stride, k_sel, rows_per_batch, n_chunks, tiles_per_chunk,
+    HAS_KB: tl.constexpr, CP2: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Multi-program selection, pass 2: one chunk of one row per program (rows pass 1 resolved are skipped).
+
+    Counts the chunk's keys above the threshold bin and appends the keys inside it (with their positions) to
+    the row's candidates; the last program of the row runs `_resolve_row` on them.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    kb = (tl.load(kb_ptr + row // rows_per_batch) if HAS_KB else k_sel) + tl.zeros([], dtype=tl.int32)
+    m_row = meta_ptr + row * m_stride
+    if (kb > 0) & (tl.load(m_row + 7) == 0):
+        s_row = s_ptr + row * s_stride
+        ck_row = ck_ptr + row * c_stride
+        cp_row = cp_ptr + row * p_stride
+        lo = tl.load(m_row + 4)
+        hi = tl.load(m_row + 5)
+        n_gt = tl.zeros([], dtype=tl.int32)
         for t in range(tiles_per_chunk):
             offs = (chunk * tiles_per_chunk + t) * BLOCK + tl.arange(0, BLOCK)
             ok = offs < seq
@@ -668,14 +694,15 @@ def _collect_kernel(
                 dst = tl.atomic_add(m_row + 1, n_mid, sem="relaxed") + tl.cumsum(mid.to(tl.int32), 0) - 1
                 tl.store(ck_row + dst, key, mask=mid)
                 tl.store(cp_row + dst, offs, mask=mid)
-                sub = tl.where(mid, tl.minimum((key.to(tl.int64) - lo64) >> shift, 255).to(tl.int32), 0)
-                hist += tl.histogram(sub, 256) - tl.where(bins == 0, BLOCK - n_mid, 0)
-        tl.atomic_add(h_row + bins, hist, mask=hist > 0, sem="relaxed")
-    tl.store(m_row + 4 + chunk, n_gt)
-    tl.debug_barrier()  # all of this program's writes precede its ticket (acquire-release, GPU scope)
-    if tl.atomic_add(m_row + 2, 1) == n_chunks - 1:
-        _finish_row(s_row, ck_row, cp_row, m_row, h_row, seq, kb, lo, hi, n_chunks, tiles_per_chunk * BLOCK,
-                    CP2, BLOCK)
+        tl.store(m_row + _META + chunk, n_gt)
+        tl.debug_barrier()
+        if tl.atomic_add(m_row + 3, 1) == n_chunks - 1:
+            chunks = tl.arange(0, CP2)
+            gt_c = tl.load(m_row + _META + chunks, mask=chunks < n_chunks, other=0, cache_modifier=".cg")
+            _resolve_row(ck_row, cp_row, m_row, tl.load(m_row + 1, cache_modifier=".cg"), tl.load(m_row + 6),
+                         gt_c, lo, hi, tiles_per_chunk * BLOCK, n_chunks, CP2, BLOCK)
+            tl.store(m_row + 1, 0)
+            tl.store(m_row + 3, 0)
 
 
 @triton.jit
@@ -694,7 +721,7 @@ def _write_kernel(
         c0 = chunk * tiles_per_chunk * BLOCK
         _write_positions(s_ptr + row * s_stride, idx_ptr + row * i_stride, c0,
                          tl.minimum(c0 + tiles_per_chunk * BLOCK, seq), tl.load(m_row),
-                         tl.load(m_row + 4 + 2 * CP2 + chunk), tl.load(m_row + 4 + CP2 + chunk),
+                         tl.load(m_row + _META + 2 * CP2 + chunk), tl.load(m_row + _META + CP2 + chunk),
                          BREAK_TIES=True, BLOCK=BLOCK)
 
 
@@ -898,16 +925,21 @@ def select_tokens(scores: torch.Tensor, k: int, k_b: torch.Tensor | None, rows_p
                              cfg.multi_select_max_chunks)
     cp2 = dot_block(n_chunks)
     cand_pos = ws.get("cand_pos", rows, s, torch.int32)
-    meta = ws.get("select_meta", rows, 4 + 3 * cp2, torch.int32, zeros=True)
+    meta = ws.get("select_meta", rows, _META.value + 3 * cp2, torch.int32, zeros=True)
     hist = ws.get("select_hist", rows, _SUB_BINS, torch.int32, zeros=True)
     stride = max(1, s // cfg.multi_select_sample)
-    _collect_kernel[(rows, n_chunks)](
+    _bracket_hist_kernel[(rows, n_chunks)](
         scores, kb_arg, cand, cand_pos, meta, hist,
         s, scores.stride(0), cand.stride(0), cand_pos.stride(0), meta.stride(0), hist.stride(0), k, rows_per_batch,
         n_chunks, tiles,
         stride, min(cfg.multi_select_sample, triton.cdiv(s, stride)),
         HAS_KB=k_b is not None, SAMPLE=cfg.multi_select_sample, BLOCK=block, CP2=cp2, MARGIN_SIGMAS=5.0,
         num_warps=cfg.multi_select_warps,
+    )
+    _bin_collect_kernel[(rows, n_chunks)](
+        scores, kb_arg, cand, cand_pos, meta, s, scores.stride(0), cand.stride(0), cand_pos.stride(0),
+        meta.stride(0), k, rows_per_batch, n_chunks, tiles,
+        HAS_KB=k_b is not None, CP2=cp2, BLOCK=block, num_warps=cfg.multi_select_warps,
     )
     _write_kernel[(rows, n_chunks)](
         scores, kb_arg, meta, idx, s, scores.stride(0), meta.stride(0), idx.stride(0), k, rows_per_batch, tiles,
