@@ -504,6 +504,15 @@ def _count_by_chunk(pos, chunk_len, mask, CP2: tl.constexpr):
 
 
 @triton.jit
+def _classify_tile(s_row, offs, seq, lo, hi):
+    """Order keys of the scores at `offs` (positions past seq masked), how many lie above `hi`, and the mask of
+    those within [lo, hi]."""
+    ok = offs < seq
+    key = _order_key(tl.load(s_row + offs, mask=ok, other=float("-inf")))
+    return key, tl.sum((ok & (key > hi)).to(tl.int32)), ok & (key >= lo) & (key <= hi)
+
+
+@triton.jit
 def _resolve_row(ck_row, cp_row, m_row, n_cand, need, gt_c, lo, hi, chunk_len, n_chunks,
                  CP2: tl.constexpr, BLOCK: tl.constexpr):
     """The exact threshold among a row's n_cand candidates (order keys at ck_row in [lo, hi], positions at
@@ -647,10 +656,8 @@ def _bracket_hist_kernel(
         hist = tl.zeros([256], dtype=tl.int32)
         for t in range(tiles_per_chunk):
             offs = (chunk * tiles_per_chunk + t) * BLOCK + tl.arange(0, BLOCK)
-            ok = offs < seq
-            key = _order_key(tl.load(s_row + offs, mask=ok, other=float("-inf")))
-            n_gt += tl.sum((ok & (key > hi)).to(tl.int32))
-            mid = ok & (key >= lo) & (key <= hi)
+            key, above, mid = _classify_tile(s_row, offs, seq, lo, hi)
+            n_gt += above
             sub = tl.where(mid, tl.minimum((key.to(tl.int64) - lo64) >> shift, 255).to(tl.int32), 0)
             hist += tl.histogram(sub, 256) - tl.where(bins == 0, BLOCK - tl.sum(mid.to(tl.int32)), 0)
         tl.atomic_add(h_row + bins, hist, mask=hist > 0, sem="relaxed")
@@ -685,10 +692,8 @@ def _bin_collect_kernel(
         n_gt = tl.zeros([], dtype=tl.int32)
         for t in range(tiles_per_chunk):
             offs = (chunk * tiles_per_chunk + t) * BLOCK + tl.arange(0, BLOCK)
-            ok = offs < seq
-            key = _order_key(tl.load(s_row + offs, mask=ok, other=float("-inf")))
-            n_gt += tl.sum((ok & (key > hi)).to(tl.int32))
-            mid = ok & (key >= lo) & (key <= hi)
+            key, above, mid = _classify_tile(s_row, offs, seq, lo, hi)
+            n_gt += above
             n_mid = tl.sum(mid.to(tl.int32))
             if n_mid > 0:
                 dst = tl.atomic_add(m_row + 1, n_mid, sem="relaxed") + tl.cumsum(mid.to(tl.int32), 0) - 1
