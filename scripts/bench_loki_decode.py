@@ -105,7 +105,8 @@ PER_HEAD_D = [16, 24, 32, 40, 48, 32, 16, 8]  # d per KV head in the "per-head" 
 HOST_SEQS, HOST_REPS = (4096, 8192, 16384), 200  # host-cost measurement: cache lengths (one per form), calls
 FORMS = {  # the three forms of the Triton path, forced whatever the length
     "fused": ld.LokiKernelConfig(fused_max_seq=1 << 30),
-    "one-program select": ld.LokiKernelConfig(fused_max_seq=0, select_kernel_max_seq=1 << 30),
+    "one-program select": ld.LokiKernelConfig(fused_max_seq=0, select_kernel_max_seq=1 << 30,
+                                              select_kernel_min_rows_per_sm=0),
     "multi-program select": ld.LokiKernelConfig(fused_max_seq=0, select_kernel_max_seq=0),
 }
 
@@ -179,7 +180,7 @@ def check_selection() -> bool:
             budgets = k_b.tolist() if k_b is not None else [k] * rows
             order = torch.sort(-scores.double(), dim=-1, stable=True).indices
             for multi in (False, True):
-                cfg = ld.LokiKernelConfig(select_kernel_max_seq=0 if multi else 1 << 30)
+                cfg = FORMS["multi-program select" if multi else "one-program select"]
                 idx = ld.select_tokens(scores, k, k_b, 1, cfg)
                 good = all(torch.equal(idx[r, : budgets[r]].long(), order[r, : budgets[r]].sort().values)
                            for r in range(rows))
@@ -315,7 +316,7 @@ def sweep_configs() -> dict:
         "fused, scores tile 64": c(block_n_fused=64),
         "fused, scores tile 256": c(block_n_fused=256),
         "fused, attention tile 32": c(block_n_fused_attn=32),
-        "one-program select up to 32k": c(select_kernel_max_seq=32768),
+        "one-program select up to 32k at any B": c(select_kernel_min_rows_per_sm=0),
         "multi-program select always": c(select_kernel_max_seq=0),
         "multi select tile 2048": c(multi_select_block=2048),
         "multi select sample 2048": c(multi_select_sample=2048),
@@ -414,8 +415,9 @@ def table(cfg, bandwidth, batches, seqs, settings):
             t_wide = time_rotated(loki_fns(sets, d, k_frac, narrow=False)) if i == 0 else float("nan")
             b2b_loki, graph_loki = time_back_to_back(fns), guarded(time_graph, fns)
             stages = stage_times(sets, d, k_frac, cfg)
-            path = "fused" if s <= cfg.fused_max_seq else \
-                "1-prog select" if s <= cfg.select_kernel_max_seq else "multi select"
+            one_program = s <= cfg.select_kernel_max_seq and \
+                b * HKV >= cfg.select_kernel_min_rows_per_sm * torch.cuda.get_device_properties(0).multi_processor_count
+            path = "fused" if s <= cfg.fused_max_seq else "1-prog select" if one_program else "multi select"
             loki_bytes = b * HKV * (s * d + 2 * k * D) * 2
             row = dict(B=b, S=s, d_frac=d_frac, k_frac=k_frac, sdpa_form=form, sdpa_ms=t_sdpa, loki_ms=t_loki,
                        speedup=t_sdpa / t_loki, loki_wide_ms=t_wide, b2b_sdpa_ms=b2b_sdpa, b2b_loki_ms=b2b_loki,

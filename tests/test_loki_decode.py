@@ -21,7 +21,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a
 SMALL = LokiKernelConfig(block_n_scores=16, block_n_attn=16, programs_per_sm=2, select_block=16, select_sample=16,
                          block_n_fused=16, block_n_fused_attn=16)
 SPLIT = LokiKernelConfig(block_n_scores=16, block_n_attn=16, programs_per_sm=2, select_block=16, select_sample=16,
-                         fused_max_seq=0)
+                         fused_max_seq=0, select_kernel_min_rows_per_sm=0)
 MULTI = LokiKernelConfig(block_n_scores=16, block_n_attn=16, programs_per_sm=2, fused_max_seq=0,
                          select_kernel_max_seq=0, multi_select_block=16, multi_select_sample=16)
 CONFIGS = {"fused": SMALL, "split": SPLIT, "multi-select": MULTI}
@@ -273,7 +273,7 @@ def test_select_tokens_is_exact_top_k(kind, multi):
     if multi:
         cfg = LokiKernelConfig(select_kernel_max_seq=0, multi_select_block=block, multi_select_sample=sample)
     else:
-        cfg = LokiKernelConfig(select_block=block, select_sample=sample)
+        cfg = LokiKernelConfig(select_block=block, select_sample=sample, select_kernel_min_rows_per_sm=0)
     scores = scores.to(DEVICE)
     budgets = k_b if k_b is not None else torch.full((scores.shape[0],), k)
     k_b = k_b.to(DEVICE) if k_b is not None else None

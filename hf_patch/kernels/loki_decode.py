@@ -18,7 +18,7 @@ The Triton path runs one of three forms, by the cache length S (thresholds in `L
 - otherwise a scores kernel (all G heads of a KV head in one pass over the keys, split over S), the selection,
   and a split-K attention kernel that gathers the kept keys and values by position, keeps an online softmax
   and whose last program per row merges the splits. The selection is one kernel with one program per row for
-  rows up to ``select_kernel_max_seq`` (a strided sample brackets the k_b-th score, one pass collects the
+  rows up to ``select_kernel_max_seq`` when they are enough to fill the GPU (a strided sample brackets the k_b-th score, one pass collects the
   candidates inside the bracket, a radix select finds the threshold, one pass writes the positions), else three
   kernels with many programs per row, one chunk of the row each: (1) count the chunk's scores above the bracket
   and add a 256-bin histogram of those inside it to the row's; the row's last program finds the bin of the
@@ -68,10 +68,12 @@ class LokiKernelConfig:
     select_block: int = 2048  # scores per tile of the selection kernels
     select_sample: int = 2048  # strided sample that brackets the k-th score (one program per row)
     select_warps: int = 8
-    # Rows up to this length select with one program per row; longer rows with several programs per row
-    # (H100, B=8/16 x 8 KV heads, S=16k: one program per row 0.054 ms, several 0.081 ms; at 64k-128k several
-    # programs match or beat torch.topk and one program per row is 2-3x slower).
+    # Rows up to this length select with one program per row if there are at least `select_kernel_min_rows_per_sm`
+    # rows per SM; longer rows, or fewer, with several programs per row. H100 selection GPU time (8 KV heads,
+    # 2026-11-25): one program per row 39 / 38 / 38 / 69 / 28 us at (B, S) = (16, 16k) / (8, 16k) / (1, 16k) /
+    # (8, 32k) / (16, 8k), several 56 / 40 / 21 / 55 / 41 us; past 32k several programs win at every B.
     select_kernel_max_seq: int = 32768
+    select_kernel_min_rows_per_sm: float = 0.5
     multi_select_block: int = 1024  # scores per tile of the multi-program selection
     multi_select_sample: int = 1024  # its bracket sample (every program sorts it)
     multi_select_max_chunks: int = 256  # programs per row at most
@@ -908,14 +910,15 @@ def select_tokens(scores: torch.Tensor, k: int, k_b: torch.Tensor | None, rows_p
     """Stage 2: int32 [rows, k] positions of the k_b best scores of each row of float32 `scores` [rows, S]
     (stride(-1) == 1; row r belongs to sequence r // rows_per_batch; k_b = k without padding; entries past k_b
     are unused), in increasing order, ties at the threshold to the earliest positions. Rows up to
-    `cfg.select_kernel_max_seq` use one program per row, longer rows several. A view of the workspace, valid
-    until the next call."""
+    `cfg.select_kernel_max_seq` use one program per row when there are enough of them to fill the GPU
+    (`cfg.select_kernel_min_rows_per_sm`), other rows several. A view of the workspace, valid until the next
+    call."""
     rows, s = scores.shape
     ws = _workspace(scores.device)
     idx = ws.get("idx", rows, k, torch.int32)
     cand = ws.get("cand", rows, s, torch.int32)
     kb_arg = k_b if k_b is not None else idx
-    if s <= cfg.select_kernel_max_seq:
+    if s <= cfg.select_kernel_max_seq and rows >= cfg.select_kernel_min_rows_per_sm * num_sms(scores.device):
         stride = max(1, s // cfg.select_sample)
         _select_kernel[(rows,)](
             scores, kb_arg, cand, idx,
