@@ -325,6 +325,7 @@ def sweep_configs() -> dict:
         "scores tile 128": c(block_n_scores=128),
         "scores tile 256": c(block_n_scores=256),
         "attend tile 64": c(block_n_attn=64),
+        "attend 4 warps": c(attn_warps=4),
         "8 programs per SM": c(programs_per_sm=8),
     }
 

@@ -62,6 +62,10 @@ class LokiKernelConfig:
 
     block_n_scores: int = 64
     block_n_attn: int = 32
+    # warps of a split-attention program (H100 GPU time, (0.25, 0.25): 1 warp 57.9 / 35.8 / 190.4 / 99.3 us at
+    # (B, S) = (1, 128k) / (1, 64k) / (8, 64k) / (16, 16k), 2 warps 63.3 / 41.1 / 192.1 / 99.0, 4 warps 70.7 /
+    # 46.6 / 199.6 / 99.5: each program's tiles are tiny)
+    attn_warps: int = 1
     programs_per_sm: int = 4
     num_warps: int = 4
     num_stages: int = 3
@@ -973,7 +977,8 @@ def triton_attend(p: _Problem, q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         HAS_KB=k_b is not None, HEAD_DIM=p.head_dim, BLOCK_G=dot_block(heads_per_row), BLOCK_D=dot_block(p.head_dim),
-        BLOCK_N=cfg.block_n_attn, BLOCK_S=min(32, triton.next_power_of_2(n_split)), **_launch(cfg, q),
+        BLOCK_N=cfg.block_n_attn, BLOCK_S=min(32, triton.next_power_of_2(n_split)),
+        **{**_launch(cfg, q), "num_warps": cfg.attn_warps},
     )
     return out
 
