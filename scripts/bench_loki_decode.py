@@ -416,8 +416,7 @@ def table(cfg, bandwidth, batches, seqs, settings):
             t_wide = time_rotated(loki_fns(sets, d, k_frac, narrow=False)) if i == 0 else float("nan")
             b2b_loki, graph_loki = time_back_to_back(fns), guarded(time_graph, fns)
             stages = stage_times(sets, d, k_frac, cfg)
-            one_program = s <= cfg.select_kernel_max_seq and \
-                b * HKV >= cfg.select_kernel_min_rows_per_sm * torch.cuda.get_device_properties(0).multi_processor_count
+            one_program = ld.one_program_select(b * HKV, s, cfg, torch.device(DEVICE))
             path = "fused" if s <= cfg.fused_max_seq else "1-prog select" if one_program else "multi select"
             loki_bytes = b * HKV * (s * d + 2 * k * D) * 2
             row = dict(B=b, S=s, d_frac=d_frac, k_frac=k_frac, sdpa_form=form, sdpa_ms=t_sdpa, loki_ms=t_loki,

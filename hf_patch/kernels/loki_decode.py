@@ -455,6 +455,27 @@ def _write_positions(s_row, i_row, pos_lo, pos_hi, t, need, out_at, BREAK_TIES: 
 
 
 @triton.jit
+def _classify_tile(s_row, offs, seq, lo, hi):
+    """Order keys of the scores at `offs` (positions past seq masked), how many lie above `hi`, and the mask of
+    those within [lo, hi]."""
+    ok = offs < seq
+    key = _order_key(tl.load(s_row + offs, mask=ok, other=float("-inf")))
+    return key, tl.sum((ok & (key > hi)).to(tl.int32)), ok & (key >= lo) & (key <= hi)
+
+
+@triton.jit
+def _all_keys_as_candidates(s_row, ck_row, cp_row, seq, BLOCK: tl.constexpr, WITH_POS: tl.constexpr):
+    """The fallback when the sample misled: every score of the row becomes a candidate, its order key at ck_row
+    (and, WITH_POS, its position at cp_row)."""
+    for start in range(0, seq, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ok = offs < seq
+        tl.store(ck_row + offs, _order_key(tl.load(s_row + offs, mask=ok, other=0.0)), mask=ok)
+        if WITH_POS:
+            tl.store(cp_row + offs, offs, mask=ok)
+
+
+@triton.jit
 def _select_row(s_row, c_row, i_row, seq, kb, sample_stride, n_sample,
                 SAMPLE: tl.constexpr, BLOCK: tl.constexpr, MARGIN_SIGMAS: tl.constexpr):
     """Exact top-kb (kb >= 1) of one row of scores [seq] -> its positions in increasing order at i_row.
@@ -468,19 +489,13 @@ def _select_row(s_row, c_row, i_row, seq, kb, sample_stride, n_sample,
     n_hi = tl.zeros([], dtype=tl.int32)
     n_mid = tl.zeros([], dtype=tl.int32)
     for start in range(0, seq, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        ok = offs < seq
-        key = _order_key(tl.load(s_row + offs, mask=ok, other=float("-inf")))
-        mid = ok & (key >= lo) & (key <= hi)
+        key, above, mid = _classify_tile(s_row, start + tl.arange(0, BLOCK), seq, lo, hi)
         tl.store(c_row + n_mid + tl.cumsum(mid.to(tl.int32), 0) - 1, key, mask=mid)
         n_mid += tl.sum(mid.to(tl.int32))
-        n_hi += tl.sum((ok & (key > hi)).to(tl.int32))
+        n_hi += above
     tl.debug_barrier()
     if (n_hi >= kb) | (n_hi + n_mid < kb):  # the sample misled: all keys are candidates
-        for start in range(0, seq, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            ok = offs < seq
-            tl.store(c_row + offs, _order_key(tl.load(s_row + offs, mask=ok, other=0.0)), mask=ok)
+        _all_keys_as_candidates(s_row, c_row, c_row, seq, BLOCK, WITH_POS=False)
         n_hi = n_hi * 0
         n_mid = n_mid * 0 + seq
         lo = lo * 0 + (-2147483648)
@@ -507,15 +522,6 @@ def _count_by_chunk(pos, chunk_len, mask, CP2: tl.constexpr):
     chunk = tl.where(mask, pos // chunk_len, 0)
     misses = tl.sum(tl.where(mask, 0, 1))
     return tl.histogram(chunk, CP2) - tl.where(tl.arange(0, CP2) == 0, misses, 0)
-
-
-@triton.jit
-def _classify_tile(s_row, offs, seq, lo, hi):
-    """Order keys of the scores at `offs` (positions past seq masked), how many lie above `hi`, and the mask of
-    those within [lo, hi]."""
-    ok = offs < seq
-    key = _order_key(tl.load(s_row + offs, mask=ok, other=float("-inf")))
-    return key, tl.sum((ok & (key > hi)).to(tl.int32)), ok & (key >= lo) & (key <= hi)
 
 
 @triton.jit
@@ -555,11 +561,7 @@ def _pick_bin(s_row, ck_row, cp_row, m_row, h_row, seq, kb, lo, hi, n_chunks, ch
     hist = tl.load(h_row + bins, cache_modifier=".cg")
     need = kb - tl.sum(gt_c)
     if (need <= 0) | (need > tl.sum(hist)):
-        for start in range(0, seq, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            ok = offs < seq
-            tl.store(ck_row + offs, _order_key(tl.load(s_row + offs, mask=ok, other=0.0)), mask=ok)
-            tl.store(cp_row + offs, offs, mask=ok)
+        _all_keys_as_candidates(s_row, ck_row, cp_row, seq, BLOCK, WITH_POS=True)
         tl.debug_barrier()
         _resolve_row(ck_row, cp_row, m_row, seq, kb, gt_c * 0, lo * 0 + (-2147483648), hi * 0 + 2147483647,
                      chunk_len, n_chunks, CP2, BLOCK)
@@ -722,7 +724,7 @@ def _write_kernel(
     seq, s_stride, m_stride, i_stride, k_sel, rows_per_batch, tiles_per_chunk,
     HAS_KB: tl.constexpr, CP2: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Multi-program selection, pass 2: each chunk writes its kept positions (key > t, and its share of the
+    """Multi-program selection, pass 3: each chunk writes its kept positions (key > t, and its share of the
     keys == t, earliest first) at its offset, so each row's positions come out in increasing order."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
@@ -909,20 +911,24 @@ def triton_scores(p: _Problem, q: torch.Tensor, keys: torch.Tensor, kv_start: to
     return scores[:rows, :s]
 
 
+def one_program_select(rows: int, seq: int, cfg: LokiKernelConfig, device: torch.device) -> bool:
+    """Whether `select_tokens` runs one program per row (rows up to `cfg.select_kernel_max_seq` long, at least
+    `cfg.select_kernel_min_rows_per_sm` of them per SM) rather than several."""
+    return seq <= cfg.select_kernel_max_seq and rows >= cfg.select_kernel_min_rows_per_sm * num_sms(device)
+
+
 def select_tokens(scores: torch.Tensor, k: int, k_b: torch.Tensor | None, rows_per_batch: int,
                   cfg: LokiKernelConfig) -> torch.Tensor:
     """Stage 2: int32 [rows, k] positions of the k_b best scores of each row of float32 `scores` [rows, S]
     (stride(-1) == 1; row r belongs to sequence r // rows_per_batch; k_b = k without padding; entries past k_b
-    are unused), in increasing order, ties at the threshold to the earliest positions. Rows up to
-    `cfg.select_kernel_max_seq` use one program per row when there are enough of them to fill the GPU
-    (`cfg.select_kernel_min_rows_per_sm`), other rows several. A view of the workspace, valid until the next
-    call."""
+    are unused), in increasing order, ties at the threshold to the earliest positions. One program per row or
+    several (`one_program_select`). A view of the workspace, valid until the next call."""
     rows, s = scores.shape
     ws = _workspace(scores.device)
     idx = ws.get("idx", rows, k, torch.int32)
     cand = ws.get("cand", rows, s, torch.int32)
     kb_arg = k_b if k_b is not None else idx
-    if s <= cfg.select_kernel_max_seq and rows >= cfg.select_kernel_min_rows_per_sm * num_sms(scores.device):
+    if one_program_select(rows, s, cfg, scores.device):
         stride = max(1, s // cfg.select_sample)
         _select_kernel[(rows,)](
             scores, kb_arg, cand, idx,
