@@ -155,6 +155,21 @@ def test_bad_inputs_raise_clear_errors(change, message):
             fn(args["q"], args["k"], args["v"], args["decay"], args["initial_state"], False, args["cu_seqlens"])
 
 
+def test_decay_check_is_cached_but_sees_writes():
+    """The (0, 1] check runs once per decay tensor (a host sync on the GPU) yet still catches a later in-place
+    write and a different row of the same table."""
+    x = torch.zeros(1, 4, 2, 8)
+    table = torch.tensor([[0.5, 1.0], [0.9, 0.2]])
+    lightning_attn(x, x, x, table[0])
+    lightning_attn(x, x, x, table[0])  # cached: no new check needed, still fine
+    table[1, 1] = 0.0
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        lightning_attn(x, x, x, table[1])
+    table[0, 0] = 2.0  # the version counter moved: row 0 is checked again
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        lightning_attn(x, x, x, table[0])
+
+
 def test_triton_only_errors():
     x = torch.zeros(1, 4, 2, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match="lightning_attn_chunked for float64"):

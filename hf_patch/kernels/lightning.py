@@ -21,6 +21,7 @@ or per-chunk state buffer is kept; the only extra memory is one ``[K, V]`` float
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -213,9 +214,11 @@ def _block_v(dim_k: int, dim_v: int) -> int:
     return min(64 if dot_block(dim_k) <= 128 else 32, dot_block(dim_v))
 
 
-def _plan(lengths: list[int] | None, num_seqs: int, seq_len: int, heads: int, dim_k: int, dim_v: int, device,
-          seg_len: int | None) -> _Plan:
-    """Segments: how a call is spread over programs (value block, head, segment).
+@functools.lru_cache(maxsize=64)
+def _plan(lengths: tuple[int, ...] | None, num_seqs: int, seq_len: int, heads: int, dim_k: int, dim_v: int,
+          device: torch.device, seg_len: int | None) -> _Plan:
+    """Segments: how a call is spread over programs (value block, head, segment). Cached per shape, so a call
+    with equal-length sequences makes no host-to-device copy (a copy from pageable memory waits for the GPU).
 
     Segments cost two extra passes (entry states, forwards and backwards), so sequences stay whole while there is
     a program per SM (counted over the wider of K and V: the backward swaps them). Otherwise the longest sequence
@@ -238,10 +241,12 @@ def _plan(lengths: list[int] | None, num_seqs: int, seq_len: int, heads: int, di
         seq_ids = torch.arange(num_seqs, device=device, dtype=torch.int32)
         offsets = torch.arange(num_seqs + 1, device=device, dtype=torch.int32)
         return _Plan(seg_len, seq_ids, offsets, False)
-    if lengths is None:
-        counts = torch.full((num_seqs,), -(-seq_len // seg_len), dtype=torch.int32)
-    else:
-        counts = torch.tensor([max(1, -(-n // seg_len)) for n in lengths], dtype=torch.int32)
+    if lengths is None:  # built on the device: no copy
+        per_seq = -(-seq_len // seg_len)
+        seq_ids = torch.arange(num_seqs * per_seq, device=device, dtype=torch.int32) // per_seq
+        offsets = torch.arange(num_seqs + 1, device=device, dtype=torch.int32) * per_seq
+        return _Plan(seg_len, seq_ids, offsets, True)
+    counts = torch.tensor([max(1, -(-n // seg_len)) for n in lengths], dtype=torch.int32)
     offsets = torch.zeros(num_seqs + 1, dtype=torch.int32)
     offsets[1:] = torch.cumsum(counts, 0)
     seq_ids = torch.repeat_interleave(torch.arange(num_seqs, dtype=torch.int32), counts)
@@ -353,7 +358,7 @@ def lightning_attn_triton(
     else:
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         bounds = cu_seqlens.tolist()
-        lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+        lengths = tuple(e - s for s, e in zip(bounds[:-1], bounds[1:]))
     flat = [x.reshape(batch * seq_len, heads, x.shape[-1]).contiguous() for x in (q, k, v)]
     log_decay = torch.log(decay.detach().to(device=q.device, dtype=torch.float32)).contiguous()
     plan = _plan(lengths, num_seqs, seq_len, heads, dim_k, dim_v, q.device, seg_len)

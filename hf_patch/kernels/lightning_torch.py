@@ -13,6 +13,8 @@ flows through them (including to ``decay``).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -53,8 +55,8 @@ def check_lightning_inputs(
             f"got {decay.shape if isinstance(decay, torch.Tensor) else type(decay).__name__}"
         )
     capturing = decay.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing and not bool(((decay > 0) & (decay <= 1)).all()):
-        raise ValueError(f"decay values must lie in (0, 1] (lambda = exp(-slope)); got {decay.tolist()}")
+    if not capturing:
+        _check_decay_values(decay)
     num_seqs = batch
     if cu_seqlens is not None:
         if batch != 1:
@@ -74,6 +76,25 @@ def check_lightning_inputs(
             f"{[num_seqs, heads, dim_k, dim_v]}; got {list(initial_state.shape)}"
         )
     return num_seqs
+
+
+# Decay tensors whose values were checked: (id of the base tensor, view geometry) -> (weak reference to the base,
+# its version counter when checked).
+_CHECKED_DECAYS: dict[tuple, tuple[weakref.ref, int]] = {}
+
+
+def _check_decay_values(decay: torch.Tensor) -> None:
+    """Raise unless every lambda lies in (0, 1]. On the GPU that check is a host sync, so it runs once per decay
+    tensor (a view, e.g. one layer's row of a model's decay table, counts as long as its base lives) until the
+    tensor is written to."""
+    base = decay if decay._base is None else decay._base
+    key = (id(base), decay.storage_offset(), tuple(decay.shape), tuple(decay.stride()))
+    seen = _CHECKED_DECAYS.get(key)
+    if seen is not None and seen[0]() is base and seen[1] == decay._version:
+        return
+    if not bool(((decay > 0) & (decay <= 1)).all()):
+        raise ValueError(f"decay values must lie in (0, 1] (lambda = exp(-slope)); got {decay.tolist()}")
+    _CHECKED_DECAYS[key] = (weakref.ref(base, lambda _: _CHECKED_DECAYS.pop(key, None)), decay._version)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
