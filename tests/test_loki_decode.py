@@ -281,3 +281,27 @@ def test_select_tokens_is_exact_top_k(kind, multi):
     for r, want in enumerate(expected_positions(scores.cpu(), budgets)):
         assert torch.equal(idx[r, : len(want)].long(), want)
     assert torch.equal(ld.select_tokens(scores, k, k_b, 1, cfg).cpu(), idx)  # counters were reset
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts compilations of the CUDA kernels")
+def test_growing_cache_compiles_each_kernel_once():
+    """Decode steps over a growing cache reuse the compiled kernels: lengths, budgets and split counts are not
+    specialised on (a recompile mid-generation costs ~0.5 s)."""
+    import triton
+
+    compiled = []
+    hook = triton.knobs.runtime.jit_post_compile_hook
+    triton.knobs.runtime.jit_post_compile_hook = lambda *args, **kwargs: compiled.append(kwargs.get("fn"))
+    try:
+        # the fused kernel; scores + one-program selection + attention; scores + multi-program selection + attention
+        for s0, config in ((3000, None), (20000, LokiKernelConfig(select_kernel_min_rows_per_sm=0)), (40000, None)):
+            q, k, v = make_inputs(2, 2, 4, s0 + 40, 64, torch.bfloat16)[:3]
+            step = lambda s: loki_decode_attention_triton(q, k[:, :, :s], v[:, :, :s], d=16, k_frac=0.25,
+                                                          scaling=0.125, config=config)
+            step(s0)
+            before = len(compiled)
+            for s in range(s0 + 1, s0 + 40):
+                step(s)
+            assert len(compiled) == before, f"recompiled at S = {s0 + 1}..{s0 + 39}: {compiled[before:]}"
+    finally:
+        triton.knobs.runtime.jit_post_compile_hook = hook

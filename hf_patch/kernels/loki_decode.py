@@ -54,6 +54,9 @@ _SUB_BINS = 256  # bins of the bracket histogram of the multi-program selection
 # the threshold bin's first and last key, the rank of the k_b-th score within that bin, resolved (by pass 1).
 # Then per chunk: count above (the bracket, then the bin), output offset, share of the ties.
 _META = tl.constexpr(8)
+# Kernels take the integers that change with the cache length (S, k, tile and split counts) unspecialised
+# (`do_not_specialize`): Triton would otherwise compile a new variant whenever one of them changes its divisibility
+# by 16, i.e. again and again during generation (0.2-0.9 s each on the H100 machine).
 
 
 @dataclass(frozen=True)
@@ -583,7 +586,7 @@ def _pick_bin(s_row, ck_row, cp_row, m_row, h_row, seq, kb, lo, hi, n_chunks, ch
 # --- kernels ---------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq", "tiles_per_prog"])
 def _approx_scores_kernel(
     q_ptr, k_ptr, dims_ptr, start_ptr, s_ptr,
     seq, s_stride, kv_heads, group_size, tiles_per_prog, d_uniform,
@@ -621,7 +624,7 @@ def _approx_scores_kernel(
             tl.store(out, a, mask=g_ok[:, None] & in_seq[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq", "k_sel", "sample_stride", "n_sample"])
 def _select_kernel(
     s_ptr, kb_ptr, cand_ptr, idx_ptr,
     seq, s_stride, c_stride, i_stride, k_sel, rows_per_batch, sample_stride, n_sample,
@@ -635,7 +638,7 @@ def _select_kernel(
                     sample_stride, n_sample, SAMPLE, BLOCK, MARGIN_SIGMAS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq", "k_sel", "n_chunks", "tiles_per_chunk", "sample_stride", "n_sample"])
 def _bracket_hist_kernel(
     s_ptr, kb_ptr, ck_ptr, cp_ptr, meta_ptr, hist_ptr,
     seq, s_stride, c_stride, p_stride, m_stride, h_stride, k_sel, rows_per_batch, n_chunks, tiles_per_chunk,
@@ -676,7 +679,7 @@ def _bracket_hist_kernel(
                       n_chunks, tiles_per_chunk * BLOCK, CP2, BLOCK)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq", "k_sel", "n_chunks", "tiles_per_chunk"])
 def _bin_collect_kernel(
     s_ptr, kb_ptr, ck_ptr, cp_ptr, meta_ptr,
     seq, s_stride, c_stride, p_stride, m_stride, k_sel, rows_per_batch, n_chunks, tiles_per_chunk,
@@ -718,7 +721,7 @@ def _bin_collect_kernel(
             tl.store(m_row + 3, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq", "k_sel", "tiles_per_chunk"])
 def _write_kernel(
     s_ptr, kb_ptr, meta_ptr, idx_ptr,
     seq, s_stride, m_stride, i_stride, k_sel, rows_per_batch, tiles_per_chunk,
@@ -738,7 +741,7 @@ def _write_kernel(
                          BREAK_TIES=True, BLOCK=BLOCK)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k_sel", "tiles_per_prog", "n_split"])
 def _sparse_attention_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, kb_ptr, part_ptr, done_ptr, out_ptr,
     k_sel, i_stride, p_stride, rows_per_batch, kv_div, heads_per_row, tiles_per_prog, n_split, qk_scale,
@@ -785,7 +788,7 @@ def _sparse_attention_kernel(
             tl.store(done_ptr + row, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq", "k_sel", "sample_stride", "n_sample"])
 def _fused_kernel(
     q_ptr, ka_ptr, k_ptr, v_ptr, dims_ptr, start_ptr, kb_ptr, s_ptr, c_ptr, i_ptr, out_ptr,
     seq, s_stride, c_stride, i_stride, k_sel, rows_per_batch, kv_div, heads_per_row, d_uniform,

@@ -223,7 +223,7 @@ def _trial_threshold(it, L, U, cL, cU, kb, n, mean, sd, MAX_INTERP: tl.constexpr
     return tl.minimum(tl.maximum(m, next_up), U)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "S", "off"])  # lengths vary per batch: no recompiles
 def _threshold_kernel(
     qa_ptr, ka_ptr, kb_ptr, start_ptr, end_ptr, thr_ptr, pos_ptr, passes_ptr,
     T, S, off, sel_heads, kv_div,
@@ -362,7 +362,7 @@ def _attend_tile(
     return acc, m_i, l_i, cnt + tl.sum(keep.to(tl.int32), axis=1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "S", "off"])  # lengths vary per batch: no recompiles
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, qa_ptr, ka_ptr, thr_ptr, pos_ptr, start_ptr, end_ptr, out_ptr, cnt_ptr,
     T, S, off, q_heads, group_size, sel_div, qk_scale,
