@@ -99,7 +99,8 @@ CHECK_CASES = [  # (B, S, dtype, gqa_select, d, k_frac, kv_start, forms); "defau
     (4, 3001, torch.bfloat16, "group", 32, 0.25, [0, 5, 3001, 2000], ["default"]),
     (8, 131072, torch.bfloat16, "group", 32, 0.25, None, ["default"]),
 ]
-SELECT_CASES = [(64, 65536, 0.25), (128, 16384, 0.125), (8, 131072, 0.25), (16, 5000, 0.5)]  # (rows, S, k_frac)
+# (rows, S, k_frac); k_frac = 1: a bracket over most of the key range (wide histogram bins)
+SELECT_CASES = [(64, 65536, 0.25), (128, 16384, 0.125), (8, 131072, 0.25), (16, 5000, 0.5), (16, 4099, 1.0)]
 FULL_CHECK = (2, 4099)  # (B, S) of the d = D, k_frac = 1 check against SDPA
 PER_HEAD_D = [16, 24, 32, 40, 48, 32, 16, 8]  # d per KV head in the "per-head" case
 HOST_SEQS, HOST_REPS = (4096, 8192, 16384), 200  # host-cost measurement: cache lengths (one per form), calls
@@ -153,7 +154,7 @@ def check_correctness() -> bool:
     for form, cfg in FORMS.items():
         full = ld.loki_decode_attention_triton(q, k, v, d=D, k_frac=1.0, scaling=D**-0.5, config=cfg)
         err = rel_err(full, sdpa.double())
-        ok &= err < 1e-2
+        ok &= err < 5e-3  # two bf16 roundings give 2-3e-3; 3 of 4099 keys dropped gave 8.6e-3
         print(f"d = D, k_frac = 1 vs SDPA (bf16, B, S = {FULL_CHECK}, {form}): rel err {err:.2e}")
     ok &= check_selection()
     print(f"correctness: {'PASS' if ok else 'FAIL'}\n")

@@ -242,13 +242,16 @@ def expected_positions(scores, k_b):
 
 
 @pytest.mark.parametrize("multi", [False, True], ids=["one-program-per-row", "multi-program"])
-@pytest.mark.parametrize("kind", ["random", "ties", "unlucky-sample", "padded", "long-ties", "signed-zeros"])
+@pytest.mark.parametrize("kind", ["random", "ties", "unlucky-sample", "padded", "long-ties", "signed-zeros",
+                                  "whole-row"])
 def test_select_tokens_is_exact_top_k(kind, multi):
     """Both selections against a stable sort: plain rows, heavy ties, a sample that only sees outliers (the
     sample reads positions 0 mod 8, which hold the 32 largest scores, so the bracket holds too few and every
     score becomes a candidate), per-row budgets with -inf padding (one row fully padded), and long rows on a
     grid of values with a narrow bracket (ties at the threshold spread over several chunks of a row), and a
-    threshold at zero where -0.0 and +0.0 (equal scores) must tie."""
+    threshold at zero where -0.0 and +0.0 (equal scores) must tie, and k_b = S with a bracket that spans most of
+    the key range, so that its histogram's bins are wider than 16-bit key bins and the threshold bin runs past
+    the bracket's upper edge (on the H100 this dropped 3 of 4099 keys at k_frac = 1)."""
     gen = torch.Generator().manual_seed(1)
     rows, s, k = 3, 64, 20
     scores = torch.randn(rows, s, generator=gen)
@@ -270,6 +273,11 @@ def test_select_tokens_is_exact_top_k(kind, multi):
         scores = (torch.randint(-1, 2, (rows, s), generator=gen).float() * signs).where(
             torch.rand(rows, s, generator=gen) < 0.7, 0.0 * signs)
         k = 30
+    elif kind == "whole-row":  # the 3rd-smallest sampled score -3.5 bounds the bracket; -3.2 lies past it
+        k = s
+        scores = torch.rand(rows, s, generator=gen)
+        scores[:, [0, 4, 8]] = -3.5
+        scores[:, 1] = -3.2
     if multi:
         cfg = LokiKernelConfig(select_kernel_max_seq=0, multi_select_block=block, multi_select_sample=sample)
     else:
