@@ -243,7 +243,7 @@ def expected_positions(scores, k_b):
 
 @pytest.mark.parametrize("multi", [False, True], ids=["one-program-per-row", "multi-program"])
 @pytest.mark.parametrize("kind", ["random", "ties", "unlucky-sample", "padded", "long-ties", "signed-zeros",
-                                  "whole-row"])
+                                  "whole-row", "row-views", "unpadded-rows"])
 def test_select_tokens_is_exact_top_k(kind, multi):
     """Both selections against a stable sort: plain rows, heavy ties, a sample that only sees outliers (the
     sample reads positions 0 mod 8, which hold the 32 largest scores, so the bracket holds too few and every
@@ -251,7 +251,9 @@ def test_select_tokens_is_exact_top_k(kind, multi):
     grid of values with a narrow bracket (ties at the threshold spread over several chunks of a row), and a
     threshold at zero where -0.0 and +0.0 (equal scores) must tie, and k_b = S with a bracket that spans most of
     the key range, so that its histogram's bins are wider than 16-bit key bins and the threshold bin runs past
-    the bracket's upper edge (on the H100 this dropped 3 of 4099 keys at k_frac = 1)."""
+    the bracket's upper edge (on the H100 this dropped 3 of 4099 keys at k_frac = 1); rows of S = 70 scores as
+    views of 80-wide rows holding +inf past S (read to 80 with aligned masks, which must not count), and as a
+    contiguous tensor (not readable past S: exact masks)."""
     gen = torch.Generator().manual_seed(1)
     rows, s, k = 3, 64, 20
     scores = torch.randn(rows, s, generator=gen)
@@ -278,11 +280,18 @@ def test_select_tokens_is_exact_top_k(kind, multi):
         scores = torch.rand(rows, s, generator=gen)
         scores[:, [0, 4, 8]] = -3.5
         scores[:, 1] = -3.2
+    elif kind == "row-views":
+        s = 70
+        scores = torch.cat([torch.randn(rows, s, generator=gen), torch.full((rows, 10), float("inf"))], dim=1)
+    elif kind == "unpadded-rows":
+        s = 70
+        scores = torch.randn(rows, s, generator=gen)
     if multi:
         cfg = LokiKernelConfig(select_kernel_max_seq=0, multi_select_block=block, multi_select_sample=sample)
     else:
         cfg = LokiKernelConfig(select_block=block, select_sample=sample, select_kernel_min_rows_per_sm=0)
-    scores = scores.to(DEVICE)
+    scores = scores.to(DEVICE)[:, :s]
+    assert ld._rows_padded(scores) == (kind != "unpadded-rows")
     budgets = k_b if k_b is not None else torch.full((scores.shape[0],), k)
     k_b = k_b.to(DEVICE) if k_b is not None else None
     idx = ld.select_tokens(scores, k, k_b, 1, cfg).cpu()

@@ -438,7 +438,25 @@ def _radix_select(c_row, n, need, lo, hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _write_positions(s_row, i_row, pos_lo, pos_hi, t, need, out_at, BREAK_TIES: tl.constexpr, BLOCK: tl.constexpr):
+def _padded_len(n):
+    """n rounded up to 16, known to the compiler as a multiple of 16 (masks against it vectorize)."""
+    return tl.multiple_of((n + 15) // 16 * 16, 16)
+
+
+@triton.jit
+def _load_scores(s_row, offs, n, PADDED: tl.constexpr):
+    """Scores at `offs`, -inf at positions >= n. PADDED: the row is readable up to n rounded up to 16 (workspace
+    rows are), so the load takes a 16-aligned mask and vectorizes (a mask against n itself, unknown in
+    alignment since lengths are not specialised on, splits it into scalar loads)."""
+    if PADDED:
+        ok = offs < n
+        return tl.where(ok, tl.load(s_row + offs, mask=offs < _padded_len(n), other=float("-inf")), float("-inf"))
+    return tl.load(s_row + offs, mask=offs < n, other=float("-inf"))
+
+
+@triton.jit
+def _write_positions(s_row, i_row, pos_lo, pos_hi, t, need, out_at, BREAK_TIES: tl.constexpr, BLOCK: tl.constexpr,
+                     PADDED: tl.constexpr):
     """Write to i_row[out_at:], in increasing order, the positions in [pos_lo, pos_hi) with key > t and the first
     `need` of those with key == t (all of them without BREAK_TIES)."""
     n_out = out_at + tl.zeros([], dtype=tl.int32)
@@ -446,7 +464,7 @@ def _write_positions(s_row, i_row, pos_lo, pos_hi, t, need, out_at, BREAK_TIES: 
     for start in range(pos_lo, pos_hi, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         ok = offs < pos_hi
-        key = _order_key(tl.load(s_row + offs, mask=ok, other=float("-inf")))
+        key = _order_key(_load_scores(s_row, offs, pos_hi, PADDED))
         if BREAK_TIES:
             eq = ok & (key == t)
             take = (ok & (key > t)) | (eq & (n_eq + tl.cumsum(eq.to(tl.int32), 0) <= need))
@@ -458,29 +476,30 @@ def _write_positions(s_row, i_row, pos_lo, pos_hi, t, need, out_at, BREAK_TIES: 
 
 
 @triton.jit
-def _classify_tile(s_row, offs, seq, lo, hi):
+def _classify_tile(s_row, offs, seq, lo, hi, PADDED: tl.constexpr):
     """Order keys of the scores at `offs` (positions past seq masked), how many lie above `hi`, and the mask of
     those within [lo, hi]."""
     ok = offs < seq
-    key = _order_key(tl.load(s_row + offs, mask=ok, other=float("-inf")))
+    key = _order_key(_load_scores(s_row, offs, seq, PADDED))
     return key, tl.sum((ok & (key > hi)).to(tl.int32)), ok & (key >= lo) & (key <= hi)
 
 
 @triton.jit
-def _all_keys_as_candidates(s_row, ck_row, cp_row, seq, BLOCK: tl.constexpr, WITH_POS: tl.constexpr):
+def _all_keys_as_candidates(s_row, ck_row, cp_row, seq, BLOCK: tl.constexpr, WITH_POS: tl.constexpr,
+                            PADDED: tl.constexpr):
     """The fallback when the sample misled: every score of the row becomes a candidate, its order key at ck_row
     (and, WITH_POS, its position at cp_row)."""
     for start in range(0, seq, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         ok = offs < seq
-        tl.store(ck_row + offs, _order_key(tl.load(s_row + offs, mask=ok, other=0.0)), mask=ok)
+        tl.store(ck_row + offs, _order_key(_load_scores(s_row, offs, seq, PADDED)), mask=ok)
         if WITH_POS:
             tl.store(cp_row + offs, offs, mask=ok)
 
 
 @triton.jit
 def _select_row(s_row, c_row, i_row, seq, kb, sample_stride, n_sample,
-                SAMPLE: tl.constexpr, BLOCK: tl.constexpr, MARGIN_SIGMAS: tl.constexpr):
+                SAMPLE: tl.constexpr, BLOCK: tl.constexpr, MARGIN_SIGMAS: tl.constexpr, PADDED: tl.constexpr):
     """Exact top-kb (kb >= 1) of one row of scores [seq] -> its positions in increasing order at i_row.
 
     A strided sample brackets the kb-th largest score: one pass counts the scores above the bracket
@@ -492,13 +511,13 @@ def _select_row(s_row, c_row, i_row, seq, kb, sample_stride, n_sample,
     n_hi = tl.zeros([], dtype=tl.int32)
     n_mid = tl.zeros([], dtype=tl.int32)
     for start in range(0, seq, BLOCK):
-        key, above, mid = _classify_tile(s_row, start + tl.arange(0, BLOCK), seq, lo, hi)
+        key, above, mid = _classify_tile(s_row, start + tl.arange(0, BLOCK), seq, lo, hi, PADDED)
         tl.store(c_row + n_mid + tl.cumsum(mid.to(tl.int32), 0) - 1, key, mask=mid)
         n_mid += tl.sum(mid.to(tl.int32))
         n_hi += above
     tl.debug_barrier()
     if (n_hi >= kb) | (n_hi + n_mid < kb):  # the sample misled: all keys are candidates
-        _all_keys_as_candidates(s_row, c_row, c_row, seq, BLOCK, WITH_POS=False)
+        _all_keys_as_candidates(s_row, c_row, c_row, seq, BLOCK, WITH_POS=False, PADDED=PADDED)
         n_hi = n_hi * 0
         n_mid = n_mid * 0 + seq
         lo = lo * 0 + (-2147483648)
@@ -506,9 +525,9 @@ def _select_row(s_row, c_row, i_row, seq, kb, sample_stride, n_sample,
     tl.debug_barrier()
     t, need, n_equal = _radix_select(c_row, n_mid, kb - n_hi, lo, hi, BLOCK)
     if n_equal == need:  # no tie to break (the usual case): every key >= t
-        _write_positions(s_row, i_row, 0, seq, t, need, 0, BREAK_TIES=False, BLOCK=BLOCK)
+        _write_positions(s_row, i_row, 0, seq, t, need, 0, BREAK_TIES=False, BLOCK=BLOCK, PADDED=PADDED)
     else:
-        _write_positions(s_row, i_row, 0, seq, t, need, 0, BREAK_TIES=True, BLOCK=BLOCK)
+        _write_positions(s_row, i_row, 0, seq, t, need, 0, BREAK_TIES=True, BLOCK=BLOCK, PADDED=PADDED)
 
 
 @triton.jit
@@ -553,7 +572,7 @@ def _resolve_row(ck_row, cp_row, m_row, n_cand, need, gt_c, lo, hi, chunk_len, n
 
 @triton.jit
 def _pick_bin(s_row, ck_row, cp_row, m_row, h_row, seq, kb, lo, hi, n_chunks, chunk_len,
-              CP2: tl.constexpr, BLOCK: tl.constexpr):
+              CP2: tl.constexpr, BLOCK: tl.constexpr, PADDED: tl.constexpr):
     """Run by the last program of a row in pass 1, once every chunk has counted: the bracket bin of the kb-th
     largest score (its first and last key and the rank within it) into the row's meta. If the sample misled
     (the kb-th score lies outside the bracket), every key of the row becomes a candidate and the row is
@@ -564,7 +583,7 @@ def _pick_bin(s_row, ck_row, cp_row, m_row, h_row, seq, kb, lo, hi, n_chunks, ch
     hist = tl.load(h_row + bins, cache_modifier=".cg")
     need = kb - tl.sum(gt_c)
     if (need <= 0) | (need > tl.sum(hist)):
-        _all_keys_as_candidates(s_row, ck_row, cp_row, seq, BLOCK, WITH_POS=True)
+        _all_keys_as_candidates(s_row, ck_row, cp_row, seq, BLOCK, WITH_POS=True, PADDED=PADDED)
         tl.debug_barrier()
         _resolve_row(ck_row, cp_row, m_row, seq, kb, gt_c * 0, lo * 0 + (-2147483648), hi * 0 + 2147483647,
                      chunk_len, n_chunks, CP2, BLOCK)
@@ -599,7 +618,7 @@ def _approx_scores_kernel(
     """Scores of the G query heads of one KV head over one split of S, on the first d dims only.
 
     Writes float32 rows (stride s_stride) [B*Hkv, S] (max over the group) or [B*Hq, S] (per query head);
-    -inf before kv_start.
+    -inf before kv_start and from S up to S rounded up to 16 (the rows must hold that many).
     """
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -616,13 +635,12 @@ def _approx_scores_kernel(
     for t in range(tiles_per_prog):
         offs_n = (split * tiles_per_prog + t) * BLOCK_N + tl.arange(0, BLOCK_N)
         a = _approx_tile(q, k_base, stride_ks, offs_n, offs_d, kd_ok, seq, start, DOT_PREC, UPCAST)
-        in_seq = offs_n < seq
         if GROUP:
             a = tl.max(tl.where(g_ok[:, None], a, float("-inf")), axis=0)
-            tl.store(s_ptr + row.to(tl.int64) * s_stride + offs_n, a, mask=in_seq)
+            tl.store(s_ptr + row.to(tl.int64) * s_stride + offs_n, a, mask=offs_n < _padded_len(seq))
         else:
             out = s_ptr + (row.to(tl.int64) * group_size + offs_g)[:, None] * s_stride + offs_n[None, :]
-            tl.store(out, a, mask=g_ok[:, None] & in_seq[None, :])
+            tl.store(out, a, mask=g_ok[:, None] & (offs_n < _padded_len(seq))[None, :])
 
 
 @triton.jit(do_not_specialize=["seq", "k_sel", "sample_stride", "n_sample"])
@@ -630,13 +648,14 @@ def _select_kernel(
     s_ptr, kb_ptr, cand_ptr, idx_ptr,
     seq, s_stride, c_stride, i_stride, k_sel, rows_per_batch, sample_stride, n_sample,
     HAS_KB: tl.constexpr, SAMPLE: tl.constexpr, BLOCK: tl.constexpr, MARGIN_SIGMAS: tl.constexpr,
+    PADDED: tl.constexpr,
 ):
     """Exact top-k_b of one row of scores per program (`_select_row`): its positions in increasing order."""
     row = tl.program_id(0).to(tl.int64)
     kb = (tl.load(kb_ptr + row // rows_per_batch) if HAS_KB else k_sel) + tl.zeros([], dtype=tl.int32)
     if kb > 0:
         _select_row(s_ptr + row * s_stride, cand_ptr + row * c_stride, idx_ptr + row * i_stride, seq, kb,
-                    sample_stride, n_sample, SAMPLE, BLOCK, MARGIN_SIGMAS)
+                    sample_stride, n_sample, SAMPLE, BLOCK, MARGIN_SIGMAS, PADDED)
 
 
 @triton.jit(do_not_specialize=["seq", "k_sel", "n_chunks", "tiles_per_chunk", "sample_stride", "n_sample"])
@@ -645,7 +664,7 @@ def _bracket_hist_kernel(
     seq, s_stride, c_stride, p_stride, m_stride, h_stride, k_sel, rows_per_batch, n_chunks, tiles_per_chunk,
     sample_stride, n_sample,
     HAS_KB: tl.constexpr, SAMPLE: tl.constexpr, BLOCK: tl.constexpr, CP2: tl.constexpr,
-    MARGIN_SIGMAS: tl.constexpr,
+    MARGIN_SIGMAS: tl.constexpr, PADDED: tl.constexpr,
 ):
     """Multi-program selection, pass 1: one chunk of one row per program.
 
@@ -668,7 +687,7 @@ def _bracket_hist_kernel(
         hist = tl.zeros([256], dtype=tl.int32)
         for t in range(tiles_per_chunk):
             offs = (chunk * tiles_per_chunk + t) * BLOCK + tl.arange(0, BLOCK)
-            key, above, mid = _classify_tile(s_row, offs, seq, lo, hi)
+            key, above, mid = _classify_tile(s_row, offs, seq, lo, hi, PADDED)
             n_gt += above
             sub = tl.where(mid, tl.minimum((key.to(tl.int64) - lo64) >> shift, 255).to(tl.int32), 0)
             hist += tl.histogram(sub, 256) - tl.where(bins == 0, BLOCK - tl.sum(mid.to(tl.int32)), 0)
@@ -677,14 +696,14 @@ def _bracket_hist_kernel(
         tl.debug_barrier()  # all of this program's writes precede its ticket (acquire-release, GPU scope)
         if tl.atomic_add(m_row + 2, 1) == n_chunks - 1:
             _pick_bin(s_row, ck_ptr + row * c_stride, cp_ptr + row * p_stride, m_row, h_row, seq, kb, lo, hi,
-                      n_chunks, tiles_per_chunk * BLOCK, CP2, BLOCK)
+                      n_chunks, tiles_per_chunk * BLOCK, CP2, BLOCK, PADDED)
 
 
 @triton.jit(do_not_specialize=["seq", "k_sel", "n_chunks", "tiles_per_chunk"])
 def _bin_collect_kernel(
     s_ptr, kb_ptr, ck_ptr, cp_ptr, meta_ptr,
     seq, s_stride, c_stride, p_stride, m_stride, k_sel, rows_per_batch, n_chunks, tiles_per_chunk,
-    HAS_KB: tl.constexpr, CP2: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_KB: tl.constexpr, CP2: tl.constexpr, BLOCK: tl.constexpr, PADDED: tl.constexpr,
 ):
     """Multi-program selection, pass 2: one chunk of one row per program (rows pass 1 resolved are skipped).
 
@@ -704,7 +723,7 @@ def _bin_collect_kernel(
         n_gt = tl.zeros([], dtype=tl.int32)
         for t in range(tiles_per_chunk):
             offs = (chunk * tiles_per_chunk + t) * BLOCK + tl.arange(0, BLOCK)
-            key, above, mid = _classify_tile(s_row, offs, seq, lo, hi)
+            key, above, mid = _classify_tile(s_row, offs, seq, lo, hi, PADDED)
             n_gt += above
             n_mid = tl.sum(mid.to(tl.int32))
             if n_mid > 0:
@@ -726,7 +745,7 @@ def _bin_collect_kernel(
 def _write_kernel(
     s_ptr, kb_ptr, meta_ptr, idx_ptr,
     seq, s_stride, m_stride, i_stride, k_sel, rows_per_batch, tiles_per_chunk,
-    HAS_KB: tl.constexpr, CP2: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_KB: tl.constexpr, CP2: tl.constexpr, BLOCK: tl.constexpr, PADDED: tl.constexpr,
 ):
     """Multi-program selection, pass 3: each chunk writes its kept positions (key > t, and its share of the
     keys == t, earliest first) at its offset, so each row's positions come out in increasing order."""
@@ -739,7 +758,7 @@ def _write_kernel(
         _write_positions(s_ptr + row * s_stride, idx_ptr + row * i_stride, c0,
                          tl.minimum(c0 + tiles_per_chunk * BLOCK, seq), tl.load(m_row),
                          tl.load(m_row + _META + 2 * CP2 + chunk), tl.load(m_row + _META + CP2 + chunk),
-                         BREAK_TIES=True, BLOCK=BLOCK)
+                         BREAK_TIES=True, BLOCK=BLOCK, PADDED=PADDED)
 
 
 @triton.jit(do_not_specialize=["k_sel", "tiles_per_prog", "n_split"])
@@ -828,10 +847,10 @@ def _fused_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_NS)
             a = _approx_tile(qa, ka_base, stride_kas, offs_n, offs_da, kd_ok, seq, start, DOT_PREC, UPCAST)
             a = tl.max(tl.where((offs_g < heads_per_row)[:, None], a, float("-inf")), axis=0)
-            tl.store(s_row + offs_n, a, mask=offs_n < seq)
+            tl.store(s_row + offs_n, a, mask=offs_n < _padded_len(seq))  # -inf past seq
         tl.debug_barrier()
         _select_row(s_row, c_ptr + row.to(tl.int64) * c_stride, i_row, seq, kb, sample_stride, n_sample,
-                    SAMPLE, SELECT_BLOCK, MARGIN_SIGMAS)
+                    SAMPLE, SELECT_BLOCK, MARGIN_SIGMAS, PADDED=True)
         tl.debug_barrier()
         q = _load_heads(q_ptr, b, head0, heads_per_row, stride_qb, stride_qh, offs_g, offs_d, HEAD_DIM, UPCAST)
         m_i, l_i, acc = _attend(q, k_ptr + b * stride_kb + j * stride_kh, v_ptr + b * stride_vb + j * stride_vh,
@@ -915,6 +934,15 @@ def triton_scores(p: _Problem, q: torch.Tensor, keys: torch.Tensor, kv_start: to
     return scores[:rows, :s]
 
 
+def _rows_padded(scores: torch.Tensor) -> bool:
+    """Whether every row of `scores` [rows, S] can be read up to S rounded up to 16 without leaving its storage
+    (true of the workspace), which lets the selection kernels load with 16-aligned masks (what lies past S is
+    masked after the load)."""
+    rows, s = scores.shape
+    end = scores.storage_offset() + (rows - 1) * scores.stride(0) + -(-s // 16) * 16
+    return end * scores.element_size() <= scores.untyped_storage().nbytes()
+
+
 def one_program_select(rows: int, seq: int, cfg: LokiKernelConfig, device: torch.device) -> bool:
     """Whether `select_tokens` runs one program per row (rows up to `cfg.select_kernel_max_seq` long, at least
     `cfg.select_kernel_min_rows_per_sm` of them per SM) rather than several."""
@@ -929,6 +957,7 @@ def select_tokens(scores: torch.Tensor, k: int, k_b: torch.Tensor | None, rows_p
     several (`one_program_select`). A view of the workspace, valid until the next call."""
     rows, s = scores.shape
     ws = _workspace(scores.device)
+    padded = _rows_padded(scores)
     idx = ws.get("idx", rows, k, torch.int32)
     cand = ws.get("cand", rows, s, torch.int32)
     kb_arg = k_b if k_b is not None else idx
@@ -939,7 +968,7 @@ def select_tokens(scores: torch.Tensor, k: int, k_b: torch.Tensor | None, rows_p
             s, scores.stride(0), cand.stride(0), idx.stride(0), k, rows_per_batch, stride,
             min(cfg.select_sample, triton.cdiv(s, stride)),
             HAS_KB=k_b is not None, SAMPLE=cfg.select_sample, BLOCK=cfg.select_block, MARGIN_SIGMAS=5.0,
-            num_warps=cfg.select_warps,
+            PADDED=padded, num_warps=cfg.select_warps,
         )
         return idx[:rows, :k]
     block = cfg.multi_select_block
@@ -956,16 +985,16 @@ def select_tokens(scores: torch.Tensor, k: int, k_b: torch.Tensor | None, rows_p
         n_chunks, tiles,
         stride, min(cfg.multi_select_sample, triton.cdiv(s, stride)),
         HAS_KB=k_b is not None, SAMPLE=cfg.multi_select_sample, BLOCK=block, CP2=cp2, MARGIN_SIGMAS=5.0,
-        num_warps=cfg.multi_select_warps,
+        PADDED=padded, num_warps=cfg.multi_select_warps,
     )
     _bin_collect_kernel[(rows, n_chunks)](
         scores, kb_arg, cand, cand_pos, meta, s, scores.stride(0), cand.stride(0), cand_pos.stride(0),
         meta.stride(0), k, rows_per_batch, n_chunks, tiles,
-        HAS_KB=k_b is not None, CP2=cp2, BLOCK=block, num_warps=cfg.multi_select_warps,
+        HAS_KB=k_b is not None, CP2=cp2, BLOCK=block, PADDED=padded, num_warps=cfg.multi_select_warps,
     )
     _write_kernel[(rows, n_chunks)](
         scores, kb_arg, meta, idx, s, scores.stride(0), meta.stride(0), idx.stride(0), k, rows_per_batch, tiles,
-        HAS_KB=k_b is not None, CP2=cp2, BLOCK=block, num_warps=cfg.multi_select_warps,
+        HAS_KB=k_b is not None, CP2=cp2, BLOCK=block, PADDED=padded, num_warps=cfg.multi_select_warps,
     )
     return idx[:rows, :k]
 
