@@ -322,12 +322,3 @@ def test_growing_cache_compiles_each_kernel_once():
             assert len(compiled) == before, f"recompiled at S = {s0 + 1}..{s0 + 39}: {compiled[before:]}"
     finally:
         triton.knobs.runtime.jit_post_compile_hook = hook
-
-
-def test_attend_stage_takes_selection_rows_only():
-    """The attention stage reads index rows with 16-aligned masks, so it refuses rows that end before that."""
-    q, k, v = make_inputs(1, 1, 2, 40, 16, torch.float32)
-    p = ld._check(q, k, v, 8, 0.125, None, "group")
-    idx = torch.arange(5, dtype=torch.int32, device=DEVICE)[None]  # contiguous [1, 5]: not readable to 16
-    with pytest.raises(ValueError, match="select_tokens"):
-        ld.triton_attend(p, q, k, v, idx, None, 0.25, LokiKernelConfig(), torch.empty_like(q))

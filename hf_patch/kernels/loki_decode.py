@@ -314,12 +314,11 @@ def online_softmax_step(acc, m_i, l_i, s, vals, DOT_PREC: tl.constexpr, UPCAST: 
 def _attend(q, k_base, v_base, i_row, n_lo, n_hi, stride_ks, stride_vs, qk_scale, offs_d, d_ok, m_i, l_i, acc,
             BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Online softmax (base 2) of q's rows over the keys and values at positions i_row[n_lo:n_hi], continuing
-    from (m_i, l_i, acc); returns the updated (max, sum, acc) in float32. i_row must be readable up to n_hi
-    rounded up to 16 (workspace rows are): the index loads take an aligned mask and vectorise."""
+    from (m_i, l_i, acc); returns the updated (max, sum, acc) in float32."""
     for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         live = offs_n < n_hi
-        idx = tl.where(live, tl.load(i_row + offs_n, mask=offs_n < _padded_len(n_hi), other=0), 0)
+        idx = tl.load(i_row + offs_n, mask=live, other=0)
         tile_mask = live[:, None] & d_ok[None, :]
         keys = tl.load(k_base + idx[:, None] * stride_ks + offs_d[None, :], mask=tile_mask, other=0.0)
         if UPCAST:
@@ -1003,10 +1002,8 @@ def select_tokens(scores: torch.Tensor, k: int, k_b: torch.Tensor | None, rows_p
 def triton_attend(p: _Problem, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, idx: torch.Tensor,
                   k_b: torch.Tensor | None, scaling: float, cfg: LokiKernelConfig, out: torch.Tensor) -> torch.Tensor:
     """Stage 3: exact attention over the rows `idx` [rows, k] of K and V into `out` (split-K; the last split of
-    each row merges). `idx` comes from `select_tokens` (its rows are readable up to k rounded up to 16)."""
+    each row merges)."""
     rows, k = idx.shape
-    if not _rows_padded(idx):
-        raise ValueError("idx rows must be readable up to k rounded up to 16: pass select_tokens' result")
     heads_per_row = p.group_size if p.group else 1
     n_split, tiles = _split(k, cfg.block_n_attn, rows, cfg.programs_per_sm * num_sms(q.device))
     ws = _workspace(q.device)
