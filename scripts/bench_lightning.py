@@ -198,6 +198,7 @@ def sweep(impls, ns, deadline):
     """Try launch settings of our kernels at a few lengths (fwd/fwd+bwd ms); stops past the deadline."""
     base = dict(lightning_mod.CONFIG)
     settings = [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+    settings += [dict(segmented_num_stages=s) for s in (2, 4)]
     settings += [dict(programs_per_sm=pps) for pps in (1, 2, 8)]
     settings += [dict(min_segment=m) for m in (2048, 8192)]
     settings += [dict(state_num_warps=4)]

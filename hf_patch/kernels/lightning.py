@@ -33,8 +33,11 @@ from .lightning_torch import check_lightning_inputs, lightning_attn_chunked
 
 CHUNK = 64
 MAX_HEAD_DIM = 256
-# Launch settings; scripts/bench_lightning.py sweeps them.
-CONFIG = {"num_warps": 4, "num_stages": 2, "programs_per_sm": 4, "min_segment": 512, "state_num_warps": 8}
+# Launch settings; scripts/bench_lightning.py sweeps them. Segmented calls (long sequences, one wave of programs)
+# pipeline deeper: 3 stages took 4.42 / 4.55 / 4.68 ms fwd+bwd at 32k / 64k / 128k against 4.62 / 4.70 / 4.76 with
+# 2, which stay best for whole sequences (3.69 ms at 1k, 4.04 with 3) (H100, BENCHMARKS.md).
+CONFIG = {"num_warps": 4, "num_stages": 2, "segmented_num_stages": 3, "programs_per_sm": 4, "min_segment": 512,
+          "state_num_warps": 8}
 STATE_ELEMS = 128 * 128  # float32 [K, BV] accumulator of a segment-state program: all 128 columns at K = 128
 
 
@@ -214,11 +217,19 @@ def _block_v(dim_k: int, dim_v: int) -> int:
     return min(64 if dot_block(dim_k) <= 128 else 32, dot_block(dim_v))
 
 
-@functools.lru_cache(maxsize=64)
 def _plan(lengths: tuple[int, ...] | None, num_seqs: int, seq_len: int, heads: int, dim_k: int, dim_v: int,
           device: torch.device, seg_len: int | None) -> _Plan:
-    """Segments: how a call is spread over programs (value block, head, segment). Cached per shape, so a call
-    with equal-length sequences makes no host-to-device copy (a copy from pageable memory waits for the GPU).
+    """Segments: how a call is spread over programs (value block, head, segment). Cached per shape and launch
+    setting, so a call with equal-length sequences makes no host-to-device copy (a copy from pageable memory
+    waits for the GPU)."""
+    return _cached_plan(lengths, num_seqs, seq_len, heads, dim_k, dim_v, device, seg_len,
+                        CONFIG["programs_per_sm"], CONFIG["min_segment"])
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_plan(lengths: tuple[int, ...] | None, num_seqs: int, seq_len: int, heads: int, dim_k: int, dim_v: int,
+                 device: torch.device, seg_len: int | None, programs_per_sm: int, min_segment: int) -> _Plan:
+    """`_plan`'s work.
 
     Segments cost two extra passes (entry states, forwards and backwards), so sequences stay whole while there is
     a program per SM (counted over the wider of K and V: the backward swaps them). Otherwise the longest sequence
@@ -234,8 +245,8 @@ def _plan(lengths: tuple[int, ...] | None, num_seqs: int, seq_len: int, heads: i
         if programs >= sms:
             seg_len = longest
         else:
-            parts = max(1, CONFIG["programs_per_sm"] * sms // programs)
-            seg_len = max(CONFIG["min_segment"], -(-longest // parts))
+            parts = max(1, programs_per_sm * sms // programs)
+            seg_len = max(min_segment, -(-longest // parts))
     seg_len = max(CHUNK, -(-seg_len // CHUNK) * CHUNK)
     if seg_len >= longest:
         seq_ids = torch.arange(num_seqs, device=device, dtype=torch.int32)
@@ -273,7 +284,7 @@ def _segment_entries(b, c, log_decay, cu, plan: _Plan, num_seqs: int, init, reve
     _segment_state_kernel[(triton.cdiv(dim_v, bv), heads, n_segs)](
         b, c, states, log_decay, plan.seg_seq, plan.seg_off, cu, plan.seg_len,
         H=heads, K=dim_k, V=dim_v, KP=kp, BV=bv, CHUNK=CHUNK, REVERSE=reverse, **_dot_consts(b),
-        num_warps=CONFIG["state_num_warps"], num_stages=CONFIG["num_stages"])
+        num_warps=CONFIG["state_num_warps"], num_stages=CONFIG["segmented_num_stages"])
     blk = 32
     _segment_scan_kernel[(triton.cdiv(dim_k, blk) * triton.cdiv(dim_v, blk), heads, num_seqs)](
         states, init if init is not None else states, log_decay, plan.seg_off, cu, plan.seg_len,
@@ -299,7 +310,7 @@ def _chunk_scan(a, b, c, log_decay, cu, plan: _Plan, num_seqs: int, entry, rever
         plan.seg_seq, plan.seg_off, cu, plan.seg_len,
         H=heads, K=dim_k, V=dim_v, KP=dot_block(dim_k), BV=bv, CHUNK=CHUNK, REVERSE=reverse,
         HAS_ENTRY=entry is not None, ENTRY_T=entry_t, HAS_FINAL=want_final, **_dot_consts(b),
-        num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
+        num_warps=CONFIG["num_warps"], num_stages=CONFIG["segmented_num_stages" if plan.multi else "num_stages"])
     return out, final
 
 
