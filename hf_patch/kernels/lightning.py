@@ -33,8 +33,8 @@ from .lightning_torch import check_lightning_inputs, lightning_attn_chunked
 
 CHUNK = 64
 MAX_HEAD_DIM = 256
-# Launch settings; scripts/bench_lightning.py sweeps them. Segmented calls (long sequences, one wave of programs)
-# pipeline deeper: 3 stages took 4.42 / 4.55 / 4.68 ms fwd+bwd at 32k / 64k / 128k against 4.62 / 4.70 / 4.76 with
+# Launch settings; scripts/bench_lightning.py sweeps them. The chunk-scan kernel of segmented calls (long sequences,
+# one wave of programs) pipelines deeper: 3 stages took 4.42 / 4.55 / 4.68 ms fwd+bwd at 32k / 64k / 128k against 4.62 / 4.70 / 4.76 with
 # 2, which stay best for whole sequences (3.69 ms at 1k, 4.04 with 3) (H100, BENCHMARKS.md).
 CONFIG = {"num_warps": 4, "num_stages": 2, "segmented_num_stages": 3, "programs_per_sm": 4, "min_segment": 512,
           "state_num_warps": 8}
@@ -284,7 +284,7 @@ def _segment_entries(b, c, log_decay, cu, plan: _Plan, num_seqs: int, init, reve
     _segment_state_kernel[(triton.cdiv(dim_v, bv), heads, n_segs)](
         b, c, states, log_decay, plan.seg_seq, plan.seg_off, cu, plan.seg_len,
         H=heads, K=dim_k, V=dim_v, KP=kp, BV=bv, CHUNK=CHUNK, REVERSE=reverse, **_dot_consts(b),
-        num_warps=CONFIG["state_num_warps"], num_stages=CONFIG["segmented_num_stages"])
+        num_warps=CONFIG["state_num_warps"], num_stages=CONFIG["num_stages"])
     blk = 32
     _segment_scan_kernel[(triton.cdiv(dim_k, blk) * triton.cdiv(dim_v, blk), heads, num_seqs)](
         states, init if init is not None else states, log_decay, plan.seg_off, cu, plan.seg_len,
