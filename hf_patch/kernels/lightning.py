@@ -33,8 +33,8 @@ from .lightning_torch import check_lightning_inputs, lightning_attn_chunked
 
 CHUNK = 64
 MAX_HEAD_DIM = 256
-# Launch settings; scripts/bench_lightning.py sweeps them. The chunk-scan kernel of segmented calls (long sequences,
-# one wave of programs) pipelines deeper: 3 stages took 4.42 / 4.55 / 4.68 ms fwd+bwd at 32k / 64k / 128k against 4.62 / 4.70 / 4.76 with
+# Launch settings; scripts/bench_lightning.py sweeps them. The chunk-scan kernel of segmented bf16/fp16 calls (long
+# sequences, one wave of programs) pipelines deeper: 3 stages took 4.42 / 4.55 / 4.68 ms fwd+bwd at 32k / 64k / 128k against 4.62 / 4.70 / 4.76 with
 # 2, which stay best for whole sequences (3.69 ms at 1k, 4.04 with 3) (H100, BENCHMARKS.md).
 CONFIG = {"num_warps": 4, "num_stages": 2, "segmented_num_stages": 3, "programs_per_sm": 4, "min_segment": 512,
           "state_num_warps": 8}
@@ -292,6 +292,13 @@ def _segment_entries(b, c, log_decay, cu, plan: _Plan, num_seqs: int, init, reve
     return states
 
 
+def _chunk_stages(plan: _Plan, dtype: torch.dtype) -> int:
+    """Pipeline stages of the chunk-scan kernel: deeper for segmented half-precision calls (float32 tiles would
+    exceed the shared memory)."""
+    deep = plan.multi and dtype != torch.float32
+    return CONFIG["segmented_num_stages"] if deep else CONFIG["num_stages"]
+
+
 def _chunk_scan(a, b, c, log_decay, cu, plan: _Plan, num_seqs: int, entry, reverse: bool, want_final: bool,
                 out_dtype: torch.dtype, entry_t: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``out_i = a_i @ S_i`` over each sequence (read backwards if ``reverse``); see the module docstring.
@@ -310,7 +317,7 @@ def _chunk_scan(a, b, c, log_decay, cu, plan: _Plan, num_seqs: int, entry, rever
         plan.seg_seq, plan.seg_off, cu, plan.seg_len,
         H=heads, K=dim_k, V=dim_v, KP=dot_block(dim_k), BV=bv, CHUNK=CHUNK, REVERSE=reverse,
         HAS_ENTRY=entry is not None, ENTRY_T=entry_t, HAS_FINAL=want_final, **_dot_consts(b),
-        num_warps=CONFIG["num_warps"], num_stages=CONFIG["segmented_num_stages" if plan.multi else "num_stages"])
+        num_warps=CONFIG["num_warps"], num_stages=_chunk_stages(plan, b.dtype))
     return out, final
 
 
