@@ -34,8 +34,9 @@ from .lightning_torch import check_lightning_inputs, lightning_attn_chunked
 CHUNK = 64
 MAX_HEAD_DIM = 256
 # Launch settings; scripts/bench_lightning.py sweeps them. The chunk-scan kernel of segmented bf16/fp16 calls (long
-# sequences, one wave of programs) pipelines deeper: 3 stages took 4.42 / 4.55 / 4.68 ms fwd+bwd at 32k / 64k / 128k against 4.62 / 4.70 / 4.76 with
-# 2, which stay best for whole sequences (3.69 ms at 1k, 4.04 with 3) (H100, BENCHMARKS.md).
+# sequences, one wave of programs) pipelines deeper: 3 stages took 4.42 / 4.55 / 4.68 ms fwd+bwd at 32k / 64k /
+# 128k against 4.62 / 4.70 / 4.76 with 2, which stay best for whole sequences (3.69 ms at 1k, 4.04 with 3; H100,
+# BENCHMARKS.md).
 CONFIG = {"num_warps": 4, "num_stages": 2, "segmented_num_stages": 3, "programs_per_sm": 4, "min_segment": 512,
           "state_num_warps": 8}
 STATE_ELEMS = 128 * 128  # float32 [K, BV] accumulator of a segment-state program: all 128 columns at K = 128
