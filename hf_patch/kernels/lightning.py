@@ -214,7 +214,8 @@ class _Plan(NamedTuple):
 
 def _block_v(dim_k: int, dim_v: int) -> int:
     """Value columns per chunk-kernel program: as many as a ``[K, BV]`` float32 state in registers allows (64 up to
-    K = 128, 32 beyond). Narrower blocks to fill the SMs lost to segments on the H100 (BENCHMARKS.md)."""
+    K = 128, 32 beyond). Narrower blocks, tried as a way to fill the SMs, were slower than segments on the H100
+    (BENCHMARKS.md)."""
     return min(64 if dot_block(dim_k) <= 128 else 32, dot_block(dim_v))
 
 

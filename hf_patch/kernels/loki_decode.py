@@ -18,13 +18,13 @@ The Triton path runs one of three forms, by the cache length S (thresholds in `L
 - otherwise a scores kernel (all G heads of a KV head in one pass over the keys, split over S), the selection,
   and a split-K attention kernel that gathers the kept keys and values by position, keeps an online softmax
   and whose last program per row merges the splits. The selection is one kernel with one program per row for
-  rows up to ``select_kernel_max_seq`` when they are enough to fill the GPU (a strided sample brackets the k_b-th score, one pass collects the
-  candidates inside the bracket, a radix select finds the threshold, one pass writes the positions), else three
-  kernels with many programs per row, one chunk of the row each: (1) count the chunk's scores above the bracket
-  and add a 256-bin histogram of those inside it to the row's; the row's last program finds the bin of the
-  k_b-th score; (2) count the chunk's scores above that bin and collect the bin's few candidates; the row's
-  last program finds the exact threshold among them and each chunk's output offset and share of the ties;
-  (3) write each chunk's positions.
+  rows up to ``select_kernel_max_seq`` when they are enough to fill the GPU (a strided sample brackets the
+  k_b-th score, one pass collects the candidates inside the bracket, a radix select finds the threshold, one
+  pass writes the positions), else three kernels with many programs per row, one chunk of the row each:
+  (1) count the chunk's scores above the bracket and add a 256-bin histogram of those inside it to the row's;
+  the row's last program finds the bin of the k_b-th score; (2) count the chunk's scores above that bin and
+  collect the bin's few candidates; the row's last program finds the exact threshold among them and each
+  chunk's output offset and share of the ties; (3) write each chunk's positions.
 
 Every selection is the exact top-k_b, ties at the threshold to the earliest positions, positions in increasing
 order (deterministic: the same positions and the same output, bit for bit, on every call).
