@@ -29,11 +29,12 @@ CONFIGS = {"fused": SMALL, "split": SPLIT, "multi-select": MULTI}
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float64: 1e-10}
 
 
-def reference(q, k, v, d, k_frac, scaling, kv_start, gqa_select):
+def reference(q, k, v, d, k_frac, scaling, kv_start, gqa_select, kv_end=None):
     """Float64, one (batch, query head) at a time, with an explicit boolean selection mask over the cache."""
     q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
     d = d.cpu() if isinstance(d, torch.Tensor) else d
     kv_start = kv_start.cpu() if kv_start is not None else None
+    kv_end = kv_end.cpu() if kv_end is not None else None
     b_size, hq, dh = q.shape
     hkv, s = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -41,11 +42,13 @@ def reference(q, k, v, d, k_frac, scaling, kv_start, gqa_select):
     out = torch.zeros_like(q)
     for b in range(b_size):
         start = 0 if kv_start is None else int(kv_start[b])
-        keep = int(num_tokens(torch.tensor(s - start), k_frac))
+        end = s if kv_end is None else int(kv_end[b])
+        keep = int(num_tokens(torch.tensor(max(0, end - start)), k_frac))
         for j in range(hkv):
             heads = range(j * g, (j + 1) * g)
             approx = torch.stack([k[b, j, :, : dims[j]] @ q[b, h, : dims[j]] for h in heads])  # [G, S]
             approx[:, :start] = float("-inf")
+            approx[:, end:] = float("-inf")
             for h in heads:
                 ranked = approx.amax(0) if gqa_select == "group" else approx[h - j * g]
                 selected = torch.zeros(s, dtype=torch.bool)
@@ -113,6 +116,32 @@ def test_triton_and_torch_match_reference(form, case):
         tch = loki_decode_attention_torch(q, k, v, **args)
         assert tch.dtype == dtype and rel_err(tch, ref) < TOL[dtype]
         assert torch.equal(loki_decode_attention_torch(q, k, v, k_approx=k_approx, **args), tch)
+
+
+@pytest.mark.parametrize("form", CONFIGS)
+@pytest.mark.parametrize("with_start", [False, True])
+def test_kv_end_is_a_cache_length_on_the_device(form, with_start):
+    """A fixed-size cache whose valid part ends at kv_end[b] (what a CUDA graph replays): the same function as
+    the float64 reference over [kv_start, kv_end), keys past kv_end never chosen; with one shared end, close to
+    the call on the cache cut at that end (only the split of the work differs)."""
+    b, hkv, g, s, dh = 3, 2, 2, 70, 32
+    q, k, v = make_inputs(b, hkv, g, s, dh, torch.float32)
+    kv_start = torch.tensor([0, 5, 30], dtype=torch.int32, device=DEVICE) if with_start else None
+    kv_end = torch.tensor([70, 41, 30], dtype=torch.int32, device=DEVICE)  # with kv_start: the last row sees none
+    args = dict(d=8, k_frac=0.3, scaling=dh**-0.5, kv_start=kv_start, gqa_select="group")
+    ref = reference(q, k, v, 8, 0.3, dh**-0.5, kv_start, "group", kv_end)
+    k_poison, v_poison = k.clone(), v.clone()
+    k_poison[1, :, 41:], v_poison[1, :, 41:] = 1e4, float("nan")  # past the end: must be neither read nor kept
+    tri = loki_decode_attention_triton(q, k_poison, v_poison, config=CONFIGS[form], kv_end=kv_end, **args)
+    assert rel_err(tri, ref) < TOL[torch.float32] and not tri.isnan().any()
+    assert torch.equal(tri[2], torch.zeros_like(tri[2])) == with_start
+    if form == "fused":
+        tch = loki_decode_attention_torch(q, k_poison, v_poison, kv_end=kv_end, **args)
+        assert rel_err(tch, ref) < TOL[torch.float32] and not tch.isnan().any()
+    shared = torch.full((b,), 52, dtype=torch.int32, device=DEVICE)
+    cut = loki_decode_attention_triton(q, k[:, :, :52], v[:, :, :52], config=CONFIGS[form], **args)
+    whole = loki_decode_attention_triton(q, k, v, config=CONFIGS[form], kv_end=shared, **args)
+    assert rel_err(whole, cut.double()) < 1e-6
 
 
 def test_per_head_dims_as_tuple_or_tensor():
@@ -201,6 +230,7 @@ def test_fully_padded_sequence_gives_zeros(form):
         (dict(d=(4, True)), ValueError, "per-head d"),
         (dict(gqa_select="head"), ValueError, "gqa_select"),
         (dict(kv_start=torch.tensor([0])), ValueError, "kv_start"),
+        (dict(kv_end=torch.tensor([8.0, 8.0])), ValueError, "kv_end"),
         (dict(k_cache=torch.zeros(2, 2, 16, 8).transpose(-1, -2)), ValueError, "stride"),
         (dict(k_approx=torch.zeros(2, 2, 8, 3)), ValueError, "k_approx"),  # narrower than d
         (dict(k_approx=torch.zeros(2, 2, 7, 4)), ValueError, "k_approx"),  # another length

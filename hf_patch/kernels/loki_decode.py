@@ -4,7 +4,8 @@ Every path computes the same function. With a query ``q [B, Hq, D]`` rotated int
 and a cache of rotated keys and values ``[B, Hkv, S, D]`` (GQA: query head ``h`` reads KV head ``h // G``):
 
 1. approximate scores ``a = q[:d_j] . k[:, :d_j]`` over the first ``d_j`` principal dims of KV head ``j``;
-2. top ``k_b = num_tokens(n_b, k_frac)`` valid tokens (``n_b = S - kv_start[b]``), per query head
+2. top ``k_b = num_tokens(n_b, k_frac)`` valid tokens (positions ``kv_start[b] <= s < kv_end[b]``, by default
+   all ``S``; ``n_b = kv_end[b] - kv_start[b]``), per query head
    (``gqa_select="query"``) or per KV head on the max of ``a`` over its G query heads (``"group"``);
 3. exact softmax attention (all D dims, ``scaling``) over the kept tokens, accumulated in float32.
 
@@ -119,7 +120,17 @@ class _Problem:
         return self.kv_heads if self.group else self.q_heads
 
 
-def _check(q, k_cache, v_cache, d, k_frac, kv_start, gqa_select, k_approx=None) -> _Problem:
+def _check_bounds(name: str, bound: torch.Tensor | None, b: int, device: torch.device) -> None:
+    """kv_start / kv_end must be int32/int64 tensors [B] on q's device (their values stay on the device)."""
+    if bound is None:
+        return
+    if bound.shape != (b,) or bound.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be an int32/int64 tensor [B={b}], got {bound.dtype} {tuple(bound.shape)}")
+    if bound.device != device:
+        raise ValueError(f"{name} is on {bound.device}, q on {device}: move it to q's device")
+
+
+def _check(q, k_cache, v_cache, d, k_frac, kv_start, gqa_select, k_approx=None, kv_end=None) -> _Problem:
     """Validate the arguments of `loki_decode_attention`; raise ValueError/TypeError saying what to fix."""
     if q.dim() != 3 or k_cache.dim() != 4:
         raise ValueError(f"q must be [B, Hq, D] and k_cache [B, Hkv, S, D]; got {tuple(q.shape)} and "
@@ -142,12 +153,8 @@ def _check(q, k_cache, v_cache, d, k_frac, kv_start, gqa_select, k_approx=None) 
     if gqa_select not in GQA_SELECT:
         raise ValueError(f"gqa_select must be one of {GQA_SELECT}, got {gqa_select!r}")
     k_frac = check_fraction("k_frac", k_frac)
-    if kv_start is not None:
-        if kv_start.shape != (b,) or kv_start.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"kv_start must be an int32/int64 tensor [B={b}], got {kv_start.dtype} "
-                             f"{tuple(kv_start.shape)}")
-        if kv_start.device != q.device:
-            raise ValueError(f"kv_start is on {kv_start.device}, q on {q.device}: move it to q's device")
+    _check_bounds("kv_start", kv_start, b, q.device)
+    _check_bounds("kv_end", kv_end, b, q.device)
     if isinstance(d, torch.Tensor):
         if d.shape != (hkv,) or d.dtype.is_floating_point or d.dtype == torch.bool:
             raise ValueError(f"per-head d must be an int tensor [Hkv={hkv}], got {d.dtype} {tuple(d.shape)}")
@@ -178,12 +185,15 @@ def _dims_on(device: torch.device, dims: tuple[int, ...]) -> torch.Tensor:
     return torch.tensor(dims, dtype=torch.int32, device=device)
 
 
-def _budget(p: _Problem, kv_start: torch.Tensor | None) -> tuple[int, torch.Tensor | None]:
-    """(k, k_b): tokens kept per row without padding, or the bound `k` and per-sequence k_b int32 [B]."""
+def _budget(p: _Problem, kv_start: torch.Tensor | None,
+            kv_end: torch.Tensor | None) -> tuple[int, torch.Tensor | None]:
+    """(k, k_b): tokens kept per row when every row sees all S keys, else the bound `k` and per-sequence
+    k_b int32 [B] (computed on the device: no host sync)."""
     k = max_tokens(p.seq, p.k_frac) if p.seq else 0
-    if kv_start is None:
+    if kv_start is None and kv_end is None:
         return k, None
-    return k, num_tokens(p.seq - kv_start, p.k_frac).clamp_min(0).to(torch.int32)
+    visible = (p.seq if kv_end is None else kv_end) - (0 if kv_start is None else kv_start)
+    return k, num_tokens(visible, p.k_frac).clamp_min(0).to(torch.int32)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,15 +212,16 @@ def loki_decode_attention_torch(
     kv_start: torch.Tensor | None = None,
     gqa_select: str = "group",
     k_approx: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Loki decode step in PyTorch (any device; also float64). Same arguments and result as
     `loki_decode_attention`. Reads the first d dims of the keys (from `k_approx` when given) and gathers only
     the kept rows of K and V."""
-    p = _check(q, k_cache, v_cache, d, k_frac, kv_start, gqa_select, k_approx)
+    p = _check(q, k_cache, v_cache, d, k_frac, kv_start, gqa_select, k_approx, kv_end)
     b, hkv, g, s = p.batch, p.kv_heads, p.group_size, p.seq
     acc_dtype = torch.promote_types(q.dtype, torch.float32)
     qg = q.reshape(b, hkv, g, p.head_dim).to(acc_dtype)  # [B, Hkv, G, D]
-    k, k_b = _budget(p, kv_start)
+    k, k_b = _budget(p, kv_start, kv_end)
     if k == 0:
         return q.new_zeros(q.shape)
 
@@ -220,12 +231,15 @@ def loki_decode_attention_torch(
         q_approx = q_approx * keep[None, :, None]
     keys_approx = (k_cache if k_approx is None else k_approx)[..., : p.d_max].to(acc_dtype)  # [B, Hkv, S, d_max]
     scores = torch.matmul(q_approx, keys_approx.transpose(-1, -2))  # [B, Hkv, G, S]
-    if kv_start is not None:
-        invalid = torch.arange(s, device=q.device)[None, :] < kv_start[:, None]  # [B, S]
+    if k_b is not None:
+        pos = torch.arange(s, device=q.device)[None, :]
+        invalid = (pos < kv_start[:, None]) if kv_start is not None else torch.zeros_like(pos, dtype=torch.bool)
+        if kv_end is not None:
+            invalid = invalid | (pos >= kv_end[:, None])  # [B, S]
         scores = scores.masked_fill(invalid[:, None, None], float("-inf"))
     if p.group:
         scores = scores.amax(dim=2, keepdim=True)  # [B, Hkv, 1, S]
-    idx = scores.topk(k, dim=-1, sorted=kv_start is not None).indices  # [B, Hkv, G or 1, k]
+    idx = scores.topk(k, dim=-1, sorted=k_b is not None).indices  # [B, Hkv, G or 1, k]
 
     rows = idx.shape[2]
     gather = idx[..., None].expand(b, hkv, rows, k, p.head_dim)
@@ -284,7 +298,8 @@ def _key_dims(offs_d, d, KEY_WIDTH: tl.constexpr, BLOCK_D: tl.constexpr):
 @triton.jit
 def _approx_tile(q, k_base, stride_ks, offs_n, offs_d, kd_ok, seq, start,
                  DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Approximate scores [BLOCK_G, BLOCK_N] of q's rows against the keys at offs_n; -inf outside [start, seq)."""
+    """Approximate scores [BLOCK_G, BLOCK_N] of q's rows against the keys at offs_n; -inf outside [start, seq)
+    (keys at or past seq are not read)."""
     in_seq = offs_n < seq
     keys = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=in_seq[:, None] & kd_ok[None, :],
                    other=0.0)
@@ -608,17 +623,18 @@ def _pick_bin(s_row, ck_row, cp_row, m_row, h_row, seq, kb, lo, hi, n_chunks, ch
 
 @triton.jit(do_not_specialize=["seq", "tiles_per_prog"])
 def _approx_scores_kernel(
-    q_ptr, k_ptr, dims_ptr, start_ptr, s_ptr,
+    q_ptr, k_ptr, dims_ptr, start_ptr, end_ptr, s_ptr,
     seq, s_stride, kv_heads, group_size, tiles_per_prog, d_uniform,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
-    GROUP: tl.constexpr, PER_HEAD_D: tl.constexpr, HAS_START: tl.constexpr, KEY_WIDTH: tl.constexpr,
+    GROUP: tl.constexpr, PER_HEAD_D: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
+    KEY_WIDTH: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """Scores of the G query heads of one KV head over one split of S, on the first d dims only.
 
     Writes float32 rows (stride s_stride) [B*Hkv, S] (max over the group) or [B*Hq, S] (per query head);
-    -inf before kv_start and from S up to S rounded up to 16 (the rows must hold that many).
+    -inf before kv_start and from kv_end (default S) up to S rounded up to 16 (the rows must hold that many).
     """
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -626,6 +642,7 @@ def _approx_scores_kernel(
     j = (row % kv_heads).to(tl.int64)
     d = tl.load(dims_ptr + j) if PER_HEAD_D else d_uniform
     start = tl.load(start_ptr + b) if HAS_START else 0
+    end = tl.load(end_ptr + b) if HAS_END else seq
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     g_ok = offs_g < group_size
@@ -634,7 +651,7 @@ def _approx_scores_kernel(
     k_base = k_ptr + b * stride_kb + j * stride_kh
     for t in range(tiles_per_prog):
         offs_n = (split * tiles_per_prog + t) * BLOCK_N + tl.arange(0, BLOCK_N)
-        a = _approx_tile(q, k_base, stride_ks, offs_n, offs_d, kd_ok, seq, start, DOT_PREC, UPCAST)
+        a = _approx_tile(q, k_base, stride_ks, offs_n, offs_d, kd_ok, end, start, DOT_PREC, UPCAST)
         if GROUP:
             a = tl.max(tl.where(g_ok[:, None], a, float("-inf")), axis=0)
             tl.store(s_ptr + row.to(tl.int64) * s_stride + offs_n, a, mask=offs_n < _padded_len(seq))
@@ -810,13 +827,13 @@ def _sparse_attention_kernel(
 
 @triton.jit(do_not_specialize=["seq", "k_sel", "sample_stride", "n_sample"])
 def _fused_kernel(
-    q_ptr, ka_ptr, k_ptr, v_ptr, dims_ptr, start_ptr, kb_ptr, s_ptr, c_ptr, i_ptr, out_ptr,
+    q_ptr, ka_ptr, k_ptr, v_ptr, dims_ptr, start_ptr, end_ptr, kb_ptr, s_ptr, c_ptr, i_ptr, out_ptr,
     seq, s_stride, c_stride, i_stride, k_sel, rows_per_batch, kv_div, heads_per_row, d_uniform,
     sample_stride, n_sample, qk_scale,
     stride_qb, stride_qh, stride_kab, stride_kah, stride_kas, stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh,
-    PER_HEAD_D: tl.constexpr, HAS_START: tl.constexpr, HAS_KB: tl.constexpr, KEY_WIDTH: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_D: tl.constexpr,
+    PER_HEAD_D: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr, HAS_KB: tl.constexpr,
+    KEY_WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_NS: tl.constexpr, BLOCK_N: tl.constexpr, SAMPLE: tl.constexpr, SELECT_BLOCK: tl.constexpr,
     MARGIN_SIGMAS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -839,13 +856,14 @@ def _fused_kernel(
         i_row = i_ptr + row.to(tl.int64) * i_stride
         d = tl.load(dims_ptr + j) if PER_HEAD_D else d_uniform
         start = tl.load(start_ptr + b) if HAS_START else 0
+        end = tl.load(end_ptr + b) if HAS_END else seq
         offs_da = tl.arange(0, BLOCK_DA)
         qa = _load_heads(q_ptr, b, head0, heads_per_row, stride_qb, stride_qh, offs_g, offs_da, d, UPCAST)
         kd_ok = _key_dims(offs_da, d, KEY_WIDTH, BLOCK_DA)
         ka_base = ka_ptr + b * stride_kab + j * stride_kah
         for n0 in range(0, seq, BLOCK_NS):
             offs_n = n0 + tl.arange(0, BLOCK_NS)
-            a = _approx_tile(qa, ka_base, stride_kas, offs_n, offs_da, kd_ok, seq, start, DOT_PREC, UPCAST)
+            a = _approx_tile(qa, ka_base, stride_kas, offs_n, offs_da, kd_ok, end, start, DOT_PREC, UPCAST)
             a = tl.max(tl.where((offs_g < heads_per_row)[:, None], a, float("-inf")), axis=0)
             tl.store(s_row + offs_n, a, mask=offs_n < _padded_len(seq))  # -inf past seq
         tl.debug_barrier()
@@ -917,7 +935,7 @@ def clear_workspaces() -> None:
 
 
 def triton_scores(p: _Problem, q: torch.Tensor, keys: torch.Tensor, kv_start: torch.Tensor | None,
-                  cfg: LokiKernelConfig) -> torch.Tensor:
+                  kv_end: torch.Tensor | None, cfg: LokiKernelConfig) -> torch.Tensor:
     """Stage 1: approximate scores, float32 [B*Hkv, S] ("group", max over the group) or [B*Hq, S] ("query"),
     from `keys` (the key cache or its narrow copy). A view of the workspace, valid until the next call."""
     b, hkv, g, s = p.batch, p.kv_heads, p.group_size, p.seq
@@ -925,10 +943,12 @@ def triton_scores(p: _Problem, q: torch.Tensor, keys: torch.Tensor, kv_start: to
     scores = _workspace(q.device).get("scores", rows, s, torch.float32)
     n_split, tiles = _split(s, cfg.block_n_scores, b * hkv, cfg.programs_per_sm * num_sms(q.device))
     _approx_scores_kernel[(b * hkv, n_split)](
-        q, keys, p.dims if p.dims is not None else scores, kv_start if kv_start is not None else scores, scores,
+        q, keys, p.dims if p.dims is not None else scores, kv_start if kv_start is not None else scores,
+        kv_end if kv_end is not None else scores, scores,
         s, scores.stride(0), hkv, g, tiles, p.d_max,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        GROUP=p.group, PER_HEAD_D=p.dims is not None, HAS_START=kv_start is not None, KEY_WIDTH=keys.shape[-1],
+        GROUP=p.group, PER_HEAD_D=p.dims is not None, HAS_START=kv_start is not None, HAS_END=kv_end is not None,
+        KEY_WIDTH=keys.shape[-1],
         BLOCK_G=dot_block(g), BLOCK_D=dot_block(p.d_max), BLOCK_N=cfg.block_n_scores, **_launch(cfg, q),
     )
     return scores[:rows, :s]
@@ -1023,8 +1043,8 @@ def triton_attend(p: _Problem, q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 
 def triton_fused(p: _Problem, q: torch.Tensor, keys: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 kv_start: torch.Tensor | None, k: int, k_b: torch.Tensor | None, scaling: float,
-                 cfg: LokiKernelConfig, out: torch.Tensor) -> torch.Tensor:
+                 kv_start: torch.Tensor | None, kv_end: torch.Tensor | None, k: int, k_b: torch.Tensor | None,
+                 scaling: float, cfg: LokiKernelConfig, out: torch.Tensor) -> torch.Tensor:
     """All three stages in one kernel, one program per selection row, into `out` (for short caches)."""
     rows, s = p.batch * p.rows_per_batch, p.seq
     ws = _workspace(q.device)
@@ -1035,14 +1055,15 @@ def triton_fused(p: _Problem, q: torch.Tensor, keys: torch.Tensor, k_cache: torc
     stride = max(1, s // cfg.select_sample)
     _fused_kernel[(rows,)](
         q, keys, k_cache, v_cache, p.dims if p.dims is not None else scores,
-        kv_start if kv_start is not None else scores, k_b if k_b is not None else idx, scores, cand, idx, out,
+        kv_start if kv_start is not None else scores, kv_end if kv_end is not None else scores,
+        k_b if k_b is not None else idx, scores, cand, idx, out,
         s, scores.stride(0), cand.stride(0), idx.stride(0), k, p.rows_per_batch, 1 if p.group else p.group_size,
         heads_per_row, p.d_max, stride, min(cfg.select_sample, triton.cdiv(s, stride)), scaling * _LOG2E,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), out.stride(0), out.stride(1),
-        PER_HEAD_D=p.dims is not None, HAS_START=kv_start is not None, HAS_KB=k_b is not None,
-        KEY_WIDTH=keys.shape[-1], HEAD_DIM=p.head_dim, BLOCK_G=dot_block(heads_per_row), BLOCK_DA=dot_block(p.d_max),
+        PER_HEAD_D=p.dims is not None, HAS_START=kv_start is not None, HAS_END=kv_end is not None,
+        HAS_KB=k_b is not None, KEY_WIDTH=keys.shape[-1], HEAD_DIM=p.head_dim, BLOCK_G=dot_block(heads_per_row), BLOCK_DA=dot_block(p.d_max),
         BLOCK_D=dot_block(p.head_dim), BLOCK_NS=cfg.block_n_fused, BLOCK_N=cfg.block_n_fused_attn,
         SAMPLE=cfg.select_sample,
         SELECT_BLOCK=cfg.select_block, MARGIN_SIGMAS=5.0, **{**_launch(cfg, q), "num_warps": cfg.fused_warps},
@@ -1061,27 +1082,28 @@ def loki_decode_attention_triton(
     kv_start: torch.Tensor | None = None,
     gqa_select: str = "group",
     k_approx: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None,
     config: LokiKernelConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Loki decode step with the Triton kernels (bf16/fp16/fp32; CUDA, or CPU under TRITON_INTERPRET=1).
     Same arguments and result as `loki_decode_attention`; `config` overrides the launch settings; `out`
     ([B, Hq, D] in q.dtype, last dim contiguous) receives the result when given."""
-    p = _check(q, k_cache, v_cache, d, k_frac, kv_start, gqa_select, k_approx)
+    p = _check(q, k_cache, v_cache, d, k_frac, kv_start, gqa_select, k_approx, kv_end)
     if q.dtype not in _TRITON_DTYPES:
         raise TypeError(f"the Triton path takes {_TRITON_DTYPES}, got {q.dtype}: use loki_decode_attention_torch")
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
         raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device} with stride(-1) == 1")
-    k, k_b = _budget(p, kv_start)
+    k, k_b = _budget(p, kv_start, kv_end)
     if k == 0:
         return out.zero_()
     cfg = config or _DEFAULT_CONFIG
     keys = k_cache if k_approx is None else k_approx
     if p.seq <= cfg.fused_max_seq:
-        return triton_fused(p, q, keys, k_cache, v_cache, kv_start, k, k_b, scaling, cfg, out)
-    scores = triton_scores(p, q, keys, kv_start, cfg)
+        return triton_fused(p, q, keys, k_cache, v_cache, kv_start, kv_end, k, k_b, scaling, cfg, out)
+    scores = triton_scores(p, q, keys, kv_start, kv_end, cfg)
     idx = select_tokens(scores, k, k_b, p.rows_per_batch, cfg)
     return triton_attend(p, q, k_cache, v_cache, idx, k_b, scaling, cfg, out)
 
@@ -1097,6 +1119,7 @@ def loki_decode_attention(
     kv_start: torch.Tensor | None = None,
     gqa_select: str = "group",
     k_approx: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One Loki decode step: sparse attention of `q` over the top `k_frac` of the cached tokens.
 
@@ -1104,7 +1127,9 @@ def loki_decode_attention(
     strides with stride(-1) == 1, e.g. [:, :, :S] of a preallocated cache); d: dims of the approximate scores,
     an int, or one per KV head (tuple of ints or int tensor [Hkv]; a tensor on the GPU costs a host sync);
     k_frac in (0, 1]; scaling: softmax scale;
-    kv_start: int [B] first valid key of each sequence (left padding) or None; gqa_select: "group" (one top-k per
+    kv_start: int [B] first valid key of each sequence (left padding) or None; kv_end: int [B] one past the last
+    valid key of each sequence, or None (= S): with both, a fixed-size cache with a length on the device (CUDA
+    graphs), and no host sync (0 <= kv_start <= kv_end <= S is the caller's to keep); gqa_select: "group" (one top-k per
     KV head on the max over its query heads) or "query" (one per query head);
     k_approx: optional [B, Hkv, S, d'] copy of the first d' >= max d dims of the rotated keys (stride(-1) == 1;
     `LokiCache` keeps one, costing d'/D of the key memory): the approximate scores read it instead of k_cache,
@@ -1113,4 +1138,4 @@ def loki_decode_attention(
     """
     impl = loki_decode_attention_triton if q.is_cuda and q.dtype in _TRITON_DTYPES else loki_decode_attention_torch
     return impl(q, k_cache, v_cache, d=d, k_frac=k_frac, scaling=scaling, kv_start=kv_start, gqa_select=gqa_select,
-                k_approx=k_approx)
+                k_approx=k_approx, kv_end=kv_end)
