@@ -2,10 +2,12 @@
 
 A random-weight Llama-architecture model with Llama-3-8B layer shapes (32 q heads, 8 KV heads, D = 128,
 hidden 4096, MLP 14336) and a few layers, bf16. For each context length: prefill + N new tokens; decode
-tokens/s = B * (N - 1) / (t(N) - t(1)), so prefill is excluded. Full attention is timed with transformers'
-default DynamicCache and with its static cache; Loki with its own in-place cache (mode "decode"), which keeps a
-narrow copy of the first d' rotated key dims for the decode kernel's approximate scores; the first Loki setting is
-also timed without that copy (`LokiCache(model, approx_keys=False)`).
+tokens/s = B * (N - 2) / (t(N) - t(2)), so prefill and the first decode step (where a CUDA graph is captured)
+are excluded. Full attention is timed with transformers' default DynamicCache and with its static cache; Loki
+with its own in-place cache (mode "decode"), which keeps a narrow copy of the first d' rotated key dims for the
+decode kernel's approximate scores, each step run eagerly and replayed as a CUDA graph (`cuda_graph=True`); the
+first Loki setting is also timed without that copy (`LokiCache(model, approx_keys=False)`, eager). The first
+decode step's extra time with graphs (warm-up and capture) is printed too.
 
     PYTHONPATH=. python scripts/bench_loki_generate.py --layers 4 --batch 8 --contexts 16384 32768
 """
@@ -18,6 +20,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_patch import LokiCache, PCABasis, patch_loki, unpatch
+from hf_patch.loki.cuda_graph import decode_graphs
 
 
 def random_orthonormal_basis(layers: int, heads: int, dim: int) -> PCABasis:
@@ -39,10 +42,23 @@ def timed_generate(model, prompt, mask, new_tokens: int, cache_factory=None, **k
 
 
 def decode_tokens_per_s(model, prompt, mask, new_tokens: int, repeats: int, **kwargs) -> float:
-    timed_generate(model, prompt, mask, 2, **kwargs)  # warm-up (compilation, allocator)
-    one = min(timed_generate(model, prompt, mask, 1, **kwargs) for _ in range(repeats))
+    timed_generate(model, prompt, mask, 3, **kwargs)  # warm-up (compilation, allocator)
+    two = min(timed_generate(model, prompt, mask, 2, **kwargs) for _ in range(repeats))
     many = min(timed_generate(model, prompt, mask, new_tokens, **kwargs) for _ in range(repeats))
-    return prompt.shape[0] * (new_tokens - 1) / (many - one)
+    return prompt.shape[0] * (new_tokens - 2) / (many - two)
+
+
+def first_step_capture_s(model, prompt, mask, repeats: int) -> float:
+    """Extra seconds of the first decode step when its graph must be captured (warm-up + capture): a generation
+    of 2 new tokens after dropping the captured graph, less one that replays it."""
+    graphs = decode_graphs(model)
+
+    def two_tokens(recapture: bool) -> float:
+        if recapture:
+            graphs.captured = None
+        return timed_generate(model, prompt, mask, 2)
+
+    return min(two_tokens(True) for _ in range(repeats)) - min(two_tokens(False) for _ in range(repeats))
 
 
 def main() -> None:
@@ -53,6 +69,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=65)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--settings", default="0.25:0.25,0.25:0.125,0.5:0.25")
+    parser.add_argument("--no-eager", action="store_true", help="time Loki with CUDA graphs only")
     args = parser.parse_args()
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers,
@@ -63,7 +80,7 @@ def main() -> None:
     model.generation_config.pad_token_id = 0
     basis = random_orthonormal_basis(args.layers, 8, 128)
     settings = [tuple(float(x) for x in s.split(":")) for s in args.settings.split(",")]
-    rows = []
+    rows, capture_ms = [], {}
     for context in args.contexts:
         prompt = torch.randint(1, 32000, (args.batch, context), device="cuda")
         mask = torch.ones_like(prompt)
@@ -73,21 +90,29 @@ def main() -> None:
         rows.append((context, "full (DynamicCache)", full, full / best_full))
         rows.append((context, "full (static cache)", static, static / best_full))
         for i, (d_frac, k_frac) in enumerate(settings):
-            patch_loki(model, basis, d_frac=d_frac, k_frac=k_frac, mode="decode", gqa_select="group")
-            tps = decode_tokens_per_s(model, prompt, mask, args.new_tokens, args.repeats)
-            rows.append((context, f"loki d={d_frac:g} k={k_frac:g}", tps, tps / best_full))
-            if i == 0:
+            name = f"loki d={d_frac:g} k={k_frac:g}"
+            for graph in [True] if args.no_eager else [False, True]:
+                patch_loki(model, basis, d_frac=d_frac, k_frac=k_frac, mode="decode", gqa_select="group",
+                           cuda_graph=graph)
+                tps = decode_tokens_per_s(model, prompt, mask, args.new_tokens, args.repeats)
+                rows.append((context, name + (", CUDA graph" if graph else ""), tps, tps / best_full))
+                if graph:
+                    capture_ms[(context, name)] = 1e3 * first_step_capture_s(model, prompt, mask, args.repeats)
+            if i == 0 and not args.no_eager:
+                patch_loki(model, basis, d_frac=d_frac, k_frac=k_frac, mode="decode", gqa_select="group")
                 tps = decode_tokens_per_s(model, prompt, mask, args.new_tokens, args.repeats,
                                           cache_factory=lambda n: LokiCache(model, capacity=n, approx_keys=False))
-                rows.append((context, f"loki d={d_frac:g} k={k_frac:g}, no narrow key copy", tps, tps / best_full))
+                rows.append((context, f"{name}, no narrow key copy", tps, tps / best_full))
             unpatch(model)
         del prompt, mask
         torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | {args.layers} layers of 8B shape, "
-          f"batch {args.batch}, bf16, {args.new_tokens - 1} decode steps")
+          f"batch {args.batch}, bf16, {args.new_tokens - 2} decode steps timed")
     print("| context | attention | decode tokens/s | vs best full |\n|---|---|---|---|")
     for context, name, tps, ratio in rows:
         print(f"| {context} | {name} | {tps:.1f} | {ratio:.2f}x |")
+    for (context, name), ms in capture_ms.items():
+        print(f"first decode step of a fresh cache, {name} at {context}: +{ms:.1f} ms (warm-up and capture)")
 
 
 if __name__ == "__main__":

@@ -929,6 +929,12 @@ def _workspace(device: torch.device) -> _Workspace:
     return ws
 
 
+def workspace_buffers(device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The scratch buffers that calls on the current stream of `device` use: a CUDA graph that captured such
+    calls must keep them alive."""
+    return tuple(_workspace(device).buffers.values())
+
+
 def clear_workspaces() -> None:
     """Free the scratch buffers that the Triton path keeps between calls (they are rebuilt on demand)."""
     _WORKSPACES.clear()

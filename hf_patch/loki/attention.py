@@ -15,6 +15,7 @@ from .budget import num_tokens
 
 ATTENTION_NAME = "hf_patch_loki"
 ROTATED_FLAG = "_loki_rotated"  # set on key tensors that the Loki cache already rotated into the basis
+KV_BOUNDS = "_loki_kv_bounds"  # (kv_start, kv_end) int32 [B] on the device: keys of a fixed-capacity cache
 MODES = ("decode", "all")
 GQA_SELECT = ("query", "group")
 PREFILL_KERNELS_ON_CPU = False  # tests: send CPU tensors of mode "all" to the Triton kernels (interpreter) too
@@ -175,13 +176,18 @@ def loki_attention_forward(
     if loki.mode == "decode" and t > 1:  # prefill: exact attention; rotated keys need rotated queries
         q = loki.rotate_queries(query).flatten(1, 2) if keys_rotated else query
         return sdpa_attention_forward(module, q, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if t == 1 and keys_rotated and (start := decode_kv_start(attention_mask, key.shape[2])) is not False:
+    bounds = getattr(key, KV_BOUNDS, None)  # device steps (CUDA graphs): the cache gives the valid range
+    if t == 1 and keys_rotated and bounds is None and (start := decode_kv_start(attention_mask, key.shape[2])) \
+            is not False:
+        bounds = (start, None)
+    if t == 1 and keys_rotated and bounds is not None:
         from ..kernels.loki_decode import loki_decode_attention
         from .cache import APPROX_KEYS
 
+        start, end = bounds
         out = loki_decode_attention(loki.rotate_queries(query).flatten(1, 3), key, value,
                                     d=loki.kernel_dims, k_frac=loki.k_frac, scaling=scaling,
-                                    kv_start=start, gqa_select=loki.gqa_select,
+                                    kv_start=start, kv_end=end, gqa_select=loki.gqa_select,
                                     k_approx=getattr(key, APPROX_KEYS, None))
         return out[:, None], None
     if query.is_cuda or PREFILL_KERNELS_ON_CPU:  # every row (mode "all"): kernels where the mask is causal + padding

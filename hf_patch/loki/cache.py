@@ -6,16 +6,35 @@ Beside the rotated keys it keeps, by default, a contiguous copy of their first d
 d, rounded up to a multiple of 8): the decode kernel's approximate scores read it at full bandwidth instead of
 64-byte pieces of each key row. It costs d'/D of the key memory (d_frac = 0.25: +12.5% of the keys, +6.25% of
 the KV cache); `LokiCache(model, approx_keys=False)` leaves it out.
+
+For steps replayed as CUDA graphs (`hf_patch.loki.cuda_graph`) the cache also runs in "device steps" mode: the
+write position and the valid range of each sequence live in device tensors (`DeviceSteps`), and `update` returns
+the whole capacity with those bounds attached, so one captured step serves every cache length.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .attention import ROTATED_FLAG, LokiLayer
+from .attention import KV_BOUNDS, ROTATED_FLAG, LokiLayer
 
 GROWTH = 256  # capacity is kept a multiple of this many tokens
 APPROX_KEYS = "_loki_approx_keys"  # attribute of the published keys: their narrow copy [B, H_kv, length, d']
+
+
+@dataclass
+class DeviceSteps:
+    """Device-side state of one-token steps on a fixed-capacity cache (what a CUDA graph reads each replay).
+
+    position: int64 [1], where the step's token is written; kv_start / kv_end: int32 [B], the valid keys
+    [kv_start[b], kv_end[b]) of each sequence once the token is in (kv_end = position + 1).
+    """
+
+    position: torch.Tensor
+    kv_start: torch.Tensor
+    kv_end: torch.Tensor
 
 
 class LokiCacheLayer(CacheLayerMixin):
@@ -35,6 +54,7 @@ class LokiCacheLayer(CacheLayerMixin):
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._ka: torch.Tensor | None = None
+        self.steps: DeviceSteps | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -72,6 +92,8 @@ class LokiCacheLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append [B, H_kv, T, D] keys (rotated here) and values; return views of everything cached."""
+        if self.steps is not None:
+            return self._update_on_device(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         t = key_states.shape[-2]
@@ -83,6 +105,24 @@ class LokiCacheLayer(CacheLayerMixin):
         self._v[:, :, self.length : self.length + t] = value_states.to(self.dtype)
         self.length += t
         return self._publish()
+
+    def _update_on_device(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Device steps: write one token per sequence at `steps.position` (no host state read or changed) and
+        return the whole [B, H_kv, capacity, D] buffers, tagged with the valid bounds (`KV_BOUNDS`)."""
+        if key_states.shape[-2] != 1:
+            raise ValueError(f"device steps take one token per sequence, got {key_states.shape[-2]}")
+        rotated = self.loki.rotate_keys(key_states).to(self.dtype)
+        pos = self.steps.position
+        self._k.index_copy_(2, pos, rotated)
+        if self._ka is not None:
+            self._ka.index_copy_(2, pos, rotated[..., : self._ka.shape[-1]])
+        self._v.index_copy_(2, pos, value_states.to(self.dtype))
+        keys, values = self._k[:, :, :], self._v[:, :, :]
+        setattr(keys, ROTATED_FLAG, True)
+        setattr(keys, KV_BOUNDS, (self.steps.kv_start, self.steps.kv_end))
+        if self._ka is not None:
+            setattr(keys, APPROX_KEYS, self._ka)
+        return keys, values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -138,3 +178,28 @@ class LokiCache(Cache):
         from .patch import loki_layers
 
         super().__init__(layers=[LokiCacheLayer(layer, capacity, approx_keys) for layer in loki_layers(model)])
+
+    def buffers_key(self) -> tuple[int, ...]:
+        """Addresses of every layer's storage: a CUDA graph captured on this cache is valid while they hold."""
+        return tuple(getattr(layer, name).data_ptr() for layer in self.layers if layer.is_initialized
+                     for name in layer._buffers())
+
+    def capacity(self) -> int:
+        """Tokens every layer can hold without reallocating."""
+        return min(layer._k.shape[2] if layer.is_initialized else 0 for layer in self.layers)
+
+    def set_device_steps(self, steps: DeviceSteps | None) -> None:
+        """Enter (steps) or leave (None) device-steps mode on every layer (see `DeviceSteps`)."""
+        for layer in self.layers:
+            layer.steps = steps
+
+    def reserve(self, length: int) -> None:
+        """Make room for `length` tokens in every layer (reallocating, growth included, where short)."""
+        for layer in self.layers:
+            layer._reserve(length)
+
+    def advance(self, tokens: int) -> None:
+        """Host bookkeeping after `tokens` device steps wrote into every layer: count them as cached."""
+        for layer in self.layers:
+            layer.length += tokens
+            layer._publish()

@@ -7,6 +7,7 @@ import torch.nn as nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from . import cuda_graph as graphs
 from .arch import attention_layers, key_shape
 from .attention import ATTENTION_NAME, GQA_SELECT, MODES, LokiLayer, loki_attention_forward
 from .basis import PCABasis
@@ -40,6 +41,7 @@ def patch_loki(
     mode: str = "decode",
     d_policy: str = "uniform",
     gqa_select: str = "query",
+    cuda_graph: bool = False,
 ) -> nn.Module:
     """Make `model` attend with Loki (in place; returns the model).
 
@@ -47,8 +49,10 @@ def patch_loki(
     scores; k_frac: share of the visible tokens each query attends to. mode: "decode" (exact attention at
     prefill, Loki for each generated token) or "all" (Loki on every query row, e.g. perplexity and lm-eval).
     d_policy: "uniform" or "variance" (same average d, spent where key variance needs it). gqa_select: "query"
-    (each query head selects its tokens) or "group" (one selection per KV head). Patching again replaces the
-    settings; `unpatch` restores the original attention.
+    (each query head selects its tokens) or "group" (one selection per KV head). cuda_graph: replay each
+    one-token step on CUDA (with a `LokiCache`, as `generate` builds) as a CUDA graph, one launch for the whole
+    step instead of hundreds (`hf_patch.loki.cuda_graph`). Patching again replaces the settings; `unpatch`
+    restores the original attention.
     """
     if not isinstance(basis, PCABasis):
         basis = PCABasis.load(basis)
@@ -69,6 +73,9 @@ def patch_loki(
     setattr(model, _PREVIOUS_ATTN, previous)
     model.set_attn_implementation(ATTENTION_NAME)
     _install_generation_cache(model)
+    graphs.remove(model)  # a graph captured under the previous settings must not replay
+    if cuda_graph:
+        graphs.install(model)
     return model
 
 
@@ -81,6 +88,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     model.set_attn_implementation(getattr(model, _PREVIOUS_ATTN))
     delattr(model, _PREVIOUS_ATTN)
     model.__dict__.pop("_prepare_cache_for_generation", None)
+    graphs.remove(model)
     return model
 
 

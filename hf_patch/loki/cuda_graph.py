@@ -1,0 +1,189 @@
+"""One-token decode steps of a Loki-patched model, replayed as CUDA graphs (`patch_loki(..., cuda_graph=True)`).
+
+Why: a Loki decode step is cheap on the GPU but costs many host calls (each PyTorch op and each Triton launch),
+so on a slow host it is bound by the CPU, not the GPU. A CUDA graph replays the whole step, every layer, with
+one launch.
+
+How: the `LokiCache` runs in device-steps mode (`DeviceSteps`: the write position and each sequence's valid
+range are device tensors) and the decode kernels read the cache length from the device (`kv_end`), so one graph,
+captured for a cache's storage and batch size, serves every step until the cache reallocates (it grows by half
+when full; `generate` sizes it for the whole generation). Whatever the graph cannot serve (several tokens per
+sequence, gradients, attentions or hidden states asked for, another cache, a mask that is not left padding)
+runs the model's ordinary forward.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .cache import DeviceSteps, LokiCache
+
+RUN_ON_CPU = False  # tests: run the device-steps body eagerly on the CPU (no graph), same host logic
+_GRAPH_FORWARD = "_hf_patch_graph_forward"  # attribute of the wrapped forward: its `DecodeGraphs`
+# forward() arguments a replayed step takes; any other (true) argument sends the call to the ordinary forward
+_STEP_ARGS = {"input_ids", "attention_mask", "position_ids", "past_key_values", "cache_position", "use_cache",
+              "return_dict", "logits_to_keep", "inputs_embeds", "output_attentions", "output_hidden_states"}
+
+
+def left_padding_start(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+    """First valid key per sequence, int32 [B], of a 2-D mask [B, length] that is left padding (zeros, then ones,
+    in every row); None when the mask is absent. Raises ValueError for any other mask (one host sync)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != (batch, length):
+        raise ValueError(f"attention_mask must be [B={batch}, cache length + 1 = {length}], got "
+                         f"{tuple(attention_mask.shape)}")
+    ones = attention_mask.bool()
+    if not bool((ones[:, 1:] >= ones[:, :-1]).all()):
+        raise ValueError("a graphed decode step takes left padding only: each attention_mask row zeros, then ones")
+    return (length - ones.sum(-1)).to(torch.int32)
+
+
+@dataclass
+class _Captured:
+    """One captured step: its static inputs and output, and what it was captured for."""
+
+    key: tuple  # (batch, capacity, storage addresses, logits_to_keep): what the graph's launches baked in
+    steps: DeviceSteps
+    input_ids: torch.Tensor  # [B, 1]
+    position_ids: torch.Tensor  # [B, 1]
+    logits: torch.Tensor | None = None
+    graph: torch.cuda.CUDAGraph | None = None
+    kept: tuple = ()  # scratch buffers the graph writes: kept alive with it
+    next_position: int = -1  # the cache length that steps.position holds (host copy)
+
+
+class DecodeGraphs:
+    """Runs eligible one-token forward calls of a patched model through a captured CUDA graph."""
+
+    def __init__(self, forward):
+        self.forward = forward  # the model's own (bound) forward
+        self.captured: _Captured | None = None
+        self.stream: torch.cuda.Stream | None = None
+        self.captures = 0  # how many graphs were captured (tests and benchmarks read it)
+
+    def eligible(self, kwargs: dict) -> bool:
+        """Whether a forward call with these arguments can replay a graph."""
+        ids, cache = kwargs.get("input_ids"), kwargs.get("past_key_values")
+        if torch.is_grad_enabled() or ids is None or ids.dim() != 2 or ids.shape[1] != 1:
+            return False
+        if not (ids.is_cuda or RUN_ON_CPU) or not isinstance(cache, LokiCache):
+            return False
+        if kwargs.get("use_cache") is False or kwargs.get("return_dict") is False:
+            return False
+        if any(value is not None and value is not False for name, value in kwargs.items()
+               if name not in _STEP_ARGS or name in ("inputs_embeds", "output_attentions", "output_hidden_states")):
+            return False
+        lengths = {layer.length for layer in cache.layers}
+        return all(layer.is_initialized for layer in cache.layers) and len(lengths) == 1 and lengths != {0}
+
+    def step(self, input_ids: torch.Tensor, past_key_values: LokiCache, attention_mask: torch.Tensor | None = None,
+             position_ids: torch.Tensor | None = None, cache_position: torch.Tensor | None = None,
+             logits_to_keep: int | torch.Tensor = 0, **_) -> CausalLMOutputWithPast:
+        """The forward of one token per sequence: input_ids [B, 1] -> logits [B, 1, V] (the cache advances)."""
+        cache, batch = past_key_values, input_ids.shape[0]
+        length = cache.get_seq_length()
+        start = left_padding_start(attention_mask, batch, length + 1)
+        cache.reserve(length + 1)
+        key = (batch, cache.capacity(), cache.buffers_key(), logits_to_keep if isinstance(logits_to_keep, int) else None)
+        cap = self.captured
+        if cap is None or cap.key != key:  # a cache with the same storage (e.g. the next generate's) reuses it
+            cap = self.captured = self._new_step(key, batch, input_ids.device)
+        cap.input_ids.copy_(input_ids)
+        if position_ids is not None:
+            cap.position_ids.copy_(position_ids)
+        else:
+            cap.position_ids.fill_(length)
+        if cap.next_position != length:
+            cap.steps.position.fill_(length)
+        if start is None:
+            cap.steps.kv_start.zero_()
+        else:
+            cap.steps.kv_start.copy_(start)
+        if not input_ids.is_cuda or RUN_ON_CPU:
+            logits = self._run(cap, cache, logits_to_keep, capture=False)
+        else:
+            if cap.graph is None:
+                cap.logits = self._run(cap, cache, logits_to_keep, capture=True)
+            cap.graph.replay()
+            logits = cap.logits.clone()
+        cap.next_position = length + 1
+        cache.advance(1)
+        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+
+    def _new_step(self, key: tuple, batch: int, device: torch.device) -> _Captured:
+        self.captured = None  # free the previous graph first
+        steps = DeviceSteps(position=torch.zeros(1, dtype=torch.int64, device=device),
+                            kv_start=torch.zeros(batch, dtype=torch.int32, device=device),
+                            kv_end=torch.zeros(batch, dtype=torch.int32, device=device))
+        return _Captured(key, steps,
+                         input_ids=torch.zeros(batch, 1, dtype=torch.int64, device=device),
+                         position_ids=torch.zeros(batch, 1, dtype=torch.int64, device=device))
+
+    def _body(self, cap: _Captured, cache: LokiCache, logits_to_keep) -> torch.Tensor:
+        """The step as device work only: the valid range ends after this token; the model's forward with the
+        cache in device-steps mode; the write position moves on."""
+        cap.steps.kv_end.copy_(cap.steps.position.expand_as(cap.steps.kv_end)).add_(1)
+        out = self.forward(input_ids=cap.input_ids, position_ids=cap.position_ids, past_key_values=cache,
+                           cache_position=cap.steps.position, use_cache=True, logits_to_keep=logits_to_keep)
+        cap.steps.position.add_(1)
+        return out.logits
+
+    def _run(self, cap: _Captured, cache: LokiCache, logits_to_keep, capture: bool) -> torch.Tensor:
+        """Run the body eagerly (warm-up, or every step without graphs); with `capture`, then capture it (the
+        writes repeat on replay: same values at the same position)."""
+        cache.set_device_steps(cap.steps)
+        try:
+            if not capture:
+                return self._body(cap, cache, logits_to_keep)
+            from ..kernels.loki_decode import workspace_buffers
+
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(cap.input_ids.device)
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                self._body(cap, cache, logits_to_keep)  # compiles kernels, sizes the scratch buffers
+                cap.steps.position.sub_(1)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=self.stream):
+                logits = self._body(cap, cache, logits_to_keep)
+            torch.cuda.current_stream().wait_stream(self.stream)
+            with torch.cuda.stream(self.stream):
+                cap.graph, cap.kept = graph, workspace_buffers(cap.input_ids.device)
+            self.captures += 1
+            return logits
+        finally:
+            cache.set_device_steps(None)
+
+
+def install(model: nn.Module) -> None:
+    """Wrap `model.forward` so that eligible one-token steps replay CUDA graphs (idempotent)."""
+    if hasattr(model.forward, _GRAPH_FORWARD):
+        return
+    original = model.forward
+    graphs = DecodeGraphs(original)
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        call = dict(zip(("input_ids",), args), **kwargs) if len(args) <= 1 else None  # input_ids comes first
+        if call is not None and graphs.eligible(call):
+            return graphs.step(**call)
+        return original(*args, **kwargs)
+
+    setattr(forward, _GRAPH_FORWARD, graphs)
+    model.forward = forward
+
+
+def remove(model: nn.Module) -> None:
+    """Undo `install` (no-op when not installed)."""
+    if hasattr(model.__dict__.get("forward"), _GRAPH_FORWARD):
+        del model.forward
+
+
+def decode_graphs(model: nn.Module) -> DecodeGraphs | None:
+    """The `DecodeGraphs` of a model with graphed decode steps, else None."""
+    return getattr(model.__dict__.get("forward"), _GRAPH_FORWARD, None)
