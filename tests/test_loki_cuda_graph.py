@@ -1,0 +1,145 @@
+"""Loki decode steps as CUDA graphs: the device-steps step against the eager one, which calls it serves, errors.
+
+Without a GPU the step's body runs eagerly on the CPU (`RUN_ON_CPU`): the same cache mode, bounds and host logic,
+no capture. On a GPU the same tests capture and replay real graphs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from loki_helpers import random_basis, tiny_model
+
+from hf_patch import LokiCache, patch_loki, unpatch
+from hf_patch.loki import cuda_graph
+from hf_patch.loki.cache import DeviceSteps
+from hf_patch.loki.cuda_graph import DecodeGraphs, decode_graphs, left_padding_start
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def steps(monkeypatch) -> list:
+    """Every graphed step taken (the CPU runs the graph body eagerly)."""
+    monkeypatch.setattr(cuda_graph, "RUN_ON_CPU", DEVICE == "cpu")
+    calls = []
+    original = DecodeGraphs.step
+
+    def step(self, **kwargs):
+        calls.append(kwargs["input_ids"].shape)
+        return original(self, **kwargs)
+
+    monkeypatch.setattr(DecodeGraphs, "step", step)
+    return calls
+
+
+def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randint(3, 97, (3, 30), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(x)
+    mask[1, :11] = 0  # left padding, as for generation
+    mask[2, :29] = 0
+    return x.to(DEVICE), mask.to(DEVICE)
+
+
+@pytest.mark.parametrize("gqa_select", ["query", "group"])
+def test_graphed_generate_equals_eager(steps, gqa_select):
+    model = tiny_model("llama", seed=4).to(DEVICE)
+    x, mask = padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, output_scores=True,
+                  return_dict_in_generate=True)
+    patch_loki(model, random_basis(seed=5), d_frac=0.5, k_frac=0.3, gqa_select=gqa_select)
+    ref = model.generate(x, **kwargs)
+    patch_loki(model, random_basis(seed=5), d_frac=0.5, k_frac=0.3, gqa_select=gqa_select, cuda_graph=True)
+    out = model.generate(x, **kwargs)
+    assert len(steps) == 11 and all(shape == (3, 1) for shape in steps)  # every decode step, not the prefill
+    assert torch.equal(out.sequences, ref.sequences)
+    for got, want in zip(out.scores, ref.scores):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert out.past_key_values.get_seq_length() == 30 + 11
+    if DEVICE == "cuda":
+        assert decode_graphs(model).captures == 1
+
+
+def test_growing_cache_captures_again_and_matches_eager_loop(steps):
+    """A manual loop on a LokiCache that starts small: each reallocation needs a new graph; the logits equal
+    those of the same loop without graphs at every step."""
+    model = tiny_model("llama", seed=2).to(DEVICE)
+    prompt = torch.randint(3, 97, (2, 10), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    nxt = torch.randint(3, 97, (300, 2, 1), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    logits, capacities = {}, set()
+    for graph in (False, True):
+        patch_loki(model, random_basis(seed=6), d_frac=0.25, k_frac=0.25, cuda_graph=graph)
+        cache = LokiCache(model)
+        with torch.no_grad():
+            model(prompt, past_key_values=cache)
+            rows = []
+            for token in nxt:
+                rows.append(model(token, past_key_values=cache).logits[:, -1])
+                capacities.add(cache.capacity())
+        logits[graph] = torch.stack(rows)
+    assert len(steps) == 300 and len(capacities) >= 2  # grew during the loop (256, then 384)
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)
+    if DEVICE == "cuda":
+        assert decode_graphs(model).captures == len(capacities)
+
+
+def test_calls_a_graph_cannot_serve_run_the_ordinary_forward(steps):
+    model = tiny_model("llama").to(DEVICE)
+    patch_loki(model, random_basis(), cuda_graph=True)
+    cache = LokiCache(model)
+    token = torch.tensor([[5]], device=DEVICE)
+    with torch.no_grad():
+        model(torch.tensor([[4, 5, 6]], device=DEVICE), past_key_values=cache)  # several tokens: prefill
+        hidden = model(token, past_key_values=cache, output_hidden_states=True)  # hidden states asked for
+        model(token, past_key_values=None)  # no Loki cache
+    model(token, past_key_values=cache)  # gradients on
+    assert steps == [] and hidden.hidden_states is not None and cache.get_seq_length() == 5
+    with torch.no_grad():
+        model(token, past_key_values=cache)
+    assert len(steps) == 1 and cache.get_seq_length() == 6
+
+
+def test_mask_that_is_not_left_padding_is_refused(steps):
+    model = tiny_model("llama").to(DEVICE)
+    patch_loki(model, random_basis(), cuda_graph=True)
+    cache = LokiCache(model)
+    with torch.no_grad():
+        model(torch.tensor([[4, 5, 6, 7]], device=DEVICE), past_key_values=cache)
+        holes = torch.tensor([[1, 0, 1, 1, 1]], device=DEVICE)
+        with pytest.raises(ValueError, match="left padding"):
+            model(torch.tensor([[5]], device=DEVICE), past_key_values=cache, attention_mask=holes)
+        with pytest.raises(ValueError, match="cache length \\+ 1 = 5"):
+            model(torch.tensor([[5]], device=DEVICE), past_key_values=cache, attention_mask=holes[:, :4])
+
+
+def test_left_padding_start():
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 0]])
+    assert left_padding_start(mask, 3, 4).tolist() == [0, 2, 4]
+    assert left_padding_start(mask, 3, 4).dtype == torch.int32
+    assert left_padding_start(None, 3, 4) is None
+
+
+def test_device_steps_take_one_token():
+    model = tiny_model("llama")
+    patch_loki(model, random_basis())
+    cache = LokiCache(model, capacity=16)
+    with torch.no_grad():
+        model(torch.tensor([[4, 5, 6]]), past_key_values=cache)
+    zero = torch.zeros(1, dtype=torch.int32)
+    cache.set_device_steps(DeviceSteps(torch.tensor([3]), zero, zero))
+    with pytest.raises(ValueError, match="one token per sequence"):
+        cache.layers[0].update(torch.zeros(1, 2, 2, 16), torch.zeros(1, 2, 2, 16))
+
+
+def test_patch_and_unpatch_install_and_remove_the_graphs():
+    model = tiny_model("llama")
+    forward = model.forward
+    patch_loki(model, random_basis(), cuda_graph=True)
+    first = decode_graphs(model)
+    assert first is not None and model.forward.__wrapped__ == forward
+    patch_loki(model, random_basis(), cuda_graph=True)  # new settings: graphs of the old ones must not replay
+    assert decode_graphs(model) is not first and model.forward.__wrapped__ == forward
+    patch_loki(model, random_basis())
+    assert decode_graphs(model) is None
+    patch_loki(model, random_basis(), cuda_graph=True)
+    unpatch(model)
+    assert decode_graphs(model) is None and "forward" not in model.__dict__
