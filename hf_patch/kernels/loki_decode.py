@@ -25,9 +25,7 @@ The Triton path runs one of three forms, by the cache length S (thresholds in `L
   (1) count the chunk's scores above the bracket and add a 256-bin histogram of those inside it to the row's;
   the row's last program finds the bin of the k_b-th score; (2) count the chunk's scores above that bin and
   collect the bin's few candidates; the row's last program finds the exact threshold among them and each
-  chunk's output offset and share of the ties; (3) write each chunk's positions. The KV heads go through these
-  stages in groups (``pipeline_groups``), on CUDA as a pipeline over two streams: one group's selection
-  (latency-bound) overlaps another's scores or attention (bandwidth-bound).
+  chunk's output offset and share of the ties; (3) write each chunk's positions.
 
 Every selection is the exact top-k_b, ties at the threshold to the earliest positions, positions in increasing
 order (deterministic: the same positions and the same output, bit for bit, on every call).
@@ -38,9 +36,8 @@ path selects with ``torch.topk``.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -94,10 +91,6 @@ class LokiKernelConfig:
     block_n_fused: int = 128  # keys per tile of the fused kernel's scores stage
     block_n_fused_attn: int = 64  # kept keys per tile of the fused kernel's attention stage
     fused_warps: int = 4
-    # Past the fused form: the KV heads in this many groups, run (on CUDA) as a pipeline over two streams (group
-    # i + 1's scores start when group i's are done), so the latency-bound selection of one group overlaps the
-    # bandwidth-bound scores or attention of another. 1 = one group, one stream.
-    pipeline_groups: int = 2
 
 
 _DEFAULT_CONFIG = LokiKernelConfig()
@@ -937,8 +930,9 @@ def _workspace(device: torch.device) -> _Workspace:
 
 
 def workspace_buffers(device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Every scratch buffer of `device` (all streams): a CUDA graph that captured calls must keep them alive."""
-    return tuple(buf for (dev, _), ws in _WORKSPACES.items() if dev == device for buf in ws.buffers.values())
+    """The scratch buffers that calls on the current stream of `device` use: a CUDA graph that captured such
+    calls must keep them alive."""
+    return tuple(_workspace(device).buffers.values())
 
 
 def clear_workspaces() -> None:
@@ -1115,41 +1109,9 @@ def loki_decode_attention_triton(
     keys = k_cache if k_approx is None else k_approx
     if p.seq <= cfg.fused_max_seq:
         return triton_fused(p, q, keys, k_cache, v_cache, kv_start, kv_end, k, k_b, scaling, cfg, out)
-    groups = _head_groups(p.kv_heads, cfg.pipeline_groups)
-    streams = (torch.cuda.current_stream(q.device), _side_stream(q.device)) if q.is_cuda and len(groups) > 1 \
-        else None
-    if streams:
-        streams[1].wait_stream(streams[0])
-    scored = None
-    for i, (j0, j1) in enumerate(groups):
-        g = p.group_size
-        sub = replace(p, kv_heads=j1 - j0, q_heads=(j1 - j0) * g, dims=None if p.dims is None else p.dims[j0:j1])
-        with torch.cuda.stream(streams[i % 2]) if streams else contextlib.nullcontext():
-            if scored is not None:
-                streams[i % 2].wait_event(scored)
-            scores = triton_scores(sub, q[:, j0 * g:j1 * g], keys[:, j0:j1], kv_start, kv_end, cfg)
-            if streams:
-                scored = torch.cuda.Event()
-                scored.record(streams[i % 2])
-            idx = select_tokens(scores, k, k_b, sub.rows_per_batch, cfg)
-            triton_attend(sub, q[:, j0 * g:j1 * g], k_cache[:, j0:j1], v_cache[:, j0:j1], idx, k_b, scaling, cfg,
-                          out[:, j0 * g:j1 * g])
-    if streams:
-        streams[0].wait_stream(streams[1])
-    return out
-
-
-def _head_groups(heads: int, groups: int) -> list[tuple[int, int]]:
-    """[j0, j1) ranges of KV heads: min(groups, heads) contiguous groups, sizes differing by at most one."""
-    groups = max(1, min(groups, heads))
-    edges = [heads * i // groups for i in range(groups + 1)]
-    return list(zip(edges[:-1], edges[1:]))
-
-
-@functools.lru_cache(maxsize=16)
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The second stream of the pipelined Triton path on `device` (one per device, kept)."""
-    return torch.cuda.Stream(device)
+    scores = triton_scores(p, q, keys, kv_start, kv_end, cfg)
+    idx = select_tokens(scores, k, k_b, p.rows_per_batch, cfg)
+    return triton_attend(p, q, k_cache, v_cache, idx, k_b, scaling, cfg, out)
 
 
 def loki_decode_attention(

@@ -152,7 +152,8 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, stream=self.stream):
                 logits = self._body(cap, cache, logits_to_keep)
             torch.cuda.current_stream().wait_stream(self.stream)
-            cap.graph, cap.kept = graph, workspace_buffers(cap.input_ids.device)
+            with torch.cuda.stream(self.stream):
+                cap.graph, cap.kept = graph, workspace_buffers(cap.input_ids.device)
             self.captures += 1
             return logits
         finally:
