@@ -288,11 +288,11 @@ def loki_stages(q, k, v, k_approx, d, k_frac, cfg):
     """Callables for the stages of the split form of one step on fixed inputs: scores (from the narrow copy),
     selection, gather-attention (+ merge), and torch.topk on the same scores for comparison."""
     p = ld._check(q, k, v, d, k_frac, None, "group", k_approx)
-    kk, _ = ld._budget(p, None)
-    scores = ld.triton_scores(p, q, k_approx, None, cfg)
+    kk, _ = ld._budget(p, None, None)
+    scores = ld.triton_scores(p, q, k_approx, None, None, cfg)
     idx = ld.select_tokens(scores, kk, None, HKV, cfg)
     out = torch.empty_like(q)
-    return (lambda: ld.triton_scores(p, q, k_approx, None, cfg), lambda: ld.select_tokens(scores, kk, None, HKV, cfg),
+    return (lambda: ld.triton_scores(p, q, k_approx, None, None, cfg), lambda: ld.select_tokens(scores, kk, None, HKV, cfg),
             lambda: ld.triton_attend(p, q, k, v, idx, None, D**-0.5, cfg, out),
             lambda: scores.topk(kk, dim=-1, sorted=False))
 
