@@ -417,8 +417,9 @@ def table(cfg, bandwidth, batches, seqs, settings):
             t_wide = time_rotated(loki_fns(sets, d, k_frac, narrow=False)) if i == 0 else float("nan")
             b2b_loki, graph_loki = time_back_to_back(fns), guarded(time_graph, fns)
             stages = stage_times(sets, d, k_frac, cfg)
-            one_program = ld.one_program_select(b * HKV, s, cfg, torch.device(DEVICE))
-            path = "fused" if s <= cfg.fused_max_seq else "1-prog select" if one_program else "multi select"
+            split = "1-prog select" if ld.one_program_select(b * HKV, s, cfg, torch.device(DEVICE)) else "multi select"
+            eager, graph = ("fused" if s <= limit else split for limit in (cfg.fused_max_seq, cfg.graph_fused_max_seq))
+            path = eager if eager == graph else f"{eager} (graph: {graph})"
             loki_bytes = b * HKV * (s * d + 2 * k * D) * 2
             row = dict(B=b, S=s, d_frac=d_frac, k_frac=k_frac, sdpa_form=form, sdpa_ms=t_sdpa, loki_ms=t_loki,
                        speedup=t_sdpa / t_loki, loki_wide_ms=t_wide, b2b_sdpa_ms=b2b_sdpa, b2b_loki_ms=b2b_loki,

@@ -15,7 +15,8 @@ memory and lets stage 1 stream whole rows instead of 64-byte pieces of 256-byte 
 
 The Triton path runs one of three forms, by the cache length S (thresholds in `LokiKernelConfig`):
 
-- S <= ``fused_max_seq``: one kernel, one program per selection row, runs all three stages;
+- S <= ``fused_max_seq`` (``graph_fused_max_seq`` while a CUDA graph captures): one kernel, one program per
+  selection row, runs all three stages;
 - otherwise a scores kernel (all G heads of a KV head in one pass over the keys, split over S), the selection,
   and a split-K attention kernel that gathers the kept keys and values by position, keeps an online softmax
   and whose last program per row merges the splits. The selection is one kernel with one program per row for
@@ -86,8 +87,13 @@ class LokiKernelConfig:
     multi_select_sample: int = 1024  # its bracket sample (every program sorts it)
     multi_select_max_chunks: int = 256  # programs per row at most
     multi_select_warps: int = 4
-    # Caches up to this length run the whole step in one kernel, one program per selection row.
+    # Caches up to this length run the whole step in one kernel, one program per selection row: fewer launches,
+    # which pays where the host launches them one by one. Inside a CUDA graph launches cost no host time and the
+    # three-stage form wins at every size measured (H100 GPU time, (0.25, 0.25), B = 1 / 8 / 16: fused 36.6 /
+    # 37.5 / 41.3 us at S = 1k, 66.8 / 80.3 / 88.0 at 4k; three stages 32.6 / 37.4 / 40.3 and 37.2 / 57.6 / 74.7),
+    # so captures use `graph_fused_max_seq`.
     fused_max_seq: int = 4096
+    graph_fused_max_seq: int = 0
     block_n_fused: int = 128  # keys per tile of the fused kernel's scores stage
     block_n_fused_attn: int = 64  # kept keys per tile of the fused kernel's attention stage
     fused_warps: int = 4
@@ -1107,7 +1113,8 @@ def loki_decode_attention_triton(
         return out.zero_()
     cfg = config or _DEFAULT_CONFIG
     keys = k_cache if k_approx is None else k_approx
-    if p.seq <= cfg.fused_max_seq:
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if p.seq <= (cfg.graph_fused_max_seq if capturing else cfg.fused_max_seq):
         return triton_fused(p, q, keys, k_cache, v_cache, kv_start, kv_end, k, k_b, scaling, cfg, out)
     scores = triton_scores(p, q, keys, kv_start, kv_end, cfg)
     idx = select_tokens(scores, k, k_b, p.rows_per_batch, cfg)
