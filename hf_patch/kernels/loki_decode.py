@@ -93,8 +93,6 @@ class LokiKernelConfig:
     # scores (after a one-program-per-row kernel brackets the k-th score from a sample of the keys), instead of a
     # pass-1 kernel reading every score back.
     fuse_select_pass1: bool = True
-    block_n_pass1_scores: int = 256  # keys per tile of that scores kernel (one histogram per tile)
-    pass1_scores_warps: int = 4
     # Caches up to this length run the whole step in one kernel, one program per selection row: fewer launches,
     # which pays where the host launches them one by one. Inside a CUDA graph launches cost no host time and the
     # three-stage form wins at every size measured (H100 GPU time, (0.25, 0.25), B = 1 / 8 / 16: fused 36.6 /
@@ -1155,9 +1153,8 @@ def scores_and_select(p: _Problem, q: torch.Tensor, keys: torch.Tensor, kv_start
     ws = _workspace(q.device)
     m = _multi_select_plan(rows, s, cfg, q.device)
     block = cfg.multi_select_block
-    tile = min(cfg.block_n_pass1_scores, block)
-    if block % tile:
-        raise ValueError(f"multi_select_block ({block}) must be a multiple of block_n_pass1_scores ({tile})")
+    if block % cfg.block_n_scores:
+        raise ValueError(f"multi_select_block ({block}) must be a multiple of block_n_scores ({cfg.block_n_scores})")
     scores = ws.get("scores", rows, s, torch.float32)
     sample = ws.get("select_sample", rows, cfg.multi_select_sample, torch.float32)
     bounds = dict(dims=p.dims if p.dims is not None else scores, start=kv_start if kv_start is not None else scores,
@@ -1173,12 +1170,11 @@ def scores_and_select(p: _Problem, q: torch.Tensor, keys: torch.Tensor, kv_start
     )
     _approx_scores_kernel[(rows, m.n_chunks)](
         q, keys, bounds["dims"], bounds["start"], bounds["end"], scores,
-        s, scores.stride(0), hkv, g, m.tiles * block // tile, p.d_max,
+        s, scores.stride(0), hkv, g, m.tiles * block // cfg.block_n_scores, p.d_max,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         bounds["kb"], m.cand, m.cand_pos, m.meta, m.hist, m.cand.stride(0), m.cand_pos.stride(0), m.meta.stride(0),
         m.hist.stride(0), k, m.n_chunks, m.tiles * block,
-        GROUP=True, SELECT=True, HAS_KB=k_b is not None, CP2=m.cp2, SELECT_BLOCK=block,
-        **{**flags, "BLOCK_N": tile, "num_warps": cfg.pass1_scores_warps},
+        GROUP=True, SELECT=True, HAS_KB=k_b is not None, CP2=m.cp2, SELECT_BLOCK=block, **flags,
     )
     return _multi_select_rest(scores[:rows, :s], k, k_b, hkv, cfg, m, padded=True)
 
