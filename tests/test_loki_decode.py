@@ -331,52 +331,6 @@ def test_select_tokens_is_exact_top_k(kind, multi):
     assert torch.equal(ld.select_tokens(scores, k, k_b, 1, cfg).cpu(), idx)  # counters were reset
 
 
-@pytest.mark.parametrize("kind", ["grid", "ties", "unlucky-sample", "bounds", "signed-zeros", "whole-row"])
-def test_scores_with_fused_pass1_select_exact_top_k(kind):
-    """The route that runs the selection's pass 1 inside the scores kernel ("group" rows, several programs per
-    row), against a stable sort of the scores: keys whose first dim holds the scores (on a grid that tf32 keeps
-    exact) and a one-hot query; ties, a sample that sees only outliers (every score becomes a candidate),
-    kv_start/kv_end bounds with one empty row, signed zeros at the threshold, and k_frac = 1."""
-    gen = torch.Generator().manual_seed(2)
-    b, s, k_frac, sample, block = 3, 2048, 0.3, 256, 256  # a sample large enough for a bracket closed both ways
-    vals = torch.round(torch.randn(b, s, generator=gen) * 64) / 64
-    kv_start = kv_end = None
-    if kind == "ties":
-        vals = torch.randint(-2, 3, (b, s), generator=gen).float()
-    elif kind == "unlucky-sample":  # the sample reads positions 0 mod 8: the 32 outliers only
-        s, sample, block = 256, 32, 32
-        vals = torch.round(torch.randn(b, s, generator=gen) * 64) / 64 + 10.0 * (torch.arange(s) % 8 == 0)
-    elif kind == "bounds":
-        kv_start = torch.tensor([0, 300, 1500], dtype=torch.int32, device=DEVICE)
-        kv_end = torch.tensor([2048, 900, 1500], dtype=torch.int32, device=DEVICE)
-    elif kind == "signed-zeros":
-        signs = torch.where(torch.rand(b, s, generator=gen) < 0.5, -1.0, 1.0)
-        vals = (torch.randint(-1, 2, (b, s), generator=gen).float() * signs).where(
-            torch.rand(b, s, generator=gen) < 0.7, 0.0 * signs)
-        k_frac = 0.15
-    elif kind == "whole-row":
-        k_frac = 1.0
-        vals[:, [0, 4, 8]] = -3.5
-    keys = torch.zeros(b, 1, s, 16)
-    keys[:, 0, :, 0] = vals
-    q = torch.zeros(b, 1, 16)
-    q[..., 0] = 1.0
-    q, keys = q.to(DEVICE), keys.to(DEVICE)
-    cfg = LokiKernelConfig(block_n_scores=16, programs_per_sm=2, fused_max_seq=0, select_kernel_max_seq=0,
-                           multi_select_block=block, multi_select_sample=sample)
-    p = ld._check(q, keys, keys, 1, k_frac, kv_start, "group", None, kv_end)
-    k, k_b = ld._budget(p, kv_start, kv_end)
-    idx = ld.scores_and_select(p, q, keys, kv_start, kv_end, k, k_b, cfg).cpu()
-    pos = torch.arange(s)
-    lo = kv_start.cpu()[:, None] if kv_start is not None else 0
-    hi = kv_end.cpu()[:, None] if kv_end is not None else s
-    masked = vals.where((pos >= lo) & (pos < hi), float("-inf"))
-    budgets = k_b.cpu() if k_b is not None else torch.full((b,), k)
-    for r, want in enumerate(expected_positions(masked, budgets)):
-        assert torch.equal(idx[r, : len(want)].long(), want)
-    assert torch.equal(ld.scores_and_select(p, q, keys, kv_start, kv_end, k, k_b, cfg).cpu(), idx)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="counts compilations of the CUDA kernels")
 def test_growing_cache_compiles_each_kernel_once():
     """Decode steps over a growing cache reuse the compiled kernels: lengths, budgets and split counts are not

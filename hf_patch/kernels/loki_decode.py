@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import triton
@@ -54,10 +53,9 @@ _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _LOG2E = 1.4426950408889634
 _SUB_BINS = 256  # bins of the bracket histogram of the multi-program selection
 # Per-row int32 header of the multi-program selection: threshold, candidate count, tickets of passes 1 and 2,
-# the threshold bin's first and last key, the rank of the k_b-th score within that bin, resolved (by pass 1),
-# the bracket's low and high keys (when a kernel before pass 1 computed them). Then per chunk: count above (the
-# bracket, then the bin), output offset, share of the ties.
-_META = tl.constexpr(10)
+# the threshold bin's first and last key, the rank of the k_b-th score within that bin, resolved (by pass 1).
+# Then per chunk: count above (the bracket, then the bin), output offset, share of the ties.
+_META = tl.constexpr(8)
 # Kernels take the integers that change with the cache length (S, k, tile and split counts) unspecialised
 # (`do_not_specialize`): Triton would otherwise compile a new variant whenever one of them changes its divisibility
 # by 16, i.e. again and again during generation (0.2-0.9 s each on the H100 machine).
@@ -89,10 +87,6 @@ class LokiKernelConfig:
     multi_select_sample: int = 1024  # its bracket sample (every program sorts it)
     multi_select_max_chunks: int = 256  # programs per row at most
     multi_select_warps: int = 4
-    # "group" rows with several programs per row: the scores kernel runs the selection's pass 1 as it writes the
-    # scores (after a one-program-per-row kernel brackets the k-th score from a sample of the keys), instead of a
-    # pass-1 kernel reading every score back.
-    fuse_select_pass1: bool = True
     # Caches up to this length run the whole step in one kernel, one program per selection row: fewer launches,
     # which pays where the host launches them one by one. Inside a CUDA graph launches cost no host time and the
     # three-stage form wins at every size measured (H100 GPU time, (0.25, 0.25), B = 1 / 8 / 16: fused 36.6 /
@@ -633,84 +627,20 @@ def _pick_bin(s_row, ck_row, cp_row, m_row, h_row, seq, kb, lo, hi, n_chunks, ch
 # --- kernels ---------------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _bin_hist(key, mid, lo, shift, BLOCK: tl.constexpr):
-    """[256] histogram over the bracket's bins (`_bin_shift`) of the order keys `key` [BLOCK] that are `mid`."""
-    sub = tl.where(mid, tl.minimum((key.to(tl.int64) - lo.to(tl.int64)) >> shift, 255).to(tl.int32), 0)
-    return tl.histogram(sub, 256) - tl.where(tl.arange(0, 256) == 0, BLOCK - tl.sum(mid.to(tl.int32)), 0)
-
-
-@triton.jit
-def _end_pass1(s_row, ck_row, cp_row, m_row, h_row, chunk, n_gt, hist, seq, kb, lo, hi, n_chunks, chunk_len,
-               CP2: tl.constexpr, BLOCK: tl.constexpr, PADDED: tl.constexpr):
-    """The end of a pass-1 program: add its chunk's histogram to the row's and store its count above the
-    bracket; the row's last program to finish runs `_pick_bin`."""
-    bins = tl.arange(0, 256)
-    tl.atomic_add(h_row + bins, hist, mask=hist > 0, sem="relaxed")
-    tl.store(m_row + _META + chunk, n_gt)
-    tl.debug_barrier()  # all of this program's writes precede its ticket (acquire-release, GPU scope)
-    if tl.atomic_add(m_row + 2, 1) == n_chunks - 1:
-        _pick_bin(s_row, ck_row, cp_row, m_row, h_row, seq, kb, lo, hi, n_chunks, chunk_len, CP2, BLOCK, PADDED)
-
-
-@triton.jit(do_not_specialize=["seq", "k_sel", "sample_stride", "n_sample"])
-def _sample_bracket_kernel(
-    q_ptr, k_ptr, dims_ptr, start_ptr, end_ptr, kb_ptr, samp_ptr, meta_ptr,
-    seq, samp_stride, m_stride, kv_heads, group_size, d_uniform, k_sel, sample_stride, n_sample,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
-    PER_HEAD_D: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr, HAS_KB: tl.constexpr,
-    KEY_WIDTH: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    SAMPLE: tl.constexpr, MARGIN_SIGMAS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """One program per selection row ("group"): the approximate scores of a strided sample of the row's keys,
-    straight from the keys, and the bracket (`_bracket`) they give, into the row's meta. The scores kernel then
-    runs pass 1 of the multi-program selection as it writes the scores (`_approx_scores_kernel`, SELECT)."""
-    row = tl.program_id(0)
-    b = (row // kv_heads).to(tl.int64)
-    j = (row % kv_heads).to(tl.int64)
-    kb = (tl.load(kb_ptr + b) if HAS_KB else k_sel) + tl.zeros([], dtype=tl.int32)
-    if kb > 0:
-        d = tl.load(dims_ptr + j) if PER_HEAD_D else d_uniform
-        start = tl.load(start_ptr + b) if HAS_START else 0
-        end = tl.load(end_ptr + b) if HAS_END else seq
-        offs_g = tl.arange(0, BLOCK_G)
-        offs_d = tl.arange(0, BLOCK_D)
-        q = _load_heads(q_ptr, b, j * group_size, group_size, stride_qb, stride_qh, offs_g, offs_d, d, UPCAST)
-        kd_ok = _key_dims(offs_d, d, KEY_WIDTH, BLOCK_D)
-        k_base = k_ptr + b * stride_kb + j * stride_kh
-        s_row = samp_ptr + row.to(tl.int64) * samp_stride
-        for m0 in range(0, SAMPLE, BLOCK_N):
-            offs_m = m0 + tl.arange(0, BLOCK_N)
-            a = _approx_tile(q, k_base, stride_ks, offs_m * sample_stride, offs_d, kd_ok, end, start, DOT_PREC,
-                             UPCAST)
-            a = tl.max(tl.where((offs_g < group_size)[:, None], a, float("-inf")), axis=0)
-            tl.store(s_row + offs_m, tl.where(offs_m < n_sample, a, float("-inf")), mask=offs_m < SAMPLE)
-        tl.debug_barrier()
-        lo, hi = _bracket(s_row, seq, kb, 1, n_sample, SAMPLE, MARGIN_SIGMAS)
-        m_row = meta_ptr + row.to(tl.int64) * m_stride
-        tl.store(m_row + 8, lo)
-        tl.store(m_row + 9, hi)
-
-
-@triton.jit(do_not_specialize=["seq", "tiles_per_prog", "k_sel", "n_chunks", "chunk_len"])
+@triton.jit(do_not_specialize=["seq", "tiles_per_prog"])
 def _approx_scores_kernel(
     q_ptr, k_ptr, dims_ptr, start_ptr, end_ptr, s_ptr,
     seq, s_stride, kv_heads, group_size, tiles_per_prog, d_uniform,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
-    kb_ptr, ck_ptr, cp_ptr, meta_ptr, hist_ptr, c_stride, p_stride, m_stride, h_stride, k_sel, n_chunks, chunk_len,
     GROUP: tl.constexpr, PER_HEAD_D: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
     KEY_WIDTH: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr, SELECT: tl.constexpr = False, HAS_KB: tl.constexpr = False, CP2: tl.constexpr = 1,
-    SELECT_BLOCK: tl.constexpr = 1,
+    UPCAST: tl.constexpr,
 ):
     """Scores of the G query heads of one KV head over one split of S, on the first d dims only.
 
     Writes float32 rows (stride s_stride) [B*Hkv, S] (max over the group) or [B*Hq, S] (per query head);
     -inf before kv_start and from kv_end (default S) up to S rounded up to 16 (the rows must hold that many).
-    SELECT (group rows, one split = one selection chunk of chunk_len keys): also runs pass 1 of the
-    multi-program selection on the scores as they are made, with the bracket `_sample_bracket_kernel` left in
-    the row's meta, instead of `_bracket_hist_kernel` reading them back.
     """
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -725,33 +655,15 @@ def _approx_scores_kernel(
     q = _load_heads(q_ptr, b, j * group_size, group_size, stride_qb, stride_qh, offs_g, offs_d, d, UPCAST)
     kd_ok = _key_dims(offs_d, d, KEY_WIDTH, BLOCK_D)
     k_base = k_ptr + b * stride_kb + j * stride_kh
-    if SELECT:
-        kb = (tl.load(kb_ptr + b) if HAS_KB else k_sel) + tl.zeros([], dtype=tl.int32)
-        m_row = meta_ptr + row.to(tl.int64) * m_stride
-        lo = tl.load(m_row + 8)
-        hi = tl.load(m_row + 9)
-        shift = _bin_shift(lo, hi)
-        n_gt = tl.zeros([], dtype=tl.int32)
-        hist = tl.zeros([256], dtype=tl.int32)
     for t in range(tiles_per_prog):
         offs_n = (split * tiles_per_prog + t) * BLOCK_N + tl.arange(0, BLOCK_N)
         a = _approx_tile(q, k_base, stride_ks, offs_n, offs_d, kd_ok, end, start, DOT_PREC, UPCAST)
         if GROUP:
             a = tl.max(tl.where(g_ok[:, None], a, float("-inf")), axis=0)
             tl.store(s_ptr + row.to(tl.int64) * s_stride + offs_n, a, mask=offs_n < _padded_len(seq))
-            if SELECT:
-                key = _order_key(a)
-                ok = offs_n < seq
-                n_gt += tl.sum((ok & (key > hi)).to(tl.int32))
-                hist += _bin_hist(key, ok & (key >= lo) & (key <= hi), lo, shift, BLOCK_N)
         else:
             out = s_ptr + (row.to(tl.int64) * group_size + offs_g)[:, None] * s_stride + offs_n[None, :]
             tl.store(out, a, mask=g_ok[:, None] & (offs_n < _padded_len(seq))[None, :])
-    if SELECT:
-        if kb > 0:
-            _end_pass1(s_ptr + row.to(tl.int64) * s_stride, ck_ptr + row.to(tl.int64) * c_stride,
-                       cp_ptr + row.to(tl.int64) * p_stride, m_row, hist_ptr + row.to(tl.int64) * h_stride, split,
-                       n_gt, hist, seq, kb, lo, hi, n_chunks, chunk_len, CP2, SELECT_BLOCK, PADDED=True)
 
 
 @triton.jit(do_not_specialize=["seq", "k_sel", "sample_stride", "n_sample"])
@@ -791,16 +703,23 @@ def _bracket_hist_kernel(
         m_row = meta_ptr + row * m_stride
         h_row = hist_ptr + row * h_stride
         lo, hi = _bracket(s_row, seq, kb, sample_stride, n_sample, SAMPLE, MARGIN_SIGMAS)
+        lo64 = lo.to(tl.int64)
         shift = _bin_shift(lo, hi)
+        bins = tl.arange(0, 256)
         n_gt = tl.zeros([], dtype=tl.int32)
         hist = tl.zeros([256], dtype=tl.int32)
         for t in range(tiles_per_chunk):
             offs = (chunk * tiles_per_chunk + t) * BLOCK + tl.arange(0, BLOCK)
             key, above, mid = _classify_tile(s_row, offs, seq, lo, hi, PADDED)
             n_gt += above
-            hist += _bin_hist(key, mid, lo, shift, BLOCK)
-        _end_pass1(s_row, ck_ptr + row * c_stride, cp_ptr + row * p_stride, m_row, h_row, chunk, n_gt, hist, seq,
-                   kb, lo, hi, n_chunks, tiles_per_chunk * BLOCK, CP2, BLOCK, PADDED)
+            sub = tl.where(mid, tl.minimum((key.to(tl.int64) - lo64) >> shift, 255).to(tl.int32), 0)
+            hist += tl.histogram(sub, 256) - tl.where(bins == 0, BLOCK - tl.sum(mid.to(tl.int32)), 0)
+        tl.atomic_add(h_row + bins, hist, mask=hist > 0, sem="relaxed")
+        tl.store(m_row + _META + chunk, n_gt)
+        tl.debug_barrier()  # all of this program's writes precede its ticket (acquire-release, GPU scope)
+        if tl.atomic_add(m_row + 2, 1) == n_chunks - 1:
+            _pick_bin(s_row, ck_ptr + row * c_stride, cp_ptr + row * p_stride, m_row, h_row, seq, kb, lo, hi,
+                      n_chunks, tiles_per_chunk * BLOCK, CP2, BLOCK, PADDED)
 
 
 @triton.jit(do_not_specialize=["seq", "k_sel", "n_chunks", "tiles_per_chunk"])
@@ -1040,7 +959,6 @@ def triton_scores(p: _Problem, q: torch.Tensor, keys: torch.Tensor, kv_start: to
         kv_end if kv_end is not None else scores, scores,
         s, scores.stride(0), hkv, g, tiles, p.d_max,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        scores, scores, scores, scores, scores, 0, 0, 0, 0, 0, 0, 0,  # SELECT's arguments, unused
         GROUP=p.group, PER_HEAD_D=p.dims is not None, HAS_START=kv_start is not None, HAS_END=kv_end is not None,
         KEY_WIDTH=keys.shape[-1],
         BLOCK_G=dot_block(g), BLOCK_D=dot_block(p.d_max), BLOCK_N=cfg.block_n_scores, **_launch(cfg, q),
@@ -1072,10 +990,10 @@ def select_tokens(scores: torch.Tensor, k: int, k_b: torch.Tensor | None, rows_p
     rows, s = scores.shape
     ws = _workspace(scores.device)
     padded = _rows_padded(scores)
+    idx = ws.get("idx", rows, k, torch.int32)
+    cand = ws.get("cand", rows, s, torch.int32)
+    kb_arg = k_b if k_b is not None else idx
     if one_program_select(rows, s, cfg, scores.device):
-        idx = ws.get("idx", rows, k, torch.int32)
-        cand = ws.get("cand", rows, s, torch.int32)
-        kb_arg = k_b if k_b is not None else idx
         stride = max(1, s // cfg.select_sample)
         _select_kernel[(rows,)](
             scores, kb_arg, cand, idx,
@@ -1085,98 +1003,32 @@ def select_tokens(scores: torch.Tensor, k: int, k_b: torch.Tensor | None, rows_p
             PADDED=padded, num_warps=cfg.select_warps,
         )
         return idx[:rows, :k]
-    m = _multi_select_plan(rows, s, cfg, scores.device)
-    _bracket_hist_kernel[(rows, m.n_chunks)](
-        scores, k_b if k_b is not None else m.meta, m.cand, m.cand_pos, m.meta, m.hist,
-        s, scores.stride(0), m.cand.stride(0), m.cand_pos.stride(0), m.meta.stride(0), m.hist.stride(0), k,
-        rows_per_batch, m.n_chunks, m.tiles, m.stride, m.n_sample,
-        HAS_KB=k_b is not None, SAMPLE=cfg.multi_select_sample, BLOCK=cfg.multi_select_block, CP2=m.cp2,
-        MARGIN_SIGMAS=5.0, PADDED=padded, num_warps=cfg.multi_select_warps,
-    )
-    return _multi_select_rest(scores, k, k_b, rows_per_batch, cfg, m, padded)
-
-
-class _MultiSelect(NamedTuple):
-    """Chunks (n_chunks of `tiles` selection blocks), scratch buffers and bracket sample of a multi-program
-    selection."""
-
-    n_chunks: int
-    tiles: int
-    cp2: int
-    cand: torch.Tensor
-    cand_pos: torch.Tensor
-    meta: torch.Tensor
-    hist: torch.Tensor
-    stride: int
-    n_sample: int
-
-
-def _multi_select_plan(rows: int, seq: int, cfg: LokiKernelConfig, device: torch.device) -> _MultiSelect:
-    ws = _workspace(device)
-    n_chunks, tiles = _split(seq, cfg.multi_select_block, rows, cfg.programs_per_sm * num_sms(device),
+    block = cfg.multi_select_block
+    n_chunks, tiles = _split(s, block, rows, cfg.programs_per_sm * num_sms(scores.device),
                              cfg.multi_select_max_chunks)
     cp2 = dot_block(n_chunks)
-    stride = max(1, seq // cfg.multi_select_sample)
-    return _MultiSelect(n_chunks, tiles, cp2, ws.get("cand", rows, seq, torch.int32),
-                        ws.get("cand_pos", rows, seq, torch.int32),
-                        ws.get("select_meta", rows, _META.value + 3 * cp2, torch.int32, zeros=True),
-                        ws.get("select_hist", rows, _SUB_BINS, torch.int32, zeros=True), stride,
-                        min(cfg.multi_select_sample, triton.cdiv(seq, stride)))
-
-
-def _multi_select_rest(scores: torch.Tensor, k: int, k_b: torch.Tensor | None, rows_per_batch: int,
-                       cfg: LokiKernelConfig, m: _MultiSelect, padded: bool) -> torch.Tensor:
-    """Passes 2 and 3 of the multi-program selection (after pass 1): the positions, as `select_tokens`."""
-    rows, s = scores.shape
-    idx = _workspace(scores.device).get("idx", rows, k, torch.int32)
-    kb_arg = k_b if k_b is not None else idx
-    block = cfg.multi_select_block
-    _bin_collect_kernel[(rows, m.n_chunks)](
-        scores, kb_arg, m.cand, m.cand_pos, m.meta, s, scores.stride(0), m.cand.stride(0), m.cand_pos.stride(0),
-        m.meta.stride(0), k, rows_per_batch, m.n_chunks, m.tiles,
-        HAS_KB=k_b is not None, CP2=m.cp2, BLOCK=block, PADDED=padded, num_warps=cfg.multi_select_warps,
+    cand_pos = ws.get("cand_pos", rows, s, torch.int32)
+    meta = ws.get("select_meta", rows, _META.value + 3 * cp2, torch.int32, zeros=True)
+    hist = ws.get("select_hist", rows, _SUB_BINS, torch.int32, zeros=True)
+    stride = max(1, s // cfg.multi_select_sample)
+    _bracket_hist_kernel[(rows, n_chunks)](
+        scores, kb_arg, cand, cand_pos, meta, hist,
+        s, scores.stride(0), cand.stride(0), cand_pos.stride(0), meta.stride(0), hist.stride(0), k, rows_per_batch,
+        n_chunks, tiles,
+        stride, min(cfg.multi_select_sample, triton.cdiv(s, stride)),
+        HAS_KB=k_b is not None, SAMPLE=cfg.multi_select_sample, BLOCK=block, CP2=cp2, MARGIN_SIGMAS=5.0,
+        PADDED=padded, num_warps=cfg.multi_select_warps,
     )
-    _write_kernel[(rows, m.n_chunks)](
-        scores, kb_arg, m.meta, idx, s, scores.stride(0), m.meta.stride(0), idx.stride(0), k, rows_per_batch,
-        m.tiles, HAS_KB=k_b is not None, CP2=m.cp2, BLOCK=block, PADDED=padded, num_warps=cfg.multi_select_warps,
+    _bin_collect_kernel[(rows, n_chunks)](
+        scores, kb_arg, cand, cand_pos, meta, s, scores.stride(0), cand.stride(0), cand_pos.stride(0),
+        meta.stride(0), k, rows_per_batch, n_chunks, tiles,
+        HAS_KB=k_b is not None, CP2=cp2, BLOCK=block, PADDED=padded, num_warps=cfg.multi_select_warps,
+    )
+    _write_kernel[(rows, n_chunks)](
+        scores, kb_arg, meta, idx, s, scores.stride(0), meta.stride(0), idx.stride(0), k, rows_per_batch, tiles,
+        HAS_KB=k_b is not None, CP2=cp2, BLOCK=block, PADDED=padded, num_warps=cfg.multi_select_warps,
     )
     return idx[:rows, :k]
-
-
-def scores_and_select(p: _Problem, q: torch.Tensor, keys: torch.Tensor, kv_start: torch.Tensor | None,
-                      kv_end: torch.Tensor | None, k: int, k_b: torch.Tensor | None,
-                      cfg: LokiKernelConfig) -> torch.Tensor:
-    """Stages 1 and 2 for "group" rows with the multi-program selection, its pass 1 fused into the scores kernel
-    (`fuse_select_pass1`): the positions, as `select_tokens(triton_scores(...))` gives them."""
-    b, hkv, g, s = p.batch, p.kv_heads, p.group_size, p.seq
-    rows = b * hkv
-    ws = _workspace(q.device)
-    m = _multi_select_plan(rows, s, cfg, q.device)
-    block = cfg.multi_select_block
-    if block % cfg.block_n_scores:
-        raise ValueError(f"multi_select_block ({block}) must be a multiple of block_n_scores ({cfg.block_n_scores})")
-    scores = ws.get("scores", rows, s, torch.float32)
-    sample = ws.get("select_sample", rows, cfg.multi_select_sample, torch.float32)
-    bounds = dict(dims=p.dims if p.dims is not None else scores, start=kv_start if kv_start is not None else scores,
-                  end=kv_end if kv_end is not None else scores, kb=k_b if k_b is not None else m.meta)
-    flags = dict(PER_HEAD_D=p.dims is not None, HAS_START=kv_start is not None, HAS_END=kv_end is not None,
-                 KEY_WIDTH=keys.shape[-1], BLOCK_G=dot_block(g), BLOCK_D=dot_block(p.d_max),
-                 BLOCK_N=cfg.block_n_scores, **_launch(cfg, q))
-    _sample_bracket_kernel[(rows,)](
-        q, keys, bounds["dims"], bounds["start"], bounds["end"], bounds["kb"], sample, m.meta,
-        s, sample.stride(0), m.meta.stride(0), hkv, g, p.d_max, k, m.stride, m.n_sample,
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        HAS_KB=k_b is not None, SAMPLE=cfg.multi_select_sample, MARGIN_SIGMAS=5.0, **flags,
-    )
-    _approx_scores_kernel[(rows, m.n_chunks)](
-        q, keys, bounds["dims"], bounds["start"], bounds["end"], scores,
-        s, scores.stride(0), hkv, g, m.tiles * block // cfg.block_n_scores, p.d_max,
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        bounds["kb"], m.cand, m.cand_pos, m.meta, m.hist, m.cand.stride(0), m.cand_pos.stride(0), m.meta.stride(0),
-        m.hist.stride(0), k, m.n_chunks, m.tiles * block,
-        GROUP=True, SELECT=True, HAS_KB=k_b is not None, CP2=m.cp2, SELECT_BLOCK=block, **flags,
-    )
-    return _multi_select_rest(scores[:rows, :s], k, k_b, hkv, cfg, m, padded=True)
 
 
 def triton_attend(p: _Problem, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, idx: torch.Tensor,
@@ -1264,10 +1116,8 @@ def loki_decode_attention_triton(
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
     if p.seq <= (cfg.graph_fused_max_seq if capturing else cfg.fused_max_seq):
         return triton_fused(p, q, keys, k_cache, v_cache, kv_start, kv_end, k, k_b, scaling, cfg, out)
-    if p.group and cfg.fuse_select_pass1 and not one_program_select(p.batch * p.kv_heads, p.seq, cfg, q.device):
-        idx = scores_and_select(p, q, keys, kv_start, kv_end, k, k_b, cfg)
-    else:
-        idx = select_tokens(triton_scores(p, q, keys, kv_start, kv_end, cfg), k, k_b, p.rows_per_batch, cfg)
+    scores = triton_scores(p, q, keys, kv_start, kv_end, cfg)
+    idx = select_tokens(scores, k, k_b, p.rows_per_batch, cfg)
     return triton_attend(p, q, k_cache, v_cache, idx, k_b, scaling, cfg, out)
 
 
