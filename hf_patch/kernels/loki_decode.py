@@ -84,7 +84,11 @@ class LokiKernelConfig:
     select_kernel_max_seq: int = 32768
     select_kernel_min_rows_per_sm: float = 0.5
     multi_select_block: int = 1024  # scores per tile of the multi-program selection
-    multi_select_sample: int = 1024  # its bracket sample (every program sorts it)
+    # Its bracket sample, which every program sorts: 256 keys make a wider bracket (more candidates for pass 2)
+    # than 1024 but cost each program less; H100 GPU time of the whole step, (0.25, 0.25): 129.4 / 379.1 / 723.7 /
+    # 711.0 us at (B, S) = (1, 128k) / (8, 64k) / (8, 128k) / (16, 64k) against 134.0 / 385.0 / 727.9 / 718.4
+    # with 1024, and lower at every shape tried (1k-128k, B = 1 / 8 / 16).
+    multi_select_sample: int = 256
     multi_select_max_chunks: int = 256  # programs per row at most
     multi_select_warps: int = 4
     # Caches up to this length run the whole step in one kernel, one program per selection row: fewer launches,
