@@ -7,7 +7,8 @@ are excluded. Full attention is timed with transformers' default DynamicCache an
 with its own in-place cache (mode "decode"), which keeps a narrow copy of the first d' rotated key dims for the
 decode kernel's approximate scores, each step run eagerly and replayed as a CUDA graph (`cuda_graph=True`); the
 first Loki setting is also timed without that copy (`LokiCache(model, approx_keys=False)`, eager). The first
-decode step's extra time with graphs (warm-up and capture) is printed too.
+decode step's extra time with graphs (warm-up and capture) is printed too. Before timing, graphed steps are checked
+against eager ones.
 
     PYTHONPATH=. python scripts/bench_loki_generate.py --layers 4 --batch 8 --contexts 16384 32768
 """
@@ -61,6 +62,28 @@ def first_step_capture_s(model, prompt, mask, repeats: int) -> float:
     return min(two_tokens(True) for _ in range(repeats)) - min(two_tokens(False) for _ in range(repeats))
 
 
+def check_graphs(model, basis, context: int, batch: int, d_frac: float, k_frac: float) -> None:
+    """Before timing: graphed steps give what eager steps give (tokens equal, scores within 1e-3 relative) on a
+    left-padded batch at this context, and the graph was really captured."""
+    prompt = torch.randint(1, 32000, (batch, context), device="cuda")
+    mask = torch.ones_like(prompt)
+    mask[1, : context // 3] = 0
+    runs = {}
+    for graph in (False, True):
+        patch_loki(model, basis, d_frac=d_frac, k_frac=k_frac, mode="decode", gqa_select="group", cuda_graph=graph)
+        runs[graph] = model.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                     output_scores=True, return_dict_in_generate=True)
+    captured = decode_graphs(model).captures
+    unpatch(model)
+    eager, graphed = runs[False], runs[True]
+    err = max(((a.float() - b.float()).norm() / a.float().norm()).item() for a, b in zip(eager.scores, graphed.scores))
+    same = torch.equal(eager.sequences, graphed.sequences)
+    print(f"check, graphed vs eager decode steps at {context} (left padding in one row): tokens equal {same}, "
+          f"max relative score difference {err:.1e}, graphs captured {captured}")
+    if not same or err > 1e-3 or captured != 1:
+        raise SystemExit("graphed decode steps differ from eager ones: not timing")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=4)
@@ -80,6 +103,7 @@ def main() -> None:
     model.generation_config.pad_token_id = 0
     basis = random_orthonormal_basis(args.layers, 8, 128)
     settings = [tuple(float(x) for x in s.split(":")) for s in args.settings.split(",")]
+    check_graphs(model, basis, args.contexts[0], args.batch, *settings[0])
     rows, capture_ms = [], {}
     for context in args.contexts:
         prompt = torch.randint(1, 32000, (args.batch, context), device="cuda")

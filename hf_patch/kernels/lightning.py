@@ -363,7 +363,7 @@ def lightning_attn_triton(
     ``seg_len`` (tokens, a multiple of 64) forces how sequences are cut into parallel segments; default: enough
     segments to fill the GPU.
     """
-    num_seqs = check_lightning_inputs(q, k, v, decay, initial_state, cu_seqlens)
+    num_seqs, bounds = check_lightning_inputs(q, k, v, decay, initial_state, cu_seqlens)
     if q.dtype == torch.float64:
         raise ValueError("the Triton kernels take float16, bfloat16 or float32; use lightning_attn_chunked for float64")
     if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
@@ -376,8 +376,10 @@ def lightning_attn_triton(
         cu = torch.arange(0, (batch + 1) * seq_len, seq_len, device=q.device, dtype=torch.int32)
         lengths = None
     else:
+        if bounds is None:
+            raise ValueError("variable-length calls plan their segments from cu_seqlens on the host: they cannot be "
+                             "captured in a CUDA graph")
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        bounds = cu_seqlens.tolist()
         lengths = tuple(e - s for s, e in zip(bounds[:-1], bounds[1:]))
     flat = [x.reshape(batch * seq_len, heads, x.shape[-1]).contiguous() for x in (q, k, v)]
     log_decay = torch.log(decay.detach().to(device=q.device, dtype=torch.float32)).contiguous()

@@ -28,8 +28,9 @@ def check_lightning_inputs(
     decay: torch.Tensor,
     initial_state: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
-) -> int:
-    """Validate shapes, dtypes and decay values; return the number of sequences ``N`` (``B`` without cu_seqlens)."""
+) -> tuple[int, list[int] | None]:
+    """Validate shapes, dtypes and decay values; return the number of sequences ``N`` (``B`` without cu_seqlens)
+    and cu_seqlens as a list (read once; None without cu_seqlens, or while a CUDA graph captures)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"lightning_attn expects q, k: [B, T, H, D] and v: [B, T, H, E]; got q {tuple(q.shape)}, "
@@ -57,7 +58,7 @@ def check_lightning_inputs(
     capturing = decay.is_cuda and torch.cuda.is_current_stream_capturing()
     if not capturing:
         _check_decay_values(decay)
-    num_seqs = batch
+    num_seqs, bounds = batch, None
     if cu_seqlens is not None:
         if batch != 1:
             raise ValueError(f"with cu_seqlens, pack the sequences along T and pass B == 1; got B = {batch}")
@@ -75,7 +76,7 @@ def check_lightning_inputs(
             f"initial_state must be [{'N' if cu_seqlens is not None else 'B'}, H, D, E] = "
             f"{[num_seqs, heads, dim_k, dim_v]}; got {list(initial_state.shape)}"
         )
-    return num_seqs
+    return num_seqs, bounds
 
 
 # Decay tensors whose values were checked: (id of the base tensor, view geometry) -> (weak reference to the base,
@@ -106,24 +107,26 @@ def _split_sequences(
     k: torch.Tensor,
     v: torch.Tensor,
     initial_state: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
+    bounds: list[int] | None,
 ):
-    """Yield ``(q, k, v, state)`` per group of sequences: the whole batch, or each packed sequence."""
-    if cu_seqlens is None:
+    """Yield ``(q, k, v, state)`` per group of sequences: the whole batch, or each packed sequence (cu_seqlens
+    as a list: `bounds`)."""
+    if bounds is None:
         yield q, k, v, initial_state
         return
-    bounds = cu_seqlens.tolist()
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         state = None if initial_state is None else initial_state[i : i + 1]
         yield q[:, start:end], k[:, start:end], v[:, start:end], state
 
 
 def _run_per_sequence(fn, q, k, v, decay, initial_state, output_final_state, cu_seqlens):
-    check_lightning_inputs(q, k, v, decay, initial_state, cu_seqlens)
+    _, bounds = check_lightning_inputs(q, k, v, decay, initial_state, cu_seqlens)
+    if cu_seqlens is not None and bounds is None:
+        raise ValueError("the PyTorch paths split packed sequences on the host: they cannot be captured in a CUDA graph")
     ctype = _compute_dtype(q.dtype)
     log_decay = torch.log(decay.to(device=q.device, dtype=ctype))
     outs, states = [], []
-    for qs, ks, vs, s0 in _split_sequences(q, k, v, initial_state, cu_seqlens):
+    for qs, ks, vs, s0 in _split_sequences(q, k, v, initial_state, bounds):
         s0 = None if s0 is None else s0.to(ctype)
         o, s = fn(qs.to(ctype), ks.to(ctype), vs.to(ctype), log_decay, s0)
         outs.append(o)
