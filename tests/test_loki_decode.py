@@ -128,8 +128,9 @@ def test_kv_end_is_a_cache_length_on_the_device(form, with_start):
     q, k, v = make_inputs(b, hkv, g, s, dh, torch.float32)
     kv_start = torch.tensor([0, 5, 30], dtype=torch.int32, device=DEVICE) if with_start else None
     kv_end = torch.tensor([70, 41, 30], dtype=torch.int32, device=DEVICE)  # with kv_start: the last row sees none
-    args = dict(d=8, k_frac=0.3, scaling=dh**-0.5, kv_start=kv_start, gqa_select="group")
-    ref = reference(q, k, v, 8, 0.3, dh**-0.5, kv_start, "group", kv_end)
+    # k_frac 0.6: k = 42 slots for every row, more than rows 1 and 2 can fill: the unused ones must not read NaN
+    args = dict(d=8, k_frac=0.6, scaling=dh**-0.5, kv_start=kv_start, gqa_select="group")
+    ref = reference(q, k, v, 8, 0.6, dh**-0.5, kv_start, "group", kv_end)
     k_poison, v_poison = k.clone(), v.clone()
     k_poison[1, :, 41:], v_poison[1, :, 41:] = 1e4, float("nan")  # past the end: must be neither read nor kept
     tri = loki_decode_attention_triton(q, k_poison, v_poison, config=CONFIGS[form], kv_end=kv_end, **args)

@@ -255,13 +255,15 @@ def loki_decode_attention_torch(
     gather = idx[..., None].expand(b, hkv, rows, k, p.head_dim)
     k_sel = k_cache[:, :, None].expand(b, hkv, rows, s, p.head_dim).gather(3, gather).to(acc_dtype)
     v_sel = v_cache[:, :, None].expand(b, hkv, rows, s, p.head_dim).gather(3, gather).to(acc_dtype)
+    dead = None if k_b is None else torch.arange(k, device=q.device)[None, :] >= k_b[:, None]  # [B, k] unused slots
+    if dead is not None:  # they may hold any key, e.g. unwritten memory past kv_end: 0 * NaN would be NaN
+        v_sel = v_sel.masked_fill(dead[:, None, None, :, None], 0.0)
     if rows == g:  # query selection: each head has its own rows  [B, Hkv, G, k, D]
         logits = torch.matmul(qg[..., None, :], k_sel.transpose(-1, -2)).squeeze(-2)  # [B, Hkv, G, k]
     else:  # group selection: shared rows [B, Hkv, 1, k, D]
         logits = torch.matmul(qg, k_sel[:, :, 0].transpose(-1, -2))  # [B, Hkv, G, k]
     logits = logits * scaling
-    if k_b is not None:
-        dead = torch.arange(k, device=q.device)[None, :] >= k_b[:, None]  # [B, k]
+    if dead is not None:
         logits = logits.masked_fill(dead[:, None, None], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
     if rows == g:
