@@ -11,7 +11,7 @@ from loki_helpers import random_basis, tiny_model
 
 from hf_patch import LokiCache, patch_loki, unpatch
 from hf_patch.loki import cuda_graph
-from hf_patch.loki.cache import DeviceSteps
+from hf_patch.loki.cache import APPROX_KEYS, DeviceSteps
 from hf_patch.loki.cuda_graph import DecodeGraphs, decode_graphs, left_padding_start
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,7 +65,7 @@ def test_growing_cache_captures_again_and_matches_eager_loop(steps):
     model = tiny_model("llama", seed=2).to(DEVICE)
     prompt = torch.randint(3, 97, (2, 10), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     nxt = torch.randint(3, 97, (300, 2, 1), generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    logits, capacities = {}, set()
+    logits, capacities, caches = {}, set(), {}
     for graph in (False, True):
         patch_loki(model, random_basis(seed=6), d_frac=0.25, k_frac=0.25, cuda_graph=graph)
         cache = LokiCache(model)
@@ -75,11 +75,16 @@ def test_growing_cache_captures_again_and_matches_eager_loop(steps):
             for token in nxt:
                 rows.append(model(token, past_key_values=cache).logits[:, -1])
                 capacities.add(cache.capacity())
-        logits[graph] = torch.stack(rows)
+        logits[graph], caches[graph] = torch.stack(rows), cache
     assert len(steps) == 300 and len(capacities) >= 2  # grew during the loop (256, then 384)
     torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)
     if DEVICE == "cuda":
         assert decode_graphs(model).captures == len(capacities)
+    for eager, graphed in zip(caches[False].layers, caches[True].layers):  # the cache's views count graphed steps
+        assert graphed.keys.shape[2] == graphed.values.shape[2] == 310
+        torch.testing.assert_close(graphed.keys, eager.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(graphed.values, eager.values, atol=1e-5, rtol=1e-5)
+        assert torch.equal(getattr(graphed.keys, APPROX_KEYS), graphed.keys[..., :8])
 
 
 def test_calls_a_graph_cannot_serve_run_the_ordinary_forward(steps):

@@ -83,12 +83,36 @@ class LokiCacheLayer(CacheLayerMixin):
             setattr(self, name, buf)
 
     def _publish(self) -> tuple[torch.Tensor, torch.Tensor]:
-        self.keys = self._k[:, :, : self.length]
-        self.values = self._v[:, :, : self.length]
-        setattr(self.keys, ROTATED_FLAG, True)
+        keys = self._k[:, :, : self.length]
+        setattr(keys, ROTATED_FLAG, True)
         if self._ka is not None:
-            setattr(self.keys, APPROX_KEYS, self._ka[:, :, : self.length])
-        return self.keys, self.values
+            setattr(keys, APPROX_KEYS, self._ka[:, :, : self.length])
+        self._keys, self._values, self._views_at = keys, self._v[:, :, : self.length], self.length
+        return self._keys, self._values
+
+    # `keys` / `values`: views of the filled part, remade on access once device steps have moved `length` on
+    # (`LokiCache.advance` only counts, which keeps a graphed step's host work free of per-layer view making).
+    @property
+    def keys(self) -> torch.Tensor | None:
+        self._refresh_views()
+        return self._keys
+
+    @keys.setter
+    def keys(self, value) -> None:  # CacheLayerMixin.__init__ sets None
+        self._keys, self._views_at = value, -1
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        self._refresh_views()
+        return self._values
+
+    @values.setter
+    def values(self, value) -> None:
+        self._values, self._views_at = value, -1
+
+    def _refresh_views(self) -> None:
+        if self.is_initialized and self._views_at != self.length:
+            self._publish()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append [B, H_kv, T, D] keys (rotated here) and values; return views of everything cached."""
@@ -202,4 +226,3 @@ class LokiCache(Cache):
         """Host bookkeeping after `tokens` device steps wrote into every layer: count them as cached."""
         for layer in self.layers:
             layer.length += tokens
-            layer._publish()

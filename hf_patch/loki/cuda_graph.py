@@ -40,7 +40,7 @@ def left_padding_start(attention_mask: torch.Tensor | None, batch: int, length: 
     ones = attention_mask.bool()
     if not bool((ones[:, 1:] >= ones[:, :-1]).all()):
         raise ValueError("a graphed decode step takes left padding only: each attention_mask row zeros, then ones")
-    return (length - ones.sum(-1)).to(torch.int32)
+    return length - ones.sum(-1, dtype=torch.int32)
 
 
 @dataclass
