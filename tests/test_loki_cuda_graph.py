@@ -87,6 +87,25 @@ def test_growing_cache_captures_again_and_matches_eager_loop(steps):
         assert torch.equal(getattr(graphed.keys, APPROX_KEYS), graphed.keys[..., :8])
 
 
+def test_a_cast_model_gets_a_new_graph(steps):
+    """Casting replaces the weights a captured graph reads: they are part of what a graph is captured for."""
+    model = tiny_model("llama").to(DEVICE)
+    patch_loki(model, random_basis(), cuda_graph=True)
+    graphs = decode_graphs(model)
+    before = graphs._weights_key()
+    cache = LokiCache(model)
+    with torch.no_grad():
+        model(torch.tensor([[4, 5, 6]], device=DEVICE), past_key_values=cache)
+        model(torch.tensor([[7]], device=DEVICE), past_key_values=cache)
+        assert graphs.captured.key[3] == before == graphs._weights_key()
+        model.to(torch.bfloat16)
+        assert graphs._weights_key() != before
+        cache = LokiCache(model)
+        model(torch.tensor([[4, 5, 6]], device=DEVICE), past_key_values=cache)
+        out = model(torch.tensor([[7]], device=DEVICE), past_key_values=cache)
+    assert graphs.captured.key[3] == graphs._weights_key() and out.logits.dtype == torch.bfloat16
+
+
 def test_calls_a_graph_cannot_serve_run_the_ordinary_forward(steps):
     model = tiny_model("llama").to(DEVICE)
     patch_loki(model, random_basis(), cuda_graph=True)

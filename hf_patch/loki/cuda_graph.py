@@ -47,7 +47,7 @@ def left_padding_start(attention_mask: torch.Tensor | None, batch: int, length: 
 class _Captured:
     """One captured step: its static inputs and output, and what it was captured for."""
 
-    key: tuple  # (batch, capacity, storage addresses, logits_to_keep): what the graph's launches baked in
+    key: tuple  # (batch, capacity, cache and weight addresses, logits_to_keep): what the graph's launches baked in
     steps: DeviceSteps
     input_ids: torch.Tensor  # [B, 1]
     position_ids: torch.Tensor  # [B, 1]
@@ -89,7 +89,8 @@ class DecodeGraphs:
         length = cache.get_seq_length()
         start = left_padding_start(attention_mask, batch, length + 1)
         cache.reserve(length + 1)
-        key = (batch, cache.capacity(), cache.buffers_key(), logits_to_keep if isinstance(logits_to_keep, int) else None)
+        key = (batch, cache.capacity(), cache.buffers_key(), self._weights_key(),
+               logits_to_keep if isinstance(logits_to_keep, int) else None)
         cap = self.captured
         if cap is None or cap.key != key:  # a cache with the same storage (e.g. the next generate's) reuses it
             cap = self.captured = self._new_step(key, batch, input_ids.device)
@@ -114,6 +115,13 @@ class DecodeGraphs:
         cap.next_position = length + 1
         cache.advance(1)
         return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+
+    def _weights_key(self) -> tuple:
+        """Addresses and dtype of the input and output embeddings: a model moved or cast after a capture (which
+        replaces its weights) must not replay a graph that reads the old ones."""
+        model = self.forward.__self__
+        weights = (model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+        return tuple(w.data_ptr() for w in weights) + (weights[0].dtype,)
 
     def _new_step(self, key: tuple, batch: int, device: torch.device) -> _Captured:
         self.captured = None  # free the previous graph first
