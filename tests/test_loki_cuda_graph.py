@@ -9,7 +9,7 @@ import pytest
 import torch
 from loki_helpers import random_basis, tiny_model
 
-from hf_patch import LokiCache, patch_loki, unpatch
+from hf_patch import LokiCache, is_patched, patch_loki, unpatch
 from hf_patch.loki import cuda_graph
 from hf_patch.loki.cache import APPROX_KEYS, DeviceSteps
 from hf_patch.loki.cuda_graph import DecodeGraphs, decode_graphs, left_padding_start
@@ -152,6 +152,16 @@ def test_device_steps_take_one_token():
     cache.set_device_steps(DeviceSteps(torch.tensor([3]), zero, zero))
     with pytest.raises(ValueError, match="one token per sequence"):
         cache.layers[0].update(torch.zeros(1, 2, 2, 16), torch.zeros(1, 2, 2, 16))
+
+
+def test_graphs_need_a_causal_lm():
+    model = tiny_model("llama").model  # the base model (AutoModel): no LM head, no logits, no generate
+    with pytest.raises(ValueError, match="AutoModelForCausalLM"):
+        patch_loki(model, random_basis(), cuda_graph=True)
+    assert not is_patched(model)  # refused before any change
+    patch_loki(model, random_basis())  # without graphs a base model patches and runs
+    with torch.no_grad():
+        assert model(torch.tensor([[4, 5, 6]])).last_hidden_state.shape == (1, 3, 64)
 
 
 def test_patch_and_unpatch_install_and_remove_the_graphs():

@@ -168,8 +168,16 @@ class DecodeGraphs:
             cache.set_device_steps(None)
 
 
+def check_graphable(model: nn.Module) -> None:
+    """Raise ValueError unless `install` can serve `model` (a causal LM: its steps return logits)."""
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"cuda_graph=True replays the decode steps of a causal LM; {type(model).__name__} has no LM "
+                         "head: load the model with AutoModelForCausalLM")
+
+
 def install(model: nn.Module) -> None:
-    """Wrap `model.forward` so that eligible one-token steps replay CUDA graphs (idempotent)."""
+    """Wrap `model.forward` (of a model `check_graphable` accepts) so that eligible one-token steps replay CUDA
+    graphs (idempotent)."""
     if hasattr(model.forward, _GRAPH_FORWARD):
         return
     original = model.forward

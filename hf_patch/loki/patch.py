@@ -64,6 +64,8 @@ def patch_loki(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if gqa_select not in GQA_SELECT:
         raise ValueError(f"gqa_select must be one of {GQA_SELECT}, got {gqa_select!r}")
+    if cuda_graph:
+        graphs.check_graphable(model)
     dims = allocate_dims(basis, d_frac, d_policy)
 
     previous = getattr(model, _PREVIOUS_ATTN, model.config._attn_implementation)
@@ -98,6 +100,8 @@ def _install_generation_cache(model: nn.Module) -> None:
 
     from .cache import LokiCache
 
+    if not hasattr(type(model), "_prepare_cache_for_generation"):  # a model that does not generate (AutoModel)
+        return
     original = type(model)._prepare_cache_for_generation.__get__(model)
 
     def prepare(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs):
