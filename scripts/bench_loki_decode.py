@@ -292,7 +292,8 @@ def loki_stages(q, k, v, k_approx, d, k_frac, cfg):
     scores = ld.triton_scores(p, q, k_approx, None, None, cfg)
     idx = ld.select_tokens(scores, kk, None, HKV, cfg)
     out = torch.empty_like(q)
-    return (lambda: ld.triton_scores(p, q, k_approx, None, None, cfg), lambda: ld.select_tokens(scores, kk, None, HKV, cfg),
+    return (lambda: ld.triton_scores(p, q, k_approx, None, None, cfg),
+            lambda: ld.select_tokens(scores, kk, None, HKV, cfg),
             lambda: ld.triton_attend(p, q, k, v, idx, None, D**-0.5, cfg, out),
             lambda: scores.topk(kk, dim=-1, sorted=False))
 

@@ -122,7 +122,8 @@ def _split_sequences(
 def _run_per_sequence(fn, q, k, v, decay, initial_state, output_final_state, cu_seqlens):
     _, bounds = check_lightning_inputs(q, k, v, decay, initial_state, cu_seqlens)
     if cu_seqlens is not None and bounds is None:
-        raise ValueError("the PyTorch paths split packed sequences on the host: they cannot be captured in a CUDA graph")
+        raise ValueError("the PyTorch paths split packed sequences on the host: they cannot be captured in a CUDA "
+                         "graph")
     ctype = _compute_dtype(q.dtype)
     log_decay = torch.log(decay.to(device=q.device, dtype=ctype))
     outs, states = [], []

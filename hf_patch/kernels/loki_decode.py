@@ -845,7 +845,8 @@ def _fused_kernel(
     stride_qb, stride_qh, stride_kab, stride_kah, stride_kas, stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh,
     PER_HEAD_D: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr, HAS_KB: tl.constexpr,
-    KEY_WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_D: tl.constexpr,
+    KEY_WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DA: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_NS: tl.constexpr, BLOCK_N: tl.constexpr, SAMPLE: tl.constexpr, SELECT_BLOCK: tl.constexpr,
     MARGIN_SIGMAS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -1081,10 +1082,10 @@ def triton_fused(p: _Problem, q: torch.Tensor, keys: torch.Tensor, k_cache: torc
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), out.stride(0), out.stride(1),
         PER_HEAD_D=p.dims is not None, HAS_START=kv_start is not None, HAS_END=kv_end is not None,
-        HAS_KB=k_b is not None, KEY_WIDTH=keys.shape[-1], HEAD_DIM=p.head_dim, BLOCK_G=dot_block(heads_per_row), BLOCK_DA=dot_block(p.d_max),
-        BLOCK_D=dot_block(p.head_dim), BLOCK_NS=cfg.block_n_fused, BLOCK_N=cfg.block_n_fused_attn,
-        SAMPLE=cfg.select_sample,
-        SELECT_BLOCK=cfg.select_block, MARGIN_SIGMAS=5.0, **{**_launch(cfg, q), "num_warps": cfg.fused_warps},
+        HAS_KB=k_b is not None, KEY_WIDTH=keys.shape[-1], HEAD_DIM=p.head_dim, BLOCK_G=dot_block(heads_per_row),
+        BLOCK_DA=dot_block(p.d_max), BLOCK_D=dot_block(p.head_dim), BLOCK_NS=cfg.block_n_fused,
+        BLOCK_N=cfg.block_n_fused_attn, SAMPLE=cfg.select_sample, SELECT_BLOCK=cfg.select_block, MARGIN_SIGMAS=5.0,
+        **{**_launch(cfg, q), "num_warps": cfg.fused_warps},
     )
     return out
 
