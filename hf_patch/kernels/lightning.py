@@ -376,9 +376,6 @@ def lightning_attn_triton(
         cu = torch.arange(0, (batch + 1) * seq_len, seq_len, device=q.device, dtype=torch.int32)
         lengths = None
     else:
-        if bounds is None:
-            raise ValueError("variable-length calls plan their segments from cu_seqlens on the host: they cannot be "
-                             "captured in a CUDA graph")
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         lengths = tuple(e - s for s, e in zip(bounds[:-1], bounds[1:]))
     flat = [x.reshape(batch * seq_len, heads, x.shape[-1]).contiguous() for x in (q, k, v)]

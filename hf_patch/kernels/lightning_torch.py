@@ -30,7 +30,7 @@ def check_lightning_inputs(
     cu_seqlens: torch.Tensor | None,
 ) -> tuple[int, list[int] | None]:
     """Validate shapes, dtypes and decay values; return the number of sequences ``N`` (``B`` without cu_seqlens)
-    and cu_seqlens as a list (read once; None without cu_seqlens, or while a CUDA graph captures)."""
+    and cu_seqlens as a list (read once; None without cu_seqlens)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"lightning_attn expects q, k: [B, T, H, D] and v: [B, T, H, E]; got q {tuple(q.shape)}, "
@@ -64,12 +64,12 @@ def check_lightning_inputs(
             raise ValueError(f"with cu_seqlens, pack the sequences along T and pass B == 1; got B = {batch}")
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
             raise ValueError(f"cu_seqlens must be an int tensor [N + 1]; got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-        if not capturing:
-            bounds = cu_seqlens.tolist()
-            if bounds[0] != 0 or bounds[-1] != seq_len or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
-                raise ValueError(
-                    f"cu_seqlens must start at 0, never decrease and end at T = {seq_len}; got {bounds}"
-                )
+        if capturing:
+            raise ValueError("variable-length calls read cu_seqlens on the host: they cannot be captured in a CUDA "
+                             "graph")
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != seq_len or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+            raise ValueError(f"cu_seqlens must start at 0, never decrease and end at T = {seq_len}; got {bounds}")
         num_seqs = cu_seqlens.numel() - 1
     if initial_state is not None and initial_state.shape != (num_seqs, heads, dim_k, dim_v):
         raise ValueError(
@@ -121,9 +121,6 @@ def _split_sequences(
 
 def _run_per_sequence(fn, q, k, v, decay, initial_state, output_final_state, cu_seqlens):
     _, bounds = check_lightning_inputs(q, k, v, decay, initial_state, cu_seqlens)
-    if cu_seqlens is not None and bounds is None:
-        raise ValueError("the PyTorch paths split packed sequences on the host: they cannot be captured in a CUDA "
-                         "graph")
     ctype = _compute_dtype(q.dtype)
     log_decay = torch.log(decay.to(device=q.device, dtype=ctype))
     outs, states = [], []
