@@ -243,9 +243,9 @@ def loki_decode_attention_torch(
     scores = torch.matmul(q_approx, keys_approx.transpose(-1, -2))  # [B, Hkv, G, S]
     if k_b is not None:
         pos = torch.arange(s, device=q.device)[None, :]
-        invalid = (pos < kv_start[:, None]) if kv_start is not None else torch.zeros_like(pos, dtype=torch.bool)
-        if kv_end is not None:
-            invalid = invalid | (pos >= kv_end[:, None])  # [B, S]
+        lo = 0 if kv_start is None else kv_start[:, None]
+        hi = s if kv_end is None else kv_end[:, None]
+        invalid = (pos < lo) | (pos >= hi)  # [B, S]
         scores = scores.masked_fill(invalid[:, None, None], float("-inf"))
     if p.group:
         scores = scores.amax(dim=2, keepdim=True)  # [B, Hkv, 1, S]
@@ -308,17 +308,17 @@ def _key_dims(offs_d, d, KEY_WIDTH: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _approx_tile(q, k_base, stride_ks, offs_n, offs_d, kd_ok, seq, start,
+def _approx_tile(q, k_base, stride_ks, offs_n, offs_d, kd_ok, end, start,
                  DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Approximate scores [BLOCK_G, BLOCK_N] of q's rows against the keys at offs_n; -inf outside [start, seq)
-    (keys at or past seq are not read)."""
-    in_seq = offs_n < seq
-    keys = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=in_seq[:, None] & kd_ok[None, :],
+    """Approximate scores [BLOCK_G, BLOCK_N] of q's rows against the keys at offs_n; -inf outside [start, end)
+    (keys at or past end are not read)."""
+    before_end = offs_n < end
+    keys = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=before_end[:, None] & kd_ok[None, :],
                    other=0.0)
     if UPCAST:
         keys = keys.to(tl.float32)
     a = tl.dot(q, tl.trans(keys), input_precision=DOT_PREC)
-    return tl.where((in_seq & (offs_n >= start))[None, :], a, float("-inf"))
+    return tl.where((before_end & (offs_n >= start))[None, :], a, float("-inf"))
 
 
 @triton.jit

@@ -177,9 +177,9 @@ def loki_attention_forward(
         q = loki.rotate_queries(query).flatten(1, 2) if keys_rotated else query
         return sdpa_attention_forward(module, q, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     bounds = getattr(key, KV_BOUNDS, None)  # device steps (CUDA graphs): the cache gives the valid range
-    if t == 1 and keys_rotated and bounds is None and (start := decode_kv_start(attention_mask, key.shape[2])) \
-            is not False:
-        bounds = (start, None)
+    if t == 1 and keys_rotated and bounds is None:
+        start = decode_kv_start(attention_mask, key.shape[2])  # False: the mask is no left padding (dense below)
+        bounds = None if start is False else (start, None)
     if t == 1 and keys_rotated and bounds is not None:
         from ..kernels.loki_decode import loki_decode_attention
         from .cache import APPROX_KEYS

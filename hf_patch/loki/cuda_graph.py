@@ -24,9 +24,10 @@ from .cache import DeviceSteps, LokiCache
 
 RUN_ON_CPU = False  # tests: run the device-steps body eagerly on the CPU (no graph), same host logic
 _GRAPH_FORWARD = "_hf_patch_graph_forward"  # attribute of the wrapped forward: its `DecodeGraphs`
-# forward() arguments a replayed step takes; any other (true) argument sends the call to the ordinary forward
+# forward() arguments a replayed step takes; any other argument, unless None or False (e.g. output_attentions,
+# inputs_embeds), sends the call to the ordinary forward
 _STEP_ARGS = {"input_ids", "attention_mask", "position_ids", "past_key_values", "cache_position", "use_cache",
-              "return_dict", "logits_to_keep", "inputs_embeds", "output_attentions", "output_hidden_states"}
+              "return_dict", "logits_to_keep"}
 
 
 def left_padding_start(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
@@ -75,8 +76,7 @@ class DecodeGraphs:
             return False
         if kwargs.get("use_cache") is False or kwargs.get("return_dict") is False:
             return False
-        if any(value is not None and value is not False for name, value in kwargs.items()
-               if name not in _STEP_ARGS or name in ("inputs_embeds", "output_attentions", "output_hidden_states")):
+        if any(value is not None and value is not False for name, value in kwargs.items() if name not in _STEP_ARGS):
             return False
         lengths = {layer.length for layer in cache.layers}
         return all(layer.is_initialized for layer in cache.layers) and len(lengths) == 1 and lengths != {0}
@@ -160,7 +160,7 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, stream=self.stream):
                 logits = self._body(cap, cache, logits_to_keep)
             torch.cuda.current_stream().wait_stream(self.stream)
-            with torch.cuda.stream(self.stream):
+            with torch.cuda.stream(self.stream):  # the capture stream's scratch buffers
                 cap.graph, cap.kept = graph, workspace_buffers(cap.input_ids.device)
             self.captures += 1
             return logits
