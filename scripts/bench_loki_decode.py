@@ -182,10 +182,9 @@ def check_selection() -> bool:
             order = torch.sort(-scores.double(), dim=-1, stable=True).indices
             for multi in (False, True):
                 cfg = FORMS["multi-program select" if multi else "one-program select"]
-                idx, cnt = ld.select_tokens(scores, k, k_b, 1, cfg)
-                slots = [idx[r, : int(cnt[r])] for r in range(rows)]
-                good = all(torch.equal(row[row >= 0].long(), order[r, : budgets[r]].sort().values)
-                           for r, row in enumerate(slots))
+                idx = ld.select_tokens(scores, k, k_b, 1, cfg)
+                good = all(torch.equal(idx[r, : budgets[r]].long(), order[r, : budgets[r]].sort().values)
+                           for r in range(rows))
                 ok &= good
                 if not good:
                     print(f"selection FAILED: {name}, rows={rows}, S={s}, multi-program={multi}")
@@ -291,11 +290,11 @@ def loki_stages(q, k, v, k_approx, d, k_frac, cfg):
     p = ld._check(q, k, v, d, k_frac, None, "group", k_approx)
     kk, _ = ld._budget(p, None, None)
     scores = ld.triton_scores(p, q, k_approx, None, None, cfg)
-    idx, cnt = ld.select_tokens(scores, kk, None, HKV, cfg)
+    idx = ld.select_tokens(scores, kk, None, HKV, cfg)
     out = torch.empty_like(q)
     return (lambda: ld.triton_scores(p, q, k_approx, None, None, cfg),
             lambda: ld.select_tokens(scores, kk, None, HKV, cfg),
-            lambda: ld.triton_attend(p, q, k, v, idx, cnt, D**-0.5, cfg, out),
+            lambda: ld.triton_attend(p, q, k, v, idx, None, D**-0.5, cfg, out),
             lambda: scores.topk(kk, dim=-1, sorted=False))
 
 

@@ -22,16 +22,14 @@ The Triton path runs one of three forms, by the cache length S (thresholds in `L
   and whose last program per row merges the splits. The selection is one kernel with one program per row for
   rows up to ``select_kernel_max_seq`` when they are enough to fill the GPU (a strided sample brackets the
   k_b-th score, one pass collects the candidates inside the bracket, a radix select finds the threshold, one
-  pass writes the positions), else two kernels with many programs per row, one chunk of the row each:
-  (1) count the chunk's scores above the bracket and build a 256-bin histogram of those inside it (added to the
-  row's, and kept per chunk); the row's last program finds the bin of the k_b-th score and gives each chunk a
-  slot range for its scores from that bin up; (2) write those positions into the slots, collecting the bin's
-  few scores as candidates; the row's last program finds the exact threshold among the candidates and marks
-  the slots of the candidates below it (and of ties past the budget) as holes (-1).
+  pass writes the positions), else three kernels with many programs per row, one chunk of the row each:
+  (1) count the chunk's scores above the bracket and add a 256-bin histogram of those inside it to the row's;
+  the row's last program finds the bin of the k_b-th score; (2) count the chunk's scores above that bin and
+  collect the bin's few candidates; the row's last program finds the exact threshold among them and each
+  chunk's output offset and share of the ties; (3) write each chunk's positions.
 
-Every selection is the exact top-k_b, ties at the threshold to the earliest positions: `cnt[row]` slots of
-positions in increasing order, holes aside (deterministic: the same slots and the same output, bit for bit, on
-every call).
+Every selection is the exact top-k_b, ties at the threshold to the earliest positions, positions in increasing
+order (deterministic: the same positions and the same output, bit for bit, on every call).
 
 The Triton path keeps scratch buffers per (device, stream) between calls (`clear_workspaces` frees them), so
 calls on one stream must not overlap in time (stream order guarantees this for ordinary use). The PyTorch
@@ -92,9 +90,6 @@ class LokiKernelConfig:
     # with 1024, and lower at every shape tried (1k-128k, B = 1 / 8 / 16).
     multi_select_sample: int = 256
     multi_select_max_chunks: int = 256  # programs per row at most
-    # Slots per row beyond k for the threshold bin's candidates that turn out below the threshold (holes); a bin
-    # with more candidates than fit falls back to the whole row as candidates, resolved by one program.
-    multi_select_spare: int = 512
     multi_select_warps: int = 4
     # Caches up to this length run the whole step in one kernel, one program per selection row: fewer launches,
     # which pays where the host launches them one by one. Inside a CUDA graph launches cost no host time and the
@@ -345,12 +340,12 @@ def online_softmax_step(acc, m_i, l_i, s, vals, DOT_PREC: tl.constexpr, UPCAST: 
 @triton.jit
 def _attend(q, k_base, v_base, i_row, n_lo, n_hi, stride_ks, stride_vs, qk_scale, offs_d, d_ok, m_i, l_i, acc,
             BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Online softmax (base 2) of q's rows over the keys and values at positions i_row[n_lo:n_hi] (entries -1 are
-    holes, skipped), continuing from (m_i, l_i, acc); returns the updated (max, sum, acc) in float32."""
+    """Online softmax (base 2) of q's rows over the keys and values at positions i_row[n_lo:n_hi], continuing
+    from (m_i, l_i, acc); returns the updated (max, sum, acc) in float32."""
     for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        idx = tl.load(i_row + offs_n, mask=offs_n < n_hi, other=-1)
-        live = idx >= 0
+        live = offs_n < n_hi
+        idx = tl.load(i_row + offs_n, mask=live, other=0)
         tile_mask = live[:, None] & d_ok[None, :]
         keys = tl.load(k_base + idx[:, None] * stride_ks + offs_d[None, :], mask=tile_mask, other=0.0)
         if UPCAST:
@@ -603,23 +598,25 @@ def _resolve_row(ck_row, cp_row, m_row, n_cand, need, gt_c, lo, hi, chunk_len, n
 
 
 @triton.jit
-def _pick_bin(s_row, ck_row, cp_row, m_row, h_row, x_row, cnt_at, seq, kb, lo, hi, n_chunks, chunk_len, width,
+def _pick_bin(s_row, ck_row, cp_row, m_row, h_row, seq, kb, lo, hi, n_chunks, chunk_len,
               CP2: tl.constexpr, BLOCK: tl.constexpr, PADDED: tl.constexpr):
     """Run by the last program of a row in pass 1, once every chunk has counted: the bracket bin of the kb-th
-    largest score (its first and last key and the rank within it) and each chunk's first slot for its keys from
-    that bin up (x_row: the chunks' histograms summed from the top bin down) into the row's meta, the row's slot
-    count at cnt_at. If the sample misled (the kb-th score lies outside the bracket) or the bin's candidates do
-    not fit the row's `width` slots, every key of the row becomes a candidate and the row is resolved here
-    (marked so that pass 2 writes exact positions). Resets the row's histogram and ticket."""
+    largest score (its first and last key and the rank within it) into the row's meta. If the sample misled
+    (the kb-th score lies outside the bracket), every key of the row becomes a candidate and the row is
+    resolved here (marked so that pass 2 skips it). Resets the row's histogram and ticket."""
     chunks = tl.arange(0, CP2)
-    c_ok = chunks < n_chunks
     bins = tl.arange(0, 256)
-    gt_c = tl.load(m_row + _META + chunks, mask=c_ok, other=0, cache_modifier=".cg")
+    gt_c = tl.load(m_row + _META + chunks, mask=chunks < n_chunks, other=0, cache_modifier=".cg")
     hist = tl.load(h_row + bins, cache_modifier=".cg")
     need = kb - tl.sum(gt_c)
-    bstar = tl.max(tl.where(tl.cumsum(hist, 0, reverse=True) >= need, bins, 0))
-    slots = gt_c + tl.load(x_row + chunks * 256 + bstar, mask=c_ok, other=0, cache_modifier=".cg")
-    if (need > 0) & (need <= tl.sum(hist)) & (tl.sum(slots) <= width):
+    if (need <= 0) | (need > tl.sum(hist)):
+        _all_keys_as_candidates(s_row, ck_row, cp_row, seq, BLOCK, WITH_POS=True, PADDED=PADDED)
+        tl.debug_barrier()
+        _resolve_row(ck_row, cp_row, m_row, seq, kb, gt_c * 0, lo * 0 + (-2147483648), hi * 0 + 2147483647,
+                     chunk_len, n_chunks, CP2, BLOCK)
+        tl.store(m_row + 7, 1)
+    else:
+        bstar = tl.max(tl.where(tl.cumsum(hist, 0, reverse=True) >= need, bins, -1))
         need -= tl.sum(tl.where(bins > bstar, hist, 0))
         shift = _bin_shift(lo, hi)
         bin_lo = lo.to(tl.int64) + (bstar.to(tl.int64) << shift)
@@ -629,46 +626,8 @@ def _pick_bin(s_row, ck_row, cp_row, m_row, h_row, x_row, cnt_at, seq, kb, lo, h
         tl.store(m_row + 5, bin_hi.to(tl.int32))
         tl.store(m_row + 6, need)
         tl.store(m_row + 7, 0)
-        tl.store(m_row + _META + CP2 + chunks, tl.cumsum(slots, 0) - slots, mask=c_ok)
-        tl.store(cnt_at, tl.sum(slots))
-    else:
-        _all_keys_as_candidates(s_row, ck_row, cp_row, seq, BLOCK, WITH_POS=True, PADDED=PADDED)
-        tl.debug_barrier()
-        _resolve_row(ck_row, cp_row, m_row, seq, kb, gt_c * 0, lo * 0 + (-2147483648), hi * 0 + 2147483647,
-                     chunk_len, n_chunks, CP2, BLOCK)
-        tl.store(m_row + 7, 1)
-        tl.store(cnt_at, kb)
     tl.store(m_row + 2, 0)
     tl.store(h_row + bins, tl.zeros([256], dtype=tl.int32))
-
-
-@triton.jit
-def _mark_holes(ck_row, cs_row, i_row, n_cand, need, lo, hi, width, BLOCK: tl.constexpr):
-    """Run by the last program of a row in pass 2: the exact threshold t among the bin's n_cand candidates (order
-    keys at ck_row in [lo, hi], their slots at cs_row; `need` = the rank of the k_b-th score among them); the
-    slots of candidates below t, and of those equal to t past the first `need` of them by slot, become holes."""
-    t, need, n_equal = _radix_select(ck_row, n_cand, need, lo, hi, BLOCK)
-    split_ties = n_equal > need
-    n_eq = tl.zeros([], dtype=tl.int32)
-    for start in range(0, n_cand, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        ok = offs < n_cand
-        key = tl.load(ck_row + offs, mask=ok, other=0, cache_modifier=".cg")
-        slot = tl.load(cs_row + offs, mask=ok, other=0, cache_modifier=".cg")
-        tl.store(i_row + slot, -1, mask=ok & (key < t))
-        if split_ties:  # the tied candidates' negated slots, compacted in place (writes trail the reads)
-            eq = ok & (key == t)
-            tl.store(ck_row + n_eq + tl.cumsum(eq.to(tl.int32), 0) - 1, -slot, mask=eq)
-            n_eq += tl.sum(eq.to(tl.int32))
-    if split_ties:
-        tl.debug_barrier()
-        last, _, _ = _radix_select(ck_row, n_eq, need, 1 - width + tl.zeros([], dtype=tl.int32),
-                                   tl.zeros([], dtype=tl.int32), BLOCK)  # minus the need-th smallest slot
-        for start in range(0, n_eq, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            ok = offs < n_eq
-            neg = tl.load(ck_row + offs, mask=ok, other=0, cache_modifier=".cg")
-            tl.store(i_row - neg, -1, mask=ok & (neg < last))
 
 
 # --- kernels ---------------------------------------------------------------------------------------------------
@@ -715,16 +674,14 @@ def _approx_scores_kernel(
 
 @triton.jit(do_not_specialize=["seq", "k_sel", "sample_stride", "n_sample"])
 def _select_kernel(
-    s_ptr, kb_ptr, cand_ptr, idx_ptr, cnt_ptr,
+    s_ptr, kb_ptr, cand_ptr, idx_ptr,
     seq, s_stride, c_stride, i_stride, k_sel, rows_per_batch, sample_stride, n_sample,
     HAS_KB: tl.constexpr, SAMPLE: tl.constexpr, BLOCK: tl.constexpr, MARGIN_SIGMAS: tl.constexpr,
     PADDED: tl.constexpr,
 ):
-    """Exact top-k_b of one row of scores per program (`_select_row`): its positions in increasing order, and
-    their count k_b at cnt_ptr[row]."""
+    """Exact top-k_b of one row of scores per program (`_select_row`): its positions in increasing order."""
     row = tl.program_id(0).to(tl.int64)
     kb = (tl.load(kb_ptr + row // rows_per_batch) if HAS_KB else k_sel) + tl.zeros([], dtype=tl.int32)
-    tl.store(cnt_ptr + row, kb)
     if kb > 0:
         _select_row(s_ptr + row * s_stride, cand_ptr + row * c_stride, idx_ptr + row * i_stride, seq, kb,
                     sample_stride, n_sample, SAMPLE, BLOCK, MARGIN_SIGMAS, PADDED)
@@ -732,18 +689,17 @@ def _select_kernel(
 
 @triton.jit(do_not_specialize=["seq", "k_sel", "n_chunks", "tiles_per_chunk", "sample_stride", "n_sample"])
 def _bracket_hist_kernel(
-    s_ptr, kb_ptr, ck_ptr, cp_ptr, meta_ptr, hist_ptr, sfx_ptr, cnt_ptr,
-    seq, s_stride, c_stride, p_stride, m_stride, h_stride, x_stride, k_sel, rows_per_batch, n_chunks,
-    tiles_per_chunk, sample_stride, n_sample, width,
+    s_ptr, kb_ptr, ck_ptr, cp_ptr, meta_ptr, hist_ptr,
+    seq, s_stride, c_stride, p_stride, m_stride, h_stride, k_sel, rows_per_batch, n_chunks, tiles_per_chunk,
+    sample_stride, n_sample,
     HAS_KB: tl.constexpr, SAMPLE: tl.constexpr, BLOCK: tl.constexpr, CP2: tl.constexpr,
     MARGIN_SIGMAS: tl.constexpr, PADDED: tl.constexpr,
 ):
     """Multi-program selection, pass 1: one chunk of one row per program.
 
     Every program of a row computes the same bracket (`_bracket`), counts its chunk's keys above it and adds
-    where the keys inside it fall (`_bin_shift`: 256 bins of 2^shift keys) to the row's histogram; it keeps
-    its own histogram, summed from the top bin down, at sfx_ptr. The last program of the row to finish runs
-    `_pick_bin`. A row with k_b = 0 gets a slot count of 0.
+    where the keys inside it fall (`_bin_shift`: 256 bins of 2^shift keys) to the row's histogram. The last
+    program of the row to finish runs `_pick_bin`.
     """
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
@@ -765,89 +721,93 @@ def _bracket_hist_kernel(
             sub = tl.where(mid, tl.minimum((key.to(tl.int64) - lo64) >> shift, 255).to(tl.int32), 0)
             hist += tl.histogram(sub, 256) - tl.where(bins == 0, BLOCK - tl.sum(mid.to(tl.int32)), 0)
         tl.atomic_add(h_row + bins, hist, mask=hist > 0, sem="relaxed")
-        x_row = sfx_ptr + row * x_stride
-        tl.store(x_row + chunk * 256 + bins, tl.cumsum(hist, 0, reverse=True))
         tl.store(m_row + _META + chunk, n_gt)
         tl.debug_barrier()  # all of this program's writes precede its ticket (acquire-release, GPU scope)
         if tl.atomic_add(m_row + 2, 1) == n_chunks - 1:
-            _pick_bin(s_row, ck_ptr + row * c_stride, cp_ptr + row * p_stride, m_row, h_row, x_row, cnt_ptr + row,
-                      seq, kb, lo, hi, n_chunks, tiles_per_chunk * BLOCK, width, CP2, BLOCK, PADDED)
-    elif chunk == 0:
-        tl.store(cnt_ptr + row, 0)
+            _pick_bin(s_row, ck_ptr + row * c_stride, cp_ptr + row * p_stride, m_row, h_row, seq, kb, lo, hi,
+                      n_chunks, tiles_per_chunk * BLOCK, CP2, BLOCK, PADDED)
 
 
-@triton.jit(do_not_specialize=["seq", "k_sel", "n_chunks", "tiles_per_chunk", "width"])
-def _collect_write_kernel(
-    s_ptr, kb_ptr, ck_ptr, cs_ptr, meta_ptr, idx_ptr,
-    seq, s_stride, c_stride, p_stride, m_stride, i_stride, k_sel, rows_per_batch, n_chunks, tiles_per_chunk,
-    width,
+@triton.jit(do_not_specialize=["seq", "k_sel", "n_chunks", "tiles_per_chunk"])
+def _bin_collect_kernel(
+    s_ptr, kb_ptr, ck_ptr, cp_ptr, meta_ptr,
+    seq, s_stride, c_stride, p_stride, m_stride, k_sel, rows_per_batch, n_chunks, tiles_per_chunk,
     HAS_KB: tl.constexpr, CP2: tl.constexpr, BLOCK: tl.constexpr, PADDED: tl.constexpr,
 ):
-    """Multi-program selection, pass 2: one chunk of one row per program.
+    """Multi-program selection, pass 2: one chunk of one row per program (rows pass 1 resolved are skipped).
 
-    Writes the positions of the chunk's keys from the threshold bin up into its slots, in increasing order, and
-    appends the bin's keys (with their slots) to the row's candidates; the last program of the row runs
-    `_mark_holes` on them. In a row that pass 1 resolved, the chunk writes its kept positions exactly (keys
-    above the threshold and its share of the ties, earliest first) at its offset.
+    Counts the chunk's keys above the threshold bin and appends the keys inside it (with their positions) to
+    the row's candidates; the last program of the row runs `_resolve_row` on them.
     """
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     kb = (tl.load(kb_ptr + row // rows_per_batch) if HAS_KB else k_sel) + tl.zeros([], dtype=tl.int32)
-    if kb > 0:
+    m_row = meta_ptr + row * m_stride
+    if (kb > 0) & (tl.load(m_row + 7) == 0):
         s_row = s_ptr + row * s_stride
+        ck_row = ck_ptr + row * c_stride
+        cp_row = cp_ptr + row * p_stride
+        lo = tl.load(m_row + 4)
+        hi = tl.load(m_row + 5)
+        n_gt = tl.zeros([], dtype=tl.int32)
+        for t in range(tiles_per_chunk):
+            offs = (chunk * tiles_per_chunk + t) * BLOCK + tl.arange(0, BLOCK)
+            key, above, mid = _classify_tile(s_row, offs, seq, lo, hi, PADDED)
+            n_gt += above
+            n_mid = tl.sum(mid.to(tl.int32))
+            if n_mid > 0:
+                dst = tl.atomic_add(m_row + 1, n_mid, sem="relaxed") + tl.cumsum(mid.to(tl.int32), 0) - 1
+                tl.store(ck_row + dst, key, mask=mid)
+                tl.store(cp_row + dst, offs, mask=mid)
+        tl.store(m_row + _META + chunk, n_gt)
+        tl.debug_barrier()
+        if tl.atomic_add(m_row + 3, 1) == n_chunks - 1:
+            chunks = tl.arange(0, CP2)
+            gt_c = tl.load(m_row + _META + chunks, mask=chunks < n_chunks, other=0, cache_modifier=".cg")
+            _resolve_row(ck_row, cp_row, m_row, tl.load(m_row + 1, cache_modifier=".cg"), tl.load(m_row + 6),
+                         gt_c, lo, hi, tiles_per_chunk * BLOCK, n_chunks, CP2, BLOCK)
+            tl.store(m_row + 1, 0)
+            tl.store(m_row + 3, 0)
+
+
+@triton.jit(do_not_specialize=["seq", "k_sel", "tiles_per_chunk"])
+def _write_kernel(
+    s_ptr, kb_ptr, meta_ptr, idx_ptr,
+    seq, s_stride, m_stride, i_stride, k_sel, rows_per_batch, tiles_per_chunk,
+    HAS_KB: tl.constexpr, CP2: tl.constexpr, BLOCK: tl.constexpr, PADDED: tl.constexpr,
+):
+    """Multi-program selection, pass 3: each chunk writes its kept positions (key > t, and its share of the
+    keys == t, earliest first) at its offset, so each row's positions come out in increasing order."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    kb = (tl.load(kb_ptr + row // rows_per_batch) if HAS_KB else k_sel) + tl.zeros([], dtype=tl.int32)
+    if kb > 0:
         m_row = meta_ptr + row * m_stride
-        i_row = idx_ptr + row * i_stride
         c0 = chunk * tiles_per_chunk * BLOCK
-        out_at = tl.load(m_row + _META + CP2 + chunk)
-        if tl.load(m_row + 7) == 1:
-            _write_positions(s_row, i_row, c0, tl.minimum(c0 + tiles_per_chunk * BLOCK, seq), tl.load(m_row),
-                             tl.load(m_row + _META + 2 * CP2 + chunk), out_at, BREAK_TIES=True, BLOCK=BLOCK,
-                             PADDED=PADDED)
-        else:
-            ck_row = ck_ptr + row * c_stride
-            cs_row = cs_ptr + row * p_stride
-            lo = tl.load(m_row + 4)
-            hi = tl.load(m_row + 5)
-            for t in range(tiles_per_chunk):
-                offs = c0 + t * BLOCK + tl.arange(0, BLOCK)
-                key = _order_key(_load_scores(s_row, offs, seq, PADDED))
-                take = (offs < seq) & (key >= lo)
-                slot = out_at + tl.cumsum(take.to(tl.int32), 0) - 1
-                tl.store(i_row + slot, offs, mask=take)
-                out_at += tl.sum(take.to(tl.int32))
-                mid = take & (key <= hi)
-                n_mid = tl.sum(mid.to(tl.int32))
-                if n_mid > 0:
-                    dst = tl.atomic_add(m_row + 1, n_mid, sem="relaxed") + tl.cumsum(mid.to(tl.int32), 0) - 1
-                    tl.store(ck_row + dst, key, mask=mid)
-                    tl.store(cs_row + dst, slot, mask=mid)
-            tl.debug_barrier()
-            if tl.atomic_add(m_row + 3, 1) == n_chunks - 1:
-                _mark_holes(ck_row, cs_row, i_row, tl.load(m_row + 1, cache_modifier=".cg"), tl.load(m_row + 6),
-                            lo, hi, width, BLOCK)
-                tl.store(m_row + 1, 0)
-                tl.store(m_row + 3, 0)
+        _write_positions(s_ptr + row * s_stride, idx_ptr + row * i_stride, c0,
+                         tl.minimum(c0 + tiles_per_chunk * BLOCK, seq), tl.load(m_row),
+                         tl.load(m_row + _META + 2 * CP2 + chunk), tl.load(m_row + _META + CP2 + chunk),
+                         BREAK_TIES=True, BLOCK=BLOCK, PADDED=PADDED)
 
 
-@triton.jit(do_not_specialize=["tiles_per_prog", "n_split"])
+@triton.jit(do_not_specialize=["k_sel", "tiles_per_prog", "n_split"])
 def _sparse_attention_kernel(
-    q_ptr, k_ptr, v_ptr, idx_ptr, cnt_ptr, part_ptr, done_ptr, out_ptr,
-    i_stride, p_stride, rows_per_batch, kv_div, heads_per_row, tiles_per_prog, n_split, qk_scale,
+    q_ptr, k_ptr, v_ptr, idx_ptr, kb_ptr, part_ptr, done_ptr, out_ptr,
+    k_sel, i_stride, p_stride, rows_per_batch, kv_div, heads_per_row, tiles_per_prog, n_split, qk_scale,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_KB: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """One split of the kept slots (cnt_ptr[row] of them, holes skipped) of one selection row: gather K rows by
-    position, exact scores for the row's query heads, online softmax, gather V rows, p.V. With one split it
-    writes the output; otherwise it writes its (max, sum, acc) and the row's last split to finish merges them
-    into the output."""
+    """One split of the kept tokens of one selection row: gather K rows by index, exact scores for the row's
+    query heads, online softmax, gather V rows, p.V. With one split it writes the output; otherwise it writes
+    its (max, sum, acc) and the row's last split to finish merges them into the output."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     b = (row // rows_per_batch).to(tl.int64)
     r = (row % rows_per_batch).to(tl.int64)
     j = r // kv_div
     head0 = r * heads_per_row
-    n_slots = tl.load(cnt_ptr + row)
+    kb = tl.load(kb_ptr + b) if HAS_KB else k_sel
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     g_ok = offs_g < heads_per_row
@@ -856,7 +816,7 @@ def _sparse_attention_kernel(
     n_lo = split * tiles_per_prog * BLOCK_N
     m_i, l_i, acc = _attend(q, k_ptr + b * stride_kb + j * stride_kh, v_ptr + b * stride_vb + j * stride_vh,
                             idx_ptr + row.to(tl.int64) * i_stride, n_lo,
-                            tl.minimum(n_lo + tiles_per_prog * BLOCK_N, n_slots),
+                            tl.minimum(n_lo + tiles_per_prog * BLOCK_N, kb),
                             stride_ks, stride_vs, qk_scale, offs_d, d_ok,
                             tl.full([BLOCK_G], float("-inf"), tl.float32), tl.zeros([BLOCK_G], tl.float32),
                             tl.zeros([BLOCK_G, BLOCK_D], tl.float32), BLOCK_N, DOT_PREC, UPCAST)
@@ -1029,74 +989,72 @@ def one_program_select(rows: int, seq: int, cfg: LokiKernelConfig, device: torch
 
 
 def select_tokens(scores: torch.Tensor, k: int, k_b: torch.Tensor | None, rows_per_batch: int,
-                  cfg: LokiKernelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 2: the k_b best scores of each row of float32 `scores` [rows, S] (stride(-1) == 1; row r belongs to
-    sequence r // rows_per_batch; k_b = k without padding), ties at the threshold to the earliest positions.
-
-    Returns (idx, cnt): int32 [rows, W] slots and int32 [rows] slot counts; row r's first cnt[r] slots hold the
-    kept positions in increasing order and holes (-1), the rest is unused. W = k with one program per row
-    (`one_program_select`; no holes), min(S, k + `cfg.multi_select_spare`) with several. Views of the
-    workspace, valid until the next call."""
+                  cfg: LokiKernelConfig) -> torch.Tensor:
+    """Stage 2: int32 [rows, k] positions of the k_b best scores of each row of float32 `scores` [rows, S]
+    (stride(-1) == 1; row r belongs to sequence r // rows_per_batch; k_b = k without padding; entries past k_b
+    are unused), in increasing order, ties at the threshold to the earliest positions. One program per row or
+    several (`one_program_select`). A view of the workspace, valid until the next call."""
     rows, s = scores.shape
     ws = _workspace(scores.device)
     padded = _rows_padded(scores)
-    cnt = ws.get("select_count", 1, rows, torch.int32)[0, :rows]
+    idx = ws.get("idx", rows, k, torch.int32)
     cand = ws.get("cand", rows, s, torch.int32)
-    kb_arg = k_b if k_b is not None else cnt
+    kb_arg = k_b if k_b is not None else idx
     if one_program_select(rows, s, cfg, scores.device):
-        idx = ws.get("idx", rows, k, torch.int32)
         stride = max(1, s // cfg.select_sample)
         _select_kernel[(rows,)](
-            scores, kb_arg, cand, idx, cnt,
+            scores, kb_arg, cand, idx,
             s, scores.stride(0), cand.stride(0), idx.stride(0), k, rows_per_batch, stride,
             min(cfg.select_sample, triton.cdiv(s, stride)),
             HAS_KB=k_b is not None, SAMPLE=cfg.select_sample, BLOCK=cfg.select_block, MARGIN_SIGMAS=5.0,
             PADDED=padded, num_warps=cfg.select_warps,
         )
-        return idx[:rows, :k], cnt
-    width = min(s, k + cfg.multi_select_spare)
-    idx = ws.get("idx", rows, width, torch.int32)
+        return idx[:rows, :k]
     block = cfg.multi_select_block
     n_chunks, tiles = _split(s, block, rows, cfg.programs_per_sm * num_sms(scores.device),
                              cfg.multi_select_max_chunks)
     cp2 = dot_block(n_chunks)
-    cand_slot = ws.get("cand_slot", rows, s, torch.int32)
+    cand_pos = ws.get("cand_pos", rows, s, torch.int32)
     meta = ws.get("select_meta", rows, _META.value + 3 * cp2, torch.int32, zeros=True)
     hist = ws.get("select_hist", rows, _SUB_BINS, torch.int32, zeros=True)
-    suffix = ws.get("select_suffix", rows, n_chunks * _SUB_BINS, torch.int32)
     stride = max(1, s // cfg.multi_select_sample)
     _bracket_hist_kernel[(rows, n_chunks)](
-        scores, kb_arg, cand, cand_slot, meta, hist, suffix, cnt,
-        s, scores.stride(0), cand.stride(0), cand_slot.stride(0), meta.stride(0), hist.stride(0), suffix.stride(0),
-        k, rows_per_batch, n_chunks, tiles, stride, min(cfg.multi_select_sample, triton.cdiv(s, stride)), width,
+        scores, kb_arg, cand, cand_pos, meta, hist,
+        s, scores.stride(0), cand.stride(0), cand_pos.stride(0), meta.stride(0), hist.stride(0), k, rows_per_batch,
+        n_chunks, tiles,
+        stride, min(cfg.multi_select_sample, triton.cdiv(s, stride)),
         HAS_KB=k_b is not None, SAMPLE=cfg.multi_select_sample, BLOCK=block, CP2=cp2, MARGIN_SIGMAS=5.0,
         PADDED=padded, num_warps=cfg.multi_select_warps,
     )
-    _collect_write_kernel[(rows, n_chunks)](
-        scores, kb_arg, cand, cand_slot, meta, idx, s, scores.stride(0), cand.stride(0), cand_slot.stride(0),
-        meta.stride(0), idx.stride(0), k, rows_per_batch, n_chunks, tiles, width,
+    _bin_collect_kernel[(rows, n_chunks)](
+        scores, kb_arg, cand, cand_pos, meta, s, scores.stride(0), cand.stride(0), cand_pos.stride(0),
+        meta.stride(0), k, rows_per_batch, n_chunks, tiles,
         HAS_KB=k_b is not None, CP2=cp2, BLOCK=block, PADDED=padded, num_warps=cfg.multi_select_warps,
     )
-    return idx[:rows, :width], cnt
+    _write_kernel[(rows, n_chunks)](
+        scores, kb_arg, meta, idx, s, scores.stride(0), meta.stride(0), idx.stride(0), k, rows_per_batch, tiles,
+        HAS_KB=k_b is not None, CP2=cp2, BLOCK=block, PADDED=padded, num_warps=cfg.multi_select_warps,
+    )
+    return idx[:rows, :k]
 
 
 def triton_attend(p: _Problem, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, idx: torch.Tensor,
-                  cnt: torch.Tensor, scaling: float, cfg: LokiKernelConfig, out: torch.Tensor) -> torch.Tensor:
-    """Stage 3: exact attention over the rows of K and V at the slots (`select_tokens`: positions idx [rows, W],
-    the first cnt [rows] of each row, holes skipped) into `out` (split-K; the last split of each row merges)."""
-    rows, width = idx.shape
+                  k_b: torch.Tensor | None, scaling: float, cfg: LokiKernelConfig, out: torch.Tensor) -> torch.Tensor:
+    """Stage 3: exact attention over the rows `idx` [rows, k] of K and V into `out` (split-K; the last split of
+    each row merges)."""
+    rows, k = idx.shape
     heads_per_row = p.group_size if p.group else 1
-    n_split, tiles = _split(width, cfg.block_n_attn, rows, cfg.programs_per_sm * num_sms(q.device))
+    n_split, tiles = _split(k, cfg.block_n_attn, rows, cfg.programs_per_sm * num_sms(q.device))
     ws = _workspace(q.device)
     part = ws.get("partials", rows, n_split * heads_per_row * (p.head_dim + 2), torch.float32)
     done = ws.get("attend_done", 1, rows, torch.int32, zeros=True)
     _sparse_attention_kernel[(rows, n_split)](
-        q, k_cache, v_cache, idx, cnt, part, done, out,
-        idx.stride(0), part.stride(0), p.rows_per_batch, 1 if p.group else p.group_size, heads_per_row, tiles,
+        q, k_cache, v_cache, idx, k_b if k_b is not None else idx, part, done, out,
+        k, idx.stride(0), part.stride(0), p.rows_per_batch, 1 if p.group else p.group_size, heads_per_row, tiles,
         n_split, scaling * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        HEAD_DIM=p.head_dim, BLOCK_G=dot_block(heads_per_row), BLOCK_D=dot_block(p.head_dim),
+        HAS_KB=k_b is not None, HEAD_DIM=p.head_dim, BLOCK_G=dot_block(heads_per_row), BLOCK_D=dot_block(p.head_dim),
         BLOCK_N=cfg.block_n_attn, BLOCK_S=min(32, triton.next_power_of_2(n_split)),
         **{**_launch(cfg, q), "num_warps": cfg.attn_warps},
     )
@@ -1166,8 +1124,8 @@ def loki_decode_attention_triton(
     if p.seq <= (cfg.graph_fused_max_seq if capturing else cfg.fused_max_seq):
         return triton_fused(p, q, keys, k_cache, v_cache, kv_start, kv_end, k, k_b, scaling, cfg, out)
     scores = triton_scores(p, q, keys, kv_start, kv_end, cfg)
-    idx, cnt = select_tokens(scores, k, k_b, p.rows_per_batch, cfg)
-    return triton_attend(p, q, k_cache, v_cache, idx, cnt, scaling, cfg, out)
+    idx = select_tokens(scores, k, k_b, p.rows_per_batch, cfg)
+    return triton_attend(p, q, k_cache, v_cache, idx, k_b, scaling, cfg, out)
 
 
 def loki_decode_attention(
