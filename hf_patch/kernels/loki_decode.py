@@ -495,16 +495,20 @@ def _kept(key, ok, t, n_eq, need):
 
 
 @triton.jit
-def _write_positions(s_row, i_row, pos_lo, pos_hi, t, need, out_at, BLOCK: tl.constexpr, PADDED: tl.constexpr):
+def _write_positions(s_row, i_row, pos_lo, pos_hi, t, need, out_at, BREAK_TIES: tl.constexpr, BLOCK: tl.constexpr,
+                     PADDED: tl.constexpr):
     """Write to i_row[out_at:], in increasing order, the positions in [pos_lo, pos_hi) with key > t and the first
-    `need` of those with key == t."""
+    `need` of those with key == t (all of them without BREAK_TIES)."""
     n_out = out_at + tl.zeros([], dtype=tl.int32)
     n_eq = tl.zeros([], dtype=tl.int32)
     for start in range(pos_lo, pos_hi, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         ok = offs < pos_hi
         key = _order_key(_load_scores(s_row, offs, pos_hi, PADDED))
-        take, n_eq = _kept(key, ok, t, n_eq, need)
+        if BREAK_TIES:
+            take, n_eq = _kept(key, ok, t, n_eq, need)
+        else:
+            take = ok & (key >= t)
         tl.store(i_row + n_out + tl.cumsum(take.to(tl.int32), 0) - 1, offs, mask=take)
         n_out += tl.sum(take.to(tl.int32))
 
@@ -532,37 +536,36 @@ def _all_keys_as_candidates(s_row, ck_row, cp_row, seq, BLOCK: tl.constexpr, WIT
 
 
 @triton.jit
-def _select_row(s_row, c_row, p_row, i_row, seq, kb, sample_stride, n_sample,
+def _select_row(s_row, c_row, i_row, seq, kb, sample_stride, n_sample,
                 SAMPLE: tl.constexpr, BLOCK: tl.constexpr, MARGIN_SIGMAS: tl.constexpr, PADDED: tl.constexpr):
-    """Exact top-kb (kb >= 1) of one row of scores [seq] -> its positions at i_row: those above the threshold
-    bracket, then the kept ones inside it, each part in increasing order.
+    """Exact top-kb (kb >= 1) of one row of scores [seq] -> its positions in increasing order at i_row.
 
-    A strided sample brackets the kb-th largest score: one pass writes the positions of the scores above the
-    bracket and copies the keys inside it (the candidates) to `c_row`, their positions to `p_row`; if the
-    bracket misses (unlucky sample), every key becomes a candidate. `_write_candidates` appends the kept ones.
+    A strided sample brackets the kb-th largest score: one pass counts the scores above the bracket
+    and copies the keys inside it to `c_row`; if the bracket misses (unlucky sample), every key becomes a
+    candidate. A radix select over the candidates gives the exact threshold key t; the last pass writes the
+    positions with key > t and, of those with key == t, the first ones, up to kb in all.
     """
     lo, hi = _bracket(s_row, seq, kb, sample_stride, n_sample, SAMPLE, MARGIN_SIGMAS)
     n_hi = tl.zeros([], dtype=tl.int32)
     n_mid = tl.zeros([], dtype=tl.int32)
     for start in range(0, seq, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        key, above, mid = _classify_tile(s_row, offs, seq, lo, hi, PADDED)
-        slot = n_hi + tl.cumsum(((offs < seq) & (key > hi)).to(tl.int32), 0) - 1
-        tl.store(i_row + slot, offs, mask=(offs < seq) & (key > hi) & (slot < kb))
-        dst = n_mid + tl.cumsum(mid.to(tl.int32), 0) - 1
-        tl.store(c_row + dst, key, mask=mid)
-        tl.store(p_row + dst, offs, mask=mid)
+        key, above, mid = _classify_tile(s_row, start + tl.arange(0, BLOCK), seq, lo, hi, PADDED)
+        tl.store(c_row + n_mid + tl.cumsum(mid.to(tl.int32), 0) - 1, key, mask=mid)
         n_mid += tl.sum(mid.to(tl.int32))
         n_hi += above
     tl.debug_barrier()
     if (n_hi >= kb) | (n_hi + n_mid < kb):  # the sample misled: all keys are candidates
-        _all_keys_as_candidates(s_row, c_row, p_row, seq, BLOCK, WITH_POS=True, PADDED=PADDED)
+        _all_keys_as_candidates(s_row, c_row, c_row, seq, BLOCK, WITH_POS=False, PADDED=PADDED)
         n_hi = n_hi * 0
         n_mid = n_mid * 0 + seq
         lo = lo * 0 + (-2147483648)
         hi = hi * 0 + 2147483647
     tl.debug_barrier()
-    _write_candidates(c_row, p_row, i_row + n_hi, n_mid, kb - n_hi, lo, hi, BLOCK)
+    t, need, n_equal = _radix_select(c_row, n_mid, kb - n_hi, lo, hi, BLOCK)
+    if n_equal == need:  # no tie to break (the usual case): every key >= t
+        _write_positions(s_row, i_row, 0, seq, t, need, 0, BREAK_TIES=False, BLOCK=BLOCK, PADDED=PADDED)
+    else:
+        _write_positions(s_row, i_row, 0, seq, t, need, 0, BREAK_TIES=True, BLOCK=BLOCK, PADDED=PADDED)
 
 
 @triton.jit
@@ -650,10 +653,10 @@ def _pick_bin(s_row, ck_row, cp_row, m_row, h_row, x_row, seq, kb, lo, hi, n_chu
 
 
 @triton.jit
-def _write_candidates(ck_row, cp_row, i_row, n_cand, need, lo, hi, BLOCK: tl.constexpr):
-    """The exact threshold t among n_cand candidates (order keys at ck_row in [lo, hi], in position order,
-    positions at cp_row; `need` = the rank of the kb-th score among them), then the positions of the kept ones
-    (key > t, and the first of those == t, `need` in all), in increasing order, to i_row."""
+def _write_bin(ck_row, cp_row, i_row, n_cand, need, lo, hi, BLOCK: tl.constexpr):
+    """Run by the last program of a row in pass 2: the exact threshold t among the threshold bin's n_cand
+    candidates (order keys at ck_row in [lo, hi], in position order, positions at cp_row; `need` = the rank of the
+    kb-th score among them), then the positions of the kept candidates, in increasing order, to i_row."""
     t, need, _ = _radix_select(ck_row, n_cand, need, lo, hi, BLOCK)
     n_out = tl.zeros([], dtype=tl.int32)
     n_eq = tl.zeros([], dtype=tl.int32)
@@ -711,17 +714,17 @@ def _approx_scores_kernel(
 
 @triton.jit(do_not_specialize=["seq", "k_sel", "sample_stride", "n_sample"])
 def _select_kernel(
-    s_ptr, kb_ptr, cand_ptr, cpos_ptr, idx_ptr,
-    seq, s_stride, c_stride, p_stride, i_stride, k_sel, rows_per_batch, sample_stride, n_sample,
+    s_ptr, kb_ptr, cand_ptr, idx_ptr,
+    seq, s_stride, c_stride, i_stride, k_sel, rows_per_batch, sample_stride, n_sample,
     HAS_KB: tl.constexpr, SAMPLE: tl.constexpr, BLOCK: tl.constexpr, MARGIN_SIGMAS: tl.constexpr,
     PADDED: tl.constexpr,
 ):
-    """Exact top-k_b of one row of scores per program (`_select_row`)."""
+    """Exact top-k_b of one row of scores per program (`_select_row`): its positions in increasing order."""
     row = tl.program_id(0).to(tl.int64)
     kb = (tl.load(kb_ptr + row // rows_per_batch) if HAS_KB else k_sel) + tl.zeros([], dtype=tl.int32)
     if kb > 0:
-        _select_row(s_ptr + row * s_stride, cand_ptr + row * c_stride, cpos_ptr + row * p_stride,
-                    idx_ptr + row * i_stride, seq, kb, sample_stride, n_sample, SAMPLE, BLOCK, MARGIN_SIGMAS, PADDED)
+        _select_row(s_ptr + row * s_stride, cand_ptr + row * c_stride, idx_ptr + row * i_stride, seq, kb,
+                    sample_stride, n_sample, SAMPLE, BLOCK, MARGIN_SIGMAS, PADDED)
 
 
 @triton.jit(do_not_specialize=["seq", "k_sel", "n_chunks", "tiles_per_chunk", "sample_stride", "n_sample"])
@@ -777,7 +780,7 @@ def _bin_write_kernel(
 
     Writes the positions of the chunk's keys above the threshold bin at its offset, and copies its keys inside
     the bin (with their positions) to its place among the row's candidates; the last program of the row runs
-    `_write_candidates`, which appends the kept ones. In a row that pass 1 resolved, the chunk writes its kept
+    `_write_bin`, which appends the kept candidates. In a row that pass 1 resolved, the chunk writes its kept
     positions exactly (keys above the threshold and its share of the ties, earliest first) at its offset.
     """
     row = tl.program_id(0).to(tl.int64)
@@ -791,7 +794,8 @@ def _bin_write_kernel(
         out_at = tl.load(m_row + _META + CP2 + chunk)
         if tl.load(m_row + 7) == 1:
             _write_positions(s_row, i_row, c0, tl.minimum(c0 + tiles_per_chunk * BLOCK, seq), tl.load(m_row),
-                             tl.load(m_row + _META + 2 * CP2 + chunk), out_at, BLOCK=BLOCK, PADDED=PADDED)
+                             tl.load(m_row + _META + 2 * CP2 + chunk), out_at, BREAK_TIES=True, BLOCK=BLOCK,
+                             PADDED=PADDED)
         else:
             ck_row = ck_ptr + row * c_stride
             cp_row = cp_ptr + row * p_stride
@@ -811,7 +815,7 @@ def _bin_write_kernel(
             tl.debug_barrier()  # all of this program's writes precede its ticket (acquire-release, GPU scope)
             if tl.atomic_add(m_row + 3, 1) == n_chunks - 1:
                 need = tl.load(m_row + 6)
-                _write_candidates(ck_row, cp_row, i_row + kb - need, tl.load(m_row + 1), need, lo, hi, BLOCK)
+                _write_bin(ck_row, cp_row, i_row + kb - need, tl.load(m_row + 1), need, lo, hi, BLOCK)
                 tl.store(m_row + 3, 0)
 
 
@@ -864,8 +868,8 @@ def _sparse_attention_kernel(
 
 @triton.jit(do_not_specialize=["seq", "k_sel", "sample_stride", "n_sample"])
 def _fused_kernel(
-    q_ptr, ka_ptr, k_ptr, v_ptr, dims_ptr, start_ptr, end_ptr, kb_ptr, s_ptr, c_ptr, p_ptr, i_ptr, out_ptr,
-    seq, s_stride, c_stride, p_stride, i_stride, k_sel, rows_per_batch, kv_div, heads_per_row, d_uniform,
+    q_ptr, ka_ptr, k_ptr, v_ptr, dims_ptr, start_ptr, end_ptr, kb_ptr, s_ptr, c_ptr, i_ptr, out_ptr,
+    seq, s_stride, c_stride, i_stride, k_sel, rows_per_batch, kv_div, heads_per_row, d_uniform,
     sample_stride, n_sample, qk_scale,
     stride_qb, stride_qh, stride_kab, stride_kah, stride_kas, stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh,
@@ -905,8 +909,8 @@ def _fused_kernel(
             a = tl.max(tl.where((offs_g < heads_per_row)[:, None], a, float("-inf")), axis=0)
             tl.store(s_row + offs_n, a, mask=offs_n < _padded_len(seq))  # -inf past seq
         tl.debug_barrier()
-        _select_row(s_row, c_ptr + row.to(tl.int64) * c_stride, p_ptr + row.to(tl.int64) * p_stride, i_row, seq, kb,
-                    sample_stride, n_sample, SAMPLE, SELECT_BLOCK, MARGIN_SIGMAS, PADDED=True)
+        _select_row(s_row, c_ptr + row.to(tl.int64) * c_stride, i_row, seq, kb, sample_stride, n_sample,
+                    SAMPLE, SELECT_BLOCK, MARGIN_SIGMAS, PADDED=True)
         tl.debug_barrier()
         q = _load_heads(q_ptr, b, head0, heads_per_row, stride_qb, stride_qh, offs_g, offs_d, HEAD_DIM, UPCAST)
         m_i, l_i, acc = _attend(q, k_ptr + b * stride_kb + j * stride_kh, v_ptr + b * stride_vb + j * stride_vh,
@@ -1024,13 +1028,12 @@ def select_tokens(scores: torch.Tensor, k: int, k_b: torch.Tensor | None, rows_p
     padded = _rows_padded(scores)
     idx = ws.get("idx", rows, k, torch.int32)
     cand = ws.get("cand", rows, s, torch.int32)
-    cand_pos = ws.get("cand_pos", rows, s, torch.int32)
     kb_arg = k_b if k_b is not None else idx
     if one_program_select(rows, s, cfg, scores.device):
         stride = max(1, s // cfg.select_sample)
         _select_kernel[(rows,)](
-            scores, kb_arg, cand, cand_pos, idx,
-            s, scores.stride(0), cand.stride(0), cand_pos.stride(0), idx.stride(0), k, rows_per_batch, stride,
+            scores, kb_arg, cand, idx,
+            s, scores.stride(0), cand.stride(0), idx.stride(0), k, rows_per_batch, stride,
             min(cfg.select_sample, triton.cdiv(s, stride)),
             HAS_KB=k_b is not None, SAMPLE=cfg.select_sample, BLOCK=cfg.select_block, MARGIN_SIGMAS=5.0,
             PADDED=padded, num_warps=cfg.select_warps,
@@ -1040,6 +1043,7 @@ def select_tokens(scores: torch.Tensor, k: int, k_b: torch.Tensor | None, rows_p
     n_chunks, tiles = _split(s, block, rows, cfg.programs_per_sm * num_sms(scores.device),
                              cfg.multi_select_max_chunks)
     cp2 = dot_block(n_chunks)
+    cand_pos = ws.get("cand_pos", rows, s, torch.int32)
     meta = ws.get("select_meta", rows, _META.value + 3 * cp2, torch.int32, zeros=True)
     hist = ws.get("select_hist", rows, _SUB_BINS, torch.int32, zeros=True)
     suffix = ws.get("select_suffix", rows, n_chunks * _SUB_BINS, torch.int32)
@@ -1090,15 +1094,14 @@ def triton_fused(p: _Problem, q: torch.Tensor, keys: torch.Tensor, k_cache: torc
     ws = _workspace(q.device)
     scores = ws.get("scores", rows, s, torch.float32)
     cand = ws.get("cand", rows, s, torch.int32)
-    cand_pos = ws.get("cand_pos", rows, s, torch.int32)
     idx = ws.get("idx", rows, k, torch.int32)
     heads_per_row = p.group_size if p.group else 1
     stride = max(1, s // cfg.select_sample)
     _fused_kernel[(rows,)](
         q, keys, k_cache, v_cache, p.dims if p.dims is not None else scores,
         kv_start if kv_start is not None else scores, kv_end if kv_end is not None else scores,
-        k_b if k_b is not None else idx, scores, cand, cand_pos, idx, out,
-        s, scores.stride(0), cand.stride(0), cand_pos.stride(0), idx.stride(0), k, p.rows_per_batch, 1 if p.group else p.group_size,
+        k_b if k_b is not None else idx, scores, cand, idx, out,
+        s, scores.stride(0), cand.stride(0), idx.stride(0), k, p.rows_per_batch, 1 if p.group else p.group_size,
         heads_per_row, p.d_max, stride, min(cfg.select_sample, triton.cdiv(s, stride)), scaling * _LOG2E,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
