@@ -108,6 +108,23 @@ def test_bigbench_extraction_and_formatting(tmp_path):
         prepare.read_bigbench_tasks(sdist, ["winowhy", "strategyqa"])
 
 
+def test_withheld_bigbench_sdist_fails_first_and_says_what_to_do(tmp_path, monkeypatch):
+    """An index that lists no bigbench-1.0.0.tar.gz (as some mirrors and proxies do): a FileNotFoundError naming
+    the way out, raised before any task file is written; a local sdist given instead is used as it is."""
+    import urllib.request
+
+    listing = {"files": [{"filename": "bigbench-0.0.1.tar.gz", "url": "https://example.invalid/bigbench-0.0.1.tar.gz"}]}
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: io.BytesIO(json.dumps(listing).encode()))
+    monkeypatch.setenv("HF_PATCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("hf_patch.data.books.prepare_books", lambda *a, **k: pytest.fail("books before the sdist"))
+    with pytest.raises(FileNotFoundError, match=r"does not offer bigbench-1\.0\.0\.tar\.gz .*bigbench-0\.0\.1.*"
+                                                r"prepare-tasks --only bigbench --bigbench-sdist PATH"):
+        prepare.prepare_tasks(["books", "bigbench"])
+    assert not prepare.tasks_dir().exists()
+    sdist = _fake_sdist(tmp_path / "local.tar.gz", {"winowhy": {"": WINOWHY}})
+    assert prepare.fetch_bigbench_sdist(sdist) == sdist
+
+
 # ---------------------------------------------------------------- a tiny model and tiny tasks
 
 
@@ -141,16 +158,20 @@ def tiny_basis(tmp_path_factory, tiny_model_dir) -> Path:
     return random_basis(layers=2, heads=2, dim=16, rotary="pre").save(tmp_path_factory.mktemp("basis") / "pre")
 
 
+def _winowhy_records(tmp_path: Path) -> list[dict]:
+    """The records of task `bigbench_winowhy` built from the synthetic WINOWHY through a synthetic sdist."""
+    sdist = _fake_sdist(tmp_path / "bb.tar.gz", {"winowhy": {"": WINOWHY}})
+    return prepare.bigbench_records("winowhy", prepare.read_bigbench_tasks(sdist, ["winowhy"])["winowhy"])
+
+
 @pytest.fixture()
 def local_tasks(tmp_path, monkeypatch) -> Path:
     """Tiny task files in a temporary $HF_PATCH_CACHE/tasks, built by the real preparation functions."""
     monkeypatch.setenv("HF_PATCH_CACHE", str(tmp_path / "cache"))
-    sdist = _fake_sdist(tmp_path / "bb.tar.gz", {"winowhy": {"": WINOWHY}})
-    winowhy = prepare.read_bigbench_tasks(sdist, ["winowhy"])["winowhy"]
     prepare.write_tasks({
         "books_ppl": prepare.books_ppl_records(PASSAGES),
         "book_cloze": prepare.cloze_records(PASSAGES, n=4, min_context_words=30),
-        "bigbench_winowhy": prepare.bigbench_records("winowhy", winowhy),
+        "bigbench_winowhy": _winowhy_records(tmp_path),
     })
     return prepare.tasks_dir()
 
@@ -340,24 +361,30 @@ def test_compare_tables_plots_and_resumes(tiny_model_dir, local_tasks, tmp_path,
 
 
 @pytest.mark.slow
-def test_smollm2_quick_compare(tmp_path):
+def test_smollm2_quick_compare(tmp_path, monkeypatch):
     """The real SmolLM2-135M through `compare` on a few examples (a basis calibrated on the way): held-out
     perplexity is that of a trained model, Loki at (0.25, 0.25) changes it, every metric is a number.
+    The book tasks are built from the real corpus on the way; the multiple-choice task is the synthetic winowhy
+    (the real sdist is a download some indexes withhold: `test_real_bigbench_extraction` covers it).
     (Loki with d = D, k = S equalling full attention is checked on the tiny model above.)"""
     from hf_patch.config import load_config
     from hf_patch.eval import compare
 
+    monkeypatch.setattr(prepare, "tasks_dir", lambda: tmp_path / "tasks")  # the real model and corpus stay cached
+    prepare.write_tasks({"bigbench_winowhy": _winowhy_records(tmp_path)})
     cfg = load_config("configs/eval/smollm2_quick.yaml", compare.KEYS)
-    cfg.update(output_dir=str(tmp_path), basis={}, calibration={**cfg["calibration"], "num_tokens": 2048,
-                                                                  "seq_len": 512},
-               tasks={"hfp_books_ppl": 1, "hfp_book_cloze": 4, "hfp_bigbench_strategyqa": 4})
+    cfg.update(output_dir=str(tmp_path / "out"), basis={}, calibration={**cfg["calibration"], "num_tokens": 2048,
+                                                                          "seq_len": 512},
+               tasks={"hfp_books_ppl": 1, "hfp_book_cloze": 4, "hfp_bigbench_winowhy": 4})
     summary = {e["task"]: e["settings"] for e in compare.run_compare(cfg)["summary"]}
+    assert {p.name for p in (tmp_path / "tasks").iterdir()} == {"books_ppl.jsonl", "book_cloze.jsonl",
+                                                               "bigbench_winowhy.jsonl"}
     ppl = summary["hfp_books_ppl"]
     assert 5 < ppl["full"]["value"] < 500
     assert ppl["loki d=0.25 k=0.25 pre"]["value"] > 1.01 * ppl["full"]["value"]
-    for task in ("hfp_book_cloze", "hfp_bigbench_strategyqa"):
+    for task in ("hfp_book_cloze", "hfp_bigbench_winowhy"):
         assert all(0 <= s["value"] <= 1 for s in summary[task].values()), task
-    assert (tmp_path / "results.md").is_file() and (tmp_path / "accuracy_vs_k.png").is_file()
+    assert (tmp_path / "out" / "results.md").is_file() and (tmp_path / "out" / "accuracy_vs_k.png").is_file()
 
 
 @pytest.mark.network
@@ -366,8 +393,8 @@ def test_real_bigbench_extraction(tmp_path, monkeypatch):
     cached = prepare.cache_root() / "downloads" / prepare.BIGBENCH_SDIST
     try:
         sdist = prepare.fetch_bigbench_sdist()
-    except OSError as err:
-        pytest.skip(f"PyPI unreachable: {err}")
+    except OSError as err:  # offline, or the index withholds the sdist
+        pytest.skip(f"BIG-bench sdist not available: {err}")
     assert sdist == cached
     monkeypatch.setenv("HF_PATCH_CACHE", str(tmp_path))
     paths = prepare.prepare_tasks(["bigbench"], bigbench_sdist=sdist)

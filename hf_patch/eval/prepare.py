@@ -4,8 +4,8 @@
 - `book_cloze`: a LAMBADA-style last-word cloze built from the same held-out text: a passage of whole sentences
   ends on a content word that already appears earlier in the passage; the model must predict it;
 - `bigbench_<task>`: BIG-bench multiple-choice tasks (`social_iqa`, `winowhy`, `strategyqa`,
-  `goal_step_wikihow`) read from the PyPI sdist `bigbench==1.0.0`: only their `task.json` members are streamed
-  out of the archive, nothing else is unpacked.
+  `goal_step_wikihow`) read from the PyPI sdist `bigbench==1.0.0` (or a local copy, `--bigbench-sdist`): only
+  their `task.json` members are streamed out of the archive, nothing else is unpacked.
 
 Each task is one `<name>.jsonl` file, shuffled with a fixed seed so that lm-eval's `--limit N` takes an unbiased
 sample. Everything is deterministic and offline once the book corpus and the sdist are cached.
@@ -126,6 +126,8 @@ def fetch_bigbench_sdist(path: str | Path | None = None, index_url: str = PYPI_S
 
     `pip download` cannot fetch this sdist (pip rejects its metadata: it declares a direct-URL dependency), so
     the file is located through PyPI's simple index (the JSON form pip itself reads) and streamed to the cache.
+    Raises FileNotFoundError, saying what to do, where the index does not offer it (some mirrors and proxies
+    withhold it).
     """
     if path is not None:
         path = Path(path).expanduser()
@@ -144,7 +146,11 @@ def fetch_bigbench_sdist(path: str | Path | None = None, index_url: str = PYPI_S
     with urllib.request.urlopen(request, timeout=60) as response:
         files = {f["filename"]: f for f in json.load(response)["files"]}
     if BIGBENCH_SDIST not in files:
-        raise RuntimeError(f"{index_url} lists no {BIGBENCH_SDIST}; download it yourself and pass --bigbench-sdist")
+        raise FileNotFoundError(
+            f"{index_url} does not offer {BIGBENCH_SDIST} (it lists {sorted(files) or 'nothing'}). Get that file, or a "
+            "tar.gz of the google/BIG-bench repository (same <top>/bigbench/benchmark_tasks/<task>/task.json "
+            "layout), and run `hf-patch prepare-tasks --only bigbench --bigbench-sdist PATH` once; or leave the "
+            "hfp_bigbench tasks out")
     target.parent.mkdir(parents=True, exist_ok=True)
     partial, digest = target.with_suffix(".part"), hashlib.sha256()
     with urllib.request.urlopen(files[BIGBENCH_SDIST]["url"], timeout=60) as response, open(partial, "wb") as out, \
@@ -238,15 +244,15 @@ def prepare_tasks(which: Iterable[str] = ("books", "bigbench"), force: bool = Fa
         [f"bigbench_{t}" for t in BIGBENCH_TASKS] if "bigbench" in which else [])
     todo = [n for n in names if force or not task_file(n).is_file()]
     files: dict[str, list[dict[str, Any]]] = {}
+    if any(n.startswith("bigbench_") for n in todo):  # first: a missing sdist fails before any other work
+        for task, subtasks in read_bigbench_tasks(fetch_bigbench_sdist(bigbench_sdist)).items():
+            files[f"bigbench_{task}"] = bigbench_records(task, subtasks)
     if any(n in BOOK_TASKS for n in todo):
         from ..data.books import prepare_books
 
         passages = read_jsonl(prepare_books()["evaluation"])
         files["books_ppl"] = books_ppl_records(passages)
         files["book_cloze"] = cloze_records(passages, cloze_examples)
-    if any(n.startswith("bigbench_") for n in todo):
-        for task, subtasks in read_bigbench_tasks(fetch_bigbench_sdist(bigbench_sdist)).items():
-            files[f"bigbench_{task}"] = bigbench_records(task, subtasks)
     if files:
         write_tasks(files)
     return {n: task_file(n) for n in names}
@@ -254,7 +260,8 @@ def prepare_tasks(which: Iterable[str] = ("books", "bigbench"), force: bool = Fa
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", choices=("books", "bigbench"), help="build one group of tasks only")
-    parser.add_argument("--bigbench-sdist", help=f"a local {BIGBENCH_SDIST} (default: download once into the cache)")
+    parser.add_argument("--bigbench-sdist", help=f"a local {BIGBENCH_SDIST}, or a tar.gz of the BIG-bench repository "
+                        "(default: download the sdist once into the cache)")
     parser.add_argument("--cloze-examples", type=int, default=CLOZE_EXAMPLES)
     parser.add_argument("--force", action="store_true", help="rebuild the task files even if they exist")
 
