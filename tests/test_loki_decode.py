@@ -199,7 +199,7 @@ def test_poisoned_buffers_are_overwritten(monkeypatch, form):
         assert rel_err(out, ref) < TOL[torch.bfloat16]
         out.fill_(float("nan"))
     counters = [ld._workspace(q.device).buffers.get(name) for name in ("select_meta", "select_hist", "attend_done")]
-    assert all(c is None or not c[:, 2:4].any() if i == 0 else c is None or not c.any()
+    assert all(c is None or not c[:, 1:3].any() if i == 0 else c is None or not c.any()
                for i, c in enumerate(counters))  # the kernels reset the counters they use
 
 
@@ -328,10 +328,7 @@ def test_select_tokens_is_exact_top_k(kind, multi):
     k_b = k_b.to(DEVICE) if k_b is not None else None
     idx = ld.select_tokens(scores, k, k_b, 1, cfg).cpu()
     for r, want in enumerate(expected_positions(scores.cpu(), budgets)):
-        got = idx[r, : len(want)].long()
-        assert torch.equal(got.sort().values, want)
-        descents = int((got[1:] < got[:-1]).sum())
-        assert descents <= (1 if multi else 0)  # increasing; the multi-program bin's kept positions come last
+        assert torch.equal(idx[r, : len(want)].long(), want)
     assert torch.equal(ld.select_tokens(scores, k, k_b, 1, cfg).cpu(), idx)  # counters were reset
 
 
@@ -392,7 +389,4 @@ def test_select_tokens_random_rows_match_stable_sort(seed):
     for cfg in (multi, one):
         idx = ld.select_tokens(scores.to(DEVICE), max(1, int(k_b.max())), k_b.to(DEVICE), 1, cfg).cpu()
         for r, want in enumerate(expected_positions(scores, k_b)):
-            got = idx[r, : len(want)].long()
-            assert torch.equal(got.sort().values, want), (kind, r, int(k_b[r]), cfg == multi)
-            if cfg == one:
-                assert torch.equal(got, want)  # in increasing order
+            assert torch.equal(idx[r, : len(want)].long(), want), (kind, r, int(k_b[r]), cfg == multi)

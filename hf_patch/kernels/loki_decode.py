@@ -22,17 +22,14 @@ The Triton path runs one of three forms, by the cache length S (thresholds in `L
   and whose last program per row merges the splits. The selection is one kernel with one program per row for
   rows up to ``select_kernel_max_seq`` when they are enough to fill the GPU (a strided sample brackets the
   k_b-th score, one pass collects the candidates inside the bracket, a radix select finds the threshold, one
-  pass writes the positions), else two kernels with many programs per row, one chunk of the row each:
-  (1) count the chunk's scores above the bracket and build a 256-bin histogram of those inside it (added to the
-  row's, and kept per chunk); the row's last program finds the bin of the k_b-th score, and gives each chunk
-  an offset for its positions above that bin and one for its scores inside it; (2) write the chunk's positions
-  above the bin and copy its scores inside the bin (the candidates, a few dozen per row) with their positions;
-  the row's last program finds the exact threshold among the candidates and writes the kept ones after the
-  others.
+  pass writes the positions), else three kernels with many programs per row, one chunk of the row each:
+  (1) count the chunk's scores above the bracket and add a 256-bin histogram of those inside it to the row's;
+  the row's last program finds the bin of the k_b-th score; (2) count the chunk's scores above that bin and
+  collect the bin's few candidates; the row's last program finds the exact threshold among them and each
+  chunk's output offset and share of the ties; (3) write each chunk's positions.
 
-Every selection is the exact top-k_b, ties at the threshold to the earliest positions, in a deterministic order
-(the same positions and the same output, bit for bit, on every call): increasing, except that the multi-program
-selection lists the kept scores of the threshold bin last (each part in increasing order).
+Every selection is the exact top-k_b, ties at the threshold to the earliest positions, positions in increasing
+order (deterministic: the same positions and the same output, bit for bit, on every call).
 
 The Triton path keeps scratch buffers per (device, stream) between calls (`clear_workspaces` frees them), so
 calls on one stream must not overlap in time (stream order guarantees this for ordinary use). The PyTorch
@@ -57,8 +54,7 @@ _LOG2E = 1.4426950408889634
 _SUB_BINS = 256  # bins of the bracket histogram of the multi-program selection
 # Per-row int32 header of the multi-program selection: threshold, candidate count, tickets of passes 1 and 2,
 # the threshold bin's first and last key, the rank of the k_b-th score within that bin, resolved (by pass 1).
-# Then per chunk: count above the bracket, output offset, and the candidates' offset (or, in a row that pass 1
-# resolved, the chunk's share of the ties).
+# Then per chunk: count above (the bracket, then the bin), output offset, share of the ties.
 _META = tl.constexpr(8)
 # Kernels take the integers that change with the cache length (S, k, tile and split counts) unspecialised
 # (`do_not_specialize`): Triton would otherwise compile a new variant whenever one of them changes its divisibility
@@ -486,15 +482,6 @@ def _load_scores(s_row, offs, n, PADDED: tl.constexpr):
 
 
 @triton.jit
-def _kept(key, ok, t, n_eq, need):
-    """Which of a tile's keys (in position order) are kept: key > t, or key == t among the first `need` of the
-    keys == t, of which n_eq came before the tile. Returns (mask, n_eq counting the tile's)."""
-    eq = ok & (key == t)
-    take = (ok & (key > t)) | (eq & (n_eq + tl.cumsum(eq.to(tl.int32), 0) <= need))
-    return take, n_eq + tl.sum(eq.to(tl.int32))
-
-
-@triton.jit
 def _write_positions(s_row, i_row, pos_lo, pos_hi, t, need, out_at, BREAK_TIES: tl.constexpr, BLOCK: tl.constexpr,
                      PADDED: tl.constexpr):
     """Write to i_row[out_at:], in increasing order, the positions in [pos_lo, pos_hi) with key > t and the first
@@ -506,7 +493,9 @@ def _write_positions(s_row, i_row, pos_lo, pos_hi, t, need, out_at, BREAK_TIES: 
         ok = offs < pos_hi
         key = _order_key(_load_scores(s_row, offs, pos_hi, PADDED))
         if BREAK_TIES:
-            take, n_eq = _kept(key, ok, t, n_eq, need)
+            eq = ok & (key == t)
+            take = (ok & (key > t)) | (eq & (n_eq + tl.cumsum(eq.to(tl.int32), 0) <= need))
+            n_eq += tl.sum(eq.to(tl.int32))
         else:
             take = ok & (key >= t)
         tl.store(i_row + n_out + tl.cumsum(take.to(tl.int32), 0) - 1, offs, mask=take)
@@ -609,18 +598,15 @@ def _resolve_row(ck_row, cp_row, m_row, n_cand, need, gt_c, lo, hi, chunk_len, n
 
 
 @triton.jit
-def _pick_bin(s_row, ck_row, cp_row, m_row, h_row, x_row, seq, kb, lo, hi, n_chunks, chunk_len,
+def _pick_bin(s_row, ck_row, cp_row, m_row, h_row, seq, kb, lo, hi, n_chunks, chunk_len,
               CP2: tl.constexpr, BLOCK: tl.constexpr, PADDED: tl.constexpr):
     """Run by the last program of a row in pass 1, once every chunk has counted: the bracket bin of the kb-th
-    largest score (its first and last key, the rank within it, how many keys it holds) and, from the chunks'
-    histograms summed from the top bin down (x_row), each chunk's offsets for its positions above the bin and
-    for its candidates inside it, into the row's meta. If the sample misled (the kb-th score lies outside the
-    bracket), every key of the row becomes a candidate and the row is resolved here (marked so that pass 2
-    writes exact positions). Resets the row's histogram and ticket."""
+    largest score (its first and last key and the rank within it) into the row's meta. If the sample misled
+    (the kb-th score lies outside the bracket), every key of the row becomes a candidate and the row is
+    resolved here (marked so that pass 2 skips it). Resets the row's histogram and ticket."""
     chunks = tl.arange(0, CP2)
-    c_ok = chunks < n_chunks
     bins = tl.arange(0, 256)
-    gt_c = tl.load(m_row + _META + chunks, mask=c_ok, other=0, cache_modifier=".cg")
+    gt_c = tl.load(m_row + _META + chunks, mask=chunks < n_chunks, other=0, cache_modifier=".cg")
     hist = tl.load(h_row + bins, cache_modifier=".cg")
     need = kb - tl.sum(gt_c)
     if (need <= 0) | (need > tl.sum(hist)):
@@ -636,38 +622,12 @@ def _pick_bin(s_row, ck_row, cp_row, m_row, h_row, x_row, seq, kb, lo, hi, n_chu
         bin_lo = lo.to(tl.int64) + (bstar.to(tl.int64) << shift)
         # the bins cover [lo, hi] only: the last one in use may run past hi (whose keys pass 1 counted above)
         bin_hi = tl.where(bstar == 255, hi.to(tl.int64), tl.minimum(bin_lo + (1 << shift) - 1, hi.to(tl.int64)))
-        from_bin = tl.load(x_row + chunks * 256 + bstar, mask=c_ok, other=0, cache_modifier=".cg")
-        past_bin = tl.load(x_row + chunks * 256 + tl.minimum(bstar + 1, 255), mask=c_ok, other=0,
-                           cache_modifier=".cg")
-        above = gt_c + tl.where(bstar < 255, past_bin, 0)
-        inside = gt_c + from_bin - above
-        tl.store(m_row + 1, tl.sum(inside))
         tl.store(m_row + 4, bin_lo.to(tl.int32))
         tl.store(m_row + 5, bin_hi.to(tl.int32))
         tl.store(m_row + 6, need)
         tl.store(m_row + 7, 0)
-        tl.store(m_row + _META + CP2 + chunks, tl.cumsum(above, 0) - above, mask=c_ok)
-        tl.store(m_row + _META + 2 * CP2 + chunks, tl.cumsum(inside, 0) - inside, mask=c_ok)
     tl.store(m_row + 2, 0)
     tl.store(h_row + bins, tl.zeros([256], dtype=tl.int32))
-
-
-@triton.jit
-def _write_bin(ck_row, cp_row, i_row, n_cand, need, lo, hi, BLOCK: tl.constexpr):
-    """Run by the last program of a row in pass 2: the exact threshold t among the threshold bin's n_cand
-    candidates (order keys at ck_row in [lo, hi], in position order, positions at cp_row; `need` = the rank of the
-    kb-th score among them), then the positions of the kept candidates, in increasing order, to i_row."""
-    t, need, _ = _radix_select(ck_row, n_cand, need, lo, hi, BLOCK)
-    n_out = tl.zeros([], dtype=tl.int32)
-    n_eq = tl.zeros([], dtype=tl.int32)
-    for start in range(0, n_cand, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        ok = offs < n_cand
-        key = tl.load(ck_row + offs, mask=ok, other=0, cache_modifier=".cg")
-        take, n_eq = _kept(key, ok, t, n_eq, need)
-        tl.store(i_row + n_out + tl.cumsum(take.to(tl.int32), 0) - 1,
-                 tl.load(cp_row + offs, mask=take, other=0, cache_modifier=".cg"), mask=take)
-        n_out += tl.sum(take.to(tl.int32))
 
 
 # --- kernels ---------------------------------------------------------------------------------------------------
@@ -729,17 +689,17 @@ def _select_kernel(
 
 @triton.jit(do_not_specialize=["seq", "k_sel", "n_chunks", "tiles_per_chunk", "sample_stride", "n_sample"])
 def _bracket_hist_kernel(
-    s_ptr, kb_ptr, ck_ptr, cp_ptr, meta_ptr, hist_ptr, sfx_ptr,
-    seq, s_stride, c_stride, p_stride, m_stride, h_stride, x_stride, k_sel, rows_per_batch, n_chunks,
-    tiles_per_chunk, sample_stride, n_sample,
+    s_ptr, kb_ptr, ck_ptr, cp_ptr, meta_ptr, hist_ptr,
+    seq, s_stride, c_stride, p_stride, m_stride, h_stride, k_sel, rows_per_batch, n_chunks, tiles_per_chunk,
+    sample_stride, n_sample,
     HAS_KB: tl.constexpr, SAMPLE: tl.constexpr, BLOCK: tl.constexpr, CP2: tl.constexpr,
     MARGIN_SIGMAS: tl.constexpr, PADDED: tl.constexpr,
 ):
     """Multi-program selection, pass 1: one chunk of one row per program.
 
     Every program of a row computes the same bracket (`_bracket`), counts its chunk's keys above it and adds
-    where the keys inside it fall (`_bin_shift`: 256 bins of 2^shift keys) to the row's histogram; it keeps
-    its own, summed from the top bin down, at sfx_ptr. The last program of the row to finish runs `_pick_bin`.
+    where the keys inside it fall (`_bin_shift`: 256 bins of 2^shift keys) to the row's histogram. The last
+    program of the row to finish runs `_pick_bin`.
     """
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
@@ -761,62 +721,73 @@ def _bracket_hist_kernel(
             sub = tl.where(mid, tl.minimum((key.to(tl.int64) - lo64) >> shift, 255).to(tl.int32), 0)
             hist += tl.histogram(sub, 256) - tl.where(bins == 0, BLOCK - tl.sum(mid.to(tl.int32)), 0)
         tl.atomic_add(h_row + bins, hist, mask=hist > 0, sem="relaxed")
-        x_row = sfx_ptr + row * x_stride
-        tl.store(x_row + chunk * 256 + bins, tl.cumsum(hist, 0, reverse=True))
         tl.store(m_row + _META + chunk, n_gt)
         tl.debug_barrier()  # all of this program's writes precede its ticket (acquire-release, GPU scope)
         if tl.atomic_add(m_row + 2, 1) == n_chunks - 1:
-            _pick_bin(s_row, ck_ptr + row * c_stride, cp_ptr + row * p_stride, m_row, h_row, x_row, seq, kb, lo,
-                      hi, n_chunks, tiles_per_chunk * BLOCK, CP2, BLOCK, PADDED)
+            _pick_bin(s_row, ck_ptr + row * c_stride, cp_ptr + row * p_stride, m_row, h_row, seq, kb, lo, hi,
+                      n_chunks, tiles_per_chunk * BLOCK, CP2, BLOCK, PADDED)
 
 
 @triton.jit(do_not_specialize=["seq", "k_sel", "n_chunks", "tiles_per_chunk"])
-def _bin_write_kernel(
-    s_ptr, kb_ptr, ck_ptr, cp_ptr, meta_ptr, idx_ptr,
-    seq, s_stride, c_stride, p_stride, m_stride, i_stride, k_sel, rows_per_batch, n_chunks, tiles_per_chunk,
+def _bin_collect_kernel(
+    s_ptr, kb_ptr, ck_ptr, cp_ptr, meta_ptr,
+    seq, s_stride, c_stride, p_stride, m_stride, k_sel, rows_per_batch, n_chunks, tiles_per_chunk,
     HAS_KB: tl.constexpr, CP2: tl.constexpr, BLOCK: tl.constexpr, PADDED: tl.constexpr,
 ):
-    """Multi-program selection, pass 2: one chunk of one row per program.
+    """Multi-program selection, pass 2: one chunk of one row per program (rows pass 1 resolved are skipped).
 
-    Writes the positions of the chunk's keys above the threshold bin at its offset, and copies its keys inside
-    the bin (with their positions) to its place among the row's candidates; the last program of the row runs
-    `_write_bin`, which appends the kept candidates. In a row that pass 1 resolved, the chunk writes its kept
-    positions exactly (keys above the threshold and its share of the ties, earliest first) at its offset.
+    Counts the chunk's keys above the threshold bin and appends the keys inside it (with their positions) to
+    the row's candidates; the last program of the row runs `_resolve_row` on them.
     """
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     kb = (tl.load(kb_ptr + row // rows_per_batch) if HAS_KB else k_sel) + tl.zeros([], dtype=tl.int32)
-    if kb > 0:
+    m_row = meta_ptr + row * m_stride
+    if (kb > 0) & (tl.load(m_row + 7) == 0):
         s_row = s_ptr + row * s_stride
-        m_row = meta_ptr + row * m_stride
-        i_row = idx_ptr + row * i_stride
-        c0 = chunk * tiles_per_chunk * BLOCK
-        out_at = tl.load(m_row + _META + CP2 + chunk)
-        if tl.load(m_row + 7) == 1:
-            _write_positions(s_row, i_row, c0, tl.minimum(c0 + tiles_per_chunk * BLOCK, seq), tl.load(m_row),
-                             tl.load(m_row + _META + 2 * CP2 + chunk), out_at, BREAK_TIES=True, BLOCK=BLOCK,
-                             PADDED=PADDED)
-        else:
-            ck_row = ck_ptr + row * c_stride
-            cp_row = cp_ptr + row * p_stride
-            cand_at = tl.load(m_row + _META + 2 * CP2 + chunk)
-            lo = tl.load(m_row + 4)
-            hi = tl.load(m_row + 5)
-            for t in range(tiles_per_chunk):
-                offs = c0 + t * BLOCK + tl.arange(0, BLOCK)
-                key, above, mid = _classify_tile(s_row, offs, seq, lo, hi, PADDED)
-                up = (offs < seq) & (key > hi)
-                tl.store(i_row + out_at + tl.cumsum(up.to(tl.int32), 0) - 1, offs, mask=up)
-                out_at += above
-                dst = cand_at + tl.cumsum(mid.to(tl.int32), 0) - 1
+        ck_row = ck_ptr + row * c_stride
+        cp_row = cp_ptr + row * p_stride
+        lo = tl.load(m_row + 4)
+        hi = tl.load(m_row + 5)
+        n_gt = tl.zeros([], dtype=tl.int32)
+        for t in range(tiles_per_chunk):
+            offs = (chunk * tiles_per_chunk + t) * BLOCK + tl.arange(0, BLOCK)
+            key, above, mid = _classify_tile(s_row, offs, seq, lo, hi, PADDED)
+            n_gt += above
+            n_mid = tl.sum(mid.to(tl.int32))
+            if n_mid > 0:
+                dst = tl.atomic_add(m_row + 1, n_mid, sem="relaxed") + tl.cumsum(mid.to(tl.int32), 0) - 1
                 tl.store(ck_row + dst, key, mask=mid)
                 tl.store(cp_row + dst, offs, mask=mid)
-                cand_at += tl.sum(mid.to(tl.int32))
-            tl.debug_barrier()  # all of this program's writes precede its ticket (acquire-release, GPU scope)
-            if tl.atomic_add(m_row + 3, 1) == n_chunks - 1:
-                need = tl.load(m_row + 6)
-                _write_bin(ck_row, cp_row, i_row + kb - need, tl.load(m_row + 1), need, lo, hi, BLOCK)
-                tl.store(m_row + 3, 0)
+        tl.store(m_row + _META + chunk, n_gt)
+        tl.debug_barrier()
+        if tl.atomic_add(m_row + 3, 1) == n_chunks - 1:
+            chunks = tl.arange(0, CP2)
+            gt_c = tl.load(m_row + _META + chunks, mask=chunks < n_chunks, other=0, cache_modifier=".cg")
+            _resolve_row(ck_row, cp_row, m_row, tl.load(m_row + 1, cache_modifier=".cg"), tl.load(m_row + 6),
+                         gt_c, lo, hi, tiles_per_chunk * BLOCK, n_chunks, CP2, BLOCK)
+            tl.store(m_row + 1, 0)
+            tl.store(m_row + 3, 0)
+
+
+@triton.jit(do_not_specialize=["seq", "k_sel", "tiles_per_chunk"])
+def _write_kernel(
+    s_ptr, kb_ptr, meta_ptr, idx_ptr,
+    seq, s_stride, m_stride, i_stride, k_sel, rows_per_batch, tiles_per_chunk,
+    HAS_KB: tl.constexpr, CP2: tl.constexpr, BLOCK: tl.constexpr, PADDED: tl.constexpr,
+):
+    """Multi-program selection, pass 3: each chunk writes its kept positions (key > t, and its share of the
+    keys == t, earliest first) at its offset, so each row's positions come out in increasing order."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    kb = (tl.load(kb_ptr + row // rows_per_batch) if HAS_KB else k_sel) + tl.zeros([], dtype=tl.int32)
+    if kb > 0:
+        m_row = meta_ptr + row * m_stride
+        c0 = chunk * tiles_per_chunk * BLOCK
+        _write_positions(s_ptr + row * s_stride, idx_ptr + row * i_stride, c0,
+                         tl.minimum(c0 + tiles_per_chunk * BLOCK, seq), tl.load(m_row),
+                         tl.load(m_row + _META + 2 * CP2 + chunk), tl.load(m_row + _META + CP2 + chunk),
+                         BREAK_TIES=True, BLOCK=BLOCK, PADDED=PADDED)
 
 
 @triton.jit(do_not_specialize=["k_sel", "tiles_per_prog", "n_split"])
@@ -1021,8 +992,8 @@ def select_tokens(scores: torch.Tensor, k: int, k_b: torch.Tensor | None, rows_p
                   cfg: LokiKernelConfig) -> torch.Tensor:
     """Stage 2: int32 [rows, k] positions of the k_b best scores of each row of float32 `scores` [rows, S]
     (stride(-1) == 1; row r belongs to sequence r // rows_per_batch; k_b = k without padding; entries past k_b
-    are unused), ties at the threshold to the earliest positions, in the module's deterministic order. One
-    program per row or several (`one_program_select`). A view of the workspace, valid until the next call."""
+    are unused), in increasing order, ties at the threshold to the earliest positions. One program per row or
+    several (`one_program_select`). A view of the workspace, valid until the next call."""
     rows, s = scores.shape
     ws = _workspace(scores.device)
     padded = _rows_padded(scores)
@@ -1046,18 +1017,22 @@ def select_tokens(scores: torch.Tensor, k: int, k_b: torch.Tensor | None, rows_p
     cand_pos = ws.get("cand_pos", rows, s, torch.int32)
     meta = ws.get("select_meta", rows, _META.value + 3 * cp2, torch.int32, zeros=True)
     hist = ws.get("select_hist", rows, _SUB_BINS, torch.int32, zeros=True)
-    suffix = ws.get("select_suffix", rows, n_chunks * _SUB_BINS, torch.int32)
     stride = max(1, s // cfg.multi_select_sample)
     _bracket_hist_kernel[(rows, n_chunks)](
-        scores, kb_arg, cand, cand_pos, meta, hist, suffix,
-        s, scores.stride(0), cand.stride(0), cand_pos.stride(0), meta.stride(0), hist.stride(0), suffix.stride(0),
-        k, rows_per_batch, n_chunks, tiles, stride, min(cfg.multi_select_sample, triton.cdiv(s, stride)),
+        scores, kb_arg, cand, cand_pos, meta, hist,
+        s, scores.stride(0), cand.stride(0), cand_pos.stride(0), meta.stride(0), hist.stride(0), k, rows_per_batch,
+        n_chunks, tiles,
+        stride, min(cfg.multi_select_sample, triton.cdiv(s, stride)),
         HAS_KB=k_b is not None, SAMPLE=cfg.multi_select_sample, BLOCK=block, CP2=cp2, MARGIN_SIGMAS=5.0,
         PADDED=padded, num_warps=cfg.multi_select_warps,
     )
-    _bin_write_kernel[(rows, n_chunks)](
-        scores, kb_arg, cand, cand_pos, meta, idx, s, scores.stride(0), cand.stride(0), cand_pos.stride(0),
-        meta.stride(0), idx.stride(0), k, rows_per_batch, n_chunks, tiles,
+    _bin_collect_kernel[(rows, n_chunks)](
+        scores, kb_arg, cand, cand_pos, meta, s, scores.stride(0), cand.stride(0), cand_pos.stride(0),
+        meta.stride(0), k, rows_per_batch, n_chunks, tiles,
+        HAS_KB=k_b is not None, CP2=cp2, BLOCK=block, PADDED=padded, num_warps=cfg.multi_select_warps,
+    )
+    _write_kernel[(rows, n_chunks)](
+        scores, kb_arg, meta, idx, s, scores.stride(0), meta.stride(0), idx.stride(0), k, rows_per_batch, tiles,
         HAS_KB=k_b is not None, CP2=cp2, BLOCK=block, PADDED=padded, num_warps=cfg.multi_select_warps,
     )
     return idx[:rows, :k]
