@@ -1,16 +1,41 @@
-"""How many principal dims (d) and tokens (k) Loki spends: one definition shared by every code path."""
+"""How many principal dims (d) and keys (k) Loki spends, and which keys it always keeps: one definition that every
+code path (the PyTorch path, the Triton decode and prefill kernels, CUDA graphs) reads.
+
+A query row that sees ``n`` keys keeps ``k`` of them:
+
+- ``k_rule="row"``: ``k = ceil(k_frac * n)``: every row keeps the same share of what it sees;
+- ``k_rule="paper"`` (the official Loki evaluation): ``k = floor(k_frac * S)`` for the whole window of ``S``
+  keys (per sequence: the keys its last row sees), and a row keeps ``min(n, k)``: the first ``k_frac`` of the rows
+  of a window attend densely. In a decode step the row is the last of its window (``S = n``), so during
+  generation ``S`` is the cache length at that step: the kept share stays ``k_frac`` of the keys read, as the
+  bytes-read cost assumes. The rules then differ only in rounding.
+
+Then, whatever the rule: ``k`` is at least 1; at least ``sink_tokens + recent_tokens`` (the first ``sink_tokens``
+visible keys and the last ``recent_tokens``, the row's own key included, are always kept, and they count inside
+``k``: protection changes which keys are read, not how many, unless ``k`` is smaller than the protected set);
+a row that sees at most ``min_tokens`` keys keeps all of them; and never more than ``n``.
+"""
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
+
+K_RULES = ("row", "paper")
 
 
 def check_fraction(name: str, value: float) -> float:
     """Validate a budget fraction in (0, 1]."""
-    if not isinstance(value, (int, float)) or not (0.0 < float(value) <= 1.0):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) <= 1.0):
         raise ValueError(f"{name} must be a fraction in (0, 1], got {value!r}")
     return float(value)
+
+
+def check_count(name: str, value: int) -> int:
+    """Validate a token count >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return int(value)
 
 
 def num_dims(d_frac: float, head_dim: int) -> int:
@@ -18,13 +43,70 @@ def num_dims(d_frac: float, head_dim: int) -> int:
     return max(1, min(head_dim, round(check_fraction("d_frac", d_frac) * head_dim)))
 
 
+@dataclass(frozen=True)
+class Budget:
+    """Keys kept per query row (see the module docstring). Validated on construction."""
+
+    k_frac: float
+    k_rule: str = "row"
+    min_tokens: int = 0
+    sink_tokens: int = 0
+    recent_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "k_frac", check_fraction("k_frac", self.k_frac))
+        if self.k_rule not in K_RULES:
+            raise ValueError(f"k_rule must be one of {K_RULES}, got {self.k_rule!r}")
+        for name in ("min_tokens", "sink_tokens", "recent_tokens"):
+            check_count(name, getattr(self, name))
+
+    @property
+    def protected(self) -> int:
+        """Keys every row keeps whatever their scores (first sink_tokens, last recent_tokens)."""
+        return self.sink_tokens + self.recent_tokens
+
+    @property
+    def is_dense(self) -> bool:
+        """Whether every row keeps every key it sees (k_frac = 1)."""
+        return self.k_frac >= 1.0
+
+    def tokens(self, n_visible: torch.Tensor, window: torch.Tensor | None = None) -> torch.Tensor:
+        """int64 keys kept per row, shaped like `n_visible` (int tensor, keys each row sees). `window`: the S of
+        the paper rule, broadcastable to `n_visible` (default: `n_visible`, i.e. each row ends its window, as a
+        decode step does). Pure tensor ops: no host sync, safe under CUDA-graph capture."""
+        n = n_visible.to(torch.int64)
+        if self.k_rule == "row":
+            k = torch.ceil(n.to(torch.float64) * self.k_frac - 1e-9).to(torch.int64)
+        else:
+            s = n if window is None else window.to(torch.int64)
+            k = torch.floor(s.to(torch.float64) * self.k_frac + 1e-9).to(torch.int64)
+        k = k.clamp_min(max(1, self.protected))
+        if self.min_tokens:
+            k = torch.where(n <= self.min_tokens, n, k)
+        return torch.minimum(k, n)
+
+    def max_tokens(self, n_max: int) -> int:
+        """Upper bound of `tokens` over rows that see (and windows of) at most `n_max` keys."""
+        return int(self.tokens(torch.tensor(n_max)))
+
+    def describe(self) -> dict:
+        """The settings as plain values (for results files)."""
+        return {"k_frac": self.k_frac, "k_rule": self.k_rule, "min_tokens": self.min_tokens,
+                "sink_tokens": self.sink_tokens, "recent_tokens": self.recent_tokens}
+
+
 def num_tokens(n_visible: torch.Tensor, k_frac: float) -> torch.Tensor:
-    """Tokens each query keeps: ceil(k_frac * n) clipped to [min(1, n), n]. `n_visible` is an int tensor of any shape."""
-    n = n_visible.to(torch.int64)
-    k = torch.ceil(n.to(torch.float64) * check_fraction("k_frac", k_frac) - 1e-9).to(torch.int64)
-    return torch.minimum(k.clamp_min(1), n)
+    """Transitional (removed once every kernel takes budgets as tensors): `Budget(k_frac).tokens(n_visible)`."""
+    return Budget(k_frac).tokens(n_visible)
 
 
 def max_tokens(n_max: int, k_frac: float) -> int:
-    """Upper bound of `num_tokens` over rows that see at most `n_max` tokens."""
-    return min(n_max, max(1, math.ceil(n_max * check_fraction("k_frac", k_frac) - 1e-9)))
+    """Transitional: `Budget(k_frac).max_tokens(n_max)`."""
+    return Budget(k_frac).max_tokens(n_max)
+
+
+def read_cost(d_frac: float, k_frac: float, dense_layers: int = 0, num_layers: int = 1) -> float:
+    """Key + value bytes a decode step reads, relative to full attention: a sparse layer reads d_frac of the
+    keys for the approximate scores, then k_frac of the keys and values (d_frac / 2 + k_frac); a dense layer 1."""
+    sparse = d_frac / 2 + k_frac
+    return (dense_layers + (num_layers - dense_layers) * sparse) / num_layers
