@@ -4,7 +4,7 @@ from __future__ import annotations
 from .loki.basis import PCABasis
 from .loki.cache import LokiCache
 from .loki.calibrate import calibrate_pca
-from .loki.patch import is_patched, patch_loki, unpatch
+from .loki.patch import decode_rows, is_patched, loki_settings, patch_loki, unpatch
 from .transnormer import TransNormerConfig, TransNormerForCausalLM, TransNormerModel
 
 __version__ = "0.1.0"
@@ -13,7 +13,9 @@ __all__ = [
     "PCABasis",
     "LokiCache",
     "calibrate_pca",
+    "decode_rows",
     "is_patched",
+    "loki_settings",
     "patch_loki",
     "unpatch",
     "TransNormerConfig",

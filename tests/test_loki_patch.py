@@ -9,7 +9,7 @@ import hf_patch
 from hf_patch import LokiCache, patch_loki, unpatch
 from hf_patch.loki.cache import APPROX_KEYS
 from hf_patch.loki.attention import LokiLayer, loki_attention_dense, visible_keys
-from hf_patch.loki.budget import num_tokens
+from hf_patch.loki.budget import Budget, num_tokens
 from hf_patch.loki.dims import allocate_dims
 
 
@@ -86,7 +86,7 @@ def test_dense_loki_matches_rowwise_reference(gqa_select, rotated, dims):
     torch.manual_seed(0)
     b, hq, hkv, t, d = 2, 6, 2, 13, 16
     basis = random_basis(1, hkv, d, seed=3)
-    loki = LokiLayer(basis.components[0], torch.tensor(dims), 0.3, "all", gqa_select)
+    loki = LokiLayer(basis.components[0], torch.tensor(dims), Budget(0.3), "all", gqa_select)
     q, k, v = torch.randn(b, hq, t, d), torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
     visible = visible_keys(None, t, t, q.device).expand(b, 1, t, t).clone()
     visible[1, :, :, :3] = False  # left padding of 3 in the second sequence

@@ -34,3 +34,17 @@ def key_shape(model: nn.Module) -> tuple[int, int, int]:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return len(attention_layers(model)), getattr(config, "num_key_value_heads", None) or heads, head_dim
+
+
+PREVIOUS_ATTN = "_hf_patch_previous_attn_implementation"  # set on a patched model: the attention it had before
+
+
+def is_patched(model: nn.Module) -> bool:
+    return hasattr(model, PREVIOUS_ATTN)
+
+
+def loki_layers(model: nn.Module) -> list:
+    """The per-layer Loki settings (`LokiLayer`) of a patched model."""
+    if not is_patched(model):
+        raise ValueError("the model is not patched with Loki: call hf_patch.patch_loki(model, basis) first")
+    return [module.hf_patch_loki for module in attention_layers(model)]

@@ -6,18 +6,20 @@ principal dims, keep the top `k`, and run exact softmax attention (all D dims) o
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from .budget import num_tokens
+from .budget import Budget
 
 ATTENTION_NAME = "hf_patch_loki"
 ROTATED_FLAG = "_loki_rotated"  # set on key tensors that the Loki cache already rotated into the basis
 KV_BOUNDS = "_loki_kv_bounds"  # (kv_start, kv_end) int32 [B] on the device: keys of a fixed-capacity cache
 MODES = ("decode", "all")
 GQA_SELECT = ("query", "group")
+_KV_START = "_loki_kv_start"  # set on a decode step's mask: (kv_len, `decode_kv_start`'s answer)
 PREFILL_KERNELS_ON_CPU = False  # tests: send CPU tensors of mode "all" to the Triton kernels (interpreter) too
 
 
@@ -26,18 +28,34 @@ class LokiLayer:
     """Loki settings of one attention layer, attached to its module as ``module.hf_patch_loki``.
 
     components: [H_kv, D, D] float32 basis (columns = principal directions); dims: int64 [H_kv], principal dims
-    each KV head scores with; k_frac: fraction of visible tokens kept per query; mode: "decode" (full attention
-    when several queries arrive at once, i.e. prefill; Loki for single-token steps) or "all" (Loki on every row);
+    each KV head scores with; budget: keys each query row keeps (`Budget`); mode: "decode" (full attention when
+    several queries arrive at once, i.e. prefill; Loki for single-token steps) or "all" (Loki on every row);
     gqa_select: "query" (each query head picks its own tokens) or "group" (one pick per KV head, by the max over
-    its query heads of the approximate scores).
+    its query heads of the approximate scores); dense: the layer keeps full attention (`dense_layers`).
+    sparse_from: int64 [B] or None, set only inside `decode_rows`: in a multi-row forward, the rows whose key
+    index is below sparse_from[b] attend densely and the others with Loki, as if each were a generated token.
     """
 
     components: torch.Tensor
     dims: torch.Tensor
-    k_frac: float
+    budget: Budget
     mode: str = "decode"
     gqa_select: str = "query"
+    dense: bool = False
+    sparse_from: torch.Tensor | None = None
+    warned: bool = field(default=False, repr=False)
     _on_device: dict = field(default_factory=dict, repr=False)
+
+    def row_budgets(self, n_visible: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """int64 [B, T] keys kept by each query row. n_visible: int [B, T] keys each row sees; rows: int [T], each
+        row's key index (its own position in the cache). Mode "all" reads the paper rule's window S per sequence
+        as the keys its last row sees; under `decode_rows` each sparse row is a decode step (S = what it sees)
+        and rows before sparse_from keep every key."""
+        if self.sparse_from is None:
+            return self.budget.tokens(n_visible, n_visible[:, -1:])
+        n = n_visible.to(torch.int64)
+        dense_row = rows.to(n.device)[None, :] < self.sparse_from.to(n.device)[:, None]
+        return torch.where(dense_row, n, self.budget.tokens(n))
 
     @functools.cached_property
     def kernel_dims(self) -> int | tuple[int, ...]:
@@ -90,22 +108,35 @@ def visible_keys(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, d
     return mask > torch.finfo(mask.dtype).min / 2  # additive float mask
 
 
-def select_tokens(scores: torch.Tensor, visible: torch.Tensor, k_frac: float, gqa_select: str) -> torch.Tensor:
+def protected_keys(visible: torch.Tensor, sink: int, recent: int) -> torch.Tensor | None:
+    """bool like `visible` [..., S]: each row's first `sink` and last `recent` visible keys (None if both are 0)."""
+    if not (sink or recent):
+        return None
+    seen = visible.to(torch.int32).cumsum(-1)  # how many visible keys up to and including each position
+    total = seen[..., -1:]
+    return visible & ((seen <= sink) | (seen > total - recent))
+
+
+def select_tokens(scores: torch.Tensor, visible: torch.Tensor, budgets: torch.Tensor, budget: Budget,
+                  gqa_select: str) -> torch.Tensor:
     """Top-k selection mask from approximate scores.
 
-    scores: [B, H_kv, G, T_q, S] approximate scores; visible: [B or 1, 1, T_q, S].
-    Returns bool [B, H_kv, G or 1, T_q, S]: per row, the ceil(k_frac * visible) best visible keys.
+    scores: [B, H_kv, G, T_q, S] approximate scores; visible: [B or 1, 1, T_q, S]; budgets: int [B, T_q] keys
+    each row keeps (`LokiLayer.row_budgets`); budget: its sink/recent tokens are kept whatever their scores.
+    Returns bool [B, H_kv, G or 1, T_q, S]: per row, its protected keys and the best other visible keys.
     """
     vis = visible[:, :, None]  # [B, 1, 1, T_q, S]
     scores = scores.float().masked_fill(~vis, float("-inf"))
     if gqa_select == "group":
         scores = scores.amax(dim=2, keepdim=True)
-    budget = num_tokens(vis.sum(-1), k_frac)  # [B, 1, 1, T_q]
-    k_max = int(budget.max()) if budget.numel() else 0
+    protected = protected_keys(vis, budget.sink_tokens, budget.recent_tokens)
+    if protected is not None:
+        scores = scores.masked_fill(protected, float("inf"))
+    k_max = int(budgets.max()) if budgets.numel() else 0
     if k_max == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     idx = scores.topk(k_max, dim=-1, sorted=True).indices
-    keep = torch.arange(k_max, device=scores.device) < budget[..., None]
+    keep = torch.arange(k_max, device=scores.device) < budgets[:, None, None, :, None]
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, keep.expand_as(idx))
 
 
@@ -124,36 +155,76 @@ def loki_attention_dense(
     Returns [B, T, H_q, D].
     """
     b, hq, t, d = query.shape
+    s = key.shape[2]
     q_rot = loki.rotate_queries(query)  # [B, H_kv, G, T, D]
     d_max = int(loki.dims.max())
     k_approx = key[..., :d_max] if keys_rotated else loki.rotate_keys(key, d_max)
     # float32 scores from the same bf16/fp16 operands as the CUDA kernels (hf_patch/kernels/loki_prefill.py)
     scores = torch.matmul(loki.approx_query(q_rot).flatten(2, 3).float(), k_approx.float().transpose(-1, -2))
-    selected = select_tokens(scores.unflatten(2, (hq // key.shape[1], t)), visible, loki.k_frac, loki.gqa_select)
+    vis = visible.expand(b, -1, -1, -1)
+    budgets = loki.row_budgets(vis[:, 0].sum(-1), torch.arange(t, device=query.device) + (s - t))
+    selected = select_tokens(scores.unflatten(2, (hq // key.shape[1], t)), vis, budgets, loki.budget,
+                             loki.gqa_select)
     q_exact = q_rot.flatten(1, 2) if keys_rotated else query
     mask = selected.expand(-1, -1, hq // key.shape[1], -1, -1).flatten(1, 2)  # [B, H_q, T, S]
-    out = nn.functional.scaled_dot_product_attention(q_exact, key, value, attn_mask=mask, scale=scaling,
+    return _masked_attention(q_exact, key, value, mask, scaling)
+
+
+def _masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                      scaling: float) -> torch.Tensor:
+    """Exact attention of query [B, H_q, T, D] over the keys `mask` [B|1, 1|H_q, T, S] allows -> [B, T, H_q, D];
+    rows that see no key (padding) attend to nothing."""
+    out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                                      enable_gqa=True)
-    out = out.masked_fill(~visible.any(-1, keepdim=True), 0.0)  # rows that see no key (padding) attend to nothing
-    return out.transpose(1, 2)
+    return out.masked_fill(~mask.any(-1, keepdim=True), 0.0).transpose(1, 2)
 
 
-_last_start: list = [None, None]  # (mask, kv_start) of the latest decode step: every layer shares one mask
+def loki_rows_attention(
+    loki: LokiLayer,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    visible: torch.Tensor,
+    scaling: float,
+    keys_rotated: bool,
+) -> torch.Tensor:
+    """`loki_attention_dense`, with the rows that `loki.sparse_from` leaves dense in every sequence computed as plain
+    attention (the leading rows of a decode-equivalent pass: only the rows after them pay for Loki)."""
+    t, s = query.shape[2], key.shape[2]
+    first = 0 if loki.sparse_from is None else min(t, max(0, int(loki.sparse_from.min()) - (s - t)))
+    if first == 0:
+        return loki_attention_dense(loki, query, key, value, visible, scaling, keys_rotated)
+    q = loki.rotate_queries(query).flatten(1, 2) if keys_rotated else query
+    head = _masked_attention(q[:, :, :first], key, value, visible[:, :, :first], scaling)
+    tail = loki_attention_dense(loki, query[:, :, first:], key, value, visible[:, :, first:], scaling, keys_rotated)
+    return torch.cat([head, tail], dim=1)
 
 
 def decode_kv_start(attention_mask: torch.Tensor | None, kv_len: int) -> torch.Tensor | None | bool:
     """First visible key per sequence for a one-token step: int32 [B], None (all visible), or False when the
-    visible keys are not one suffix of the cache (then the kernel's left-padding form does not apply)."""
+    visible keys are not one suffix of the cache (then the kernel's left-padding form does not apply). Every layer
+    of a step gets the same mask object: the answer is kept on it."""
     if attention_mask is None:
         return None
-    if _last_start[0] is attention_mask:
-        return _last_start[1]
+    cached = getattr(attention_mask, _KV_START, None)
+    if cached is not None and cached[0] == kv_len:
+        return cached[1]
     vis = visible_keys(attention_mask, 1, kv_len, attention_mask.device)[:, 0, -1]  # [B, S]
     start = kv_len - vis.sum(-1)
     suffix = torch.arange(kv_len, device=vis.device)[None] >= start[:, None]
     result = False if not torch.equal(vis, suffix) else (start.to(torch.int32) if bool(start.any()) else None)
-    _last_start[:] = [attention_mask, result]
+    setattr(attention_mask, _KV_START, (kv_len, result))
     return result
+
+
+def _warn_dense_multirow(loki: LokiLayer) -> None:
+    if not loki.warned:
+        loki.warned = True
+        warnings.warn(
+            "Loki mode 'decode' attends densely to forwards of several tokens without a LokiCache (prefill, a "
+            "teacher-forced evaluation, or generate(use_cache=False)): no row of this forward used Loki. Use "
+            "mode='all', generate with the cache, or hf_patch.decode_rows(model, start) to score rows from "
+            "`start` as generated tokens.", stacklevel=3)
 
 
 def loki_attention_forward(
@@ -173,7 +244,10 @@ def loki_attention_forward(
     keys_rotated = getattr(key, ROTATED_FLAG, False)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     t = query.shape[2]
-    if loki.mode == "decode" and t > 1:  # prefill: exact attention; rotated keys need rotated queries
+    multirow_dense = loki.mode == "decode" and t > 1 and loki.sparse_from is None
+    if loki.dense or multirow_dense:  # exact attention; rotated keys need rotated queries
+        if multirow_dense and not keys_rotated and not loki.dense:
+            _warn_dense_multirow(loki)
         q = loki.rotate_queries(query).flatten(1, 2) if keys_rotated else query
         return sdpa_attention_forward(module, q, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     bounds = getattr(key, KV_BOUNDS, None)  # device steps (CUDA graphs): the cache gives the valid range
@@ -186,7 +260,7 @@ def loki_attention_forward(
 
         start, end = bounds
         out = loki_decode_attention(loki.rotate_queries(query).flatten(1, 3), key, value,
-                                    d=loki.kernel_dims, k_frac=loki.k_frac, scaling=scaling,
+                                    d=loki.kernel_dims, k_frac=loki.budget.k_frac, scaling=scaling,
                                     kv_start=start, kv_end=end, gqa_select=loki.gqa_select,
                                     k_approx=getattr(key, APPROX_KEYS, None))
         return out[:, None], None
@@ -197,4 +271,4 @@ def loki_attention_forward(
         if out is not None:
             return out, None
     visible = visible_keys(attention_mask, t, key.shape[2], query.device)
-    return loki_attention_dense(loki, query, key, value, visible, scaling, keys_rotated), None
+    return loki_rows_attention(loki, query, key, value, visible, scaling, keys_rotated), None

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .arch import loki_layers
 from .attention import KV_BOUNDS, ROTATED_FLAG, LokiLayer
 
 GROWTH = 256  # capacity is kept a multiple of this many tokens
@@ -199,8 +200,6 @@ class LokiCache(Cache):
     """
 
     def __init__(self, model: torch.nn.Module, capacity: int = 0, approx_keys: bool = True):
-        from .patch import loki_layers
-
         super().__init__(layers=[LokiCacheLayer(layer, capacity, approx_keys) for layer in loki_layers(model)])
 
     def buffers_key(self) -> tuple[int, ...]:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..data.packing import batched, token_windows
-from .arch import attention_layers, key_shape
+from .arch import attention_layers, is_patched, key_shape
 from .basis import PCABasis
 
 ROTARY = ("pre", "post")
@@ -96,8 +96,6 @@ def calibrate_pca(
     into `seq_len` windows (EOS between texts) until `num_tokens`. rotary: "pre" collects keys before the
     rotary embedding, "post" after. Sums are kept in float64 on the model's device; nothing else is stored.
     """
-    from .patch import is_patched
-
     if rotary not in ROTARY:
         raise ValueError(f"rotary must be one of {ROTARY}, got {rotary!r}")
     if is_patched(model):

@@ -1,36 +1,42 @@
 """`patch_loki` / `unpatch`: switch a Llama-family model to Loki attention through Transformers' own interfaces."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import torch
 import torch.nn as nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from . import cuda_graph as graphs
-from .arch import attention_layers, key_shape
+from .arch import PREVIOUS_ATTN, attention_layers, is_patched, key_shape, loki_layers
 from .attention import ATTENTION_NAME, GQA_SELECT, MODES, LokiLayer, loki_attention_forward
 from .basis import PCABasis
-from .budget import check_fraction
+from .budget import Budget, check_count, check_fraction
 from .dims import allocate_dims
 
-_PREVIOUS_ATTN = "_hf_patch_previous_attn_implementation"
-
+SETTINGS = "hf_patch_loki_settings"  # set on a patched model: the settings it was patched with (a dict)
 
 def _register() -> None:
     AttentionInterface.register(ATTENTION_NAME, loki_attention_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
 
 
-def is_patched(model: nn.Module) -> bool:
-    return hasattr(model, _PREVIOUS_ATTN)
-
-
-def loki_layers(model: nn.Module) -> list[LokiLayer]:
-    """The per-layer Loki settings of a patched model."""
-    if not is_patched(model):
-        raise ValueError("the model is not patched with Loki: call hf_patch.patch_loki(model, basis) first")
-    return [module.hf_patch_loki for module in attention_layers(model)]
+def dense_layer_set(dense_layers: int | Sequence[int], num_layers: int) -> frozenset[int]:
+    """Layer indices that keep full attention: a count from the bottom (the first n layers) or a list."""
+    if isinstance(dense_layers, (list, tuple)):
+        bad = [i for i in dense_layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers]
+        if bad or len(set(dense_layers)) != len(dense_layers):
+            raise ValueError(f"dense_layers must list distinct layer indices in [0, {num_layers}), got "
+                             f"{list(dense_layers)!r}")
+        return frozenset(dense_layers)
+    count = check_count("dense_layers", dense_layers)
+    if count > num_layers:
+        raise ValueError(f"dense_layers={count} exceeds the model's {num_layers} layers")
+    return frozenset(range(count))
 
 
 def patch_loki(
@@ -42,11 +48,21 @@ def patch_loki(
     d_policy: str = "uniform",
     gqa_select: str = "query",
     cuda_graph: bool = False,
+    *,
+    k_rule: str = "row",
+    min_tokens: int = 0,
+    sink_tokens: int = 0,
+    recent_tokens: int = 0,
+    dense_layers: int | Sequence[int] = 0,
 ) -> nn.Module:
     """Make `model` attend with Loki (in place; returns the model).
 
     basis: a `PCABasis` or the directory it was saved to. d_frac: share of the head dim used for approximate
-    scores; k_frac: share of the visible tokens each query attends to. mode: "decode" (exact attention at
+    scores; k_frac: share of the keys each query attends to, counted by `k_rule` ("row": of the keys the row
+    sees; "paper": of the whole window, as the official Loki evaluation does; see `hf_patch.loki.budget`).
+    min_tokens: a row that sees at most this many keys attends to all of them. sink_tokens / recent_tokens: the
+    first / last keys a row sees (its own included) are always kept, counted inside k. dense_layers: layers that
+    keep full attention, a count from the bottom or a list of indices. mode: "decode" (exact attention at
     prefill, Loki for each generated token) or "all" (Loki on every query row, e.g. perplexity and lm-eval).
     d_policy: "uniform" or "variance" (same average d, spent where key variance needs it). gqa_select: "query"
     (each query head selects its tokens) or "group" (one selection per KV head). cuda_graph: replay each
@@ -59,7 +75,8 @@ def patch_loki(
     modules = attention_layers(model)
     basis.check_compatible(*key_shape(model))
     check_fraction("d_frac", d_frac)
-    check_fraction("k_frac", k_frac)
+    budget = Budget(k_frac, k_rule, min_tokens, sink_tokens, recent_tokens)
+    dense = dense_layer_set(dense_layers, len(modules))
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if gqa_select not in GQA_SELECT:
@@ -68,11 +85,13 @@ def patch_loki(
         graphs.check_graphable(model)
     dims = allocate_dims(basis, d_frac, d_policy)
 
-    previous = getattr(model, _PREVIOUS_ATTN, model.config._attn_implementation)
+    previous = getattr(model, PREVIOUS_ATTN, model.config._attn_implementation)
     _register()
     for i, module in enumerate(modules):
-        module.hf_patch_loki = LokiLayer(basis.components[i].float(), dims[i], float(k_frac), mode, gqa_select)
-    setattr(model, _PREVIOUS_ATTN, previous)
+        module.hf_patch_loki = LokiLayer(basis.components[i].float(), dims[i], budget, mode, gqa_select, i in dense)
+    setattr(model, PREVIOUS_ATTN, previous)
+    setattr(model, SETTINGS, {"d_frac": float(d_frac), **budget.describe(), "mode": mode, "d_policy": d_policy,
+                              "gqa_select": gqa_select, "dense_layers": sorted(dense)})
     model.set_attn_implementation(ATTENTION_NAME)
     _install_generation_cache(model)
     graphs.remove(model)  # a graph captured under the previous settings must not replay
@@ -81,17 +100,42 @@ def patch_loki(
     return model
 
 
+def loki_settings(model: nn.Module) -> dict[str, Any]:
+    """The settings a patched model was patched with (d_frac, the budget, mode, ..., dense layer indices)."""
+    loki_layers(model)  # raises for a model that is not patched
+    return dict(getattr(model, SETTINGS))
+
+
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo `patch_loki`: the model computes exactly what it did before patching."""
     if not is_patched(model):
         raise ValueError("the model is not patched with Loki")
     for module in attention_layers(model):
         del module.hf_patch_loki
-    model.set_attn_implementation(getattr(model, _PREVIOUS_ATTN))
-    delattr(model, _PREVIOUS_ATTN)
+    model.set_attn_implementation(getattr(model, PREVIOUS_ATTN))
+    delattr(model, PREVIOUS_ATTN)
+    model.__dict__.pop(SETTINGS, None)
     model.__dict__.pop("_prepare_cache_for_generation", None)
     graphs.remove(model)
     return model
+
+
+@contextlib.contextmanager
+def decode_rows(model: nn.Module, start: torch.Tensor | Sequence[int] | int) -> Iterator[None]:
+    """Inside this block, a teacher-forced forward of a patched model computes what generation would: in
+    sequence b, the rows before key index `start[b]` (the prompt) attend densely, as prefill does, and every
+    later row attends with Loki over the keys before it, as a decode step would (the paper rule's window is then
+    what the row sees). Works in either mode. `start`: an int or one per sequence ([B], left padding included)."""
+    layers = loki_layers(model)
+    device = next(model.parameters()).device
+    start = torch.as_tensor(start, dtype=torch.int64, device=device).reshape(-1)
+    try:
+        for layer in layers:
+            layer.sparse_from = start
+        yield
+    finally:
+        for layer in layers:
+            layer.sparse_from = None
 
 
 def _install_generation_cache(model: nn.Module) -> None:
