@@ -6,11 +6,15 @@ optional config written `"name:config"` (e.g. `"wikitext:wikitext-2-raw-v1"`). `
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-BUILTIN = {"books:calibration": "calibration", "books:evaluation": "evaluation"}
+# built-in name -> (split, whole books one after another): the plain names interleave the books passage by
+# passage (any prefix spans many books); the ":by-book" names keep each book contiguous (long-context reading)
+BUILTIN = {"books:calibration": ("calibration", False), "books:evaluation": ("evaluation", False),
+           "books:calibration:by-book": ("calibration", True), "books:evaluation:by-book": ("evaluation", True)}
 # file suffix -> `datasets` packaged builder
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -37,7 +41,9 @@ def load_text_dataset(source: Any, split: str | None = None, streaming: bool = T
             raise ValueError(f"unknown built-in dataset {name!r}; choose one of {sorted(BUILTIN)}")
         from .books import prepare_books
 
-        return _load_files(prepare_books()[BUILTIN[name]], split, streaming)
+        split_name, by_book = BUILTIN[name]
+        path = prepare_books()[split_name]
+        return _books_in_order(path) if by_book else _load_files(path, split, streaming)
     path = Path(name).expanduser()
     if path.exists():
         return _load_files(path, split, streaming)
@@ -66,6 +72,18 @@ def iter_texts(source: Any, split: str | None = None, text_column: str = "text",
 
 def _missing_column(column: str, columns: list[str], source: Any) -> str:
     return f"no column {column!r} in {source}; its columns are {columns} (pass text_column=...)"
+
+
+def _books_in_order(path: Path):
+    """The passages of a prepared books split, each book's passages together and in reading order."""
+    import datasets
+
+    by_source: dict[str, list[dict]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            by_source.setdefault(record["source"], []).append(record)
+    return datasets.Dataset.from_list([r for records in by_source.values() for r in records])
 
 
 def _load_files(path: Path, split: str | None, streaming: bool):

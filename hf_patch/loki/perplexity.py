@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -49,6 +52,66 @@ def perplexity(
         "tokens": count,
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def decode_windows(tokenizer, dataset: Any, length: int, windows: int, skip_windows: int = 0) -> list[torch.Tensor]:
+    """`windows` int64 [length] token windows of `dataset`, after skipping the first `skip_windows`."""
+    from .calibrate import _texts
+
+    texts, _ = _texts(dataset)
+    found = list(itertools.islice(token_windows(texts, tokenizer, length), skip_windows, skip_windows + windows))
+    if len(found) < windows:
+        raise ValueError(f"the text holds {len(found)} windows of {length} tokens after skipping {skip_windows}, "
+                         f"not {windows}: use fewer or shorter windows, or more text")
+    return found
+
+
+@torch.inference_mode()
+def decode_perplexity(
+    model: nn.Module,
+    windows: Sequence[torch.Tensor],
+    prefix: int,
+    settings: Sequence[tuple[str, Callable[[nn.Module], Any] | None]],
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Perplexity of generated-like continuations: in each window [P + N + 1] of token ids, the first P = `prefix`
+    tokens are prefilled once with full attention, then for every setting (name, patch) the next N predictions
+    are scored as generation computes them: `patch(model)` (None: full attention) and, on a patched model,
+    `decode_rows` make each of the N rows attend with Loki over the keys before it (a decode step), in one
+    teacher-forced pass over a copy of the prefix cache. The model is unpatched after each setting.
+    Returns {name: {"nll", "ppl", "tokens", "seconds"}}."""
+    from tqdm.auto import tqdm
+    from transformers import DynamicCache
+
+    from .patch import decode_rows, is_patched, unpatch
+
+    if is_patched(model):
+        raise ValueError("decode_perplexity patches the model itself: pass an unpatched model")
+    device = next(model.parameters()).device
+    model.eval()
+    sums = {name: [0.0, 0, 0.0] for name, _ in settings}
+    for window in tqdm(windows, desc=f"decode perplexity (prefix {prefix})", disable=not progress):
+        ids = window.to(device)[None]
+        if not 0 < prefix < ids.shape[1] - 1:
+            raise ValueError(f"prefix={prefix} must leave at least one scored token in windows of {ids.shape[1]}")
+        cache = DynamicCache()
+        model(input_ids=ids[:, :prefix], past_key_values=cache, use_cache=True)
+        for name, patch in settings:
+            start = time.perf_counter()
+            if patch is not None:
+                patch(model)
+            rows = decode_rows(model, prefix) if patch is not None else contextlib.nullcontext()
+            with rows:
+                logits = model(input_ids=ids[:, prefix:-1], past_key_values=cache, use_cache=True).logits
+            if patch is not None:
+                unpatch(model)
+            cache.crop(-logits.shape[1])  # drop the scored rows again (a negative count: every release)
+            nll = nn.functional.cross_entropy(logits[0].float(), ids[0, prefix + 1:], reduction="sum")
+            sums[name][0] += nll.item()
+            sums[name][1] += logits.shape[1]
+            sums[name][2] += time.perf_counter() - start
+    return {name: {"nll": s / n, "ppl": math.exp(s / n), "tokens": n, "seconds": round(t, 2)}
+            for name, (s, n, t) in sums.items()}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
