@@ -1,12 +1,16 @@
 """The `hf-patch` console script. Each subcommand lives in its own module, imported only when used.
 
-A subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int | None``.
+A subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int | None``. A user error (a
+`ValueError`, e.g. a `ConfigError`, or an `OSError` such as a missing file) prints ``hf-patch: error: <message>``
+and exits with status 2, as argparse does for bad flags; `hf-patch --debug COMMAND ...` shows its traceback.
+Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+import warnings
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -21,9 +25,36 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+USER_ERRORS = (ValueError, OSError)
+USAGE_ERROR = 2  # argparse's exit status for bad arguments
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run one subcommand; user errors become one `hf-patch: error:` line and exit status 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = bool(argv) and argv[0] == "--debug"
+    argv = argv[debug:]
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return _run(argv)
+        except USER_ERRORS as err:
+            if debug:
+                raise
+            print(f"hf-patch: error: {err}", file=sys.stderr)
+            return USAGE_ERROR
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings (UserWarning) as one `hf-patch: warning:` line; others as Python prints them."""
+    text = (f"hf-patch: warning: {message}\n" if category is UserWarning
+            else warnings.formatwarning(message, category, filename, lineno, line))
+    print(text, end="", file=sys.stderr if file is None else file)
+
+
+def _run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="hf-patch", description="Cheaper long-context LLMs for Transformers.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error (give it first)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, help_text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
