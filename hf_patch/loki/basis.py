@@ -11,6 +11,10 @@ import torch
 WEIGHTS_NAME = "loki_basis.safetensors"
 CONFIG_NAME = "loki_basis.json"
 FORMAT_VERSION = 1
+TENSOR_NAMES = ("components", "eigenvalues", "mean")
+_SAVED_KEYS = ("format_version", "rank_at_90")  # written by `save`, recomputed rather than loaded
+_SHAPE_KEYS = ("num_layers", "num_kv_heads", "head_dim")  # written by `save`, checked against the tensors
+_RECALIBRATE = "Recalibrate it with `hf-patch calibrate --force` or hf_patch.calibrate_pca(...).save(path)"
 
 
 @dataclass
@@ -41,6 +45,9 @@ class PCABasis:
         rotary = self.metadata.get("rotary")
         if rotary not in (None, "pre", "post"):
             raise ValueError(f"metadata['rotary'] must be 'pre' or 'post', got {rotary!r}")
+        for name in ("components", "eigenvalues", "mean"):
+            _check_values(name, getattr(self, name))
+        _check_orthonormal(self.components)
 
     @property
     def num_layers(self) -> int:
@@ -94,9 +101,7 @@ class PCABasis:
 
     @classmethod
     def load(cls, path: str | Path) -> "PCABasis":
-        """Read a basis written by `save`."""
-        from safetensors.torch import load_file
-
+        """Read a basis written by `save`, checking both files; errors name the file and what was expected."""
         path = Path(path)
         weights, config = path / WEIGHTS_NAME, path / CONFIG_NAME
         if not weights.is_file() or not config.is_file():
@@ -104,11 +109,18 @@ class PCABasis:
                 f"no Loki basis at {path}: expected {WEIGHTS_NAME} and {CONFIG_NAME} there. "
                 "Create one with `hf-patch calibrate` or hf_patch.calibrate_pca(...).save(path)."
             )
-        tensors = load_file(str(weights))
-        meta = json.loads(config.read_text())
-        for key in ("format_version", "num_layers", "num_kv_heads", "head_dim", "rank_at_90"):
-            meta.pop(key, None)
-        return cls(tensors["components"], tensors["eigenvalues"], tensors["mean"], meta)
+        meta = _read_metadata(config)
+        declared = {key: meta.pop(key) for key in (*_SAVED_KEYS, *_SHAPE_KEYS) if key in meta}
+        tensors = _read_tensors(weights)
+        try:
+            basis = cls(tensors["components"], tensors["eigenvalues"], tensors["mean"], meta)
+        except ValueError as err:
+            raise ValueError(f"{weights}: {err}. {_RECALIBRATE}") from None
+        for key, have in zip(_SHAPE_KEYS, (basis.num_layers, basis.num_kv_heads, basis.head_dim)):
+            if declared.get(key, have) != have:
+                raise ValueError(f"{config}: {key} = {declared[key]!r} but the tensors in {weights} have {have}: "
+                                 f"the two files do not belong together. {_RECALIBRATE}")
+        return basis
 
     def check_compatible(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
         """Raise a ValueError naming the mismatch when this basis does not fit a model of that shape."""
@@ -119,3 +131,54 @@ class PCABasis:
                 f" (basis calibrated on {self.metadata.get('model_id', 'an unknown model')}). "
                 "Calibrate a basis for this model with hf_patch.calibrate_pca or `hf-patch calibrate`."
             )
+
+
+def _check_values(name: str, tensor: torch.Tensor) -> None:
+    """A floating tensor of finite values."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"{name} must be a floating-point tensor, got {kind}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} holds NaN or infinite values")
+
+
+def _check_orthonormal(components: torch.Tensor, atol: float = 1e-3) -> None:
+    """Every components[l, h] must be orthonormal (a rotation of the keys)."""
+    c = components.double()
+    error = (c.transpose(-1, -2) @ c - torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)).abs().amax((-1, -2))
+    if bool((error > atol).any()):
+        layer, head = (int(i) for i in torch.nonzero(error > atol)[0])
+        raise ValueError(f"components are not orthonormal (max |C^T C - I| = {float(error.max()):.3g}, first at "
+                         f"layer {layer}, KV head {head}): each components[l, h] must be an orthonormal matrix")
+
+
+def _read_metadata(config: Path) -> dict[str, Any]:
+    """The JSON object of a saved basis, its format version checked."""
+    try:
+        meta = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config} is not valid JSON ({err}): expected the object `PCABasis.save` writes. "
+                         f"{_RECALIBRATE}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{config} holds a JSON {type(meta).__name__}, expected an object (the metadata "
+                         f"`PCABasis.save` writes). {_RECALIBRATE}")
+    version = meta.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{config}: format_version {version!r} is not {FORMAT_VERSION}, the one this hf-patch "
+                         f"reads: use the hf-patch that wrote it, or recalibrate. {_RECALIBRATE}")
+    return meta
+
+
+def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a saved basis, their names checked."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(weights))
+    except SafetensorError as err:
+        raise ValueError(f"{weights} is not a readable safetensors file ({err}). {_RECALIBRATE}") from None
+    if missing := [name for name in TENSOR_NAMES if name not in tensors]:
+        raise ValueError(f"{weights} lacks the tensors {missing}: expected {list(TENSOR_NAMES)}, found "
+                         f"{sorted(tensors)}. {_RECALIBRATE}")
+    return tensors
