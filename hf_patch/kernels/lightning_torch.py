@@ -41,23 +41,12 @@ def check_lightning_inputs(
             f"q and k must have the same shape [B, T, H, D] and v must be [B, T, H, E] with the same B, T, H; "
             f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
-    if q.dtype not in _FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(
-            f"q, k, v must share one floating dtype (float16, bfloat16, float32, float64); "
-            f"got {q.dtype}, {k.dtype}, {v.dtype}"
-        )
+    check_float_qkv(q, k, v)
     batch, seq_len, heads, dim_k = q.shape
     dim_v = v.shape[-1]
     if seq_len == 0:
         raise ValueError("lightning_attn needs at least one token (T >= 1)")
-    if not isinstance(decay, torch.Tensor) or decay.shape != (heads,) or not decay.is_floating_point():
-        raise ValueError(
-            f"decay must be a float tensor of shape [H] = [{heads}] holding each head's lambda in (0, 1]; "
-            f"got {decay.shape if isinstance(decay, torch.Tensor) else type(decay).__name__}"
-        )
-    capturing = decay.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing:
-        _check_decay_values(decay)
+    capturing = check_decay(decay, heads)
     num_seqs, bounds = batch, None
     if cu_seqlens is not None:
         if batch != 1:
@@ -77,6 +66,30 @@ def check_lightning_inputs(
             f"{[num_seqs, heads, dim_k, dim_v]}; got {list(initial_state.shape)}"
         )
     return num_seqs, bounds
+
+
+def check_float_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q, k, v share one floating dtype (lightning_attn and lightning_attn_step alike)."""
+    if q.dtype not in _FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"q, k, v must share one floating dtype (float16, bfloat16, float32, float64); "
+            f"got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+
+
+def check_decay(decay: torch.Tensor, heads: int) -> bool:
+    """decay is a float [H] tensor of lambdas in (0, 1] (values not read during CUDA-graph capture, where that
+    would sync). Returns whether the current CUDA stream is capturing."""
+    if not isinstance(decay, torch.Tensor) or decay.shape != (heads,) or not decay.is_floating_point():
+        raise ValueError(
+            f"decay must be a float tensor of shape [H] = [{heads}] holding each head's lambda in (0, 1]; "
+            f"got {decay.dtype if isinstance(decay, torch.Tensor) else type(decay).__name__} "
+            f"{tuple(decay.shape) if isinstance(decay, torch.Tensor) else ''}"
+        )
+    capturing = decay.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing:
+        _check_decay_values(decay)
+    return capturing
 
 
 # Decay tensors whose values were checked: (id of the base tensor, view geometry) -> (weak reference to the base,
@@ -236,11 +249,12 @@ def lightning_attn_step(
             f"lightning_attn_step expects q, k: [B, H, D] and v: [B, H, E]; got q {tuple(q.shape)}, "
             f"k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
+    check_float_qkv(q, k, v)
     batch, heads, dim_k = q.shape
-    if state.shape != (batch, heads, dim_k, v.shape[-1]):
-        raise ValueError(f"state must be [B, H, D, E] = {[batch, heads, dim_k, v.shape[-1]]}; got {list(state.shape)}")
-    if decay.shape != (heads,):
-        raise ValueError(f"decay must be a tensor of shape [H] = [{heads}]; got {tuple(decay.shape)}")
+    if state.shape != (batch, heads, dim_k, v.shape[-1]) or state.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"state must be a float32 (or float64) tensor [B, H, D, E] = "
+                         f"{[batch, heads, dim_k, v.shape[-1]]}; got {state.dtype} {list(state.shape)}")
+    check_decay(decay, heads)
     ctype = state.dtype
     new_state = decay.to(ctype)[None, :, None, None] * state + k.to(ctype)[..., :, None] * v.to(ctype)[..., None, :]
     o = torch.einsum("bhd,bhde->bhe", q.to(ctype), new_state)
