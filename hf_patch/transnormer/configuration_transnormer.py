@@ -4,6 +4,9 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
+
+from ..config import ConfigError, as_int, positive
 
 # Published TransNormerLLM config field -> our field (transformers' standard names where one exists).
 PUBLISHED_NAMES: dict[str, str] = {
@@ -17,6 +20,8 @@ PUBLISHED_NAMES: dict[str, str] = {
 }
 PUBLISHED_ONLY = (*PUBLISHED_NAMES, "no_scale_embedding", "linear_use_lrpe_list", "norm_type", "add_bos_token")
 DECAY_SCHEDULES = ("transnormerllm", "fla")
+POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "attention_hidden_size",
+                 "intermediate_size")
 
 
 def _from_published(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -107,11 +112,26 @@ class TransNormerConfig(PreTrainedConfig):
 
 
 def _validate(fields: dict[str, Any]) -> None:
-    """Raise a ValueError that says what to change for an inconsistent configuration."""
+    """Normalise the numbers (in place) and raise a ConfigError that names the field for a bad configuration."""
+    try:
+        _check_fields(fields)
+    except ConfigError as err:
+        raise ConfigError(f"TransNormerConfig: {err}") from None
+
+
+def _check_fields(fields: dict[str, Any]) -> None:
+    """The checks of `_validate`, without the class name."""
+    for name in POSITIVE_INTS:
+        fields[name] = as_int(name, fields[name], 1)
+    fields["rms_norm_eps"] = positive("rms_norm_eps", fields["rms_norm_eps"])
+    fields["initializer_range"] = positive("initializer_range", fields["initializer_range"])
+    if fields["hidden_act"] not in ACT2FN:
+        raise ConfigError(f"hidden_act must name an activation of transformers.activations.ACT2FN (e.g. 'silu', "
+                          f"'gelu', 'relu'); got {fields['hidden_act']!r}")
     width, heads, layers = fields["attention_hidden_size"], fields["num_attention_heads"], fields["num_hidden_layers"]
     if width % heads:
-        raise ValueError(f"attention_hidden_size ({width}) must be divisible by num_attention_heads ({heads})")
+        raise ConfigError(f"attention_hidden_size ({width}) must be divisible by num_attention_heads ({heads})")
     if fields["decay_schedule"] not in DECAY_SCHEDULES:
-        raise ValueError(f"decay_schedule must be one of {DECAY_SCHEDULES}, got {fields['decay_schedule']!r}")
+        raise ConfigError(f"decay_schedule must be one of {DECAY_SCHEDULES}, got {fields['decay_schedule']!r}")
     if any(not 0 <= i < layers for i in fields["lrpe_layers"]):
-        raise ValueError(f"lrpe_layers {fields['lrpe_layers']} must lie in [0, {layers})")
+        raise ConfigError(f"lrpe_layers {fields['lrpe_layers']} must lie in [0, {layers})")
