@@ -353,7 +353,7 @@ def test_compare_tables_plots_and_resumes(tiny_model_dir, local_tasks, tmp_path,
     assert calls == []
     compare.run_compare({**cfg, "tasks": {**cfg["tasks"], "hfp_book_cloze": 2}})  # one task changed
     assert calls == ["hfp_book_cloze", "hfp_book_cloze"]
-    with pytest.raises(ValueError, match="d_frac and k_frac"):
+    with pytest.raises(ValueError, match=r"settings\[0\]: missing k_frac"):
         compare.run_compare({**cfg, "settings": [{"d_frac": 0.5}]})
 
 
@@ -372,7 +372,7 @@ def test_smollm2_quick_compare(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prepare, "tasks_dir", lambda: tmp_path / "tasks")  # the real model and corpus stay cached
     prepare.write_tasks({"bigbench_winowhy": _winowhy_records(tmp_path)})
-    cfg = load_config("configs/eval/smollm2_quick.yaml", compare.KEYS)
+    cfg = load_config("configs/eval/smollm2_quick.yaml")
     cfg.update(output_dir=str(tmp_path / "out"), basis={}, calibration={**cfg["calibration"], "num_tokens": 2048,
                                                                           "seq_len": 512},
                tasks={"hfp_books_ppl": 1, "hfp_book_cloze": 4, "hfp_bigbench_winowhy": 4})

@@ -13,19 +13,58 @@ import functools
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import load_config
+from ..config import (DTYPES, ConfigError, Schema, directory, given, integer, list_of, load_config, mapping_of,
+                      one_of, optional, override, setting, text)
+from ..loki.attention import MODES
+from ..loki.calibrate import Calibration
+from ..loki.settings import SweepSetting
 
-KEYS = {"model", "dtype", "device", "batch_size", "output_dir", "tasks", "metrics", "settings", "basis",
-        "calibration", "mode", "num_fewshot", "bootstrap_iters", "seed"}
-SETTING_KEYS = {"rotary", "d_frac", "k_frac", "d_policy", "gqa_select", "mode"}
-DEFAULTS: dict[str, Any] = {"model": "smollm2", "dtype": "float32", "device": "auto", "batch_size": 8,
-                            "output_dir": "outputs/eval", "mode": "all", "num_fewshot": 0, "bootstrap_iters": 1000,
-                            "seed": 1234, "metrics": {}, "basis": {}, "calibration": {}}
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte")
 FULL = "full"
+
+
+def _batch_size(name: str, value: Any) -> int | str:
+    """lm-eval's batch size: an integer >= 1 or "auto"."""
+    return value if value == "auto" else integer(1)(name, value)
+
+
+@dataclass
+class BasisPaths(Schema):
+    """Where the bases of each rotary variant are (default: `output_dir/basis-<rotary>`, calibrated if missing)."""
+
+    pre: str | None = setting(None, optional(text))
+    post: str | None = setting(None, optional(text))
+
+
+@dataclass
+class CompareConfig(Schema):
+    """The `hf-patch compare` config. tasks: task name -> number of examples (null: all); metrics: task -> the
+    metric shown; settings: one `SweepSetting` mapping each (its mode defaults to the config's `mode`)."""
+
+    tasks: dict[str, int | None] = setting(parse=mapping_of(optional(integer(1))), factory=dict)
+    model: str = setting("smollm2", text)
+    dtype: str = setting("float32", one_of(*DTYPES))
+    device: str = setting("auto", text)
+    batch_size: int | str = setting(8, _batch_size)
+    output_dir: str = setting("outputs/eval", directory)
+    metrics: dict[str, str] = setting(parse=mapping_of(text), factory=dict)
+    settings: list[dict[str, Any]] = setting(parse=list_of(given(SweepSetting)), factory=list)
+    basis: dict[str, str] = setting(parse=given(BasisPaths), factory=dict)
+    calibration: dict[str, Any] = setting(parse=given(Calibration), factory=dict)
+    mode: str = setting("all", one_of(*MODES))
+    num_fewshot: int = setting(0, integer(0))
+    bootstrap_iters: int = setting(1000, integer(0))
+    seed: int = setting(1234, integer(0))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.tasks:
+            raise ConfigError("tasks is missing or empty: give a mapping task name -> number of examples (null for "
+                              "all)")
 
 
 # ---------------------------------------------------------------- settings and caching
@@ -93,15 +132,13 @@ def ensure_bases(cfg: dict[str, Any], settings: list[dict[str, Any]]) -> dict[st
 
     missing = [r for r in rotaries if not (paths[r] / CONFIG_NAME).is_file()]
     if missing:
-        from ..loki.calibrate_cli import DEFAULTS as CALIBRATION_DEFAULTS
         from ..loki.calibrate_cli import calibrate_to
         from ..loki.perplexity import resolve_device
         from ..models.smollm2 import load_model
 
         model, tokenizer = load_model(cfg["model"], dtype=cfg["dtype"], device=resolve_device(cfg["device"]))
-        calib = {**CALIBRATION_DEFAULTS, "model": cfg["model"], **cfg["calibration"]}
         for r in missing:
-            calibrate_to(model, tokenizer, calib, r, paths[r])
+            calibrate_to(model, tokenizer, Calibration(**{**cfg["calibration"], "rotary": r}), paths[r], cfg["model"])
         del model
     return paths
 
@@ -119,9 +156,8 @@ def evaluate_setting(cfg: dict[str, Any], setting: dict[str, Any] | None, basis:
 
     label = setting_label(setting)
     loki = None if setting is None else {
-        "basis": str(basis), "d_frac": setting["d_frac"], "k_frac": setting["k_frac"],
-        "mode": setting.get("mode", cfg["mode"]), "d_policy": setting.get("d_policy", "uniform"),
-        "gqa_select": setting.get("gqa_select", "query"), "rotary": setting.get("rotary", "pre")}
+        "d_policy": "uniform", "gqa_select": "query", "rotary": "pre", **setting,
+        "basis": str(basis), "mode": setting.get("mode", cfg["mode"])}
     key = {"model": str(cfg["model"]), "dtype": cfg["dtype"], "num_fewshot": cfg["num_fewshot"],
            "seed": cfg["seed"], "loki": loki, "basis": None if basis is None else _basis_key(basis)}
     path = Path(cfg["output_dir"]) / "cache" / f"{_slug(label)}.json"
@@ -172,17 +208,11 @@ def _needs_prepared_tasks(tasks: list[str]) -> None:
         prepare_tasks(sorted(groups))
 
 
-def run_compare(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Run every setting (full first) and write the table, JSON and plot; return the JSON payload."""
-    cfg = {**DEFAULTS, **cfg}
-    if not cfg.get("tasks"):
-        raise ValueError("the config needs `tasks`: a mapping task name -> number of examples (null for all)")
-    settings = cfg.get("settings") or []
-    for s in settings:
-        if unknown := set(s) - SETTING_KEYS:
-            raise ValueError(f"unknown setting keys {sorted(unknown)}; allowed: {sorted(SETTING_KEYS)}")
-        if not {"d_frac", "k_frac"} <= set(s):
-            raise ValueError(f"each setting needs d_frac and k_frac, got {s}")
+def run_compare(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Check `config` (a `CompareConfig` mapping; `source` names it in errors), run every setting (full first)
+    and write the table, JSON and plot; return the JSON payload."""
+    cfg = CompareConfig.from_dict(config, source).as_dict()
+    settings = cfg["settings"]
     _needs_prepared_tasks(list(cfg["tasks"]))
     bases = ensure_bases(cfg, settings)
     rows = [{"setting": FULL, "params": None, "tasks": evaluate_setting(cfg, None, None)}]
@@ -305,8 +335,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, KEYS)
-    if args.output_dir:
-        cfg["output_dir"] = args.output_dir
-    run_compare(cfg)
+    run_compare(override(load_config(args.config), output_dir=args.output_dir), args.config)
     return 0

@@ -4,8 +4,9 @@
 
 Model args beyond HFLM's own: `basis` (a saved `PCABasis` directory; without it the model runs full attention),
 `d_frac`, `k_frac`, `mode` ("all": Loki on every query row, what teacher-forced scoring measures; "decode":
-exact attention over prompts, Loki only for generated tokens), `d_policy`, `gqa_select` and `rotary` (optional
-check: "pre"/"post" must match the basis). `pretrained="smollm2"` is the embedded SmolLM2-135M-Instruct.
+exact attention over prompts, Loki only for generated tokens), `d_policy`, `gqa_select`, the other settings of
+`patch_loki` (`k_rule`, `min_tokens`, `sink_tokens`, `recent_tokens`, `dense_layers`) and `rotary` (optional
+check: "pre"/"post" must match the basis); all are checked (`LmEvalLoki`) before the model loads. `pretrained="smollm2"` is the embedded SmolLM2-135M-Instruct.
 Importing hf_patch registers its TransNormer models with the Auto classes, so they load like any `hf` model.
 
 This module imports lm-eval: it is loaded only by `hf-patch eval`/`compare` and lm-eval's entry point.
@@ -19,7 +20,6 @@ from lm_eval.api.registry import model_registry, register_model
 from lm_eval.models.huggingface import HFLM
 
 MODEL_NAME = "hf-loki"
-LOKI_ARGS = ("basis", "d_frac", "k_frac", "mode", "d_policy", "gqa_select", "rotary")
 
 
 class LokiHFLM(HFLM):
@@ -39,19 +39,21 @@ class LokiHFLM(HFLM):
         **kwargs: Any,
     ) -> None:
         import hf_patch  # noqa: F401  (registers TransNormer with AutoModelForCausalLM)
+        from hf_patch.loki.settings import LmEvalLoki
         from hf_patch.models.smollm2 import resolve_model
 
+        loki_args = {name: kwargs.pop(name) for name in LmEvalLoki.keys() if name in kwargs}
+        given = dict(basis=basis, d_frac=d_frac, k_frac=k_frac, mode=mode, d_policy=d_policy, gqa_select=gqa_select,
+                     rotary=rotary, **loki_args)
+        settings = LmEvalLoki.from_dict(given, f"{MODEL_NAME} model args")  # checked before the model loads
         if isinstance(pretrained, str):
             pretrained = resolve_model(pretrained)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         super().__init__(pretrained=pretrained, device=device, **kwargs)
         self.loki = None
-        if basis is not None:
-            self.loki = dict(basis=str(basis), d_frac=float(d_frac), k_frac=float(k_frac), mode=mode,
-                             d_policy=d_policy, gqa_select=gqa_select)
-            apply_loki(self.model, rotary=rotary, **self.loki)
-        elif rotary is not None:
-            raise ValueError("rotary was given without a basis: pass basis=<dir of a saved PCABasis> to use Loki")
+        if settings.basis is not None:
+            self.loki = {"basis": settings.basis, **settings.patch_args()}
+            apply_loki(self.model, rotary=settings.rotary, **self.loki)
 
     def get_model_info(self) -> dict[str, Any]:
         """HFLM's model info plus the Loki settings (None for full attention), recorded in lm-eval's results."""

@@ -2,19 +2,65 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from ..config import ConfigError, Schema, integer, one_of, setting
 from ..data.packing import batched, token_windows
 from .arch import attention_layers, is_patched, key_shape
 from .basis import PCABasis
 
 ROTARY = ("pre", "post")
 _COLLECT_NAME = "hf_patch_collect_keys"
+
+
+def check_dataset(name: str, value: Any) -> Any:
+    """A dataset name or path, a `datasets` object or an iterable of strings (checked as it is read)."""
+    if value is None or isinstance(value, (bool, int, float)) or not isinstance(value, (Iterable, os.PathLike)):
+        raise ConfigError(f"{name} must be a dataset name, a file or directory, or an iterable of strings; "
+                          f"got {value!r}")
+    return value
+
+
+@dataclass
+class Calibration(Schema):
+    """What `calibrate_pca` reads: `num_tokens` tokens of `dataset` in `seq_len` windows, `batch_size` windows
+    per forward. A dataset that runs out first gives a warning, or a ConfigError when fewer than `min_tokens`
+    were read."""
+
+    dataset: Any = setting("books:calibration", check_dataset)
+    num_tokens: int = setting(262_144, integer(1))
+    seq_len: int = setting(1024, integer(2))
+    batch_size: int = setting(4, integer(1))
+    rotary: str = setting("pre", one_of(*ROTARY))
+    min_tokens: int = setting(0, integer(0))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_tokens < self.seq_len:
+            raise ConfigError(f"num_tokens ({self.num_tokens}) must be at least seq_len ({self.seq_len})")
+        if self.min_tokens > self.num_tokens:
+            raise ConfigError(f"min_tokens ({self.min_tokens}) must not exceed num_tokens ({self.num_tokens})")
+
+    def check_tokens(self, seen: int, source: str) -> None:
+        """Fail below `min_tokens` (or with no whole window), warn below `num_tokens - seq_len`."""
+        if seen == 0:
+            raise ConfigError(f"the dataset {source} gave fewer than seq_len={self.seq_len} tokens of text: "
+                              "give it more text or lower seq_len")
+        if seen < self.min_tokens:
+            raise ConfigError(f"the dataset {source} gave {seen} tokens, fewer than min_tokens={self.min_tokens}: "
+                              "give it more text (or lower min_tokens)")
+        if seen <= self.num_tokens - self.seq_len:
+            warnings.warn(f"calibration used only {seen} of num_tokens={self.num_tokens} tokens: the dataset "
+                          f"{source} ran out; give it more text for a steadier basis (min_tokens makes this an "
+                          "error)", stacklevel=3)
 
 
 class KeyCovariance:
@@ -88,45 +134,45 @@ def calibrate_pca(
     batch_size: int = 4,
     progress: bool = True,
     model_id: str | None = None,
+    min_tokens: int = 0,
 ) -> PCABasis:
     """Calibrate a Loki basis: stream `dataset` through `model` and PCA its keys per layer and KV head.
 
     dataset: an iterable of strings, a `datasets` Dataset/IterableDataset with a "text" column, a hub name
     ("wikitext:wikitext-2-raw-v1"), local text/json/parquet files, or "books:calibration". Texts are packed
-    into `seq_len` windows (EOS between texts) until `num_tokens`. rotary: "pre" collects keys before the
-    rotary embedding, "post" after. Sums are kept in float64 on the model's device; nothing else is stored.
+    into `seq_len` windows (EOS between texts) until `num_tokens`; a dataset that runs out first gives a warning
+    with the count used, or an error when fewer than `min_tokens` were read. rotary: "pre" collects keys before
+    the rotary embedding, "post" after. Sums are kept in float64 on the model's device; nothing else is stored.
+    The settings are checked (`Calibration`) before any text is read.
     """
-    if rotary not in ROTARY:
-        raise ValueError(f"rotary must be one of {ROTARY}, got {rotary!r}")
+    cal = Calibration(dataset, num_tokens, seq_len, batch_size, rotary, min_tokens)
     if is_patched(model):
         raise ValueError("calibrate the original model: call hf_patch.unpatch(model) first")
-    if num_tokens < seq_len:
-        raise ValueError(f"num_tokens ({num_tokens}) must be at least seq_len ({seq_len})")
     layers, heads, dim = key_shape(model)
     device = next(model.parameters()).device
     stats = KeyCovariance(layers, heads, dim, device=device)
-    texts, source = _texts(dataset)
-    windows = token_windows(texts, tokenizer, seq_len, max_tokens=num_tokens)
+    texts, source = _texts(cal.dataset)
+    windows = token_windows(texts, tokenizer, cal.seq_len, max_tokens=cal.num_tokens)
     seen, start = 0, time.perf_counter()
     from tqdm.auto import tqdm
 
-    with tqdm(total=num_tokens, unit="tok", desc=f"calibrate ({rotary}-RoPE)", disable=not progress) as bar, \
-            _collect_keys(model, rotary, stats.add), torch.inference_mode():
+    with tqdm(total=cal.num_tokens, unit="tok", desc=f"calibrate ({cal.rotary}-RoPE)", disable=not progress) as bar, \
+            _collect_keys(model, cal.rotary, stats.add), torch.inference_mode():
         was_training = model.training
         model.eval()
-        for batch in batched(windows, batch_size):
+        for batch in batched(windows, cal.batch_size):
             model.base_model(input_ids=batch.to(device), use_cache=False)
             seen += batch.numel()
             bar.update(batch.numel())
         model.train(was_training)
-    if seen == 0:
-        raise ValueError(f"the dataset {source} gave fewer than seq_len={seq_len} tokens of text")
+    cal.check_tokens(seen, source)
     metadata = {
         "model_id": model_id or getattr(model.config, "_name_or_path", None) or type(model).__name__,
         "model_type": model.config.model_type,
-        "rotary": rotary,
+        "rotary": cal.rotary,
         "tokens": seen,
-        "seq_len": seq_len,
+        "num_tokens": cal.num_tokens,
+        "seq_len": cal.seq_len,
         "dataset": source,
         "seconds": round(time.perf_counter() - start, 2),
     }
@@ -134,10 +180,23 @@ def calibrate_pca(
 
 
 def _texts(dataset: Any) -> tuple[Iterable[str], str]:
-    """An iterable of texts and a description of where they come from."""
-    if isinstance(dataset, (list, tuple)):
-        return dataset, f"{len(dataset)} texts"
+    """An iterable of texts and a description of where they come from. Names, paths, `datasets` objects (and
+    dicts of them) go through `iter_texts`; any other iterable must yield strings."""
     from ..data.text import iter_texts
 
-    name = dataset if isinstance(dataset, str) else type(dataset).__name__
-    return iter_texts(dataset), str(name)
+    if isinstance(dataset, (str, os.PathLike, Mapping)) or hasattr(dataset, "column_names"):
+        name = dataset if isinstance(dataset, (str, os.PathLike)) else type(dataset).__name__
+        return iter_texts(dataset), str(name)
+    if isinstance(dataset, Iterable):
+        size = f"{len(dataset)} " if hasattr(dataset, "__len__") else ""
+        return _strings(dataset), f"{size}texts ({type(dataset).__name__})"
+    return iter_texts(dataset), type(dataset).__name__  # iter_texts says what it accepts
+
+
+def _strings(texts: Iterable[Any]) -> Iterator[str]:
+    """The items of `texts`, which must be strings."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"dataset item {i} is a {type(text).__name__}, expected str: pass an iterable of "
+                            "strings, a `datasets` dataset with a text column, or a dataset name or path")
+        yield text

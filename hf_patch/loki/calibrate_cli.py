@@ -2,33 +2,52 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from ..config import load_config, override
+from ..config import DTYPES, directory, integer, one_of, optional, setting, text
 from .basis import CONFIG_NAME, PCABasis
-from .calibrate import calibrate_pca
+from .calibrate import Calibration, calibrate_pca
 from .plots import plot_explained_variance
 
-KEYS = {"model", "dtype", "device", "dataset", "num_tokens", "seq_len", "batch_size", "rotary", "output"}
-DEFAULTS: dict[str, Any] = {
-    "model": None, "dtype": "float32", "device": "auto", "dataset": "books:calibration", "num_tokens": 131_072,
-    "seq_len": 1024, "batch_size": 4, "rotary": "pre", "output": "outputs/basis",
-}
+
+@dataclass
+class CalibrateConfig(Calibration):
+    """The `hf-patch calibrate` config: a `Calibration` plus the model to load and the output directory."""
+
+    num_tokens: int = setting(131_072, integer(1))
+    model: str | None = setting(None, optional(text))
+    dtype: str = setting("float32", one_of(*DTYPES))
+    device: str = setting("auto", text)
+    output: str = setting("outputs/basis", directory)
+
+    def calibration(self) -> Calibration:
+        """The calibration settings alone."""
+        return Calibration(**{k: v for k, v in self.as_dict().items() if k in Calibration.keys()})
 
 
-def calibrate_to(model, tokenizer, cfg: dict[str, Any], rotary: str, output: Path, force: bool = False) -> PCABasis:
+def reusable(basis: PCABasis, cal: Calibration) -> bool:
+    """Whether `basis` is what calibrating with `cal` would give: same rotary and dataset, and as many tokens
+    (or every token the dataset had, when an earlier run asked for at least `num_tokens` and it ran out)."""
+    meta = basis.metadata
+    if meta.get("rotary") != cal.rotary or meta.get("dataset") != str(cal.dataset):
+        return False
+    tokens = meta.get("tokens", 0)
+    return tokens > cal.num_tokens - cal.seq_len or meta.get("num_tokens", 0) >= cal.num_tokens
+
+
+def calibrate_to(model, tokenizer, cal: Calibration, output: Path, model_name: str | None = None,
+                 force: bool = False) -> PCABasis:
     """Load the basis at `output` if it was calibrated with the same settings, else calibrate and save it."""
     if (output / CONFIG_NAME).is_file() and not force:
         basis = PCABasis.load(output)
-        same = basis.metadata.get("rotary") == rotary and basis.metadata.get("tokens", 0) >= cfg["num_tokens"] - cfg["seq_len"]
-        if same and basis.metadata.get("dataset") == str(cfg["dataset"]):
+        if reusable(basis, cal):
             print(f"reusing the basis in {output}")
+            cal.check_tokens(basis.metadata["tokens"], str(cal.dataset))
             return basis
-    basis = calibrate_pca(model, tokenizer, cfg["dataset"], num_tokens=cfg["num_tokens"], rotary=rotary,
-                          seq_len=cfg["seq_len"], batch_size=cfg["batch_size"], model_id=_model_id(cfg["model"]))
+    basis = calibrate_pca(model, tokenizer, model_id=_model_id(model_name), **cal.as_dict())
     basis.save(output)
-    plot_explained_variance({f"{rotary}-RoPE": basis}, output / "explained_variance.png")
+    plot_explained_variance({f"{cal.rotary}-RoPE": basis}, output / "explained_variance.png")
     return basis
 
 
@@ -47,25 +66,34 @@ def describe(basis: PCABasis) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML with keys " + ", ".join(sorted(KEYS)))
+    parser.add_argument("--config", help="YAML with keys " + ", ".join(sorted(CalibrateConfig.keys())))
     parser.add_argument("--model")
     parser.add_argument("--dataset")
-    parser.add_argument("--num-tokens", type=int)
-    parser.add_argument("--rotary", choices=("pre", "post"))
+    parser.add_argument("--num-tokens")
+    parser.add_argument("--min-tokens", help="fail if the dataset gives fewer tokens than this")
+    parser.add_argument("--rotary")
     parser.add_argument("--output")
     parser.add_argument("--device")
     parser.add_argument("--force", action="store_true", help="recalibrate even if the output holds a basis")
+
+
+def config_from_args(args: argparse.Namespace) -> CalibrateConfig:
+    """The config file (if any) with the flags given on top, checked."""
+    flags = dict(model=args.model, dataset=args.dataset, num_tokens=args.num_tokens, min_tokens=args.min_tokens,
+                 rotary=args.rotary, output=args.output, device=args.device)
+    if args.config:
+        return CalibrateConfig.from_file(args.config, **flags)
+    return CalibrateConfig.from_dict({k: v for k, v in flags.items() if v is not None}, "flags")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..models.smollm2 import load_model
     from .perplexity import resolve_device
 
-    cfg = {**DEFAULTS, **(load_config(args.config, KEYS) if args.config else {})}
-    cfg = override(cfg, model=args.model, dataset=args.dataset, num_tokens=args.num_tokens, rotary=args.rotary,
-                   output=args.output, device=args.device)
-    model, tokenizer = load_model(cfg["model"], dtype=cfg["dtype"], device=resolve_device(cfg["device"]))
-    basis = calibrate_to(model, tokenizer, cfg, cfg["rotary"], Path(cfg["output"]), force=args.force)
+    cfg = config_from_args(args)
+    output = Path(cfg.output)
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device))
+    basis = calibrate_to(model, tokenizer, cfg.calibration(), output, cfg.model, force=args.force)
     print(describe(basis))
-    print(f"saved to {cfg['output']} (plot: {Path(cfg['output']) / 'explained_variance.png'})")
+    print(f"saved to {output} (plot: {output / 'explained_variance.png'})")
     return 0

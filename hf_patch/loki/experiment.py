@@ -11,114 +11,135 @@ under the config's `output_dir`, plus one basis directory per rotary variant (re
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import load_config
+from ..config import (DTYPES, Schema, directory, given, integer, list_of, load_config, one_of, optional, override,
+                      setting, text)
 from .budget import read_cost
-from .calibrate_cli import DEFAULTS as CALIBRATION_DEFAULTS
+from .calibrate import Calibration, check_dataset
 from .calibrate_cli import calibrate_to, describe
 from .patch import loki_settings, patch_loki, unpatch
-from .perplexity import decode_perplexity, decode_windows, perplexity, resolve_device
+from .perplexity import Evaluation, decode_perplexity, decode_windows, perplexity, resolve_device
 from .plots import plot_explained_variance, plot_perplexity
-
-KEYS = {"model", "dtype", "device", "threads", "output_dir", "calibration", "evaluation", "settings"}
-# a setting: an optional name and rotary variant, plus any keyword of `patch_loki` (mode and cuda_graph aside)
-PATCH_KEYS = set(inspect.signature(patch_loki).parameters) - {"model", "basis", "mode", "cuda_graph"}
-SETTING_KEYS = {"name", "rotary"} | PATCH_KEYS
-EVALUATIONS = {
-    "decode": {"dataset": "books:evaluation:by-book", "prefix": 3072, "new_tokens": 512, "windows": 2,
-               "skip_windows": 0},
-    "all": {"dataset": "books:evaluation", "seq_len": 2048, "max_tokens": 8192, "batch_size": 1},
-}
+from .settings import LokiSettings, SweepSetting
 
 
-def check_settings(settings: list[dict[str, Any]]) -> None:
-    """Unknown keys in any setting fail before a model is loaded."""
-    for s in settings:
-        if unknown := set(s) - SETTING_KEYS:
-            raise ValueError(f"unknown setting keys {sorted(unknown)}; allowed: {sorted(SETTING_KEYS)}")
+@dataclass
+class DecodeEvaluation(Schema):
+    """Decode-equivalent perplexity: `windows` windows of `dataset` (after `skip_windows`), each `prefix` tokens
+    prefilled densely and the next `new_tokens` scored as generated tokens."""
+
+    dataset: Any = setting("books:evaluation:by-book", check_dataset)
+    prefix: int = setting(3072, integer(1))
+    new_tokens: int = setting(512, integer(1))
+    windows: int = setting(2, integer(1))
+    skip_windows: int = setting(0, integer(0))
+
+
+@dataclass
+class Evaluations(Schema):
+    """Which evaluations `hf-patch main` runs (each a mapping of the keys that differ from its defaults)."""
+
+    decode: dict[str, Any] | None = setting(None, optional(given(DecodeEvaluation)))
+    all: dict[str, Any] | None = setting(None, optional(given(Evaluation)))
+
+
+@dataclass
+class ExperimentConfig(Schema):
+    """The `hf-patch main` config; `calibration` holds the keys of `Calibration` that differ from its defaults,
+    `evaluation` those of `Evaluations`, `settings` one `SweepSetting` mapping each (`mode` is set by the
+    evaluation). `threads`: torch CPU threads (None: torch's default)."""
+
+    model: str | None = setting(None, optional(text))
+    dtype: str = setting("float32", one_of(*DTYPES))
+    device: str = setting("auto", text)
+    threads: int | None = setting(None, optional(integer(1)))
+    output_dir: str = setting("outputs/main", directory)
+    calibration: dict[str, Any] = setting(parse=given(Calibration), factory=dict)
+    evaluation: dict[str, Any] = setting(parse=given(Evaluations), factory=lambda: {"all": {}})
+    settings: list[dict[str, Any]] = setting(parse=list_of(given(SweepSetting)), factory=list)
 
 
 def setting_name(s: dict[str, Any]) -> str:
-    """The setting's `name`, else a short description of what differs from `patch_loki`'s defaults."""
-    if "name" in s:
+    """The setting's `name`, else a short description of what it sets apart from `patch_loki`'s defaults."""
+    if s.get("name"):
         return s["name"]
-    defaults = {k: p.default for k, p in inspect.signature(patch_loki).parameters.items() if k in PATCH_KEYS}
-    parts = [f"d={s.get('d_frac', defaults['d_frac']):g} k={s.get('k_frac', defaults['k_frac']):g}"]
-    parts += [f"{k}={v}" for k, v in s.items() if k in PATCH_KEYS - {"d_frac", "k_frac"} and v != defaults[k]]
+    defaults = LokiSettings()
+    parts = [f"d={s.get('d_frac', defaults.d_frac):g} k={s.get('k_frac', defaults.k_frac):g}"]
+    parts += [f"{k}={v}" for k, v in s.items()
+              if k in LokiSettings.keys() and k not in ("d_frac", "k_frac", "mode") and v != getattr(defaults, k)]
     if s.get("rotary", "pre") != "pre":
         parts.append(f"{s['rotary']}-RoPE")
     return "loki " + " ".join(parts)
 
 
-def patch_kwargs(s: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in s.items() if k in PATCH_KEYS}
-
-
-def run_experiment(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+def run_experiment(config: dict[str, Any], source: str = "config") -> list[dict[str, Any]]:
+    """Check `config` (an `ExperimentConfig` mapping; `source` names it in errors), then calibrate, patch and
+    measure."""
     import torch
 
     from ..models.smollm2 import load_model
 
-    out = Path(cfg.get("output_dir", "outputs/main"))
-    calib = {**CALIBRATION_DEFAULTS, "model": cfg.get("model"), **cfg.get("calibration", {})}
-    evaluations = {name: {**EVALUATIONS[name], **(spec or {})} for name, spec in cfg.get("evaluation", {}).items()}
-    if unknown := set(evaluations) - set(EVALUATIONS):
-        raise ValueError(f"unknown evaluations {sorted(unknown)}; allowed: {sorted(EVALUATIONS)}")
-    settings = cfg.get("settings", [])
-    check_settings(settings)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
-    model, tokenizer = load_model(cfg.get("model"), dtype=cfg.get("dtype", "float32"),
-                                  device=resolve_device(cfg.get("device", "auto")))
+    cfg = ExperimentConfig.from_dict(config, source).as_dict()
+    out = Path(cfg["output_dir"])
+    evaluations = {k: v for k, v in cfg["evaluation"].items() if v is not None}
+    settings = cfg["settings"]
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    model, tokenizer = load_model(cfg["model"], dtype=cfg["dtype"], device=resolve_device(cfg["device"]))
     bases = {}
     for rotary in sorted({s.get("rotary", "pre") for s in settings}):
-        bases[rotary] = calibrate_to(model, tokenizer, calib, rotary, out / f"basis-{rotary}")
+        calibration = Calibration(**{**cfg["calibration"], "rotary": rotary})
+        bases[rotary] = calibrate_to(model, tokenizer, calibration, out / f"basis-{rotary}", cfg["model"])
         print(describe(bases[rotary]))
     if bases:
         plot_explained_variance({f"{r}-RoPE": b for r, b in bases.items()}, out / "explained_variance.png")
 
+    def patcher(s: dict[str, Any], mode: str):
+        args = {**SweepSetting(**s).patch_args(), "mode": mode}
+        return lambda m: patch_loki(m, bases[s.get("rotary", "pre")], **args)
+
     rows = [{"setting": "full", "cost": 1.0}]
     for s in settings:  # record each setting as patch_loki resolves it (defaults included) and what it reads
-        patch_loki(model, bases[s.get("rotary", "pre")], mode="all", **patch_kwargs(s))
+        patcher(s, "all")(model)
         applied = loki_settings(model)
         unpatch(model)
-        cost = read_cost(applied["d_frac"], applied["k_frac"], len(applied["dense_layers"]), model.config.num_hidden_layers)
-        rows.append({"setting": setting_name(s), "cost": round(cost, 4), "rotary": s.get("rotary", "pre"), **applied})
-
-    def patcher(s: dict[str, Any], mode: str):
-        return lambda m: patch_loki(m, bases[s.get("rotary", "pre")], mode=mode, **patch_kwargs(s))
+        cost = read_cost(applied["d_frac"], applied["k_frac"], len(applied["dense_layers"]),
+                         model.config.num_hidden_layers)
+        rows.append({"setting": setting_name(s), "cost": round(cost, 4), "rotary": s.get("rotary", "pre"),
+                     **{k: v for k, v in applied.items() if k != "mode"}})
 
     if "decode" in evaluations:
-        e = evaluations["decode"]
-        windows = decode_windows(tokenizer, e["dataset"], e["prefix"] + e["new_tokens"] + 1, e["windows"],
-                                 e["skip_windows"])
+        e = DecodeEvaluation(**evaluations["decode"])
+        windows = decode_windows(tokenizer, e.dataset, e.prefix + e.new_tokens + 1, e.windows, e.skip_windows)
         named = [("full", None)] + [(r["setting"], patcher(s, "decode")) for r, s in zip(rows[1:], settings)]
-        results = decode_perplexity(model, windows, e["prefix"], named)
+        results = decode_perplexity(model, windows, e.prefix, named)
         for row in rows:
             row["decode"] = results[row["setting"]]
             print(f"{row['setting']}: decode-equivalent ppl {row['decode']['ppl']:.3f}")
     if "all" in evaluations:
-        e = evaluations["all"]
+        e = Evaluation(**evaluations["all"])
         for row, s in zip(rows, [None] + settings):
             if s is not None:
                 patcher(s, "all")(model)
-            row["all"] = perplexity(model, tokenizer, e["dataset"], e["seq_len"], e["max_tokens"], e["batch_size"],
+            row["all"] = perplexity(model, tokenizer, e.dataset, e.seq_len, e.max_tokens, e.batch_size,
                                     desc=row["setting"])
             if s is not None:
                 unpatch(model)
             print(f"{row['setting']}: mode-all ppl {row['all']['ppl']:.3f}")
-    write_results(rows, {**cfg, "evaluation": evaluations}, out)
+    write_results(rows, cfg, out)
     return rows
 
 
+EVALUATION_TITLES = {"decode": "decode-equivalent ppl", "all": "mode-all ppl"}
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    evals = [e for e in EVALUATIONS if e in rows[0]]
-    titles = {"decode": "decode-equivalent ppl", "all": "mode-all ppl"}
-    lines = ["| setting | read cost | " + " | ".join(f"{titles[e]} | vs full" for e in evals) + " |",
+    evals = [e for e in EVALUATION_TITLES if e in rows[0]]
+    lines = ["| setting | read cost | " + " | ".join(f"{EVALUATION_TITLES[e]} | vs full" for e in evals) + " |",
              "|---|---|" + "---|---|" * len(evals)]
     for r in rows:
         cells = [f"{r[e]['ppl']:.3f} | {100 * (r[e]['ppl'] / rows[0][e]['ppl'] - 1):+.1f}%" for e in evals]
@@ -128,9 +149,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def write_results(rows: list[dict[str, Any]], cfg: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"config": cfg, "results": rows}, indent=2) + "\n")
-    what = [f"{e}: {rows[0][e]['tokens']} scored tokens ({json.dumps(cfg['evaluation'][e])})"
-            for e in EVALUATIONS if e in rows[0]]
+    (out / "results.json").write_text(json.dumps({"config": cfg, "results": rows}, indent=2, default=str) + "\n")
+    what = [f"{EVALUATION_TITLES[e]}: {rows[0][e]['tokens']} scored tokens" for e in EVALUATION_TITLES if e in rows[0]]
     (out / "results.md").write_text("Perplexity on held-out text; " + "; ".join(what) + "\n\n" + table(rows) + "\n")
     plot_perplexity(rows, out / "perplexity.png")
     print(f"\n{table(rows)}\n\nwrote {out / 'results.json'}, {out / 'results.md'}, {out / 'perplexity.png'}")
@@ -142,8 +162,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, KEYS)
-    if args.output_dir:
-        cfg["output_dir"] = args.output_dir
-    run_experiment(cfg)
+    run_experiment(override(load_config(args.config), output_dir=args.output_dir), args.config)
     return 0

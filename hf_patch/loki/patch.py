@@ -13,10 +13,11 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from . import cuda_graph as graphs
 from .arch import PREVIOUS_ATTN, attention_layers, is_patched, key_shape, loki_layers
-from .attention import ATTENTION_NAME, GQA_SELECT, MODES, LokiLayer, loki_attention_forward
+from .attention import ATTENTION_NAME, LokiLayer, loki_attention_forward
 from .basis import PCABasis
-from .budget import Budget, check_count, check_fraction
+from .budget import check_count
 from .dims import allocate_dims
+from .settings import LokiSettings
 
 SETTINGS = "hf_patch_loki_settings"  # set on a patched model: the settings it was patched with (a dict)
 
@@ -70,17 +71,15 @@ def patch_loki(
     step instead of hundreds (`hf_patch.loki.cuda_graph`). Patching again replaces the settings; `unpatch`
     restores the original attention.
     """
+    settings = LokiSettings(d_frac, k_frac, mode, d_policy, gqa_select, cuda_graph, k_rule, min_tokens, sink_tokens,
+                            recent_tokens, dense_layers)
+    d_frac, mode, d_policy, gqa_select = settings.d_frac, settings.mode, settings.d_policy, settings.gqa_select
     if not isinstance(basis, PCABasis):
         basis = PCABasis.load(basis)
     modules = attention_layers(model)
     basis.check_compatible(*key_shape(model))
-    check_fraction("d_frac", d_frac)
-    budget = Budget(k_frac, k_rule, min_tokens, sink_tokens, recent_tokens)
-    dense = dense_layer_set(dense_layers, len(modules))
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if gqa_select not in GQA_SELECT:
-        raise ValueError(f"gqa_select must be one of {GQA_SELECT}, got {gqa_select!r}")
+    budget = settings.budget()
+    dense = dense_layer_set(settings.dense_layers, len(modules))
     if cuda_graph:
         graphs.check_graphable(model)
     dims = allocate_dims(basis, d_frac, d_policy)

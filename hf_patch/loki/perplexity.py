@@ -8,12 +8,26 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from ..config import DTYPES, Schema, integer, optional, setting
 from ..data.packing import batched, token_windows
+from .calibrate import check_dataset
+
+
+@dataclass
+class Evaluation(Schema):
+    """The held-out text perplexity is measured on: up to `max_tokens` tokens of `dataset` (None: all of it) in
+    `seq_len` windows, `batch_size` windows per forward."""
+
+    dataset: Any = setting("books:evaluation", check_dataset)
+    seq_len: int = setting(1024, integer(2))
+    max_tokens: int | None = setting(32_768, optional(integer(1)))
+    batch_size: int = setting(1, integer(1))
 
 
 @torch.inference_mode()
@@ -117,27 +131,34 @@ def decode_perplexity(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="'smollm2' (default, embedded), a local dir or a hub id")
     parser.add_argument("--basis", default=None, help="Loki basis dir; omit for full attention")
-    parser.add_argument("--d-frac", type=float, default=0.25)
-    parser.add_argument("--k-frac", type=float, default=0.25)
-    parser.add_argument("--d-policy", default="uniform", choices=("uniform", "variance"))
-    parser.add_argument("--gqa-select", default="query", choices=("query", "group"))
+    parser.add_argument("--d-frac", default=0.25)
+    parser.add_argument("--k-frac", default=0.25)
+    parser.add_argument("--d-policy", default="uniform")
+    parser.add_argument("--gqa-select", default="query")
     parser.add_argument("--dataset", default="books:evaluation")
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--max-tokens", type=int, default=32_768)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--seq-len", default=1024)
+    parser.add_argument("--max-tokens", default=32_768)
+    parser.add_argument("--batch-size", default=1)
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--device", default="auto")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..models.smollm2 import load_model
+    from .basis import PCABasis
     from .patch import patch_loki
+    from .settings import LokiSettings
 
+    # every flag and the basis are checked before the model loads
+    data = Evaluation.from_dict(dict(dataset=args.dataset, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                                     batch_size=args.batch_size), "hf-patch perplexity")
+    loki = LokiSettings.from_dict(dict(d_frac=args.d_frac, k_frac=args.k_frac, mode="all", d_policy=args.d_policy,
+                                       gqa_select=args.gqa_select), "hf-patch perplexity")
+    basis = PCABasis.load(args.basis) if args.basis else None
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))
-    if args.basis:
-        patch_loki(model, args.basis, args.d_frac, args.k_frac, mode="all", d_policy=args.d_policy,
-                   gqa_select=args.gqa_select)
-    result = perplexity(model, tokenizer, args.dataset, args.seq_len, args.max_tokens, args.batch_size)
+    if basis is not None:
+        patch_loki(model, basis, **loki.patch_args())
+    result = perplexity(model, tokenizer, data.dataset, data.seq_len, data.max_tokens, data.batch_size)
     print(json.dumps(result, indent=2))
     return 0
 
