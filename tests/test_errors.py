@@ -283,8 +283,8 @@ def test_compare_checks_every_setting_before_any_evaluation(tmp_path, capsys, no
                                              "  - {d_frac: 2, k_frac: 0.25}\n")
     line = cli_error(capsys, "compare", "--config", config)
     assert line.endswith(r"e.yaml: settings[1]: d_frac must be a fraction in (0, 1], got 2.0")
-    with pytest.raises(ConfigError, match=r"config: settings\[0\]: missing k_frac \(required\)"):
-        compare.run_compare({"tasks": {"hfp_books_ppl": 1}, "settings": [{"d_frac": 0.5}]})
+    with pytest.raises(ConfigError, match=r"config: settings\[0\]: k_rule must be one of 'row', 'paper'; got 'rows'"):
+        compare.run_compare({"tasks": {"hfp_books_ppl": 1}, "settings": [{"d_frac": 0.5, "k_rule": "rows"}]})
     with pytest.raises(ConfigError, match="tasks is missing or empty"):
         compare.run_compare({"settings": []})
 

@@ -338,14 +338,14 @@ def test_compare_tables_plots_and_resumes(tiny_model_dir, local_tasks, tmp_path,
     payload = compare.run_compare(cfg)
     assert len(calls) == 6 and (out / "basis-pre" / "loki_basis.json").is_file()  # calibrated on the way
     md = (out / "results.md").read_text()
-    assert "| task | metric | n | full | loki d=0.25 k=0.25 pre | Δ |" in md
+    assert "| task | metric | n | full | loki d=0.25 k=0.25 | Δ |" in md
     assert "| hfp_bigbench_winowhy | acc (%) | 4 |" in md and "| hfp_books_ppl | word_perplexity | 1 |" in md
     assert (out / "accuracy_vs_k.png").stat().st_size > 1000
     summary = {e["task"]: e for e in json.loads((out / "results.json").read_text())["summary"]}
     wino = summary["hfp_bigbench_winowhy"]["settings"]
     assert wino["full"]["delta"] == 0 and wino["full"]["stderr"] is not None
-    assert wino["loki d=0.25 k=0.25 pre"]["delta"] == pytest.approx(
-        wino["loki d=0.25 k=0.25 pre"]["value"] - wino["full"]["value"])
+    assert wino["loki d=0.25 k=0.25"]["delta"] == pytest.approx(
+        wino["loki d=0.25 k=0.25"]["value"] - wino["full"]["value"])
     assert summary == {e["task"]: e for e in payload["summary"]}
 
     calls.clear()
@@ -381,7 +381,7 @@ def test_smollm2_quick_compare(tmp_path, monkeypatch):
                                                                "bigbench_winowhy.jsonl"}
     ppl = summary["hfp_books_ppl"]
     assert 5 < ppl["full"]["value"] < 500
-    assert ppl["loki d=0.25 k=0.25 pre"]["value"] > 1.01 * ppl["full"]["value"]
+    assert ppl["loki d=0.25 k=0.25"]["value"] > 1.01 * ppl["full"]["value"]
     for task in ("hfp_book_cloze", "hfp_bigbench_winowhy"):
         assert all(0 <= s["value"] <= 1 for s in summary[task].values()), task
     assert (tmp_path / "out" / "results.md").is_file() and (tmp_path / "out" / "accuracy_vs_k.png").is_file()

@@ -71,7 +71,7 @@ class CompareConfig(Schema):
 
 
 def setting_label(setting: dict[str, Any] | None) -> str:
-    """'full' or e.g. 'loki d=0.25 k=0.25 pre' (the names of `hf-patch main`), plus the mode if the setting sets one."""
+    """'full' or e.g. 'loki d=0.25 k=0.25' (the names of `hf-patch main`), plus the mode if the setting sets one."""
     from ..loki.experiment import setting_name
 
     if setting is None:
