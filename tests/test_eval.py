@@ -353,8 +353,8 @@ def test_compare_tables_plots_and_resumes(tiny_model_dir, local_tasks, tmp_path,
     assert calls == []
     compare.run_compare({**cfg, "tasks": {**cfg["tasks"], "hfp_book_cloze": 2}})  # one task changed
     assert calls == ["hfp_book_cloze", "hfp_book_cloze"]
-    with pytest.raises(ValueError, match=r"settings\[0\]: missing k_frac"):
-        compare.run_compare({**cfg, "settings": [{"d_frac": 0.5}]})
+    with pytest.raises(ValueError, match=r"settings\[0\]: sink_tokens must be"):
+        compare.run_compare({**cfg, "settings": [{"d_frac": 0.5, "sink_tokens": -1}]})
 
 
 # ---------------------------------------------------------------- real data and model

@@ -218,7 +218,8 @@ def run_compare(config: dict[str, Any], source: str = "config") -> dict[str, Any
     rows = [{"setting": FULL, "params": None, "tasks": evaluate_setting(cfg, None, None)}]
     for s in settings:
         basis = bases[s.get("rotary", "pre")]
-        rows.append({"setting": setting_label(s), "params": s, "tasks": evaluate_setting(cfg, s, basis)})
+        params = SweepSetting(**{"mode": cfg["mode"], **s}).as_dict()  # as applied: defaults included
+        rows.append({"setting": setting_label(s), "params": params, "tasks": evaluate_setting(cfg, s, basis)})
     return write_outputs(cfg, rows)
 
 
