@@ -220,6 +220,36 @@ def test_hf_loki_patches_and_checks_arguments(tiny_model_dir, tiny_basis):
         LokiHFLM(**args, rotary="pre")
 
 
+def test_hf_loki_decode_mode_scores_continuations_as_generation_would(tiny_model_dir, tiny_basis):
+    """mode=decode: context rows exact (a prefill), continuation rows after the first under Loki (decode steps):
+    equal to a direct `decode_rows` pass per request, whatever the batch size; single-token answers equal full."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_patch import decode_rows, patch_loki
+    from hf_patch.eval.lm_eval_model import LokiHFLM
+
+    args = dict(pretrained=str(tiny_model_dir), dtype="float32", device="cpu")
+    loki = dict(basis=str(tiny_basis), d_frac=0.25, k_frac=0.25, sink_tokens=1, recent_tokens=2, mode="decode")
+    pairs = PAIRS + [(STORY[:150], " the garden was full of")]
+    lms = [LokiHFLM(**args, **loki, batch_size=b) for b in (1, 3)]
+    got = [torch.tensor([ll for ll, _ in lm.loglikelihood(_requests(pairs))]) for lm in lms]
+    torch.testing.assert_close(got[0], got[1], rtol=0, atol=1e-4)
+    full = torch.tensor([ll for ll, _ in LokiHFLM(**args).loglikelihood(_requests(pairs))])
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    patch_loki(model, str(tiny_basis), **{k: v for k, v in loki.items() if k != "basis"})
+    expected, single = [], []
+    for context, continuation in pairs:
+        ctx, cont = lms[0]._encode_pair(context, continuation)  # lm-eval's own split of the tokens
+        single.append(len(cont) == 1)
+        with torch.no_grad(), decode_rows(model, len(ctx)):  # cont[0] is fed back as the first decode step
+            logp = model(torch.tensor([ctx + cont[:-1]])).logits[0].log_softmax(-1)
+        expected.append(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
+    torch.testing.assert_close(got[0], torch.tensor(expected), rtol=0, atol=1e-4)
+    torch.testing.assert_close(got[0][single], full[single], rtol=0, atol=1e-4)  # nothing is generated
+    assert (got[0] - full).abs().max() > 1e-3  # the multi-token answers read sparse attention
+
+
 def test_hf_loki_scores_transnormer_models(tiny_model_dir, tiny_basis, tmp_path):
     """A TransNormer checkpoint loads through `import hf_patch` + AutoModelForCausalLM; its lm-eval scores are the
     log-probabilities of the model's own forward pass; Loki refuses it with the supported architectures."""

@@ -3,8 +3,10 @@
     lm-eval run --model hf-loki --model_args pretrained=smollm2,basis=outputs/smollm2/basis-pre,d_frac=0.25 ...
 
 Model args beyond HFLM's own: `basis` (a saved `PCABasis` directory; without it the model runs full attention),
-`d_frac`, `k_frac`, `mode` ("all": Loki on every query row, what teacher-forced scoring measures; "decode":
-exact attention over prompts, Loki only for generated tokens), `d_policy`, `gqa_select`, the other settings of
+`d_frac`, `k_frac`, `mode` ("all": Loki on every query row of teacher-forced scoring; "decode": what
+generation computes: each request's context is scored with exact attention, as a prefill, and every continuation
+token after the first attends with Loki over the keys before it, as a decode step; `generate_until` decodes with
+the Loki cache), `d_policy`, `gqa_select`, the other settings of
 `patch_loki` (`k_rule`, `min_tokens`, `sink_tokens`, `recent_tokens`, `dense_layers`) and `rotary` (optional
 check: "pre"/"post" must match the basis); all are checked (`LmEvalLoki`) before the model loads. `pretrained="smollm2"` is the embedded SmolLM2-135M-Instruct.
 Importing hf_patch registers its TransNormer models with the Auto classes, so they load like any `hf` model.
@@ -55,9 +57,46 @@ class LokiHFLM(HFLM):
             self.loki = {"basis": settings.basis, **settings.patch_args()}
             apply_loki(self.model, rotary=settings.rotary, **self.loki)
 
+    def _loglikelihood_tokens(self, requests, *args: Any, **kwargs: Any):
+        """In mode "decode", note where each request's decode rows start before HFLM batches them: the input it
+        builds is (context + continuation)[-(max_length + 1):][:-1], whose last len(continuation) - 1 rows read
+        continuation tokens, i.e. the rows a generation would compute as decode steps."""
+        if self.loki is None or self.loki["mode"] != "decode":
+            return super()._loglikelihood_tokens(requests, *args, **kwargs)
+        self._decode_from = {}
+        for _, context, continuation in requests:
+            inp = tuple((context + continuation)[-(self.max_length + 1):][:-1])
+            self._decode_from[inp] = max(0, len(inp) - len(continuation) + 1)
+        try:
+            return super()._loglikelihood_tokens(requests, *args, **kwargs)
+        finally:
+            del self._decode_from
+
+    def _model_call(self, inps: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """HFLM's forward; in mode "decode" scoring, inside `decode_rows` at each row's first decode row."""
+        decode_from = getattr(self, "_decode_from", None)
+        if decode_from is None:
+            return super()._model_call(inps, *args, **kwargs)
+        from hf_patch import decode_rows
+
+        with decode_rows(self.model, [_decode_start(row, decode_from) for row in inps.tolist()]):
+            return super()._model_call(inps, *args, **kwargs)
+
     def get_model_info(self) -> dict[str, Any]:
         """HFLM's model info plus the Loki settings (None for full attention), recorded in lm-eval's results."""
         return {**super().get_model_info(), "loki": self.loki}
+
+
+def _decode_start(row: list[int], decode_from: dict[tuple[int, ...], int]) -> int:
+    """Where the decode rows of one right-padded input row start: its request's input is the shortest prefix of
+    `row` that a request built with only padding (zeros) after it."""
+    length = len(row)
+    while length and row[length - 1] == 0:
+        length -= 1
+    for end in range(length, len(row) + 1):  # a request whose input ends in token 0 looks shorter: try longer
+        if (start := decode_from.get(tuple(row[:end]))) is not None and not any(row[end:]):
+            return start
+    raise RuntimeError("an lm-eval input row matches no loglikelihood request: cannot tell its context length")
 
 
 def apply_loki(model: torch.nn.Module, basis: str, rotary: str | None = None, **settings: Any) -> torch.nn.Module:
