@@ -19,24 +19,12 @@ from typing import Any
 from ..config import (DTYPES, Schema, directory, given, integer, list_of, load_config, one_of, optional, override,
                       setting, text)
 from .budget import read_cost
-from .calibrate import Calibration, check_dataset
+from .calibrate import Calibration
 from .calibrate_cli import calibrate_to, describe
 from .patch import loki_settings, patch_loki, unpatch
-from .perplexity import Evaluation, decode_perplexity, decode_windows, perplexity, resolve_device
+from .perplexity import DecodeEvaluation, Evaluation, decode_perplexity, decode_windows, perplexity, resolve_device
 from .plots import plot_explained_variance, plot_perplexity
 from .settings import LokiSettings, SweepSetting
-
-
-@dataclass
-class DecodeEvaluation(Schema):
-    """Decode-equivalent perplexity: `windows` windows of `dataset` (after `skip_windows`), each `prefix` tokens
-    prefilled densely and the next `new_tokens` scored as generated tokens."""
-
-    dataset: Any = setting("books:evaluation:by-book", check_dataset)
-    prefix: int = setting(3072, integer(1))
-    new_tokens: int = setting(512, integer(1))
-    windows: int = setting(2, integer(1))
-    skip_windows: int = setting(0, integer(0))
 
 
 @dataclass
@@ -152,7 +140,7 @@ def write_results(rows: list[dict[str, Any]], cfg: dict[str, Any], out: Path) ->
     (out / "results.json").write_text(json.dumps({"config": cfg, "results": rows}, indent=2, default=str) + "\n")
     what = [f"{EVALUATION_TITLES[e]}: {rows[0][e]['tokens']} scored tokens" for e in EVALUATION_TITLES if e in rows[0]]
     (out / "results.md").write_text("Perplexity on held-out text; " + "; ".join(what) + "\n\n" + table(rows) + "\n")
-    plot_perplexity(rows, out / "perplexity.png")
+    plot_perplexity(rows, EVALUATION_TITLES, out / "perplexity.png")
     print(f"\n{table(rows)}\n\nwrote {out / 'results.json'}, {out / 'results.md'}, {out / 'perplexity.png'}")
 
 

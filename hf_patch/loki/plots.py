@@ -42,17 +42,24 @@ def plot_explained_variance(bases: dict[str, PCABasis], path: str | Path, thresh
     return path
 
 
-def plot_perplexity(rows: list[dict], path: str | Path) -> Path:
-    """Bar chart of perplexity per setting, the full-attention baseline as a line."""
+def plot_perplexity(rows: list[dict], evaluations: dict[str, str], path: str | Path) -> Path:
+    """Grouped bars: each setting's perplexity change vs full attention (%), one bar per evaluation
+    (`evaluations`: key in the rows -> label), the setting's read cost under its name."""
     plt = _pyplot()
-    full = next(r["ppl"] for r in rows if r["setting"] == "full")
-    others = [r for r in rows if r["setting"] != "full"]
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(others) + 2), 4))
-    ax.bar(range(len(others)), [r["ppl"] for r in others], color="tab:blue")
-    ax.axhline(full, color="black", ls="--", label=f"full attention {full:.2f}")
-    ax.set_xticks(range(len(others)), [r["setting"] for r in others], rotation=30, ha="right", fontsize=8)
-    ax.set(ylabel="perplexity", title="Loki perplexity on held-out text")
-    ax.legend()
+    full = rows[0]
+    others = rows[1:]
+    present = {k: v for k, v in evaluations.items() if k in full}
+    width = 0.8 / max(1, len(present))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(others) + 2), 4.5))
+    for i, (key, label) in enumerate(present.items()):
+        change = [100 * (r[key]["ppl"] / full[key]["ppl"] - 1) for r in others]
+        ax.bar([x + (i - (len(present) - 1) / 2) * width for x in range(len(others))], change, width,
+               label=f"{label} (full {full[key]['ppl']:.2f})")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(others)), [f"{r['setting']}\ncost {r['cost']:.3f}" for r in others], rotation=30,
+                  ha="right", fontsize=7)
+    ax.set(ylabel="perplexity vs full attention (%)", title="Loki on held-out text")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
