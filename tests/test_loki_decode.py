@@ -1,7 +1,6 @@
 """Loki decode kernels: Triton (interpreter on the CPU) and PyTorch paths against a naive float64 reference."""
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
@@ -14,7 +13,7 @@ from hf_patch.kernels.loki_decode import (
     loki_decode_attention_torch,
     loki_decode_attention_triton,
 )
-from hf_patch.loki.budget import num_tokens
+from hf_patch.loki.budget import Budget
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU, the interpreter elsewhere
 # Small blocks so the interpreter runs several tiles, splits and chunks per row. The three forms of the Triton path:
@@ -29,33 +28,45 @@ CONFIGS = {"fused": SMALL, "split": SPLIT, "multi-select": MULTI}
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float64: 1e-10}
 
 
-def reference(q, k, v, d, k_frac, scaling, kv_start, gqa_select, kv_end=None):
-    """Float64, one (batch, query head) at a time, with an explicit boolean selection mask over the cache."""
-    q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
+def budget(k_frac, s, kv_start=None, kv_end=None, sink=0, recent=0):
+    """The budget arguments of the op as `Budget` computes them: k for every row (no bounds), else the bound
+    k = max_tokens(S) and k_b [B] on the device; with the bounds and the protection counts."""
+    rule = Budget(k_frac, sink_tokens=sink, recent_tokens=recent)
+    args = dict(k=rule.max_tokens(s), sink=sink, recent=recent, kv_start=kv_start, kv_end=kv_end)
+    if kv_start is not None or kv_end is not None:
+        n = (s if kv_end is None else kv_end.long()) - (0 if kv_start is None else kv_start.long())
+        args["k_b"] = rule.tokens(n).to(torch.int32)
+    return args
+
+
+def reference(q, keys, v, d, scaling, gqa_select, *, k, k_b=None, sink=0, recent=0, kv_start=None, kv_end=None):
+    """Float64, one (batch, query head) at a time, with an explicit boolean selection mask over the cache: the
+    protected positions, then the best approximate scores of the other valid keys (ties to earlier positions)."""
+    q, keys, v = q.double().cpu(), keys.double().cpu(), v.double().cpu()
     d = d.cpu() if isinstance(d, torch.Tensor) else d
-    kv_start = kv_start.cpu() if kv_start is not None else None
-    kv_end = kv_end.cpu() if kv_end is not None else None
     b_size, hq, dh = q.shape
-    hkv, s = k.shape[1], k.shape[2]
+    hkv, s = keys.shape[1], keys.shape[2]
     g = hq // hkv
     dims = d.tolist() if isinstance(d, torch.Tensor) else [d] * hkv
     out = torch.zeros_like(q)
     for b in range(b_size):
         start = 0 if kv_start is None else int(kv_start[b])
         end = s if kv_end is None else int(kv_end[b])
-        keep = int(num_tokens(torch.tensor(max(0, end - start)), k_frac))
+        keep = k if k_b is None else int(k_b[b])
+        pos = torch.arange(s)
+        valid = (pos >= start) & (pos < end)
+        protected = valid & ((pos < start + sink) | (pos >= end - recent))
         for j in range(hkv):
             heads = range(j * g, (j + 1) * g)
-            approx = torch.stack([k[b, j, :, : dims[j]] @ q[b, h, : dims[j]] for h in heads])  # [G, S]
-            approx[:, :start] = float("-inf")
-            approx[:, end:] = float("-inf")
+            approx = torch.stack([keys[b, j, :, : dims[j]] @ q[b, h, : dims[j]] for h in heads])  # [G, S]
             for h in heads:
                 ranked = approx.amax(0) if gqa_select == "group" else approx[h - j * g]
-                selected = torch.zeros(s, dtype=torch.bool)
-                selected[ranked.argsort(descending=True)[:keep]] = True
+                others = torch.sort(-ranked.masked_fill(~valid | protected, float("-inf")), stable=True).indices
+                selected = protected.clone()
+                selected[others[: max(0, keep - int(protected.sum()))]] = True
                 if not selected.any():
                     continue
-                logits = (k[b, j] @ q[b, h]) * scaling
+                logits = (keys[b, j] @ q[b, h]) * scaling
                 probs = torch.softmax(logits.masked_fill(~selected, float("-inf")), dim=0)
                 out[b, h] = probs @ v[b, j]
     return out
@@ -97,6 +108,11 @@ def narrow_copy(k, d, width_pad=3):
     return k[..., : min(k.shape[-1], d_max + width_pad)].contiguous()
 
 
+def triton_form(form):
+    """The Triton path forced into one of its forms."""
+    return lambda *a, **kw: loki_decode_attention_triton(*a, config=CONFIGS[form], **kw)
+
+
 @pytest.mark.parametrize("form, case", [pytest.param(form, case, id=f"{form}-{i}") for form in CONFIGS
                                         for i, case in enumerate(CASES) if form == "fused" or i in (1, 3, 4)])
 def test_triton_and_torch_match_reference(form, case):
@@ -104,14 +120,14 @@ def test_triton_and_torch_match_reference(form, case):
     function as the float64 reference (and the narrow copy changes nothing, to the bit)."""
     b, hkv, g, s, dh, d, k_frac, select, padded, dtype = case
     q, k, v = make_inputs(b, hkv, g, s, dh, dtype)
-    d, kv_start = _d(d, hkv), _start(padded, b, s)
-    args = dict(d=d, k_frac=k_frac, scaling=dh**-0.5, kv_start=kv_start, gqa_select=select)
-    ref = reference(q, k, v, d, k_frac, dh**-0.5, kv_start, select)
-    tri = loki_decode_attention_triton(q, k, v, config=CONFIGS[form], **args)
+    d = _d(d, hkv)
+    args = dict(d=d, scaling=dh**-0.5, gqa_select=select, **budget(k_frac, s, _start(padded, b, s)))
+    ref = reference(q, k, v, **args)
+    tri = triton_form(form)(q, k, v, **args)
     assert tri.dtype == dtype and tri.shape == q.shape
     assert rel_err(tri, ref) < TOL[dtype]
     k_approx = narrow_copy(k, d)
-    assert torch.equal(loki_decode_attention_triton(q, k, v, config=CONFIGS[form], k_approx=k_approx, **args), tri)
+    assert torch.equal(triton_form(form)(q, k, v, k_approx=k_approx, **args), tri)
     if form == "fused":  # the PyTorch path once per case
         tch = loki_decode_attention_torch(q, k, v, **args)
         assert tch.dtype == dtype and rel_err(tch, ref) < TOL[dtype]
@@ -129,27 +145,79 @@ def test_kv_end_is_a_cache_length_on_the_device(form, with_start):
     kv_start = torch.tensor([0, 5, 30], dtype=torch.int32, device=DEVICE) if with_start else None
     kv_end = torch.tensor([70, 41, 30], dtype=torch.int32, device=DEVICE)  # with kv_start: the last row sees none
     # k_frac 0.6: k = 42 slots for every row, more than rows 1 and 2 can fill: the unused ones must not read NaN
-    args = dict(d=8, k_frac=0.6, scaling=dh**-0.5, kv_start=kv_start, gqa_select="group")
-    ref = reference(q, k, v, 8, 0.6, dh**-0.5, kv_start, "group", kv_end)
+    args = dict(d=8, scaling=dh**-0.5, gqa_select="group", **budget(0.6, s, kv_start, kv_end))
+    assert args["k"] == 42
+    ref = reference(q, k, v, **args)
     k_poison, v_poison = k.clone(), v.clone()
     k_poison[1, :, 41:], v_poison[1, :, 41:] = 1e4, float("nan")  # past the end: must be neither read nor kept
-    tri = loki_decode_attention_triton(q, k_poison, v_poison, config=CONFIGS[form], kv_end=kv_end, **args)
+    tri = triton_form(form)(q, k_poison, v_poison, **args)
     assert rel_err(tri, ref) < TOL[torch.float32] and not tri.isnan().any()
     assert torch.equal(tri[2], torch.zeros_like(tri[2])) == with_start
     if form == "fused":
-        tch = loki_decode_attention_torch(q, k_poison, v_poison, kv_end=kv_end, **args)
+        tch = loki_decode_attention_torch(q, k_poison, v_poison, **args)
         assert rel_err(tch, ref) < TOL[torch.float32] and not tch.isnan().any()
     shared = torch.full((b,), 52, dtype=torch.int32, device=DEVICE)
-    cut = loki_decode_attention_triton(q, k[:, :, :52], v[:, :, :52], config=CONFIGS[form], **args)
-    whole = loki_decode_attention_triton(q, k, v, config=CONFIGS[form], kv_end=shared, **args)
+    cut = triton_form(form)(q, k[:, :, :52], v[:, :, :52], d=8, scaling=dh**-0.5, **budget(0.6, 52))
+    whole = triton_form(form)(q, k, v, d=8, scaling=dh**-0.5, **budget(0.6, s, None, shared))
     assert rel_err(whole, cut.double()) < 1e-6
+
+
+PROTECT_FORMS = [(form, select) for form in CONFIGS for select in ("group", "query")]
+
+
+@pytest.mark.parametrize("form, select", PROTECT_FORMS, ids=[f"{f}-{s}" for f, s in PROTECT_FORMS])
+def test_sink_and_recent_are_kept_against_adversarial_scores(form, select):
+    """sink = 2, recent = 3 with k_b barely above 5, per-head d, a fixed-capacity cache with left padding
+    (kv_start, kv_end): the protected keys have the lowest approximate scores of their rows (no top-k would keep
+    them) yet the largest exact scores. Triton (each form), PyTorch and the float64 reference agree, and the
+    result is not the unprotected one. Sequence 2 sees 4 keys (fewer than sink + recent: all kept), sequence 3
+    none."""
+    b, hkv, g, s, dh = 4, 2, 2, 60, 32
+    d = torch.tensor([5, 9])
+    q, k, v = make_inputs(b, hkv, g, s, dh, torch.float32, seed=3)
+    q = q.abs()  # every head scores a key by the sum of its first dims: -3 there puts the key last
+    kv_start = torch.tensor([0, 7, 20, 35], dtype=torch.int32, device=DEVICE)
+    kv_end = torch.tensor([60, 52, 24, 35], dtype=torch.int32, device=DEVICE)
+    k = k.clone()
+    for i, (lo, hi) in enumerate(zip(kv_start.tolist(), kv_end.tolist())):
+        for p in [lo, lo + 1, hi - 3, hi - 2, hi - 1]:
+            if lo <= p < hi:
+                k[i, :, p, :9] = -3.0  # lowest approximate score; exact score dominated by the other dims
+                k[i, :, p, 9:] = 2.0 * q[i].view(hkv, g, dh).mean(1)[:, 9:].sign()
+    # k_frac = 0.1: k_b = 6 (sequence 0) and 5 + 1 (sequence 1, clamped up to sink + recent = 5)
+    args = dict(d=d, scaling=dh**-0.5, gqa_select=select, **budget(0.1, s, kv_start, kv_end, sink=2, recent=3))
+    assert args["k_b"].tolist() == [6, 5, 4, 0]
+    args["k_b"][1] = 6  # barely above sink + recent
+    ref = reference(q, k, v, **args)
+    tri = triton_form(form)(q, k, v, **args)
+    assert rel_err(tri, ref) < TOL[torch.float32] and not tri.isnan().any()
+    assert torch.equal(tri[3], torch.zeros_like(tri[3]))
+    unprotected = reference(q, k, v, **{**args, "sink": 0, "recent": 0})
+    assert rel_err(unprotected, ref) > 0.1
+    if form == "fused":
+        tch = loki_decode_attention_torch(q, k, v, **args)
+        assert rel_err(tch, ref) < TOL[torch.float32]
+        assert rel_err(loki_decode_attention_torch(q, k, v, **{**args, "sink": 0, "recent": 0}), unprotected) < 1e-5
+
+
+@pytest.mark.parametrize("form", CONFIGS)
+def test_protection_without_bounds_and_only_protected_kept(form):
+    """No kv_start/kv_end (k for every row) with sink and recent: k above the protected count, and k equal to it
+    (the threshold is the +inf of the protected keys: exactly they are kept)."""
+    q, k, v = make_inputs(2, 1, 2, 24, 16, torch.bfloat16, seed=4)
+    for keep in (9, 5):
+        args = dict(d=4, k=keep, scaling=0.25, sink=1, recent=4, gqa_select="query")
+        ref = reference(q, k, v, **args)
+        assert rel_err(triton_form(form)(q, k, v, **args), ref) < TOL[torch.bfloat16]
+        if form == "fused":
+            assert rel_err(loki_decode_attention_torch(q, k, v, **args), ref) < TOL[torch.bfloat16]
 
 
 def test_per_head_dims_as_tuple_or_tensor():
     q, k, v = make_inputs(1, 2, 2, 40, 16, torch.float32)
-    args = dict(k_frac=0.25, scaling=0.25, gqa_select="query")
-    ref = reference(q, k, v, torch.tensor([3, 12]), 0.25, 0.25, None, "query")
-    for impl in (loki_decode_attention_torch, lambda *a, **kw: loki_decode_attention_triton(*a, config=SMALL, **kw)):
+    args = dict(k=10, scaling=0.25, gqa_select="query")
+    ref = reference(q, k, v, torch.tensor([3, 12]), **args)
+    for impl in (loki_decode_attention_torch, triton_form("fused")):
         from_tuple = impl(q, k, v, d=(3, 12), **args)
         assert torch.equal(from_tuple, impl(q, k, v, d=torch.tensor([3, 12]), **args))
         assert rel_err(from_tuple, ref) < 1e-4
@@ -157,8 +225,9 @@ def test_per_head_dims_as_tuple_or_tensor():
 
 def test_torch_float64_and_dispatch_on_cpu():
     q, k, v = make_inputs(2, 2, 3, 40, 16, torch.float64)
-    args = dict(d=4, k_frac=0.25, scaling=0.3, kv_start=torch.tensor([0, 7], device=DEVICE), gqa_select="query")
-    ref = reference(q, k, v, 4, 0.25, 0.3, args["kv_start"], "query")
+    kv_start = torch.tensor([0, 7], device=DEVICE)
+    args = dict(d=4, scaling=0.3, gqa_select="query", **budget(0.25, 40, kv_start, sink=1, recent=2))
+    ref = reference(q, k, v, **args)
     assert rel_err(loki_decode_attention_torch(q, k, v, **args), ref) < 1e-12
     assert torch.equal(loki_decode_attention(q, k, v, **args), loki_decode_attention_torch(q, k, v, **args))
 
@@ -170,8 +239,8 @@ def test_full_budget_is_softmax_attention(form):
         dense = torch.nn.functional.scaled_dot_product_attention(
             q.double()[:, :, None], k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1), scale=0.2
         )[:, :, 0]
-        args = dict(d=32, k_frac=1.0, scaling=0.2, gqa_select=select)
-        assert rel_err(loki_decode_attention_triton(q, k, v, config=CONFIGS[form], **args), dense) < 1e-5
+        args = dict(d=32, k=29, scaling=0.2, gqa_select=select)
+        assert rel_err(triton_form(form)(q, k, v, **args), dense) < 1e-5
         if form == "fused":
             assert rel_err(loki_decode_attention_torch(q, k, v, **args), dense) < 1e-5
 
@@ -190,13 +259,12 @@ def test_poisoned_buffers_are_overwritten(monkeypatch, form):
     ld.clear_workspaces()
     monkeypatch.setattr(ld.torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
     monkeypatch.setattr(ld.torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
+    kv_start = torch.tensor([0, 13], dtype=torch.int32, device=DEVICE)
     for select in ("query", "group"):  # the second call reuses (smaller parts of) the first one's buffers
-        res = loki_decode_attention_triton(q, k, v, d=8, k_frac=0.25, scaling=0.2, gqa_select=select,
-                                           kv_start=torch.tensor([0, 13], dtype=torch.int32, device=DEVICE),
-                                           config=CONFIGS[form], out=out)
+        args = dict(d=8, scaling=0.2, gqa_select=select, **budget(0.25, 45, kv_start))
+        res = triton_form(form)(q, k, v, out=out, **args)
         assert res.data_ptr() == out.data_ptr() and not out.isnan().any()
-        ref = reference(q, k, v, 8, 0.25, 0.2, torch.tensor([0, 13]), select)
-        assert rel_err(out, ref) < TOL[torch.bfloat16]
+        assert rel_err(out, reference(q, k, v, **args)) < TOL[torch.bfloat16]
         out.fill_(float("nan"))
     counters = [ld._workspace(q.device).buffers.get(name) for name in ("select_meta", "select_hist", "attend_done")]
     assert all(c is None or not c[:, 1:3].any() if i == 0 else c is None or not c.any()
@@ -206,12 +274,11 @@ def test_poisoned_buffers_are_overwritten(monkeypatch, form):
 @pytest.mark.parametrize("form", CONFIGS)
 def test_fully_padded_sequence_gives_zeros(form):
     q, k, v = make_inputs(2, 1, 2, 20, 16, torch.float32)
-    kv_start = torch.tensor([0, 20], dtype=torch.int32, device=DEVICE)
-    impls = [lambda *a, **kw: loki_decode_attention_triton(*a, config=CONFIGS[form], **kw)]
-    for impl in impls + ([loki_decode_attention_torch] if form == "fused" else []):
-        res = impl(q, k, v, d=4, k_frac=0.5, scaling=0.25, kv_start=kv_start)
+    args = dict(d=4, scaling=0.25, **budget(0.5, 20, torch.tensor([0, 20], dtype=torch.int32, device=DEVICE)))
+    for impl in [triton_form(form)] + ([loki_decode_attention_torch] if form == "fused" else []):
+        res = impl(q, k, v, **args)
         assert torch.equal(res[1], torch.zeros_like(res[1])) and not res.isnan().any()
-        assert rel_err(res[0], reference(q, k, v, 4, 0.5, 0.25, kv_start, "group")[0]) < 1e-4
+        assert rel_err(res[0], reference(q, k, v, gqa_select="group", **args)[0]) < 1e-4
 
 
 @pytest.mark.parametrize(
@@ -221,8 +288,16 @@ def test_fully_padded_sequence_gives_zeros(form):
         (dict(q=torch.zeros(2, 3, 16)), ValueError, "multiple of KV heads"),
         (dict(v_cache=torch.zeros(2, 2, 9, 16)), ValueError, "k_cache's shape"),
         (dict(q=torch.zeros(2, 4, 16, dtype=torch.float64)), TypeError, "share one dtype"),
-        (dict(k_frac=0.0), ValueError, "k_frac must be a fraction"),
-        (dict(k_frac=1.5), ValueError, "k_frac must be a fraction"),
+        (dict(k=0), ValueError, "k must lie in \\[1, S=8\\]"),
+        (dict(k=9), ValueError, "k must lie in \\[1, S=8\\]"),
+        (dict(k=2.5), TypeError, "k must be an int"),
+        (dict(k=9, k_b=torch.tensor([1, 1])), ValueError, "k \\(the bound of k_b\\)"),
+        (dict(k_b=torch.tensor([1.0, 1.0])), ValueError, "k_b must be an int32/int64 tensor"),
+        (dict(k_b=torch.tensor([1])), ValueError, "k_b must be an int32/int64 tensor \\[B=2\\]"),
+        (dict(kv_start=torch.tensor([0, 1])), ValueError, "pass k_b"),
+        (dict(sink=-1), ValueError, "sink must be an int >= 0"),
+        (dict(recent=1.0), ValueError, "recent must be an int >= 0"),
+        (dict(sink=3, recent=2), ValueError, "protected positions count inside k"),
         (dict(d=0), ValueError, "d must lie in"),
         (dict(d=17), ValueError, "d must lie in"),
         (dict(d=2.5), TypeError, "d must be an int"),
@@ -230,8 +305,8 @@ def test_fully_padded_sequence_gives_zeros(form):
         (dict(d=(4, 4, 4)), ValueError, "per-head d"),
         (dict(d=(4, True)), ValueError, "per-head d"),
         (dict(gqa_select="head"), ValueError, "gqa_select"),
-        (dict(kv_start=torch.tensor([0])), ValueError, "kv_start"),
-        (dict(kv_end=torch.tensor([8.0, 8.0])), ValueError, "kv_end"),
+        (dict(kv_start=torch.tensor([0]), k_b=torch.tensor([1, 1])), ValueError, "kv_start"),
+        (dict(kv_end=torch.tensor([8.0, 8.0]), k_b=torch.tensor([1, 1])), ValueError, "kv_end"),
         (dict(k_cache=torch.zeros(2, 2, 16, 8).transpose(-1, -2)), ValueError, "stride"),
         (dict(k_approx=torch.zeros(2, 2, 8, 3)), ValueError, "k_approx"),  # narrower than d
         (dict(k_approx=torch.zeros(2, 2, 7, 4)), ValueError, "k_approx"),  # another length
@@ -241,7 +316,7 @@ def test_fully_padded_sequence_gives_zeros(form):
 )
 def test_bad_arguments_raise(change, error, match):
     args = dict(q=torch.zeros(2, 4, 16), k_cache=torch.zeros(2, 2, 8, 16), v_cache=torch.zeros(2, 2, 8, 16),
-                d=4, k_frac=0.5, scaling=0.25, kv_start=None, gqa_select="group")
+                d=4, k=4, scaling=0.25, gqa_select="group")
     args.update(change)
     if "k_cache" in change:
         args["v_cache"] = args["k_cache"]
@@ -254,16 +329,15 @@ def test_bad_arguments_raise(change, error, match):
 def test_triton_path_rejects_float64():
     q, k, v = make_inputs(1, 1, 1, 8, 16, torch.float64)
     with pytest.raises(TypeError, match="loki_decode_attention_torch"):
-        loki_decode_attention_triton(q, k, v, d=4, k_frac=0.5, scaling=0.25)
+        loki_decode_attention_triton(q, k, v, d=4, k=4, scaling=0.25)
 
 
-def test_budget_matches_shared_helper():
-    """Kept-token counts follow hf_patch.loki.budget: k_frac=0.3 of 50 tokens keeps ceil(15) = 15."""
+def test_keeps_exactly_k_best():
+    """k = 15 of 50 keys with d = D: softmax attention over the 15 best exact scores."""
     q, k, v = make_inputs(1, 1, 1, 50, 16, torch.float64)
-    out = loki_decode_attention_torch(q, k, v, d=16, k_frac=0.3, scaling=1.0)
+    out = loki_decode_attention_torch(q, k, v, d=16, k=15, scaling=1.0)
     logits = k[0, 0] @ q[0, 0]
-    top = logits.topk(math.ceil(50 * 0.3)).indices
-    assert len(top) == 15
+    top = logits.topk(15).indices
     assert torch.allclose(out[0, 0], torch.softmax(logits[top], 0) @ v[0, 0, top], atol=1e-12)
 
 
@@ -275,7 +349,7 @@ def expected_positions(scores, k_b):
 
 @pytest.mark.parametrize("multi", [False, True], ids=["one-program-per-row", "multi-program"])
 @pytest.mark.parametrize("kind", ["random", "ties", "unlucky-sample", "padded", "long-ties", "signed-zeros",
-                                  "whole-row", "row-views", "unpadded-rows"])
+                                  "whole-row", "row-views", "unpadded-rows", "protected"])
 def test_select_tokens_is_exact_top_k(kind, multi):
     """Both selections against a stable sort: plain rows, heavy ties, a sample that only sees outliers (the
     sample reads positions 0 mod 8, which hold the 32 largest scores, so the bracket holds too few and every
@@ -285,7 +359,8 @@ def test_select_tokens_is_exact_top_k(kind, multi):
     the key range, so that its histogram's bins are wider than 16-bit key bins and the threshold bin runs past
     the bracket's upper edge (on the H100 this dropped 3 of 4099 keys at k_frac = 1); rows of S = 70 scores as
     views of 80-wide rows holding +inf past S (read to 80 with aligned masks, which must not count), and as a
-    contiguous tensor (not readable past S: exact masks)."""
+    contiguous tensor (not readable past S: exact masks); +inf at sink and recent positions after -inf padding
+    (what stage 1 writes with protection), k_b just above their count or equal to it."""
     gen = torch.Generator().manual_seed(1)
     rows, s, k = 3, 64, 20
     scores = torch.randn(rows, s, generator=gen)
@@ -318,6 +393,11 @@ def test_select_tokens_is_exact_top_k(kind, multi):
     elif kind == "unpadded-rows":
         s = 70
         scores = torch.randn(rows, s, generator=gen)
+    elif kind == "protected":
+        scores = torch.randn(4, s, generator=gen)
+        scores[:, :10] = scores[3, :-3] = float("-inf")
+        scores[:3, 10:12] = scores[:, -3:] = float("inf")
+        k_b = torch.tensor([5, 6, 20, 3], dtype=torch.int32)
     if multi:
         cfg = LokiKernelConfig(select_kernel_max_seq=0, multi_select_block=block, multi_select_sample=sample)
     else:
@@ -334,8 +414,8 @@ def test_select_tokens_is_exact_top_k(kind, multi):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="counts compilations of the CUDA kernels")
 def test_growing_cache_compiles_each_kernel_once():
-    """Decode steps over a growing cache reuse the compiled kernels: lengths, budgets and split counts are not
-    specialised on (a recompile mid-generation costs ~0.5 s)."""
+    """Decode steps over a growing cache reuse the compiled kernels: lengths, budgets, protection counts and split
+    counts are not specialised on (a recompile mid-generation costs ~0.5 s)."""
     import triton
 
     compiled = []
@@ -345,8 +425,8 @@ def test_growing_cache_compiles_each_kernel_once():
         # the fused kernel; scores + one-program selection + attention; scores + multi-program selection + attention
         for s0, config in ((3000, None), (20000, LokiKernelConfig(select_kernel_min_rows_per_sm=0)), (40000, None)):
             q, k, v = make_inputs(2, 2, 4, s0 + 40, 64, torch.bfloat16)[:3]
-            step = lambda s: loki_decode_attention_triton(q, k[:, :, :s], v[:, :, :s], d=16, k_frac=0.25,
-                                                          scaling=0.125, config=config)
+            step = lambda s: loki_decode_attention_triton(q, k[:, :, :s], v[:, :, :s], d=16, scaling=0.125,
+                                                          config=config, **budget(0.25, s, sink=4, recent=s % 40))
             step(s0)
             before = len(compiled)
             for s in range(s0 + 1, s0 + 40):
@@ -360,8 +440,8 @@ def test_growing_cache_compiles_each_kernel_once():
 def test_select_tokens_random_rows_match_stable_sort(seed):
     """Seeded random rows of both selections against a stable sort: lengths 8-300, budgets 0..S per row (S in
     about a third: the widest brackets; without the bin-edge fix of _pick_bin 3 of these seeds fail), values
-    from plain to heavy-tailed, grids (ties), outlier lattices (misleading samples), constants and -inf padding;
-    block, sample and program counts varied."""
+    from plain to heavy-tailed, grids (ties), outlier lattices (misleading samples), constants, -inf padding and
+    +inf runs at both ends (protected positions); block, sample and program counts varied."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     rows, s = rng.randint(1, 4), rng.randint(8, 300)
@@ -382,6 +462,9 @@ def test_select_tokens_random_rows_match_stable_sort(seed):
         start = rng.randint(0, s)
         scores[0, :start] = float("-inf")
         k_b[0] = min(int(k_b[0]), s - start)
+    if rng.random() < 0.4:
+        scores[-1, : rng.randint(0, 4)] = float("inf")
+        scores[-1, s - rng.randint(0, 8):] = float("inf")
     block, sample = rng.choice([16, 32, 64]), rng.choice([16, 32, 64])
     multi = LokiKernelConfig(select_kernel_max_seq=0, multi_select_block=block, multi_select_sample=sample,
                              programs_per_sm=rng.choice([1, 4, 16]))

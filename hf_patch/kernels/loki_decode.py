@@ -4,10 +4,15 @@ Every path computes the same function. With a query ``q [B, Hq, D]`` rotated int
 and a cache of rotated keys and values ``[B, Hkv, S, D]`` (GQA: query head ``h`` reads KV head ``h // G``):
 
 1. approximate scores ``a = q[:d_j] . k[:, :d_j]`` over the first ``d_j`` principal dims of KV head ``j``;
-2. top ``k_b = num_tokens(n_b, k_frac)`` valid tokens (positions ``kv_start[b] <= s < kv_end[b]``, by default
-   all ``S``; ``n_b = kv_end[b] - kv_start[b]``), per query head
-   (``gqa_select="query"``) or per KV head on the max of ``a`` over its G query heads (``"group"``);
-3. exact softmax attention (all D dims, ``scaling``) over the kept tokens, accumulated in float32.
+2. the ``k_b`` kept keys of sequence ``b`` (``k_b`` given by the caller, or ``k`` for every row) among its valid
+   positions ``kv_start[b] <= s < kv_end[b]`` (by default all ``S``; ``n_b = kv_end[b] - kv_start[b]``): the
+   first ``sink`` and the last ``recent`` valid positions always (protected, counted inside ``k_b``), then the
+   best approximate scores among the other valid keys, per query head (``gqa_select="query"``) or per KV head on
+   the max of ``a`` over its G query heads (``"group"``);
+3. exact softmax attention (all D dims, ``scaling``) over the kept keys, accumulated in float32.
+
+The kernels apply the budget (``k``, ``k_b``, ``sink``, ``recent``); they do not derive it (`hf_patch.loki.budget`
+does). Protected positions take the score +inf in stage 1, so every selection below keeps them first.
 
 Stage 1 reads the first dims of the keys either from the key cache or, when given, from ``k_approx``: a
 contiguous copy of the first ``d' >= max d`` rotated dims (``LokiCache`` keeps one; it costs d'/D of the key
@@ -29,7 +34,8 @@ The Triton path runs one of three forms, by the cache length S (thresholds in `L
   chunk's output offset and share of the ties; (3) write each chunk's positions.
 
 Every selection is the exact top-k_b, ties at the threshold to the earliest positions, positions in increasing
-order (deterministic: the same positions and the same output, bit for bit, on every call).
+order (deterministic: the same positions and the same output, bit for bit, on every call). Protected positions
+(+inf) never straddle the threshold while k_b is at least their number: they all lie above it or are all of it.
 
 The Triton path keeps scratch buffers per (device, stream) between calls (`clear_workspaces` frees them), so
 calls on one stream must not overlap in time (stream order guarantees this for ordinary use). The PyTorch
@@ -44,7 +50,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..loki.budget import check_fraction, max_tokens, num_tokens
 from .launch import dot_block, dot_options, num_sms
 
 GQA_SELECT = ("query", "group")
@@ -108,7 +113,7 @@ _DEFAULT_CONFIG = LokiKernelConfig()
 
 @dataclass(frozen=True)
 class _Problem:
-    """Validated arguments: sizes, the budget and the per-head dims."""
+    """Validated arguments: sizes, the per-head dims and the budget."""
 
     batch: int
     q_heads: int
@@ -117,8 +122,11 @@ class _Problem:
     head_dim: int
     d_max: int
     dims: torch.Tensor | None  # int [Hkv] when heads use different d, else None (all use d_max)
-    k_frac: float
     group: bool
+    k: int  # keys kept per row (k_b None), else the bound of k_b
+    k_b: torch.Tensor | None  # int32 [B] keys kept per sequence, on q's device
+    sink: int
+    recent: int
 
     @property
     def group_size(self) -> int:
@@ -129,26 +137,36 @@ class _Problem:
         """Selection rows per sequence: one per KV head ("group") or per query head ("query")."""
         return self.kv_heads if self.group else self.q_heads
 
+    @property
+    def protect(self) -> bool:
+        """Whether some positions are kept whatever their scores (sink or recent)."""
+        return self.sink > 0 or self.recent > 0
 
-def _check_bounds(name: str, bound: torch.Tensor | None, b: int, device: torch.device) -> None:
-    """kv_start / kv_end must be int32/int64 tensors [B] on q's device (their values stay on the device)."""
-    if bound is None:
+
+def _check_int_tensor(name: str, x: torch.Tensor | None, b: int, device: torch.device) -> None:
+    """kv_start / kv_end / k_b must be int32/int64 tensors [B] on q's device (their values stay on the device)."""
+    if x is None:
         return
-    if bound.shape != (b,) or bound.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name} must be an int32/int64 tensor [B={b}], got {bound.dtype} {tuple(bound.shape)}")
-    if bound.device != device:
-        raise ValueError(f"{name} is on {bound.device}, q on {device}: move it to q's device")
+    if not isinstance(x, torch.Tensor) or x.shape != (b,) or x.dtype not in (torch.int32, torch.int64):
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be an int32/int64 tensor [B={b}], got {got}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device}, q on {device}: move it to q's device")
 
 
-def _check(q, k_cache, v_cache, d, k_frac, kv_start, gqa_select, k_approx=None, kv_end=None) -> _Problem:
-    """Validate the arguments of `loki_decode_attention`; raise ValueError/TypeError saying what to fix."""
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_tensors(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """Shapes, dtypes, devices and strides of q [B, Hq, D], k_cache and v_cache [B, Hkv, S, D]."""
     if q.dim() != 3 or k_cache.dim() != 4:
         raise ValueError(f"q must be [B, Hq, D] and k_cache [B, Hkv, S, D]; got {tuple(q.shape)} and "
                          f"{tuple(k_cache.shape)}")
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache {tuple(v_cache.shape)} must have k_cache's shape {tuple(k_cache.shape)}")
     b, hq, dh = q.shape
-    _, hkv, s, _ = k_cache.shape
+    hkv = k_cache.shape[1]
     if k_cache.shape[0] != b or k_cache.shape[-1] != dh:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)} in batch or head dim")
     if hkv == 0 or hq % hkv:
@@ -160,33 +178,68 @@ def _check(q, k_cache, v_cache, d, k_frac, kv_start, gqa_select, k_approx=None, 
         raise ValueError("q, k_cache and v_cache must be on one device")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("q, k_cache and v_cache need a contiguous last dim (stride(-1) == 1)")
-    if gqa_select not in GQA_SELECT:
-        raise ValueError(f"gqa_select must be one of {GQA_SELECT}, got {gqa_select!r}")
-    k_frac = check_fraction("k_frac", k_frac)
-    _check_bounds("kv_start", kv_start, b, q.device)
-    _check_bounds("kv_end", kv_end, b, q.device)
+
+
+def _check_dims(d, hkv: int, dh: int) -> tuple[int, int, tuple[int, ...] | None]:
+    """(min d, max d, per-head dims or None) of an int or ints per KV head (tuple or int tensor [Hkv])."""
     if isinstance(d, torch.Tensor):
         if d.shape != (hkv,) or d.dtype.is_floating_point or d.dtype == torch.bool:
             raise ValueError(f"per-head d must be an int tensor [Hkv={hkv}], got {d.dtype} {tuple(d.shape)}")
         d = tuple(d.tolist())  # a host sync when d is on the GPU: keep it on the CPU or pass a tuple of ints
     if isinstance(d, (tuple, list)):
-        if len(d) != hkv or not all(isinstance(x, int) and not isinstance(x, bool) for x in d):
+        if len(d) != hkv or not all(_is_int(x) for x in d):
             raise ValueError(f"per-head d must hold {hkv} ints (one per KV head), got {d!r}")
         d_min, d_max = min(d), max(d)
-    elif isinstance(d, int) and not isinstance(d, bool):
+    elif _is_int(d):
         d_min = d_max = d
     else:
         raise TypeError(f"d must be an int, or ints per KV head (tuple or int tensor [Hkv]), got {type(d).__name__}")
     if not 1 <= d_min <= d_max <= dh:
         raise ValueError(f"d must lie in [1, D={dh}], got values in [{d_min}, {d_max}]")
+    return d_min, d_max, tuple(d) if d_min != d_max else None
+
+
+def _check_budget(k, k_b, sink, recent, seq: int, bounded: bool) -> None:
+    """k, k_b, sink and recent (see `loki_decode_attention`); the values of k_b are the caller's to keep."""
+    if not _is_int(k):
+        raise TypeError(f"k must be an int (keys kept per row, or the bound of k_b), got {type(k).__name__}")
+    for name, value in (("sink", sink), ("recent", recent)):
+        if not _is_int(value) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0 (positions always kept), got {value!r}")
+    if k_b is not None:
+        if not 0 <= k <= seq:
+            raise ValueError(f"k (the bound of k_b) must lie in [0, S={seq}], got {k}")
+        return
+    if bounded:
+        raise ValueError("with kv_start/kv_end, pass k_b (int tensor [B]: keys kept per sequence, at most "
+                         "min(k, kv_end - kv_start)); k alone means every row sees all S keys")
+    if not 1 <= k <= seq:
+        raise ValueError(f"k must lie in [1, S={seq}] when k_b is None (every row keeps k of its S keys), got {k}")
+    if k < min(seq, sink + recent):
+        raise ValueError(f"k ({k}) must be at least min(S, sink + recent) = {min(seq, sink + recent)}: the protected "
+                         "positions count inside k")
+
+
+def _check(q, k_cache, v_cache, d, k, k_b, sink, recent, kv_start, kv_end, gqa_select, k_approx) -> _Problem:
+    """Validate the arguments of `loki_decode_attention`; raise ValueError/TypeError saying what to fix."""
+    _check_tensors(q, k_cache, v_cache)
+    b, hq, dh = q.shape
+    _, hkv, s, _ = k_cache.shape
+    if gqa_select not in GQA_SELECT:
+        raise ValueError(f"gqa_select must be one of {GQA_SELECT}, got {gqa_select!r}")
+    for name, x in (("kv_start", kv_start), ("kv_end", kv_end), ("k_b", k_b)):
+        _check_int_tensor(name, x, b, q.device)
+    _check_budget(k, k_b, sink, recent, s, kv_start is not None or kv_end is not None)
+    _, d_max, per_head = _check_dims(d, hkv, dh)
     if k_approx is not None and (k_approx.dim() != 4 or k_approx.shape[:3] != k_cache.shape[:3]
                                  or not d_max <= k_approx.shape[-1] <= dh or k_approx.dtype != q.dtype
                                  or k_approx.device != q.device or k_approx.stride(-1) != 1):
         raise ValueError(f"k_approx must be [B, Hkv, S, d'] with max d = {d_max} <= d' <= D, k_cache's "
                          f"{tuple(k_cache.shape[:3])}, dtype {q.dtype}, device {q.device} and stride(-1) == 1; "
                          f"got {k_approx.dtype} {tuple(k_approx.shape)} on {k_approx.device}")
-    dims = _dims_on(q.device, tuple(d)) if d_min != d_max else None
-    return _Problem(b, hq, hkv, s, dh, d_max, dims, k_frac, gqa_select == "group")
+    dims = _dims_on(q.device, per_head) if per_head is not None else None
+    k_b = k_b.to(torch.int32) if k_b is not None else None  # on the device: no host sync
+    return _Problem(b, hq, hkv, s, dh, d_max, dims, gqa_select == "group", k, k_b, sink, recent)
 
 
 @functools.lru_cache(maxsize=64)
@@ -195,20 +248,30 @@ def _dims_on(device: torch.device, dims: tuple[int, ...]) -> torch.Tensor:
     return torch.tensor(dims, dtype=torch.int32, device=device)
 
 
-def _budget(p: _Problem, kv_start: torch.Tensor | None,
-            kv_end: torch.Tensor | None) -> tuple[int, torch.Tensor | None]:
-    """(k, k_b): tokens kept per row when every row sees all S keys, else the bound `k` and per-sequence
-    k_b int32 [B] (computed on the device: no host sync)."""
-    k = max_tokens(p.seq, p.k_frac) if p.seq else 0
-    if kv_start is None and kv_end is None:
-        return k, None
-    visible = (p.seq if kv_end is None else kv_end) - (0 if kv_start is None else kv_start)
-    return k, num_tokens(visible, p.k_frac).clamp_min(0).to(torch.int32)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # PyTorch implementation
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _torch_scores(p: _Problem, qg: torch.Tensor, keys: torch.Tensor, kv_start: torch.Tensor | None,
+                  kv_end: torch.Tensor | None) -> torch.Tensor:
+    """Approximate scores [B, Hkv, G or 1, S] of qg [B, Hkv, G, D] against the first dims of keys [B, Hkv, S, d'];
+    -inf outside [kv_start, kv_end), +inf at the protected positions (kept first by any top-k)."""
+    q_approx = qg[..., : p.d_max]
+    if p.dims is not None:
+        keep = torch.arange(p.d_max, device=qg.device) < p.dims[:, None]  # [Hkv, d_max]
+        q_approx = q_approx * keep[None, :, None]
+    scores = torch.matmul(q_approx, keys[..., : p.d_max].to(qg.dtype).transpose(-1, -2))  # [B, Hkv, G, S]
+    if p.group:
+        scores = scores.amax(dim=2, keepdim=True)  # [B, Hkv, 1, S]
+    pos = torch.arange(p.seq, device=qg.device)[None, :]  # [1, S]
+    lo = 0 if kv_start is None else kv_start[:, None].long()  # [B, 1]
+    hi = p.seq if kv_end is None else kv_end[:, None].long()
+    valid = (pos >= lo) & (pos < hi)  # [B or 1, S]
+    if p.protect:
+        protected = valid & ((pos < lo + p.sink) | (pos >= hi - p.recent))
+        scores = scores.masked_fill(protected[:, None, None], float("inf"))
+    return scores.masked_fill(~valid[:, None, None], float("-inf"))
 
 
 def loki_decode_attention_torch(
@@ -217,38 +280,26 @@ def loki_decode_attention_torch(
     v_cache: torch.Tensor,
     *,
     d: int | tuple[int, ...] | torch.Tensor,
-    k_frac: float,
+    k: int,
     scaling: float,
+    k_b: torch.Tensor | None = None,
+    sink: int = 0,
+    recent: int = 0,
     kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None,
     gqa_select: str = "group",
     k_approx: torch.Tensor | None = None,
-    kv_end: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Loki decode step in PyTorch (any device; also float64). Same arguments and result as
     `loki_decode_attention`. Reads the first d dims of the keys (from `k_approx` when given) and gathers only
     the kept rows of K and V."""
-    p = _check(q, k_cache, v_cache, d, k_frac, kv_start, gqa_select, k_approx, kv_end)
-    b, hkv, g, s = p.batch, p.kv_heads, p.group_size, p.seq
-    acc_dtype = torch.promote_types(q.dtype, torch.float32)
-    qg = q.reshape(b, hkv, g, p.head_dim).to(acc_dtype)  # [B, Hkv, G, D]
-    k, k_b = _budget(p, kv_start, kv_end)
+    p = _check(q, k_cache, v_cache, d, k, k_b, sink, recent, kv_start, kv_end, gqa_select, k_approx)
+    b, hkv, g, s, k_b = p.batch, p.kv_heads, p.group_size, p.seq, p.k_b
     if k == 0:
         return q.new_zeros(q.shape)
-
-    q_approx = qg[..., : p.d_max]
-    if p.dims is not None:
-        keep = torch.arange(p.d_max, device=q.device) < p.dims[:, None]  # [Hkv, d_max]
-        q_approx = q_approx * keep[None, :, None]
-    keys_approx = (k_cache if k_approx is None else k_approx)[..., : p.d_max].to(acc_dtype)  # [B, Hkv, S, d_max]
-    scores = torch.matmul(q_approx, keys_approx.transpose(-1, -2))  # [B, Hkv, G, S]
-    if k_b is not None:
-        pos = torch.arange(s, device=q.device)[None, :]
-        lo = 0 if kv_start is None else kv_start[:, None]
-        hi = s if kv_end is None else kv_end[:, None]
-        invalid = (pos < lo) | (pos >= hi)  # [B, S]
-        scores = scores.masked_fill(invalid[:, None, None], float("-inf"))
-    if p.group:
-        scores = scores.amax(dim=2, keepdim=True)  # [B, Hkv, 1, S]
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)
+    qg = q.reshape(b, hkv, g, p.head_dim).to(acc_dtype)  # [B, Hkv, G, D]
+    scores = _torch_scores(p, qg, k_cache if k_approx is None else k_approx, kv_start, kv_end)
     idx = scores.topk(k, dim=-1, sorted=k_b is not None).indices  # [B, Hkv, G or 1, k]
 
     rows = idx.shape[2]
@@ -308,16 +359,19 @@ def _key_dims(offs_d, d, KEY_WIDTH: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _approx_tile(q, k_base, stride_ks, offs_n, offs_d, kd_ok, end, start,
-                 DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _approx_tile(q, k_base, stride_ks, offs_n, offs_d, kd_ok, end, start, sink, recent,
+                 PROTECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Approximate scores [BLOCK_G, BLOCK_N] of q's rows against the keys at offs_n; -inf outside [start, end)
-    (keys at or past end are not read)."""
+    (keys at or past end are not read); PROTECT: +inf at the protected positions, [start, start + sink) and
+    [end - recent, end) within [start, end)."""
     before_end = offs_n < end
     keys = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=before_end[:, None] & kd_ok[None, :],
                    other=0.0)
     if UPCAST:
         keys = keys.to(tl.float32)
     a = tl.dot(q, tl.trans(keys), input_precision=DOT_PREC)
+    if PROTECT:
+        a = tl.where(((offs_n < start + sink) | (offs_n >= end - recent))[None, :], float("inf"), a)
     return tl.where((before_end & (offs_n >= start))[None, :], a, float("-inf"))
 
 
@@ -633,20 +687,21 @@ def _pick_bin(s_row, ck_row, cp_row, m_row, h_row, seq, kb, lo, hi, n_chunks, ch
 # --- kernels ---------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["seq", "tiles_per_prog"])
+@triton.jit(do_not_specialize=["seq", "tiles_per_prog", "sink", "recent"])
 def _approx_scores_kernel(
     q_ptr, k_ptr, dims_ptr, start_ptr, end_ptr, s_ptr,
-    seq, s_stride, kv_heads, group_size, tiles_per_prog, d_uniform,
+    seq, s_stride, kv_heads, group_size, tiles_per_prog, d_uniform, sink, recent,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
     GROUP: tl.constexpr, PER_HEAD_D: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
-    KEY_WIDTH: tl.constexpr,
+    PROTECT: tl.constexpr, KEY_WIDTH: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """Scores of the G query heads of one KV head over one split of S, on the first d dims only.
 
     Writes float32 rows (stride s_stride) [B*Hkv, S] (max over the group) or [B*Hq, S] (per query head);
-    -inf before kv_start and from kv_end (default S) up to S rounded up to 16 (the rows must hold that many).
+    -inf before kv_start and from kv_end (default S) up to S rounded up to 16 (the rows must hold that many);
+    PROTECT: +inf at the protected positions (`_approx_tile`).
     """
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -663,7 +718,8 @@ def _approx_scores_kernel(
     k_base = k_ptr + b * stride_kb + j * stride_kh
     for t in range(tiles_per_prog):
         offs_n = (split * tiles_per_prog + t) * BLOCK_N + tl.arange(0, BLOCK_N)
-        a = _approx_tile(q, k_base, stride_ks, offs_n, offs_d, kd_ok, end, start, DOT_PREC, UPCAST)
+        a = _approx_tile(q, k_base, stride_ks, offs_n, offs_d, kd_ok, end, start, sink, recent, PROTECT, DOT_PREC,
+                         UPCAST)
         if GROUP:
             a = tl.max(tl.where(g_ok[:, None], a, float("-inf")), axis=0)
             tl.store(s_ptr + row.to(tl.int64) * s_stride + offs_n, a, mask=offs_n < _padded_len(seq))
@@ -837,21 +893,22 @@ def _sparse_attention_kernel(
             tl.store(done_ptr + row, 0)
 
 
-@triton.jit(do_not_specialize=["seq", "k_sel", "sample_stride", "n_sample"])
+@triton.jit(do_not_specialize=["seq", "k_sel", "sample_stride", "n_sample", "sink", "recent"])
 def _fused_kernel(
     q_ptr, ka_ptr, k_ptr, v_ptr, dims_ptr, start_ptr, end_ptr, kb_ptr, s_ptr, c_ptr, i_ptr, out_ptr,
     seq, s_stride, c_stride, i_stride, k_sel, rows_per_batch, kv_div, heads_per_row, d_uniform,
-    sample_stride, n_sample, qk_scale,
+    sample_stride, n_sample, qk_scale, sink, recent,
     stride_qb, stride_qh, stride_kab, stride_kah, stride_kas, stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh,
     PER_HEAD_D: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr, HAS_KB: tl.constexpr,
-    KEY_WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DA: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    PROTECT: tl.constexpr, KEY_WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_DA: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_NS: tl.constexpr, BLOCK_N: tl.constexpr, SAMPLE: tl.constexpr, SELECT_BLOCK: tl.constexpr,
     MARGIN_SIGMAS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """The whole step for one selection row (short caches): approximate scores of the row's heads (max over
-    the group), the exact top-k_b of `_select_row`, then softmax attention over the kept keys and values."""
+    the group; +inf at protected positions), the exact top-k_b of `_select_row`, then softmax attention over the
+    kept keys and values."""
     row = tl.program_id(0)
     b = (row // rows_per_batch).to(tl.int64)
     r = (row % rows_per_batch).to(tl.int64)
@@ -876,7 +933,8 @@ def _fused_kernel(
         ka_base = ka_ptr + b * stride_kab + j * stride_kah
         for n0 in range(0, seq, BLOCK_NS):
             offs_n = n0 + tl.arange(0, BLOCK_NS)
-            a = _approx_tile(qa, ka_base, stride_kas, offs_n, offs_da, kd_ok, end, start, DOT_PREC, UPCAST)
+            a = _approx_tile(qa, ka_base, stride_kas, offs_n, offs_da, kd_ok, end, start, sink, recent, PROTECT,
+                             DOT_PREC, UPCAST)
             a = tl.max(tl.where((offs_g < heads_per_row)[:, None], a, float("-inf")), axis=0)
             tl.store(s_row + offs_n, a, mask=offs_n < _padded_len(seq))  # -inf past seq
         tl.debug_barrier()
@@ -956,7 +1014,8 @@ def clear_workspaces() -> None:
 def triton_scores(p: _Problem, q: torch.Tensor, keys: torch.Tensor, kv_start: torch.Tensor | None,
                   kv_end: torch.Tensor | None, cfg: LokiKernelConfig) -> torch.Tensor:
     """Stage 1: approximate scores, float32 [B*Hkv, S] ("group", max over the group) or [B*Hq, S] ("query"),
-    from `keys` (the key cache or its narrow copy). A view of the workspace, valid until the next call."""
+    from `keys` [B, Hkv, S, d'] (the key cache or its narrow copy); -inf outside [kv_start, kv_end), +inf at the
+    protected positions. A view of the workspace, valid until the next call."""
     b, hkv, g, s = p.batch, p.kv_heads, p.group_size, p.seq
     rows = b * p.rows_per_batch
     scores = _workspace(q.device).get("scores", rows, s, torch.float32)
@@ -964,10 +1023,10 @@ def triton_scores(p: _Problem, q: torch.Tensor, keys: torch.Tensor, kv_start: to
     _approx_scores_kernel[(b * hkv, n_split)](
         q, keys, p.dims if p.dims is not None else scores, kv_start if kv_start is not None else scores,
         kv_end if kv_end is not None else scores, scores,
-        s, scores.stride(0), hkv, g, tiles, p.d_max,
+        s, scores.stride(0), hkv, g, tiles, p.d_max, p.sink, p.recent,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         GROUP=p.group, PER_HEAD_D=p.dims is not None, HAS_START=kv_start is not None, HAS_END=kv_end is not None,
-        KEY_WIDTH=keys.shape[-1],
+        PROTECT=p.protect, KEY_WIDTH=keys.shape[-1],
         BLOCK_G=dot_block(g), BLOCK_D=dot_block(p.d_max), BLOCK_N=cfg.block_n_scores, **_launch(cfg, q),
     )
     return scores[:rows, :s]
@@ -1039,10 +1098,11 @@ def select_tokens(scores: torch.Tensor, k: int, k_b: torch.Tensor | None, rows_p
 
 
 def triton_attend(p: _Problem, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, idx: torch.Tensor,
-                  k_b: torch.Tensor | None, scaling: float, cfg: LokiKernelConfig, out: torch.Tensor) -> torch.Tensor:
-    """Stage 3: exact attention over the rows `idx` [rows, k] of K and V into `out` (split-K; the last split of
-    each row merges)."""
+                  scaling: float, cfg: LokiKernelConfig, out: torch.Tensor) -> torch.Tensor:
+    """Stage 3: exact attention over the rows `idx` [rows, k] (the first k_b of each row) of K and V
+    [B, Hkv, S, D] into `out` [B, Hq, D] (split-K; the last split of each row merges)."""
     rows, k = idx.shape
+    k_b = p.k_b
     heads_per_row = p.group_size if p.group else 1
     n_split, tiles = _split(k, cfg.block_n_attn, rows, cfg.programs_per_sm * num_sms(q.device))
     ws = _workspace(q.device)
@@ -1062,10 +1122,11 @@ def triton_attend(p: _Problem, q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 
 def triton_fused(p: _Problem, q: torch.Tensor, keys: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 kv_start: torch.Tensor | None, kv_end: torch.Tensor | None, k: int, k_b: torch.Tensor | None,
-                 scaling: float, cfg: LokiKernelConfig, out: torch.Tensor) -> torch.Tensor:
-    """All three stages in one kernel, one program per selection row, into `out` (for short caches)."""
-    rows, s = p.batch * p.rows_per_batch, p.seq
+                 kv_start: torch.Tensor | None, kv_end: torch.Tensor | None, scaling: float, cfg: LokiKernelConfig,
+                 out: torch.Tensor) -> torch.Tensor:
+    """All three stages in one kernel, one program per selection row, into `out` [B, Hq, D] (for short
+    caches)."""
+    rows, s, k, k_b = p.batch * p.rows_per_batch, p.seq, p.k, p.k_b
     ws = _workspace(q.device)
     scores = ws.get("scores", rows, s, torch.float32)
     cand = ws.get("cand", rows, s, torch.int32)
@@ -1078,11 +1139,12 @@ def triton_fused(p: _Problem, q: torch.Tensor, keys: torch.Tensor, k_cache: torc
         k_b if k_b is not None else idx, scores, cand, idx, out,
         s, scores.stride(0), cand.stride(0), idx.stride(0), k, p.rows_per_batch, 1 if p.group else p.group_size,
         heads_per_row, p.d_max, stride, min(cfg.select_sample, triton.cdiv(s, stride)), scaling * _LOG2E,
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        p.sink, p.recent, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), out.stride(0), out.stride(1),
         PER_HEAD_D=p.dims is not None, HAS_START=kv_start is not None, HAS_END=kv_end is not None,
-        HAS_KB=k_b is not None, KEY_WIDTH=keys.shape[-1], HEAD_DIM=p.head_dim, BLOCK_G=dot_block(heads_per_row),
+        HAS_KB=k_b is not None, PROTECT=p.protect, KEY_WIDTH=keys.shape[-1], HEAD_DIM=p.head_dim,
+        BLOCK_G=dot_block(heads_per_row),
         BLOCK_DA=dot_block(p.d_max), BLOCK_D=dot_block(p.head_dim), BLOCK_NS=cfg.block_n_fused,
         BLOCK_N=cfg.block_n_fused_attn, SAMPLE=cfg.select_sample, SELECT_BLOCK=cfg.select_block, MARGIN_SIGMAS=5.0,
         **{**_launch(cfg, q), "num_warps": cfg.fused_warps},
@@ -1096,36 +1158,38 @@ def loki_decode_attention_triton(
     v_cache: torch.Tensor,
     *,
     d: int | tuple[int, ...] | torch.Tensor,
-    k_frac: float,
+    k: int,
     scaling: float,
+    k_b: torch.Tensor | None = None,
+    sink: int = 0,
+    recent: int = 0,
     kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None,
     gqa_select: str = "group",
     k_approx: torch.Tensor | None = None,
-    kv_end: torch.Tensor | None = None,
     config: LokiKernelConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Loki decode step with the Triton kernels (bf16/fp16/fp32; CUDA, or CPU under TRITON_INTERPRET=1).
     Same arguments and result as `loki_decode_attention`; `config` overrides the launch settings; `out`
     ([B, Hq, D] in q.dtype, last dim contiguous) receives the result when given."""
-    p = _check(q, k_cache, v_cache, d, k_frac, kv_start, gqa_select, k_approx, kv_end)
+    p = _check(q, k_cache, v_cache, d, k, k_b, sink, recent, kv_start, kv_end, gqa_select, k_approx)
     if q.dtype not in _TRITON_DTYPES:
         raise TypeError(f"the Triton path takes {_TRITON_DTYPES}, got {q.dtype}: use loki_decode_attention_torch")
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
         raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device} with stride(-1) == 1")
-    k, k_b = _budget(p, kv_start, kv_end)
     if k == 0:
         return out.zero_()
     cfg = config or _DEFAULT_CONFIG
     keys = k_cache if k_approx is None else k_approx
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
     if p.seq <= (cfg.graph_fused_max_seq if capturing else cfg.fused_max_seq):
-        return triton_fused(p, q, keys, k_cache, v_cache, kv_start, kv_end, k, k_b, scaling, cfg, out)
+        return triton_fused(p, q, keys, k_cache, v_cache, kv_start, kv_end, scaling, cfg, out)
     scores = triton_scores(p, q, keys, kv_start, kv_end, cfg)
-    idx = select_tokens(scores, k, k_b, p.rows_per_batch, cfg)
-    return triton_attend(p, q, k_cache, v_cache, idx, k_b, scaling, cfg, out)
+    idx = select_tokens(scores, k, p.k_b, p.rows_per_batch, cfg)
+    return triton_attend(p, q, k_cache, v_cache, idx, scaling, cfg, out)
 
 
 def loki_decode_attention(
@@ -1134,28 +1198,41 @@ def loki_decode_attention(
     v_cache: torch.Tensor,
     *,
     d: int | tuple[int, ...] | torch.Tensor,
-    k_frac: float,
+    k: int,
     scaling: float,
+    k_b: torch.Tensor | None = None,
+    sink: int = 0,
+    recent: int = 0,
     kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None,
     gqa_select: str = "group",
     k_approx: torch.Tensor | None = None,
-    kv_end: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One Loki decode step: sparse attention of `q` over the top `k_frac` of the cached tokens.
+    """One Loki decode step: sparse attention of `q` over the k_b kept keys of each sequence.
 
     q: [B, Hq, D] rotated into the PCA basis of its KV head; k_cache, v_cache: [B, Hkv, S, D] (keys rotated; any
     strides with stride(-1) == 1, e.g. [:, :, :S] of a preallocated cache); d: dims of the approximate scores,
     an int, or one per KV head (tuple of ints or int tensor [Hkv]; a tensor on the GPU costs a host sync);
-    k_frac in (0, 1]; scaling: softmax scale;
+    scaling: softmax scale.
+
+    The budget (`hf_patch.loki.budget` computes it; the op only applies it):
+    k: keys each selection row keeps when k_b is None (every row then sees all S keys: 1 <= k <= S), else the
+    bound of k_b (the width of the index buffers: 0 <= k <= S); k_b: int32/int64 [B] on q's device, keys kept by
+    sequence b, 0 <= k_b <= min(k, n_b) with n_b = kv_end - kv_start (read on the device: no host sync; required
+    with kv_start/kv_end); sink, recent: the first `sink` and the last `recent` valid positions of each sequence
+    are always kept, whatever their scores, and count inside k_b (k_b >= min(n_b, sink + recent) is the caller's
+    to keep); the other kept keys are the best approximate scores among the remaining valid ones.
+
     kv_start: int [B] first valid key of each sequence (left padding) or None; kv_end: int [B] one past the last
     valid key of each sequence, or None (= S): with both, a fixed-size cache with a length on the device (CUDA
-    graphs), and no host sync (0 <= kv_start <= kv_end <= S is the caller's to keep); gqa_select: "group" (one top-k per
-    KV head on the max over its query heads) or "query" (one per query head);
+    graphs), and no host sync (0 <= kv_start <= kv_end <= S is the caller's to keep); gqa_select: "group" (one
+    top-k per KV head on the max over its query heads) or "query" (one per query head);
     k_approx: optional [B, Hkv, S, d'] copy of the first d' >= max d dims of the rotated keys (stride(-1) == 1;
     `LokiCache` keeps one, costing d'/D of the key memory): the approximate scores read it instead of k_cache,
     whole rows at full bandwidth; the result is the same.
-    Returns [B, Hq, D] in q.dtype. CUDA bf16/fp16/fp32 runs the Triton kernels, anything else PyTorch.
+    Returns [B, Hq, D] in q.dtype (0 for a sequence that keeps no key). CUDA bf16/fp16/fp32 runs the Triton
+    kernels, anything else PyTorch.
     """
     impl = loki_decode_attention_triton if q.is_cuda and q.dtype in _TRITON_DTYPES else loki_decode_attention_torch
-    return impl(q, k_cache, v_cache, d=d, k_frac=k_frac, scaling=scaling, kv_start=kv_start, gqa_select=gqa_select,
-                k_approx=k_approx, kv_end=kv_end)
+    return impl(q, k_cache, v_cache, d=d, k=k, scaling=scaling, k_b=k_b, sink=sink, recent=recent,
+                kv_start=kv_start, kv_end=kv_end, gqa_select=gqa_select, k_approx=k_approx)
