@@ -9,7 +9,7 @@ import hf_patch
 from hf_patch import LokiCache, patch_loki, unpatch
 from hf_patch.loki.cache import APPROX_KEYS
 from hf_patch.loki.attention import LokiLayer, loki_attention_dense, visible_keys
-from hf_patch.loki.budget import Budget, num_tokens
+from hf_patch.loki.budget import Budget
 from hf_patch.loki.dims import allocate_dims
 
 
@@ -69,7 +69,7 @@ def naive_loki(q, k, v, visible, basis_l, dims, k_frac, scaling, gqa_select):
                 vis = visible[bi, 0, row].nonzero().flatten()
                 if len(vis) == 0:
                     continue
-                budget = int(num_tokens(torch.tensor(len(vis)), k_frac))
+                budget = int(Budget(k_frac).tokens(torch.tensor(len(vis))))
                 per_head = [(q[bi, j * g + h, row] @ p[j])[: dims[j]] @ kr[vis, : dims[j]].T for h in range(g)]
                 for h in range(g):
                     score = torch.stack(per_head).amax(0) if gqa_select == "group" else per_head[h]
@@ -256,15 +256,16 @@ def test_half_precision_full_budget_close_to_full_attention(dtype):
 
 
 @pytest.mark.parametrize("gqa_select", ["query", "group"])
-@pytest.mark.parametrize("d_policy", ["uniform", "variance"])
-def test_decode_kernel_path_equals_dense_path(gqa_select, d_policy):
+@pytest.mark.parametrize("d_policy, budget", [("uniform", {}), ("variance", {}),
+                                              ("uniform", dict(k_rule="paper", sink_tokens=2, recent_tokens=3))])
+def test_decode_kernel_path_equals_dense_path(gqa_select, d_policy, budget):
     """One-token steps over the Loki cache (decode kernel, gathered tokens) equal the dense masked path over a
-    plain DynamicCache (keys rotated on the fly), with left padding."""
+    plain DynamicCache (keys rotated on the fly), with left padding; with protected sink / recent keys too."""
     from transformers import DynamicCache
 
     model = tiny_model("llama", seed=2)
     patch_loki(model, random_basis(seed=4), d_frac=0.25, k_frac=0.3, mode="decode", d_policy=d_policy,
-               gqa_select=gqa_select)
+               gqa_select=gqa_select, **budget)
     x = tokens(batch=2, length=40, seed=3)
     mask = torch.ones_like(x)
     mask[1, :7] = 0

@@ -1,26 +1,34 @@
 """Loki for many query rows at once (mode "all": teacher-forced forwards, perplexity, lm-eval): Triton kernels.
 
-Computes what `hf_patch.loki.attention.loki_attention_dense` computes (the PyTorch reference), for causal
-attention whose visible keys are, per sequence b, the positions ``start_b <= j < end_b`` up to the causal limit
-``j <= t + S - T`` (left or right padding; anything else stays on the PyTorch path). Two kernels:
+The op takes prepared tensors (`hf_patch.loki.prefill` prepares them from a model's attention call): queries
+``q [B, Hq, T, D]`` (rotated into the basis when the keys are), keys and values ``[B, Hkv, S, D]``, the approximate
+queries and keys ``qa [B, Hq, T, DP]``, ``ka [B, Hkv, S, DP]`` (the first d dims of the rotated queries and keys,
+zeros past d_j for KV head j and up to DP, a power of two >= 16), and the budget ``kb [B, T]``: keys kept by each
+query row. Row t of sequence b sees the keys ``start_b <= j < end_b`` with ``j <= t + S - T`` (left or right
+padding; ``ranges`` None: plain causal, start 0 and end S); of those it always keeps the first ``sink`` and the last
+``recent`` (protected, counted inside kb), and the best approximate scores ``a = qa . ka`` among the others (max
+over the G query heads of a KV head with ``group``). Two kernels:
 
-1. `_threshold_kernel` (one program per block of query rows of one selection head): the approximate scores
-   ``a = q~[:d_j] . k~[:, :d_j]`` (a small ``tl.dot`` on the first d dims, zero-padded to a power of two >= 16;
-   max over the G query heads with ``gqa_select="group"``) are recomputed tile by tile, never stored. One pass
-   gives each row its min, max, mean and spread; each further pass counts, per row, the visible scores >= a trial
-   threshold m (and the nearest scores on each side of m), which brackets the k_b-th largest score between two
-   actual scores L <= U. Trial thresholds: a normal quantile of the row's scores first, then interpolation on the
-   counts (clamped), then, after `max_interp` passes, bisection in float order-key space (at most 32 more).
-   A row is done when a trial threshold has exactly k_b scores at or above it, or when L == U (a tie at the
-   k_b-th score: one more pass finds the position of the last tied key to keep, earliest positions first).
-   Output per row: threshold t and cutoff position p; kept = {a > t} U {a == t and position <= p}, k_b keys.
+1. `_threshold_kernel` (one program per block of query rows of one selection head): the approximate scores of the
+   unprotected visible keys are recomputed tile by tile, never stored; with ``n`` of them and ``kb' = kb - #protected``
+   to choose. One pass gives each row its min, max, mean and spread; each further pass counts, per row, the scores
+   >= a trial threshold m (and the nearest scores on each side of m), which brackets the kb'-th largest score
+   between two actual scores L <= U. Trial thresholds: a normal quantile of the row's scores first, then
+   interpolation on the counts (clamped), then, after `max_interp` passes, bisection in float order-key space
+   (at most 32 more). A row is done when a trial threshold has exactly kb' scores at or above it, or when L == U
+   (a tie at the kb'-th score: one more pass finds the position of the last tied key to keep, earliest positions
+   first). Rows with kb' >= n (dense rows) and kb' = 0 are done before any pass; a block of only such rows reads
+   no key. Output per row: threshold t and cutoff position p; kept = protected U {a > t} U {a == t and position
+   <= p}, kb keys.
 2. `_attention_kernel`: causal flash attention (online softmax in float32, exp2) over all D dims that recomputes
    the approximate scores per key tile with the same code and block sizes as stage 1, keeps a key iff it is
-   visible and passes the row's (t, p) test, and skips nothing else. Rows that see no key give 0.
+   visible and protected or passes the row's (t, p) test, and skips nothing else (a block of dense rows computes
+   no approximate score). Rows that see no key give 0.
 
 Stage 1 and stage 2 must compute bit-identical approximate scores: both call `_approx_scores` with the same
-block sizes and warps (one `LokiPrefillConfig`). `count` output (tests, benchmark) reports how many keys each
-row kept in stage 2, which must equal k_b.
+block sizes and warps (one `LokiPrefillConfig`), and the same tile plan (`_tile_plan`: fully visible tiles
+without protected keys take the unmasked code). `count` output (tests, benchmark) reports how many keys each
+row kept in stage 2, which must equal kb.
 """
 from __future__ import annotations
 
@@ -30,11 +38,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..loki.budget import num_tokens
 from .launch import dot_block, dot_options
 from .loki_decode import _order_key, online_softmax_step
 
-_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_HEAD_DIM = 256  # larger heads stay on the PyTorch path (one tile of D per row block)
 _LOG2E = 1.4426950408889634
 
 
@@ -53,61 +61,6 @@ class LokiPrefillConfig:
 def default_config(dtype: torch.dtype) -> LokiPrefillConfig:
     """float32 dots run on FMA units (no TF32): smaller tiles keep them in registers (sm_90: no spills)."""
     return LokiPrefillConfig(block_m=32, block_n=32) if dtype == torch.float32 else LokiPrefillConfig()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Which keys each row sees: causal + one contiguous [start_b, end_b) range per sequence, or not expressible
-# ---------------------------------------------------------------------------------------------------------------
-
-_last_ranges: list = [None, None, None]  # (mask, (q_len, kv_len, batch), result): every layer shares one mask
-
-
-def key_ranges(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, batch: int):
-    """(start, end) int32 [B] such that row t sees keys start_b <= j < end_b with j <= t + kv_len - q_len; None
-    for plain causal (mask None); False when the visible mask has another form (sliding window, holes, ...).
-    The first call per mask compares the whole mask on the device (one host sync); later calls with the same
-    mask object (the other layers of the forward) reuse the answer."""
-    if attention_mask is None:
-        return None
-    from ..loki.attention import visible_keys
-
-    shape = (q_len, kv_len, batch)
-    if _last_ranges[0] is attention_mask and _last_ranges[1] == shape:
-        return _last_ranges[2]
-    vis = visible_keys(attention_mask, q_len, kv_len, attention_mask.device)
-    result = False
-    if vis.dim() == 4 and vis.shape[1] == 1 and vis.shape[0] in (1, batch) and vis.shape[2:] == (q_len, kv_len):
-        last = vis[:, 0, -1]  # [B', S]: the last row sees every key of its range
-        n = last.sum(-1)
-        start = torch.where(n > 0, last.to(torch.int8).argmax(-1), 0)
-        end = start + n
-        pos = torch.arange(kv_len, device=vis.device)
-        rows = torch.arange(q_len, device=vis.device)[:, None] + (kv_len - q_len)
-        expect = (pos >= start[:, None, None]) & (pos < end[:, None, None]) & (pos <= rows)  # [B', T, S]
-        if torch.equal(vis[:, 0], expect):
-            result = tuple(x.to(torch.int32).expand(batch).contiguous() for x in (start, end))
-    _last_ranges[:] = [attention_mask, shape, result]
-    return result
-
-
-_last_budgets: list = [None, None, None]  # (ranges, (sizes, k_frac, device), result): shared by the layers
-
-
-def row_budgets(ranges, batch: int, q_len: int, kv_len: int, k_frac: float, device: torch.device) -> torch.Tensor:
-    """k_b of every query row: int32 [B, T] (`num_tokens` of the keys the row sees); the last answer is reused
-    for the same `ranges` object and sizes (the other layers of a forward)."""
-    key = (batch, q_len, kv_len, k_frac, str(device))
-    if _last_budgets[0] is ranges and _last_budgets[1] == key:
-        return _last_budgets[2]
-    last = torch.arange(q_len, device=device)[None, :] + (kv_len - q_len)  # [1, T]
-    if ranges is None:
-        n = (last + 1).expand(batch, q_len)
-    else:
-        start, end = (x.to(torch.int64)[:, None] for x in ranges)
-        n = (torch.minimum(last, end - 1) - start + 1).clamp_min(0)
-    result = num_tokens(n, k_frac).to(torch.int32).contiguous()
-    _last_budgets[:] = [ranges, key, result]
-    return result
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,16 +105,40 @@ def _approx_scores(
 
 
 @triton.jit
-def _tile_plan(start, lim, row_ok, BLOCK_N: tl.constexpr):
-    """Key tiles of a row block: fully visible ones [f_lo, f_hi) and the partly visible ones, counted as
-    [lo, f_lo) followed by [f_hi, hi). Returns (lo, f_lo, f_hi, n_masked)."""
+def _tile_plan(start, lim, row_ok, sink, recent, BLOCK_N: tl.constexpr):
+    """Key tiles of a row block: the ones every row sees whole with no protected key, [f_lo, f_hi), and the others
+    (partly visible, or holding the first `sink` or some row's last `recent` keys), counted as [lo, f_lo)
+    followed by [f_hi, hi). Returns (lo, f_lo, f_hi, n_masked)."""
     lim_max = tl.max(lim)
     lim_min = tl.min(tl.where(row_ok, lim, 2147483647))
     lo = start // BLOCK_N
     hi = tl.maximum(lo, tl.cdiv(lim_max + 1, BLOCK_N))
-    f_lo = tl.minimum(tl.cdiv(start, BLOCK_N), hi)
-    f_hi = tl.maximum(f_lo, tl.minimum((lim_min + 1) // BLOCK_N, hi))
+    f_lo = tl.minimum(tl.cdiv(start + sink, BLOCK_N), hi)
+    f_hi = tl.maximum(f_lo, tl.minimum(tl.maximum(lim_min + 1 - recent, 0) // BLOCK_N, hi))
     return lo, f_lo, f_hi, (f_lo - lo) + (hi - f_hi)
+
+
+@triton.jit
+def _protected(n0, start, lim, sink, recent, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] mask of the protected keys n0 ... n0 + BLOCK_N - 1 of each row: visible (start <= j <=
+    lim) and among the first `sink` (j < start + sink) or the last `recent` (j > lim - recent)."""
+    offs_n = (n0 + tl.arange(0, BLOCK_N))[None, :]
+    vis = (offs_n >= start) & (offs_n <= lim[:, None])
+    return vis & ((offs_n < start + sink) | (offs_n > lim[:, None] - recent))
+
+
+@triton.jit
+def _search_scores(
+    qa, qa_ptrs, row_ok, stride_qh, ka_base, stride_ks, n0, seq, start, lim, sink, recent,
+    G_SEL: tl.constexpr, MASKED: tl.constexpr, PROTECT: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """The scores stage 1 searches: `_approx_scores`, and -inf at protected keys (only masked tiles hold any)."""
+    s = _approx_scores(qa, qa_ptrs, row_ok, stride_qh, ka_base, stride_ks, n0, seq, start, lim,
+                       G_SEL, MASKED, BLOCK_N, BLOCK_DP, DOT_PREC, UPCAST)
+    if MASKED and PROTECT:
+        s = tl.where(_protected(n0, start, lim, sink, recent, BLOCK_N), float("-inf"), s)
+    return s
 
 
 @triton.jit
@@ -223,18 +200,42 @@ def _trial_threshold(it, L, U, cL, cU, kb, n, mean, sd, MAX_INTERP: tl.constexpr
     return tl.minimum(tl.maximum(m, next_up), U)
 
 
-@triton.jit(do_not_specialize=["T", "S", "off"])  # lengths vary per batch: no recompiles
+@triton.jit
+def _row_stats(qa, qa_ptrs, row_ok, stride_qh, ka_base, stride_ks, S, start, lim, sink, recent, n, lo, f_lo, f_hi,
+               n_masked, G_SEL: tl.constexpr, PROTECT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_DP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One pass over a row block's keys: (min, max, mean, spread) [BLOCK_M] of each row's n searched scores."""
+    mn = tl.full([BLOCK_M], float("inf"), tl.float32)
+    mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    sm = tl.zeros([BLOCK_M], tl.float32)
+    sq = tl.zeros([BLOCK_M], tl.float32)
+    for tile in range(f_lo, f_hi):
+        s = _search_scores(qa, qa_ptrs, row_ok, stride_qh, ka_base, stride_ks, tile * BLOCK_N, S, start, lim, sink,
+                           recent, G_SEL, False, PROTECT, BLOCK_N, BLOCK_DP, DOT_PREC, UPCAST)
+        mn, mx, sm, sq = _stats_update(s, mn, mx, sm, sq, False)
+    for i in range(n_masked):
+        n0 = _masked_tile(i, lo, f_lo, f_hi) * BLOCK_N
+        s = _search_scores(qa, qa_ptrs, row_ok, stride_qh, ka_base, stride_ks, n0, S, start, lim, sink, recent,
+                           G_SEL, True, PROTECT, BLOCK_N, BLOCK_DP, DOT_PREC, UPCAST)
+        mn, mx, sm, sq = _stats_update(s, mn, mx, sm, sq, True)
+    nf = tl.maximum(n, 1).to(tl.float32)
+    mean = sm / nf
+    return mn, mx, mean, tl.sqrt(tl.maximum(sq / nf - mean * mean, 0.0))
+
+
+@triton.jit(do_not_specialize=["T", "S", "off", "sink", "recent"])  # lengths vary per batch: no recompiles
 def _threshold_kernel(
     qa_ptr, ka_ptr, kb_ptr, start_ptr, end_ptr, thr_ptr, pos_ptr, passes_ptr,
-    T, S, off, sel_heads, kv_div,
+    T, S, off, sel_heads, kv_div, sink, recent,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks,
-    G_SEL: tl.constexpr, HAS_RANGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DP: tl.constexpr, MAX_INTERP: tl.constexpr, MAX_ITER: tl.constexpr, PASSES: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    G_SEL: tl.constexpr, HAS_RANGE: tl.constexpr, PROTECT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_DP: tl.constexpr, MAX_INTERP: tl.constexpr, MAX_ITER: tl.constexpr,
+    PASSES: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Stage 1: per query row of one selection head (query head, or KV head on the group max), the threshold t
-    and tie cutoff p of its k_b best visible keys. Writes float32 t and int32 p at [b, head, row]; PASSES: the
-    number of passes over the keys of this program (statistics + counting + tie) at [b * head, row block]."""
+    and tie cutoff p of its kb' best unprotected visible keys (t = -inf: all of them; t = +inf: none). Writes
+    float32 t and int32 p at [b, head, row]; PASSES: the number of passes over the keys of this program
+    (statistics + counting + tie) at [b * head, row block]."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first
     pid_bh = tl.program_id(1)
     b = pid_bh // sel_heads
@@ -244,61 +245,59 @@ def _threshold_kernel(
     start = tl.load(start_ptr + b) if HAS_RANGE else 0
     end = tl.load(end_ptr + b) if HAS_RANGE else S
     lim = tl.where(row_ok, tl.minimum(offs_m + off, end - 1), -1)  # last visible key of each row
-    n = tl.maximum(lim - start + 1, 0)
+    n = tl.maximum(lim - start + 1, 0)  # visible keys
     kb = tl.load(kb_ptr + b * T + offs_m, mask=row_ok, other=0)
+    if PROTECT:  # the searched keys exclude the protected ones, which the budget counts
+        n_prot = tl.minimum(n, sink + recent)
+        n -= n_prot
+        kb = tl.maximum(kb - n_prot, 0)
+    none = kb <= 0
+    every = (kb >= n) & ~none
     qa_ptrs = (qa_ptr + b.to(tl.int64) * stride_qb + h * G_SEL * stride_qh + offs_m[:, None] * stride_qt
                + tl.arange(0, BLOCK_DP)[None, :])
     qa = tl.load(qa_ptrs, mask=row_ok[:, None], other=0.0)
     if UPCAST:
         qa = qa.to(tl.float32)
     ka_base = ka_ptr + b.to(tl.int64) * stride_kb + (h // kv_div) * stride_kh
-    lo, f_lo, f_hi, n_masked = _tile_plan(start, lim, row_ok, BLOCK_N)
+    lo, f_lo, f_hi, n_masked = _tile_plan(start, lim, row_ok, sink, recent, BLOCK_N)
 
-    # pass 0: min, max, mean, spread
-    mn = tl.full([BLOCK_M], float("inf"), tl.float32)
-    mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    sm = tl.zeros([BLOCK_M], tl.float32)
-    sq = tl.zeros([BLOCK_M], tl.float32)
-    for tile in range(f_lo, f_hi):
-        s = _approx_scores(qa, qa_ptrs, row_ok, stride_qh, ka_base, stride_ks, tile * BLOCK_N, S, start, lim,
-                           G_SEL, False, BLOCK_N, BLOCK_DP, DOT_PREC, UPCAST)
-        mn, mx, sm, sq = _stats_update(s, mn, mx, sm, sq, False)
-    for i in range(n_masked):
-        s = _approx_scores(qa, qa_ptrs, row_ok, stride_qh, ka_base, stride_ks,
-                           _masked_tile(i, lo, f_lo, f_hi) * BLOCK_N, S, start, lim,
-                           G_SEL, True, BLOCK_N, BLOCK_DP, DOT_PREC, UPCAST)
-        mn, mx, sm, sq = _stats_update(s, mn, mx, sm, sq, True)
-    nf = tl.maximum(n, 1).to(tl.float32)
-    mean = sm / nf
-    sd = tl.sqrt(tl.maximum(sq / nf - mean * mean, 0.0))
+    # pass 0 (skipped by blocks of dense or empty rows): min, max, mean, spread
+    mn = tl.zeros([BLOCK_M], tl.float32)
+    mx = tl.zeros([BLOCK_M], tl.float32)
+    mean = tl.zeros([BLOCK_M], tl.float32)
+    sd = tl.zeros([BLOCK_M], tl.float32)
+    it = tl.zeros([], tl.int32) - 1
+    if tl.min((none | every).to(tl.int32)) == 0:
+        mn, mx, mean, sd = _row_stats(qa, qa_ptrs, row_ok, stride_qh, ka_base, stride_ks, S, start, lim, sink, recent,
+                                      n, lo, f_lo, f_hi, n_masked, G_SEL, PROTECT, BLOCK_M, BLOCK_N, BLOCK_DP,
+                                      DOT_PREC, UPCAST)
+        it += 1
 
-    # Invariants: count(>= L) = cL >= k_b; count(> U) = cU < k_b; L and U are scores of the row.
-    L = tl.where(n > 0, mn, 0.0)  # finite on rows that see nothing (they are done from the start)
+    # Invariants: count(>= L) = cL >= kb; count(> U) = cU < kb; L and U are scores of the row.
+    L = tl.where(n > 0, mn, 0.0)  # finite on rows that search nothing (they are done from the start)
     U = tl.where(n > 0, mx, 0.0)
     cL = n
     cU = tl.zeros([BLOCK_M], tl.int32)
-    none = kb <= 0
-    every = (kb >= n) & ~none
     tie = ~none & ~every & (L == U)
-    thr = tl.where(none, float("inf"), L)
+    thr = tl.where(none, float("inf"), tl.where(every, float("-inf"), L))
     pos = tl.where(none, -1, 2147483647)  # no cutoff: every key equal to t is kept
     done = none | every | tie
-    it = tl.zeros([], tl.int32)
-    while (tl.min(done.to(tl.int32)) == 0) & (it < MAX_ITER):
-        m = _trial_threshold(it, L, U, cL, cU, kb, n, mean, sd, MAX_INTERP)
+    n_iter = tl.zeros([], tl.int32)
+    while (tl.min(done.to(tl.int32)) == 0) & (n_iter < MAX_ITER):
+        m = _trial_threshold(n_iter, L, U, cL, cU, kb, n, mean, sd, MAX_INTERP)
         c = tl.zeros([BLOCK_M], tl.int32)
         a = tl.full([BLOCK_M], float("inf"), tl.float32)
         z = tl.full([BLOCK_M], float("-inf"), tl.float32)
         for tile in range(f_lo, f_hi):
-            s = _approx_scores(qa, qa_ptrs, row_ok, stride_qh, ka_base, stride_ks, tile * BLOCK_N, S, start, lim,
-                               G_SEL, False, BLOCK_N, BLOCK_DP, DOT_PREC, UPCAST)
+            s = _search_scores(qa, qa_ptrs, row_ok, stride_qh, ka_base, stride_ks, tile * BLOCK_N, S, start, lim,
+                               sink, recent, G_SEL, False, PROTECT, BLOCK_N, BLOCK_DP, DOT_PREC, UPCAST)
             c, a, z = _count_update(s, m, c, a, z)
         for i in range(n_masked):
-            s = _approx_scores(qa, qa_ptrs, row_ok, stride_qh, ka_base, stride_ks,
-                               _masked_tile(i, lo, f_lo, f_hi) * BLOCK_N, S, start, lim,
-                               G_SEL, True, BLOCK_N, BLOCK_DP, DOT_PREC, UPCAST)
+            s = _search_scores(qa, qa_ptrs, row_ok, stride_qh, ka_base, stride_ks,
+                               _masked_tile(i, lo, f_lo, f_hi) * BLOCK_N, S, start, lim, sink, recent,
+                               G_SEL, True, PROTECT, BLOCK_N, BLOCK_DP, DOT_PREC, UPCAST)
             c, a, z = _count_update(s, m, c, a, z)
-        hit = ~done & (c == kb)  # exactly k_b scores >= m: keep those
+        hit = ~done & (c == kb)  # exactly kb scores >= m: keep those
         thr = tl.where(hit, m, thr)
         done = done | hit
         up = ~done & (c > kb)
@@ -307,20 +306,21 @@ def _threshold_kernel(
         dn = ~done & (c < kb)
         U = tl.where(dn, z, U)
         cU = tl.where(dn, c, cU)
-        new_tie = ~done & (L == U)  # the k_b-th score is L, shared by more than the keys still needed
+        new_tie = ~done & (L == U)  # the kb-th score is L, shared by more than the keys still needed
         thr = tl.where(new_tie, L, thr)
         tie = tie | new_tie
         done = done | new_tie
-        it += 1
-    thr = tl.where(done, thr, L)  # iteration bound hit (NaN scores): keep the cL >= k_b scores >= L
+        n_iter += 1
+    thr = tl.where(done, thr, L)  # iteration bound hit (NaN scores): keep the cL >= kb scores >= L
+    it += n_iter
 
-    if tl.max(tie.to(tl.int32)) > 0:  # the cutoff position of the (k_b - cU)-th key equal to t, in key order
+    if tl.max(tie.to(tl.int32)) > 0:  # the cutoff position of the (kb - cU)-th key equal to t, in key order
         need = kb - cU
         seen = tl.zeros([BLOCK_M], tl.int32)
         cut = tl.full([BLOCK_M], -1, tl.int32)
         for tile in range(lo, lo + n_masked + (f_hi - f_lo)):
-            s = _approx_scores(qa, qa_ptrs, row_ok, stride_qh, ka_base, stride_ks, tile * BLOCK_N, S, start, lim,
-                               G_SEL, True, BLOCK_N, BLOCK_DP, DOT_PREC, UPCAST)
+            s = _search_scores(qa, qa_ptrs, row_ok, stride_qh, ka_base, stride_ks, tile * BLOCK_N, S, start, lim,
+                               sink, recent, G_SEL, True, PROTECT, BLOCK_N, BLOCK_DP, DOT_PREC, UPCAST)
             eq = (s == thr[:, None]).to(tl.int32)
             hit = (eq > 0) & ((seen[:, None] + tl.cumsum(eq, axis=1)) == need[:, None])
             offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -337,23 +337,41 @@ def _threshold_kernel(
 
 
 @triton.jit
-def _attend_tile(
-    acc, m_i, l_i, cnt, q, qa, qa_ptrs, row_ok, stride_qh, ka_base, stride_ks, k_base, stride_ks_exact,
-    v_base, stride_vs, n0, seq, start, lim, thr, pos, qk_scale,
-    G_SEL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+def _keep_mask(
+    qa, qa_ptrs, row_ok, stride_qh, ka_base, stride_ks, n0, seq, start, lim, sink, recent, thr, pos, dense,
+    G_SEL: tl.constexpr, MASKED: tl.constexpr, PROTECT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """One key tile of stage 2: select by (t, p) on the recomputed approximate scores, exact online softmax."""
-    a = _approx_scores(qa, qa_ptrs, row_ok, stride_qh, ka_base, stride_ks, n0, seq, start, lim,
-                       G_SEL, MASKED, BLOCK_N, BLOCK_DP, DOT_PREC, UPCAST)
+    """[BLOCK_M, BLOCK_N] keys kept among n0 ... n0 + BLOCK_N - 1: visible, and protected or passing the row's
+    (t, p) test on the recomputed approximate scores. `dense` (every row of the block keeps all it sees): the
+    visible keys, no score computed."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    keep = (a > thr[:, None]) | ((a == thr[:, None]) & (offs_n[None, :] <= pos[:, None]))
+    if dense:
+        keep = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
+    else:
+        a = _approx_scores(qa, qa_ptrs, row_ok, stride_qh, ka_base, stride_ks, n0, seq, start, lim,
+                           G_SEL, MASKED, BLOCK_N, BLOCK_DP, DOT_PREC, UPCAST)
+        keep = (a > thr[:, None]) | ((a == thr[:, None]) & (offs_n[None, :] <= pos[:, None]))
+        if MASKED and PROTECT:
+            keep = keep | _protected(n0, start, lim, sink, recent, BLOCK_N)
+    if MASKED:
+        keep = keep & (offs_n[None, :] >= start) & (offs_n[None, :] <= lim[:, None])
+    return keep
+
+
+@triton.jit
+def _attend_tile(
+    acc, m_i, l_i, cnt, q, keep, k_base, stride_ks, v_base, stride_vs, n0, seq, qk_scale,
+    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One key tile of stage 2: exact online softmax over the `keep` [BLOCK_M, BLOCK_N] keys of the tile."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = offs_d[None, :] < HEAD_DIM
     if MASKED:
-        keep = keep & (a > float("-inf"))
         kv_mask = kv_mask & (offs_n < seq)[:, None]
-    keys = tl.load(k_base + offs_n[:, None] * stride_ks_exact + offs_d[None, :], mask=kv_mask, other=0.0)
+    keys = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
     if UPCAST:
         keys = keys.to(tl.float32)
     s = tl.dot(q, tl.trans(keys), input_precision=DOT_PREC) * qk_scale
@@ -362,15 +380,15 @@ def _attend_tile(
     return acc, m_i, l_i, cnt + tl.sum(keep.to(tl.int32), axis=1)
 
 
-@triton.jit(do_not_specialize=["T", "S", "off"])  # lengths vary per batch: no recompiles
+@triton.jit(do_not_specialize=["T", "S", "off", "sink", "recent"])  # lengths vary per batch: no recompiles
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, qa_ptr, ka_ptr, thr_ptr, pos_ptr, start_ptr, end_ptr, out_ptr, cnt_ptr,
-    T, S, off, q_heads, group_size, sel_div, qk_scale,
+    T, S, off, q_heads, group_size, sel_div, qk_scale, sink, recent,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_ab, stride_ah, stride_at, stride_xb, stride_xh, stride_xs, stride_ob, stride_ot, stride_oh,
-    G_SEL: tl.constexpr, HAS_RANGE: tl.constexpr, COUNT: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DP: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    G_SEL: tl.constexpr, HAS_RANGE: tl.constexpr, PROTECT: tl.constexpr, COUNT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Stage 2: causal attention of BLOCK_M query rows of one query head over their kept keys -> out [B, T, Hq, D]."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -385,8 +403,9 @@ def _attention_kernel(
     end = tl.load(end_ptr + b) if HAS_RANGE else S
     lim = tl.where(row_ok, tl.minimum(offs_m + off, end - 1), -1)
     sel = ((b * (q_heads // sel_div) + hs) * T + offs_m).to(tl.int64)
-    thr = tl.load(thr_ptr + sel, mask=row_ok, other=float("inf"))
+    thr = tl.load(thr_ptr + sel, mask=row_ok, other=float("-inf"))
     pos = tl.load(pos_ptr + sel, mask=row_ok, other=-1)
+    dense = tl.max(thr) == float("-inf")  # every row keeps every key it sees
     b64 = b.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.load(q_ptr + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
@@ -399,21 +418,23 @@ def _attention_kernel(
     ka_base = ka_ptr + b64 * stride_xb + j * stride_xh
     k_base = k_ptr + b64 * stride_kb + j * stride_kh
     v_base = v_ptr + b64 * stride_vb + j * stride_vh
-    lo, f_lo, f_hi, n_masked = _tile_plan(start, lim, row_ok, BLOCK_N)
+    lo, f_lo, f_hi, n_masked = _tile_plan(start, lim, row_ok, sink, recent, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     cnt = tl.zeros([BLOCK_M], tl.int32)
     for tile in range(f_lo, f_hi):
-        acc, m_i, l_i, cnt = _attend_tile(
-            acc, m_i, l_i, cnt, q, qa, qa_ptrs, row_ok, stride_ah, ka_base, stride_xs, k_base, stride_ks,
-            v_base, stride_vs, tile * BLOCK_N, S, start, lim, thr, pos, qk_scale,
-            G_SEL, False, HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_DP, DOT_PREC, UPCAST)
+        keep = _keep_mask(qa, qa_ptrs, row_ok, stride_ah, ka_base, stride_xs, tile * BLOCK_N, S, start, lim, sink,
+                          recent, thr, pos, dense, G_SEL, False, PROTECT, BLOCK_M, BLOCK_N, BLOCK_DP, DOT_PREC, UPCAST)
+        acc, m_i, l_i, cnt = _attend_tile(acc, m_i, l_i, cnt, q, keep, k_base, stride_ks, v_base, stride_vs,
+                                          tile * BLOCK_N, S, qk_scale, False, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PREC,
+                                          UPCAST)
     for i in range(n_masked):
-        acc, m_i, l_i, cnt = _attend_tile(
-            acc, m_i, l_i, cnt, q, qa, qa_ptrs, row_ok, stride_ah, ka_base, stride_xs, k_base, stride_ks,
-            v_base, stride_vs, _masked_tile(i, lo, f_lo, f_hi) * BLOCK_N, S, start, lim, thr, pos, qk_scale,
-            G_SEL, True, HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_DP, DOT_PREC, UPCAST)
+        n0 = _masked_tile(i, lo, f_lo, f_hi) * BLOCK_N
+        keep = _keep_mask(qa, qa_ptrs, row_ok, stride_ah, ka_base, stride_xs, n0, S, start, lim, sink, recent, thr,
+                          pos, dense, G_SEL, True, PROTECT, BLOCK_M, BLOCK_N, BLOCK_DP, DOT_PREC, UPCAST)
+        acc, m_i, l_i, cnt = _attend_tile(acc, m_i, l_i, cnt, q, keep, k_base, stride_ks, v_base, stride_vs, n0, S,
+                                          qk_scale, True, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PREC, UPCAST)
     res = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l = 0: nothing kept, acc = 0
     o_ptrs = out_ptr + b64 * stride_ob + offs_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -426,18 +447,74 @@ def _attention_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _padded(x: torch.Tensor, width: int) -> torch.Tensor:
-    """x [..., w] -> contiguous [..., width] with zeros past w."""
-    return torch.nn.functional.pad(x, (0, width - x.shape[-1])).contiguous()
+Ranges = tuple[torch.Tensor, torch.Tensor] | None  # (start, end) int32 [B] of the keys each sequence sees
+
+
+def approx_width(d_max: int) -> int:
+    """DP, the last dim of qa and ka for approximate scores over at most d_max dims: a power of two >= 16."""
+    return dot_block(d_max)
+
+
+def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qa: torch.Tensor, ka: torch.Tensor) -> None:
+    """q [B, Hq, T, D], k and v [B, Hkv, S, D] (S >= T), qa [B, Hq, T, DP], ka [B, Hkv, S, DP]: one dtype of
+    TRITON_DTYPES, one device, D <= MAX_HEAD_DIM, DP = approx_width(d), last dims contiguous."""
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"q must be [B, Hq, T, D], k and v [B, Hkv, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    b, hq, t, dh = q.shape
+    _, hkv, s, _ = k.shape
+    if k.shape[0] != b or k.shape[-1] != dh or hkv == 0 or hq % hkv or s < t:
+        raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)}: same B and D, Hq a multiple of Hkv, "
+                         "S >= T (the T rows are the last T positions)")
+    dp = qa.shape[-1] if qa.dim() == 4 else -1
+    if qa.shape[:3] != q.shape[:3] or ka.shape[:3] != k.shape[:3] or ka.shape[-1] != dp or dp != dot_block(dp):
+        raise ValueError(f"qa must be [B, Hq, T, DP] and ka [B, Hkv, S, DP] with DP = approx_width(d) (a power of "
+                         f"two >= 16); got {tuple(qa.shape)} and {tuple(ka.shape)}")
+    tensors = (q, k, v, qa, ka)
+    if len({x.dtype for x in tensors}) != 1 or q.dtype not in TRITON_DTYPES:
+        raise TypeError(f"q, k, v, qa and ka must share one dtype of {TRITON_DTYPES}, got "
+                        f"{[x.dtype for x in tensors]}: use the PyTorch path (hf_patch.loki.attention)")
+    if len({x.device for x in tensors}) != 1:
+        raise ValueError("q, k, v, qa and ka must be on one device")
+    if dh > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {dh} > {MAX_HEAD_DIM}: use the PyTorch path (hf_patch.loki.attention)")
+    if any(x.stride(-1) != 1 for x in tensors):
+        raise ValueError("q, k, v, qa and ka need a contiguous last dim (stride(-1) == 1)")
+
+
+def _int32_on(name: str, x: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """An int32/int64 tensor of `shape` on `device` as a contiguous int32 tensor."""
+    if not isinstance(x, torch.Tensor) or x.shape != shape or x.dtype not in (torch.int32, torch.int64):
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be an int32/int64 tensor {list(shape)}, got {got}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device}, q on {device}: move it to q's device")
+    return x.to(torch.int32).contiguous()
+
+
+def _check_budget(q: torch.Tensor, kb: torch.Tensor, ranges: Ranges, sink: int,
+                  recent: int) -> tuple[torch.Tensor, Ranges]:
+    """kb [B, T] and ranges as contiguous int32; sink and recent ints >= 0 (kb's values are the caller's)."""
+    b, _, t, _ = q.shape
+    for name, value in (("sink", sink), ("recent", recent)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0 (keys always kept), got {value!r}")
+    kb = _int32_on("kb", kb, (b, t), q.device)
+    if ranges is None:
+        return kb, None
+    if not isinstance(ranges, (tuple, list)) or len(ranges) != 2:
+        raise ValueError(f"ranges must be (start, end), int tensors [B], or None (plain causal); got {ranges!r}")
+    return kb, tuple(_int32_on(name, x, (b,), q.device) for name, x in zip(("ranges[0]", "ranges[1]"), ranges))
 
 
 def _launch_opts(cfg: LokiPrefillConfig, x: torch.Tensor) -> dict:
     return dict(num_warps=cfg.num_warps, **dot_options(x))
 
 
-def prefill_thresholds(qa: torch.Tensor, ka: torch.Tensor, kb: torch.Tensor, ranges, group: bool,
-                       cfg: LokiPrefillConfig, passes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 1. qa [B, Hq, T, DP], ka [B, Hkv, S, DP] (contiguous, zero past d), kb int32 [B, T].
+def prefill_thresholds(qa: torch.Tensor, ka: torch.Tensor, kb: torch.Tensor, ranges: Ranges, group: bool,
+                       sink: int, recent: int, cfg: LokiPrefillConfig,
+                       passes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1. qa [B, Hq, T, DP], ka [B, Hkv, S, DP] (zero past d), kb int32 [B, T] (contiguous), ranges int32.
     Returns (t float32, p int32), each [B, H_sel, T] (H_sel = Hkv for group selection, else Hq); `passes`
     (int32 [B * H_sel, row blocks]) receives each program's number of passes over its keys."""
     b, hq, t, dp = qa.shape
@@ -449,18 +526,18 @@ def prefill_thresholds(qa: torch.Tensor, ka: torch.Tensor, kb: torch.Tensor, ran
     start, end = ranges if ranges is not None else (kb, kb)
     _threshold_kernel[(triton.cdiv(t, cfg.block_m), b * sel)](
         qa, ka, kb, start, end, thr, pos, passes if passes is not None else pos,
-        t, s, s - t, sel, 1 if group else g,
+        t, s, s - t, sel, 1 if group else g, sink, recent,
         qa.stride(0), qa.stride(1), qa.stride(2), ka.stride(0), ka.stride(1), ka.stride(2),
-        G_SEL=g if group else 1, HAS_RANGE=ranges is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_DP=dp, MAX_INTERP=cfg.max_interp, MAX_ITER=cfg.max_iter, PASSES=passes is not None,
-        **_launch_opts(cfg, qa),
+        G_SEL=g if group else 1, HAS_RANGE=ranges is not None, PROTECT=sink > 0 or recent > 0, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_DP=dp, MAX_INTERP=cfg.max_interp, MAX_ITER=cfg.max_iter,
+        PASSES=passes is not None, **_launch_opts(cfg, qa),
     )
     return thr, pos
 
 
 def prefill_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qa: torch.Tensor, ka: torch.Tensor,
-                   thr: torch.Tensor, pos: torch.Tensor, ranges, scaling: float, cfg: LokiPrefillConfig,
-                   out: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+                   thr: torch.Tensor, pos: torch.Tensor, ranges: Ranges, sink: int, recent: int, scaling: float,
+                   cfg: LokiPrefillConfig, out: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
     """Stage 2 into out [B, T, Hq, D] (last dim contiguous); `count` int32 [B, Hq, T] receives kept keys per row."""
     b, hq, t, dh = q.shape
     hkv, s = k.shape[1], k.shape[2]
@@ -470,55 +547,62 @@ def prefill_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qa: torch.
     start, end = ranges if ranges is not None else (pos, pos)
     _attention_kernel[(triton.cdiv(t, cfg.block_m), b * hq)](
         q, k, v, qa, ka, thr, pos, start, end, out, count if count is not None else pos,
-        t, s, s - t, hq, g, sel_div, scaling * _LOG2E,
+        t, s, s - t, hq, g, sel_div, scaling * _LOG2E, sink, recent,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), qa.stride(0), qa.stride(1), qa.stride(2),
         ka.stride(0), ka.stride(1), ka.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        G_SEL=g if group else 1, HAS_RANGE=ranges is not None, COUNT=count is not None, HEAD_DIM=dh,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=dot_block(dh),
+        G_SEL=g if group else 1, HAS_RANGE=ranges is not None, PROTECT=sink > 0 or recent > 0,
+        COUNT=count is not None, HEAD_DIM=dh, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=dot_block(dh),
         BLOCK_DP=qa.shape[-1], num_stages=cfg.num_stages, **_launch_opts(cfg, q),
     )
     return out
 
 
-def loki_prefill_attention(loki, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ranges,
-                           scaling: float, keys_rotated: bool, config: LokiPrefillConfig | None = None,
-                           out: torch.Tensor | None = None, count: torch.Tensor | None = None) -> torch.Tensor:
-    """Loki on every query row with the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1).
+def loki_prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qa: torch.Tensor,
+    ka: torch.Tensor,
+    kb: torch.Tensor,
+    ranges: Ranges,
+    *,
+    group: bool,
+    scaling: float,
+    sink: int = 0,
+    recent: int = 0,
+    config: LokiPrefillConfig | None = None,
+    out: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Loki on every query row with the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1) -> [B, T, Hq, D].
 
-    Same inputs and result as `loki_attention_dense` (query [B, H_q, T, D], key/value [B, H_kv, S, D] -> [B, T,
-    H_q, D]) except the visible keys, given as `ranges` from `key_ranges` (None: plain causal). The approximate
-    query and keys are prepared exactly as there (same tensors, hence the same kept sets).
+    q: [B, Hq, T, D] queries (rotated into the basis iff the keys are); k, v: [B, Hkv, S, D], S >= T (row t is
+    position t + S - T); qa: [B, Hq, T, DP] and ka: [B, Hkv, S, DP] approximate queries and keys, zero past each KV
+    head's d and up to DP = approx_width(max d) (with qa of the query heads of KV head j zero past d_j, ka may hold
+    more dims); one dtype of TRITON_DTYPES, D <= MAX_HEAD_DIM, last dims contiguous.
+    kb: int [B, T] keys kept by each row, 0 <= kb <= n (n: the keys the row sees; kb = n: a dense row, cheap);
+    ranges: (start, end) int [B], row t of sequence b sees keys start_b <= j < end_b with j <= t + S - T, or None
+    (plain causal: start 0, end S); group: one selection per KV head on the max of the approximate scores over
+    its query heads (else one per query head); scaling: softmax scale; sink, recent: every row keeps its first
+    `sink` visible keys [start_b, start_b + sink) and its last `recent` [hi - recent, hi) with hi = min(end_b,
+    t + S - T + 1), whatever their scores, counted inside kb (kb >= min(n, sink + recent) is the caller's to keep).
+    The other kept keys are the best approximate scores, ties to the earliest positions.
+    config: launch settings (default `default_config(q.dtype)`); out: [B, T, Hq, D] in q.dtype, last dim contiguous;
+    count: int32 [B, Hq, T] receives the keys each row kept (= kb; tests and benchmarks).
     """
-    cfg = config or default_config(query.dtype)
-    b, hq, t, dh = query.shape
-    s = key.shape[2]
+    _check_tensors(q, k, v, qa, ka)
+    kb, ranges = _check_budget(q, kb, ranges, sink, recent)
+    b, hq, t, dh = q.shape
     if out is None:
-        out = torch.empty((b, t, hq, dh), device=query.device, dtype=query.dtype)
+        out = torch.empty((b, t, hq, dh), device=q.device, dtype=q.dtype)
+    elif out.shape != (b, t, hq, dh) or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"out must be a [B, T, Hq, D] = {[b, t, hq, dh]} {q.dtype} tensor on {q.device} with "
+                         "stride(-1) == 1")
+    if count is not None and (count.shape != (b, hq, t) or count.dtype != torch.int32 or not count.is_contiguous()):
+        raise ValueError(f"count must be a contiguous int32 tensor [B, Hq, T] = {[b, hq, t]}")
     if t == 0:
         return out
-    q_rot = loki.rotate_queries(query)  # [B, H_kv, G, T, D]
-    d_max = int(loki.dims.max())
-    dp = dot_block(d_max)
-    qa = _padded(loki.approx_query(q_rot).flatten(1, 2), dp)  # [B, H_q, T, DP]
-    ka = _padded(key[..., :d_max] if keys_rotated else loki.rotate_keys(key, d_max), dp)  # [B, H_kv, S, DP]
-    q = q_rot.flatten(1, 2) if keys_rotated else query
-    key, value = (x if x.stride(-1) == 1 else x.contiguous() for x in (key, value))
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    kb = row_budgets(ranges, b, t, s, loki.k_frac, query.device)
-    thr, pos = prefill_thresholds(qa, ka, kb, ranges, loki.gqa_select == "group", cfg)
-    return prefill_attend(q, key, value, qa, ka, thr, pos, ranges, scaling, cfg, out, count)
-
-
-def loki_prefill_forward(loki, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attention_mask: torch.Tensor | None, scaling: float,
-                         keys_rotated: bool) -> torch.Tensor | None:
-    """The kernel path of Loki's attention function: [B, T, H_q, D], or None when it does not apply (dtype, head
-    dim, a visible mask that is not causal + one key range per sequence); the caller then runs the PyTorch path."""
-    if not (query.dtype == key.dtype == value.dtype) or query.dtype not in _TRITON_DTYPES or query.shape[-1] > 256:
-        return None
-    ranges = key_ranges(attention_mask, query.shape[2], key.shape[2], query.shape[0])
-    if ranges is False:
-        return None
-    return loki_prefill_attention(loki, query, key, value, ranges, scaling, keys_rotated)
+    cfg = config or default_config(q.dtype)
+    thr, pos = prefill_thresholds(qa, ka, kb, ranges, group, sink, recent, cfg)
+    return prefill_attend(q, k, v, qa, ka, thr, pos, ranges, sink, recent, scaling, cfg, out, count)

@@ -217,6 +217,25 @@ def decode_kv_start(attention_mask: torch.Tensor | None, kv_len: int) -> torch.T
     return result
 
 
+def loki_decode_step(loki: LokiLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     kv_start: torch.Tensor | None, kv_end: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """One decode step through the decode op: query [B, H_q, 1, D], rotated key / value [B, H_kv, S, D] whose
+    valid keys are [kv_start, kv_end) (int [B] on the device, None: 0 / S) -> [B, H_q, D]. The budget is the
+    layer's: k bounds every sequence's k_b (computed on the device: no host sync, CUDA graphs replay it)."""
+    from ..kernels.loki_decode import loki_decode_attention
+    from .cache import APPROX_KEYS
+
+    s = key.shape[2]
+    k_b = None
+    if kv_start is not None or kv_end is not None:
+        n = (s if kv_end is None else kv_end.to(torch.int64)) - (0 if kv_start is None else kv_start.to(torch.int64))
+        k_b = loki.budget.tokens(n)
+    return loki_decode_attention(loki.rotate_queries(query).flatten(1, 3), key, value, d=loki.kernel_dims,
+                                 k=loki.budget.max_tokens(s), k_b=k_b, sink=loki.budget.sink_tokens,
+                                 recent=loki.budget.recent_tokens, scaling=scaling, kv_start=kv_start, kv_end=kv_end,
+                                 gqa_select=loki.gqa_select, k_approx=getattr(key, APPROX_KEYS, None))
+
+
 def _warn_dense_multirow(loki: LokiLayer) -> None:
     if not loki.warned:
         loki.warned = True
@@ -255,17 +274,9 @@ def loki_attention_forward(
         start = decode_kv_start(attention_mask, key.shape[2])  # False: the mask is no left padding (dense below)
         bounds = None if start is False else (start, None)
     if t == 1 and keys_rotated and bounds is not None:
-        from ..kernels.loki_decode import loki_decode_attention
-        from .cache import APPROX_KEYS
-
-        start, end = bounds
-        out = loki_decode_attention(loki.rotate_queries(query).flatten(1, 3), key, value,
-                                    d=loki.kernel_dims, k_frac=loki.budget.k_frac, scaling=scaling,
-                                    kv_start=start, kv_end=end, gqa_select=loki.gqa_select,
-                                    k_approx=getattr(key, APPROX_KEYS, None))
-        return out[:, None], None
+        return loki_decode_step(loki, query, key, value, *bounds, scaling)[:, None], None
     if query.is_cuda or PREFILL_KERNELS_ON_CPU:  # every row (mode "all"): kernels where the mask is causal + padding
-        from ..kernels.loki_prefill import loki_prefill_forward
+        from .prefill import loki_prefill_forward
 
         out = loki_prefill_forward(loki, query, key, value, attention_mask, scaling, keys_rotated)
         if out is not None:
