@@ -44,7 +44,15 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from hf_patch import PCABasis, patch_loki, unpatch  # noqa: E402
 from hf_patch.kernels import loki_prefill as lp  # noqa: E402
 from hf_patch.loki import attention as la  # noqa: E402
-from hf_patch.loki.attention import LokiLayer, loki_attention_dense, select_tokens, visible_keys  # noqa: E402
+from hf_patch.loki import prefill as glue  # noqa: E402
+from hf_patch.loki.attention import (  # noqa: E402
+    LokiLayer,
+    loki_attention_dense,
+    protected_keys,
+    select_tokens,
+    visible_keys,
+)
+from hf_patch.loki.budget import Budget  # noqa: E402
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
@@ -58,10 +66,16 @@ CONFIGS = {  # block_m x block_n, warps (shared by both kernels)
     "32x64 w4": lp.LokiPrefillConfig(block_m=32, block_n=64, num_warps=4),
     "64x32 w4": lp.LokiPrefillConfig(block_m=64, block_n=32, num_warps=4),
 }
-# (batch, q rows, keys, dtype, gqa_select, padding); keys > rows: cached keys before the rows
-KERNEL_CASES = [(2, 1024, 1024, torch.bfloat16, "query", "left"), (2, 1024, 1024, torch.bfloat16, "group", "left"),
-                (1, 512, 1536, torch.float16, "query", "none"), (2, 777, 777, torch.float32, "group", "right")]
-SMOKE_KERNEL_CASES = [(2, 40, 40, torch.bfloat16, "query", "left"), (1, 24, 56, torch.float32, "group", "none")]
+PLAIN, PROTECTED = Budget(K_FRAC), Budget(K_FRAC, "paper", sink_tokens=4, recent_tokens=64)
+# (batch, q rows, keys, dtype, gqa_select, padding, budget); keys > rows: cached keys before the rows
+KERNEL_CASES = [(2, 1024, 1024, torch.bfloat16, "query", "left", PLAIN),
+                (2, 1024, 1024, torch.bfloat16, "group", "left", PLAIN),
+                (2, 1024, 1024, torch.bfloat16, "group", "left", PROTECTED),
+                (1, 512, 1536, torch.float16, "query", "none", PLAIN),
+                (2, 777, 777, torch.float32, "group", "right", PLAIN),
+                (2, 777, 777, torch.float32, "query", "right", PROTECTED)]
+SMOKE_KERNEL_CASES = [(2, 40, 40, torch.bfloat16, "query", "left", PLAIN),
+                      (1, 24, 56, torch.float32, "group", "none", Budget(K_FRAC, sink_tokens=2, recent_tokens=3))]
 
 
 def random_basis(layers: int, heads: int, dim: int, seed: int = 0) -> PCABasis:
@@ -84,20 +98,20 @@ def eval_step(model, ids: torch.Tensor, attention_mask: torch.Tensor | None = No
 @contextlib.contextmanager
 def dense_path():
     """Loki's PyTorch dense path everywhere (the kernels' dispatch answers "does not apply")."""
-    real = lp.loki_prefill_forward
-    lp.loki_prefill_forward = lambda *args, **kwargs: None
+    real = glue.loki_prefill_forward
+    glue.loki_prefill_forward = lambda *args, **kwargs: None
     try:
         yield
     finally:
-        lp.loki_prefill_forward = real
+        glue.loki_prefill_forward = real
 
 
 def layer_inputs(batch: int, rows: int, keys: int, dtype, device: str, select: str = "query", pad: str = "none",
-                 seed: int = 0):
+                 budget: Budget = PLAIN, seed: int = 0):
     """One attention layer: LokiLayer, q [B, Hq, T, D] (a transposed view, as Transformers passes it), k, v
     [B, Hkv, S, D] and the bool visible mask [B, 1, T, S] (None for plain causal)."""
     gen = torch.Generator().manual_seed(seed)
-    layer = LokiLayer(random_basis(1, HKV, D, seed).components[0], torch.full((HKV,), D_APPROX), K_FRAC, "all", select)
+    layer = LokiLayer(random_basis(1, HKV, D, seed).components[0], torch.full((HKV,), D_APPROX), budget, "all", select)
     q = torch.randn(batch, rows, HQ, D, generator=gen).to(device, dtype).transpose(1, 2)
     k, v = (torch.randn(batch, HKV, keys, D, generator=gen).to(device, dtype) for _ in range(2))
     if pad == "none":
@@ -126,46 +140,51 @@ def check(ok: bool, what: str) -> bool:
 
 def kernel_checks(device: str, smoke: bool) -> list[dict]:
     results = []
-    for batch, rows, keys, dtype, select, pad in (SMOKE_KERNEL_CASES if smoke else KERNEL_CASES):
+    for batch, rows, keys, dtype, select, pad, budget in (SMOKE_KERNEL_CASES if smoke else KERNEL_CASES):
         try:
-            results.append(kernel_check(batch, rows, keys, dtype, select, pad, device))
+            results.append(kernel_check(batch, rows, keys, dtype, select, pad, budget, device))
         except Exception as e:  # noqa: BLE001 - keep going to the timings
-            check(False, f"kernel check B={batch} T={rows} S={keys} {dtype} {select} {pad}: {e!r}")
+            check(False, f"kernel check B={batch} T={rows} S={keys} {dtype} {select} {pad} {budget}: {e!r}")
     return results
 
 
-def kernel_check(batch: int, rows: int, keys: int, dtype, select: str, pad: str, device: str) -> dict:
-    layer, q, k, v, mask = layer_inputs(batch, rows, keys, dtype, device, select, pad)
+def kernel_check(batch: int, rows: int, keys: int, dtype, select: str, pad: str, budget: Budget, device: str) -> dict:
+    layer, q, k, v, mask = layer_inputs(batch, rows, keys, dtype, device, select, pad, budget)
     scale = D**-0.5
+    sink, recent = budget.sink_tokens, budget.recent_tokens
     vis = visible_keys(mask, rows, keys, q.device)
-    ranges = lp.key_ranges(mask, rows, keys, batch)
+    ranges = glue.key_ranges(mask, rows, keys, batch)
     assert ranges is not False
+    kb = glue.row_budgets(layer, mask, ranges, batch, rows, keys, q.device)
+    qe, qa, ka = glue.prepare(layer, q, k, False)
     out = torch.full((batch, rows, HQ, D), float("nan"), device=device, dtype=dtype)  # poisoned
     count = torch.full((batch, HQ, rows), -1, device=device, dtype=torch.int32)
-    lp.loki_prefill_attention(layer, q, k, v, ranges, scale, False, out=out, count=count)
+    lp.loki_prefill_attention(qe, k, v, qa, ka, kb, ranges, group=select == "group", scaling=scale, sink=sink,
+                              recent=recent, out=out, count=count)
     dense = loki_attention_dense(layer, q, k, v, vis, scale, False)
     ref64 = loki_attention_dense(layer, q.double(), k.double(), v.double(), vis, scale, False)
-    kb = lp.row_budgets(ranges, batch, rows, keys, K_FRAC, q.device)
 
-    # the thresholds on the dense path's float32 scores vs its top-k
+    # the thresholds on the dense path's float32 scores (protected keys kept) vs its top-k
     q_approx = layer.approx_query(layer.rotate_queries(q))  # [B, Hkv, G, T, d]
     k_approx = layer.rotate_keys(k, D_APPROX)
     scores = torch.matmul(q_approx.float(), k_approx.float()[:, :, None].transpose(-1, -2))  # [B, Hkv, G, T, S]
-    topk = select_tokens(scores, vis, K_FRAC, select)
+    vis = vis.expand(batch, -1, -1, -1)
+    topk = select_tokens(scores, vis, kb, budget, select)
     cfg = lp.default_config(dtype)
     passes = torch.empty((batch * (HKV if select == "group" else HQ), triton.cdiv(rows, cfg.block_m)),
                          device=device, dtype=torch.int32)
-    thr, pos = lp.prefill_thresholds(lp._padded(q_approx.flatten(1, 2), 16), lp._padded(k_approx, 16), kb,
-                                     ranges, select == "group", cfg, passes)
+    thr, pos = lp.prefill_thresholds(qa, ka, kb, ranges, select == "group", sink, recent, cfg, passes)
     scores = scores.masked_fill(~vis[:, :, None], float("-inf"))
     if select == "group":
         scores = scores.amax(2, keepdim=True)
     thr, pos = thr.view(*scores.shape[:-1], 1), pos.view(*scores.shape[:-1], 1)
     at = torch.arange(keys, device=device)
     kept = vis[:, :, None] & ((scores > thr) | ((scores == thr) & (at <= pos)))
+    protected = protected_keys(vis[:, :, None], sink, recent)
+    kept = kept if protected is None else kept | protected
     differ = (kept != topk).any(-1)
     result = {
-        "case": f"B={batch} T={rows} S={keys} {str(dtype)[6:]} {select} pad={pad}",
+        "case": f"B={batch} T={rows} S={keys} {str(dtype)[6:]} {select} pad={pad} {budget.describe()}",
         "kernels vs dense fp64": rel_err(out, ref64), "dense vs dense fp64": rel_err(dense, ref64),
         "kernels vs dense same dtype": rel_err(out, dense),
         "rows keeping exactly k_b (attention kernel)": float((count == kb[:, None]).float().mean()),
@@ -197,12 +216,12 @@ def model_checks(model64, model16, basis, device: str, smoke: bool) -> dict:
         full16 = eval_step(model16, ids)
         patch_loki(model16, basis, 0.25, 0.25, mode="all")
         loki16 = eval_step(model16, ids)
-        calls, real = [], lp.loki_prefill_attention
-        lp.loki_prefill_attention = lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs)
+        calls, real = [], glue.loki_prefill_attention
+        glue.loki_prefill_attention = lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs)
         try:
             padded16 = eval_step(model16, ids, pad)  # Transformers' own padding mask -> key ranges -> kernels
         finally:
-            lp.loki_prefill_attention = real
+            glue.loki_prefill_attention = real
         with dense_path():
             dense16 = eval_step(model16, ids)
             padded_dense16 = eval_step(model16, ids, pad)
@@ -231,9 +250,8 @@ def attention_breakdown(batch: int, tokens: int, bench, device: str, configs: di
     """One layer's attention, bf16, causal: SDPA vs Loki's kernels (and each stage) vs its dense path."""
     layer, q, k, v, _ = layer_inputs(batch, tokens, tokens, torch.bfloat16, device)
     scale = D**-0.5
-    q_approx = lp._padded(layer.approx_query(layer.rotate_queries(q)).flatten(1, 2), 16)
-    k_approx = lp._padded(layer.rotate_keys(k, D_APPROX), 16)
-    kb = lp.row_budgets(None, batch, tokens, tokens, K_FRAC, q.device)
+    prepared = glue.prepare(layer, q, k, False)
+    kb = glue.row_budgets(layer, None, None, batch, tokens, tokens, q.device)
     out = torch.empty((batch, tokens, HQ, D), device=device, dtype=torch.bfloat16)
     result = {}
     with torch.inference_mode():
@@ -241,7 +259,7 @@ def attention_breakdown(batch: int, tokens: int, bench, device: str, configs: di
             q, k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1), is_causal=True, scale=scale))
         for name, cfg in configs.items():
             try:
-                result[name] = time_config(layer, q, k, v, q_approx, k_approx, kb, out, cfg, bench)
+                result[name] = time_config(prepared, k, v, kb, out, cfg, bench)
             except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: report, go on
                 check(False, f"{batch} x {tokens} {name}: {e!r}")
                 continue
@@ -251,19 +269,25 @@ def attention_breakdown(batch: int, tokens: int, bench, device: str, configs: di
     return result
 
 
-def time_config(layer, q, k, v, q_approx, k_approx, kb, out, cfg, bench) -> dict:
-    """One block-size setting: kernels, stage 1 and stage 2 alone (ms), passes per row block, exact k_b."""
+def time_config(prepared, k, v, kb, out, cfg, bench) -> dict:
+    """One block-size setting on the prepared (q, qa, ka) of a causal layer with query selection and no
+    protection: kernels, stage 1 and stage 2 alone (ms), passes per row block, exact k_b."""
+    q, qa, ka = prepared
     batch, _, tokens, _ = q.shape
     scale = D**-0.5
     passes = torch.empty((batch * HQ, triton.cdiv(tokens, cfg.block_m)), device=q.device, dtype=torch.int32)
     count = torch.empty((batch, HQ, tokens), device=q.device, dtype=torch.int32)
-    lp.loki_prefill_attention(layer, q, k, v, None, scale, False, cfg, out=out, count=count)
-    thr, pos = lp.prefill_thresholds(q_approx, k_approx, kb, None, False, cfg, passes)
+
+    def kernels(count=None):
+        return lp.loki_prefill_attention(q, k, v, qa, ka, kb, None, group=False, scaling=scale, config=cfg, out=out,
+                                         count=count)
+
+    kernels(count)
+    thr, pos = lp.prefill_thresholds(qa, ka, kb, None, False, 0, 0, cfg, passes)
     return {
-        "kernels": bench(lambda: lp.loki_prefill_attention(layer, q, k, v, None, scale, False, cfg, out=out)),
-        "stage 1": bench(lambda: lp.prefill_thresholds(q_approx, k_approx, kb, None, False, cfg)),
-        "stage 2": bench(lambda: lp.prefill_attend(q, k, v, q_approx, k_approx, thr, pos, None, scale, cfg,
-                                                   out)),
+        "kernels": bench(kernels),
+        "stage 1": bench(lambda: lp.prefill_thresholds(qa, ka, kb, None, False, 0, 0, cfg)),
+        "stage 2": bench(lambda: lp.prefill_attend(q, k, v, qa, ka, thr, pos, None, 0, 0, scale, cfg, out)),
         "passes mean/max": [float(passes.float().mean()), int(passes.max())],
         "exact k_b": bool(torch.equal(count, kb[:, None].expand_as(count))),
     }

@@ -3,21 +3,23 @@
 1. Checks the Triton path (its three forms: one fused kernel, scores + one-program-per-row selection + attention,
    scores + multi-program selection + attention; with and without the narrow key copy `k_approx`) and the PyTorch
    path run on the GPU against a float64 dense reference with an explicit selection mask, on fresh random inputs
-   at real sizes (relative error, NaN check, poisoned output, bitwise repeatability); the selection alone against
-   a stable sort on adversarial rows (ties on a grid of values, an outlier pattern that misleads the sample,
-   padding, one fully padded sequence).
+   at real sizes (relative error, NaN check, poisoned output, bitwise repeatability), with and without protected
+   sink / recent keys; the selection alone against a stable sort on adversarial rows (ties on a grid of values,
+   an outlier pattern that misleads the sample, padding, one fully padded sequence, +inf runs at both ends of
+   padded rows as stage 1 writes for protected keys).
 2. Optionally (--sweep) times the whole step under a few launch configurations on representative shapes.
 3. Times SDPA (fastest of its fair forms: flash/efficient, GQA-packed or enable_gqa) and Loki (reading the
    approximate scores from a narrow key copy, as `LokiCache` keeps one) at B in {1, 8, 16},
    S in {4k, 16k, 64k, 128k}, Llama-3-8B heads (32 q, 8 KV, D = 128), bf16,
    (d_frac, k_frac) in {(0.25, 0.25), (0.25, 0.125), (0.5, 0.25)}: do_bench medians (L2 flushed by do_bench,
    inputs rotated), back-to-back steps (CPU launch cost included) and CUDA-graph replays; Loki without the
-   narrow copy at the first setting; the stage split (scores, top-k selection, gather-attention with its merge),
-   the selection's share and torch.topk on the same scores for comparison; effective bandwidth and the
-   bandwidth floors; the host (CPU) cost of each piece.
+   narrow copy at the first setting; with --sink / --recent, each setting again with that many protected keys
+   (same k: protection changes which keys are read, not how many); the stage split (scores, top-k selection,
+   gather-attention with its merge), the selection's share and torch.topk on the same scores for comparison;
+   effective bandwidth and the bandwidth floors; the host (CPU) cost of each piece.
 
     PYTHONPATH=. python scripts/bench_loki_decode.py [--sweep] [--json out.json] [--batches 8 16] [--seqs 16384]
-        [--settings 0.25:0.25] [--skip-checks] [--no-table]
+        [--settings 0.25:0.25] [--sink 4 --recent 64] [--skip-checks] [--no-table]
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 from hf_patch.kernels import loki_decode as ld
-from hf_patch.loki.budget import max_tokens, num_dims, num_tokens
+from hf_patch.loki.budget import Budget, num_dims
 
 HQ, HKV, D = 32, 8, 128
 SETTINGS = [(0.25, 0.25), (0.25, 0.125), (0.5, 0.25)]
@@ -43,26 +45,40 @@ ROTATE_BYTES = 512 << 20  # inputs rotated over at least this many bytes so the 
 DEVICE = "cuda"
 
 
-def dense_reference(q, k, v, d, k_frac, scaling, kv_start, gqa_select):
-    """Float64 Loki on the GPU as a dense masked computation: [B, Hq, D] (independent of the kernels' code)."""
-    q, k, v = q.double(), k.double(), v.double()
+def budget_args(k_frac, s, kv_start=None, sink=0, recent=0) -> dict:
+    """The op's budget arguments as `Budget` computes them (k for every row, or the bound k and k_b [B] on the
+    device with kv_start), and kv_start."""
+    rule = Budget(k_frac, sink_tokens=sink, recent_tokens=recent)
+    args = dict(k=rule.max_tokens(s), sink=sink, recent=recent, kv_start=kv_start)
+    if kv_start is not None:
+        args["k_b"] = rule.tokens(s - kv_start.long()).to(torch.int32)
+    return args
+
+
+def dense_reference(q, keys, v, d, scaling, gqa_select, *, k, k_b=None, sink=0, recent=0, kv_start=None):
+    """Float64 Loki on the GPU as a dense masked computation: [B, Hq, D] (independent of the kernels' code). Each
+    sequence keeps its first `sink` and last `recent` valid keys and the best other scores, k_b (or k) in all."""
+    q, keys, v = q.double(), keys.double(), v.double()
     b, hq, dh = q.shape
-    hkv, s = k.shape[1], k.shape[2]
+    hkv, s = keys.shape[1], keys.shape[2]
     g = hq // hkv
     qg = q.view(b, hkv, g, dh)
     dims = d.to(q.device) if isinstance(d, torch.Tensor) else torch.full((hkv,), d, device=q.device)
     keep_dims = (torch.arange(dh, device=q.device) < dims[:, None]).double()  # [Hkv, D]
-    approx = torch.einsum("bjgd,bjsd->bjgs", qg * keep_dims[None, :, None], k)
+    approx = torch.einsum("bjgd,bjsd->bjgs", qg * keep_dims[None, :, None], keys)
     start = kv_start.long() if kv_start is not None else torch.zeros(b, dtype=torch.long, device=q.device)
-    valid = torch.arange(s, device=q.device)[None, :] >= start[:, None]  # [B, S]
-    approx = approx.masked_fill(~valid[:, None, None], float("-inf"))
+    pos = torch.arange(s, device=q.device)[None, :]
+    valid = pos >= start[:, None]  # [B, S]
+    protected = valid & ((pos < start[:, None] + sink) | (pos >= s - recent))
+    approx = approx.masked_fill(protected[:, None, None], float("inf")).masked_fill(~valid[:, None, None],
+                                                                                    float("-inf"))
     if gqa_select == "group":
         approx = approx.amax(2, keepdim=True).expand_as(approx)
-    budget = num_tokens(s - start, k_frac)  # [B]
+    budget = k_b.long() if k_b is not None else torch.full((b,), k, device=q.device)  # [B]
     order = approx.argsort(dim=-1, descending=True)
     rank_ok = torch.arange(s, device=q.device)[None, :] < budget[:, None]  # [B, S]
     selected = torch.zeros_like(approx, dtype=torch.bool).scatter_(-1, order, rank_ok[:, None, None].expand_as(order))
-    logits = torch.einsum("bjgd,bjsd->bjgs", qg, k) * scaling
+    logits = torch.einsum("bjgd,bjsd->bjgs", qg, keys) * scaling
     probs = torch.softmax(logits.masked_fill(~selected, float("-inf")), -1).nan_to_num(0.0)
     return torch.einsum("bjgs,bjsd->bjgd", probs, v).reshape(b, hq, dh)
 
@@ -89,15 +105,22 @@ def narrow_copy(k, d, capacity_extra=0):
     return buf[:, :, : k.shape[2]]
 
 
-CHECK_CASES = [  # (B, S, dtype, gqa_select, d, k_frac, kv_start, forms); "default": the form picked for that S
-    (2, 16411, torch.bfloat16, "group", 32, 0.25, [0, 1000], ["default", "fused", "one-program select",
-                                                                 "multi-program select"]),
-    (2, 16411, torch.bfloat16, "query", 32, 0.25, None, ["default"]),
-    (1, 65543, torch.float16, "group", "per-head", 0.125, None, ["default"]),
-    (3, 4099, torch.float32, "query", 64, 0.5, [0, 17, 4000], ["default", "fused"]),
-    (4, 8192, torch.bfloat16, "group", 64, 0.25, None, ["default"]),
-    (4, 3001, torch.bfloat16, "group", 32, 0.25, [0, 5, 3001, 2000], ["default"]),
-    (8, 131072, torch.bfloat16, "group", 32, 0.25, None, ["default"]),
+CHECK_CASES = [  # (B, S, dtype, gqa_select, d, k_frac, kv_start, (sink, recent), forms); "default": the form for S
+    (2, 16411, torch.bfloat16, "group", 32, 0.25, [0, 1000], (0, 0), ["default", "fused", "one-program select",
+                                                                       "multi-program select"]),
+    (2, 16411, torch.bfloat16, "group", 32, 0.25, [0, 1000], (4, 64), ["default", "fused", "one-program select",
+                                                                       "multi-program select"]),
+    (2, 16411, torch.bfloat16, "query", 32, 0.25, None, (0, 0), ["default"]),
+    (1, 65543, torch.float16, "group", "per-head", 0.125, None, (0, 0), ["default"]),
+    (1, 65543, torch.float16, "group", "per-head", 0.125, None, (4, 64), ["default"]),
+    (3, 4099, torch.float32, "query", 64, 0.5, [0, 17, 4000], (0, 0), ["default", "fused"]),
+    (3, 4099, torch.float32, "query", 64, 0.022, [0, 17, 4000], (2, 80), ["default", "one-program select",
+                                                                           "multi-program select"]),
+    (4, 8192, torch.bfloat16, "group", 64, 0.25, None, (0, 0), ["default"]),
+    (4, 3001, torch.bfloat16, "group", 32, 0.25, [0, 5, 3001, 2000], (0, 0), ["default"]),
+    (4, 3001, torch.bfloat16, "group", 32, 0.25, [0, 5, 3001, 2000], (1, 16), ["default"]),
+    (8, 131072, torch.bfloat16, "group", 32, 0.25, None, (0, 0), ["default"]),
+    (8, 131072, torch.bfloat16, "group", 32, 0.25, None, (4, 64), ["default"]),
 ]
 # (rows, S, k_frac); k_frac = 1: a bracket over most of the key range (wide histogram bins)
 SELECT_CASES = [(64, 65536, 0.25), (128, 16384, 0.125), (8, 131072, 0.25), (16, 5000, 0.5), (16, 4099, 1.0)]
@@ -114,17 +137,17 @@ FORMS = {  # the three forms of the Triton path, forced whatever the length
 
 def check_correctness() -> bool:
     print("## correctness vs a float64 dense reference (fresh random inputs, poisoned outputs)")
-    print("| B | S | dtype | select | d | k_frac | kv_start | form | triton rel err (k_approx: no / yes) | "
-          "torch-path rel err | NaN | repeat bitwise |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| B | S | dtype | select | d | k_frac | kv_start | sink, recent | form | "
+          "triton rel err (k_approx: no / yes) | torch-path rel err | NaN | repeat bitwise |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     ok = True
-    for b, s, dtype, select, d, k_frac, start, forms in CHECK_CASES:
+    for b, s, dtype, select, d, k_frac, start, (sink, recent), forms in CHECK_CASES:
         torch.manual_seed(b * s)
         q, k, v = random_cache(b, s, dtype, capacity_extra=300)
         d = torch.tensor(PER_HEAD_D, dtype=torch.int32) if d == "per-head" else d
         k_approx = narrow_copy(k, d, capacity_extra=300)
         kv_start = torch.tensor(start, device=DEVICE, dtype=torch.int32) if start else None
-        args = dict(d=d, k_frac=k_frac, scaling=D**-0.5, kv_start=kv_start, gqa_select=select)
+        args = dict(d=d, scaling=D**-0.5, gqa_select=select, **budget_args(k_frac, s, kv_start, sink, recent))
         ref = dense_reference(q, k, v, **args) if s * b <= 200_000 else None
         err_p = rel_err(ld.loki_decode_attention_torch(q, k, v, **args), ref) if ref is not None else float("nan")
         for form in forms:
@@ -137,8 +160,7 @@ def check_correctness() -> bool:
                 torch.cuda.synchronize()
                 outs.append(out)
             if ref is None:  # too large for the float64 dense reference: against the PyTorch path in float32
-                ref = ld.loki_decode_attention_torch(q.float(), k.float(), v.float(),
-                                                     **{**args, "kv_start": kv_start}).double()
+                ref = ld.loki_decode_attention_torch(q.float(), k.float(), v.float(), **args).double()
             errs = [rel_err(out, ref) for out in outs]
             again = ld.loki_decode_attention_triton(q, k, v, k_approx=k_approx, config=cfg, **args)
             same = bool(torch.equal(again, outs[1]) and torch.equal(outs[0], outs[1]))
@@ -146,13 +168,13 @@ def check_correctness() -> bool:
             tol = 1e-4 if dtype == torch.float32 else 1e-2
             ok &= max(errs) < tol and not (err_p >= tol) and not nan and same
             dd = "per-head" if isinstance(d, torch.Tensor) else d
-            print(f"| {b} | {s} | {str(dtype)[6:]} | {select} | {dd} | {k_frac} | {start} | {form} | "
-                  f"{errs[0]:.2e} / {errs[1]:.2e} | {err_p:.2e} | {nan} | {same} |", flush=True)
+            print(f"| {b} | {s} | {str(dtype)[6:]} | {select} | {dd} | {k_frac} | {start} | {sink}, {recent} | "
+                  f"{form} | {errs[0]:.2e} / {errs[1]:.2e} | {err_p:.2e} | {nan} | {same} |", flush=True)
         del q, k, v, k_approx
     q, k, v = random_cache(*FULL_CHECK, torch.bfloat16)
     sdpa = F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
     for form, cfg in FORMS.items():
-        full = ld.loki_decode_attention_triton(q, k, v, d=D, k_frac=1.0, scaling=D**-0.5, config=cfg)
+        full = ld.loki_decode_attention_triton(q, k, v, d=D, k=k.shape[2], scaling=D**-0.5, config=cfg)
         err = rel_err(full, sdpa.double())
         ok &= err < 5e-3  # two bf16 roundings give 2-3e-3; 3 of 4099 keys dropped gave 8.6e-3
         print(f"d = D, k_frac = 1 vs SDPA (bf16, B, S = {FULL_CHECK}, {form}): rel err {err:.2e}")
@@ -164,31 +186,36 @@ def check_correctness() -> bool:
 def check_selection() -> bool:
     """Both selections against a stable sort (ties to the earliest positions, increasing order) on rows built to
     be hard: a grid of values (many ties at the threshold, across chunks), a sample-misleading outlier pattern
-    (every 16th position large: the strided sample sees only those), padding with one fully padded row."""
+    (every 16th position large: the strided sample sees only those), padding with one fully padded row, and
+    padded rows with +inf at their first 4 and last 64 valid positions (stage 1 with sink 4, recent 64)."""
     ok = True
     gen = torch.Generator(device=DEVICE).manual_seed(7)
     for rows, s, k_frac in SELECT_CASES:
+        pos = torch.arange(s, device=DEVICE)[None]
         grid = torch.round(torch.randn(rows, s, device=DEVICE, generator=gen) * 4) / 4
-        every16 = torch.arange(s, device=DEVICE) % 16 == 0
-        outliers = torch.randn(rows, s, device=DEVICE, generator=gen) + 20.0 * every16
+        outliers = torch.randn(rows, s, device=DEVICE, generator=gen) + 20.0 * (pos % 16 == 0)
         padded = torch.randn(rows, s, device=DEVICE, generator=gen)
         starts = torch.randint(0, s, (rows,), device=DEVICE, generator=gen)
         starts[-1] = s
-        padded = padded.masked_fill(torch.arange(s, device=DEVICE)[None] < starts[:, None], float("-inf"))
-        k = max_tokens(s, k_frac)
+        padded = padded.masked_fill(pos < starts[:, None], float("-inf"))
+        protected = padded.masked_fill((pos >= starts[:, None]) & ((pos < starts[:, None] + 4) | (pos >= s - 64)),
+                                       float("inf"))
+        plain, guarded_rule = Budget(k_frac), Budget(k_frac, sink_tokens=4, recent_tokens=64)
+        k = plain.max_tokens(s)
         for name, scores, k_b in (("grid", grid, None), ("outliers", outliers, None),
-                                  ("padded", padded, num_tokens(s - starts, k_frac).clamp_min(0).to(torch.int32))):
+                                  ("padded", padded, plain.tokens(s - starts).to(torch.int32)),
+                                  ("protected", protected, guarded_rule.tokens(s - starts).to(torch.int32))):
             budgets = k_b.tolist() if k_b is not None else [k] * rows
             order = torch.sort(-scores.double(), dim=-1, stable=True).indices
             for multi in (False, True):
                 cfg = FORMS["multi-program select" if multi else "one-program select"]
-                idx = ld.select_tokens(scores, k, k_b, 1, cfg)
+                idx = ld.select_tokens(scores, max(k, max(budgets)), k_b, 1, cfg)
                 good = all(torch.equal(idx[r, : budgets[r]].long(), order[r, : budgets[r]].sort().values)
                            for r in range(rows))
                 ok &= good
                 if not good:
                     print(f"selection FAILED: {name}, rows={rows}, S={s}, multi-program={multi}")
-    print(f"selection vs stable sort (grid ties / misleading sample / padding; both selections): "
+    print(f"selection vs stable sort (grid ties / misleading sample / padding / protected runs; both selections): "
           f"{'ok' if ok else 'FAILED'}")
     return ok
 
@@ -277,24 +304,26 @@ def make_sets(b, s):
     return sets
 
 
-def loki_fns(sets, d, k_frac, narrow=True, cfg=None):
-    """One Loki step per input set (reading the narrow key copy unless `narrow` is False)."""
+def loki_fns(sets, d, k_frac, narrow=True, cfg=None, sink=0, recent=0):
+    """One Loki step per input set (reading the narrow key copy unless `narrow` is False), keeping the first
+    `sink` and last `recent` keys (counted inside k)."""
+    args = budget_args(k_frac, sets[0][1].shape[2], sink=sink, recent=recent)  # plain ints: no host work per call
     return [lambda q=q, k=k, v=v, ka=ka: ld.loki_decode_attention_triton(
-        q, k, v, d=d, k_frac=k_frac, scaling=D**-0.5, k_approx=ka[d] if narrow else None, config=cfg)
+        q, k, v, d=d, scaling=D**-0.5, k_approx=ka[d] if narrow else None, config=cfg, **args)
         for q, k, v, ka in sets]
 
 
 def loki_stages(q, k, v, k_approx, d, k_frac, cfg):
     """Callables for the stages of the split form of one step on fixed inputs: scores (from the narrow copy),
     selection, gather-attention (+ merge), and torch.topk on the same scores for comparison."""
-    p = ld._check(q, k, v, d, k_frac, None, "group", k_approx)
-    kk, _ = ld._budget(p, None, None)
+    kk = Budget(k_frac).max_tokens(k.shape[2])
+    p = ld._check(q, k, v, d, kk, None, 0, 0, None, None, "group", k_approx)
     scores = ld.triton_scores(p, q, k_approx, None, None, cfg)
     idx = ld.select_tokens(scores, kk, None, HKV, cfg)
     out = torch.empty_like(q)
     return (lambda: ld.triton_scores(p, q, k_approx, None, None, cfg),
             lambda: ld.select_tokens(scores, kk, None, HKV, cfg),
-            lambda: ld.triton_attend(p, q, k, v, idx, None, D**-0.5, cfg, out),
+            lambda: ld.triton_attend(p, q, k, v, idx, D**-0.5, cfg, out),
             lambda: scores.topk(kk, dim=-1, sorted=False))
 
 
@@ -358,11 +387,12 @@ def host_costs(cfg) -> dict:
     for s in HOST_SEQS:
         q, k, v = random_cache(1, s, torch.bfloat16)
         ka = narrow_copy(k, d)
-        items[f"Loki step S={s}"] = lambda q=q, k=k, v=v, ka=ka: ld.loki_decode_attention(
-            q, k, v, d=d, k_frac=0.25, scaling=D**-0.5, k_approx=ka)
+        items[f"Loki step S={s}"] = lambda q=q, k=k, v=v, ka=ka, args=budget_args(0.25, s): ld.loki_decode_attention(
+            q, k, v, d=d, scaling=D**-0.5, k_approx=ka, **args)
         if s == HOST_SEQS[0]:
             items["SDPA flash (packed)"] = sdpa_forms(q, k, v)["flash-packed"]
-            items["argument checks"] = lambda q=q, k=k, v=v, ka=ka: ld._check(q, k, v, d, 0.25, None, "group", ka)
+            items["argument checks"] = lambda q=q, k=k, v=v, ka=ka: ld._check(q, k, v, d, 1024, None, 0, 0, None, None,
+                                                                              "group", ka)
             items["torch.empty"] = lambda: torch.empty(8, 4096, device=DEVICE)
         if s == HOST_SEQS[-1]:
             stages = loki_stages(q, k, v, ka, d, 0.25, cfg)
@@ -398,12 +428,15 @@ def best_sdpa(sets):
     return best
 
 
-def table(cfg, bandwidth, batches, seqs, settings):
+def table(cfg, bandwidth, batches, seqs, settings, sink=0, recent=0):
+    """The SDPA-vs-Loki table; with sink or recent, each setting also timed with that protection at the same k."""
+    protect = sink > 0 or recent > 0
     print("## decode step: SDPA vs Loki (bf16, 32 q heads, 8 KV heads, D = 128); ms are do_bench medians")
     print("| B | S | d_f | k_f | SDPA ms (form) | Loki ms | speedup | Loki w/o narrow copy ms | "
-          "back-to-back SDPA / Loki ms (speedup) | graph SDPA / Loki ms (speedup) | Loki eff. TB/s | "
-          "floor full / Loki ms | form | scores / top-k / attend ms | top-k share | torch.topk ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"Loki sink {sink} + recent {recent} ms (/ plain) | "
+          "back-to-back SDPA / Loki ms (speedup) | graph SDPA / Loki ms (speedup) | graph Loki protected ms | "
+          "Loki eff. TB/s | floor full / Loki ms | form | scores / top-k / attend ms | top-k share | torch.topk ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for b, s in itertools.product(batches, seqs):
         sets = make_sets(b, s)
@@ -412,10 +445,13 @@ def table(cfg, bandwidth, batches, seqs, settings):
         full_bytes = 2 * b * HKV * s * D * 2
         for i, (d_frac, k_frac) in enumerate(settings):
             d = num_dims(d_frac, D)
-            k = max_tokens(s, k_frac)
+            k = Budget(k_frac).max_tokens(s)
             fns = loki_fns(sets, d, k_frac)
             t_loki = time_rotated(fns)
             t_wide = time_rotated(loki_fns(sets, d, k_frac, narrow=False)) if i == 0 else float("nan")
+            guarded_fns = loki_fns(sets, d, k_frac, sink=sink, recent=recent) if protect else None
+            t_prot = time_rotated(guarded_fns) if protect else float("nan")
+            graph_prot = guarded(time_graph, guarded_fns) if protect else float("nan")
             b2b_loki, graph_loki = time_back_to_back(fns), guarded(time_graph, fns)
             stages = stage_times(sets, d, k_frac, cfg)
             split = "1-prog select" if ld.one_program_select(b * HKV, s, cfg, torch.device(DEVICE)) else "multi select"
@@ -423,17 +459,19 @@ def table(cfg, bandwidth, batches, seqs, settings):
             path = eager if eager == graph else f"{eager} (graph: {graph})"
             loki_bytes = b * HKV * (s * d + 2 * k * D) * 2
             row = dict(B=b, S=s, d_frac=d_frac, k_frac=k_frac, sdpa_form=form, sdpa_ms=t_sdpa, loki_ms=t_loki,
-                       speedup=t_sdpa / t_loki, loki_wide_ms=t_wide, b2b_sdpa_ms=b2b_sdpa, b2b_loki_ms=b2b_loki,
-                       graph_sdpa_ms=graph_sdpa, graph_loki_ms=graph_loki,
+                       speedup=t_sdpa / t_loki, loki_wide_ms=t_wide, sink=sink, recent=recent,
+                       loki_protected_ms=t_prot, graph_loki_protected_ms=graph_prot, b2b_sdpa_ms=b2b_sdpa,
+                       b2b_loki_ms=b2b_loki, graph_sdpa_ms=graph_sdpa, graph_loki_ms=graph_loki,
                        loki_eff_tbs=loki_bytes / (t_loki * 1e-3) / 1e12, floor_full_ms=full_bytes / bandwidth * 1e3,
                        floor_loki_ms=loki_bytes / bandwidth * 1e3, path=path, scores_ms=stages[0],
                        select_ms=stages[1], attend_ms=stages[2], torch_topk_ms=stages[3],
                        select_share=stages[1] / t_loki)
             rows.append(row)
             print(f"| {b} | {s} | {d_frac} | {k_frac} | {t_sdpa:.4f} ({form}) | {t_loki:.4f} | {row['speedup']:.2f}x | "
-                  f"{t_wide:.4f} | {b2b_sdpa:.4f} / {b2b_loki:.4f} ({b2b_sdpa / b2b_loki:.2f}x) | "
-                  f"{graph_sdpa:.4f} / {graph_loki:.4f} ({graph_sdpa / graph_loki:.2f}x) | {row['loki_eff_tbs']:.2f} | "
-                  f"{row['floor_full_ms']:.4f} / {row['floor_loki_ms']:.4f} | {path} | "
+                  f"{t_wide:.4f} | {t_prot:.4f} ({t_prot / t_loki:.3f}x) | "
+                  f"{b2b_sdpa:.4f} / {b2b_loki:.4f} ({b2b_sdpa / b2b_loki:.2f}x) | "
+                  f"{graph_sdpa:.4f} / {graph_loki:.4f} ({graph_sdpa / graph_loki:.2f}x) | {graph_prot:.4f} | "
+                  f"{row['loki_eff_tbs']:.2f} | {row['floor_full_ms']:.4f} / {row['floor_loki_ms']:.4f} | {path} | "
                   f"{stages[0]:.4f} / {stages[1]:.4f} / {stages[2]:.4f} | {row['select_share']:.0%} | "
                   f"{stages[3]:.4f} |",
                   flush=True)
@@ -450,6 +488,8 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, nargs="+", default=SEQS, help="limit the table")
     parser.add_argument("--settings", default=",".join(f"{d}:{k}" for d, k in SETTINGS),
                         help="d_frac:k_frac pairs of the table (the first is also timed without the narrow copy)")
+    parser.add_argument("--sink", type=int, default=0, help="also time each setting keeping the first SINK keys")
+    parser.add_argument("--recent", type=int, default=0, help="... and the last RECENT keys (counted inside k)")
     parser.add_argument("--skip-checks", action="store_true", help="time only (after a run that checked)")
     parser.add_argument("--no-table", action="store_true", help="skip the SDPA-vs-Loki table (e.g. sweep only)")
     args = parser.parse_args()
@@ -471,7 +511,7 @@ def main() -> None:
     settings = [tuple(float(x) for x in pair.split(":")) for pair in args.settings.split(",")]
     if not args.no_table:
         t0 = time.time()
-        result["table"] = table(cfg, bandwidth, args.batches, args.seqs, settings)
+        result["table"] = table(cfg, bandwidth, args.batches, args.seqs, settings, args.sink, args.recent)
         print(f"(table: {time.time() - t0:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
