@@ -213,6 +213,18 @@ def test_protection_without_bounds_and_only_protected_kept(form):
             assert rel_err(loki_decode_attention_torch(q, k, v, **args), ref) < TOL[torch.bfloat16]
 
 
+def test_min_tokens_bound_covers_shorter_rows():
+    """With min_tokens a shorter row can keep more keys than a full one (min_tokens = 30, k_frac = 0.25: 40 keys
+    keep 10, 30 keep 30): k = Budget.max_tokens(S) bounds every k_b, so the index buffer holds them all."""
+    rule = Budget(0.25, min_tokens=30)
+    assert rule.max_tokens(40) == 30 and int(rule.tokens(torch.arange(41)).max()) == 30
+    q, k, v = make_inputs(2, 1, 2, 40, 16, torch.float32, seed=5)
+    args = dict(d=4, scaling=0.25, gqa_select="group", **budget(0.25, 40, torch.tensor([0, 10], device=DEVICE)))
+    args["k"], args["k_b"] = rule.max_tokens(40), rule.tokens(torch.tensor([40, 30], device=DEVICE))
+    assert args["k_b"].tolist() == [10, 30]
+    assert rel_err(triton_form("split")(q, k, v, **args), reference(q, k, v, **args)) < 1e-4
+
+
 def test_per_head_dims_as_tuple_or_tensor():
     q, k, v = make_inputs(1, 2, 2, 40, 16, torch.float32)
     args = dict(k=10, scaling=0.25, gqa_select="query")

@@ -86,23 +86,15 @@ class Budget:
         return torch.minimum(k, n)
 
     def max_tokens(self, n_max: int) -> int:
-        """Upper bound of `tokens` over rows that see (and windows of) at most `n_max` keys."""
-        return int(self.tokens(torch.tensor(n_max)))
+        """Upper bound of `tokens` over rows that see (and windows of) at most `n_max` keys: `tokens(n_max)`, or
+        more when min_tokens keeps a shorter row whole (min_tokens = 100, k_frac = 0.25: 101 keys keep 26, 100
+        keep 100). Decode kernels size their index buffers by it."""
+        return max(int(self.tokens(torch.tensor(n_max))), min(self.min_tokens, n_max))
 
     def describe(self) -> dict:
         """The settings as plain values (for results files)."""
         return {"k_frac": self.k_frac, "k_rule": self.k_rule, "min_tokens": self.min_tokens,
                 "sink_tokens": self.sink_tokens, "recent_tokens": self.recent_tokens}
-
-
-def num_tokens(n_visible: torch.Tensor, k_frac: float) -> torch.Tensor:
-    """Transitional (removed once every kernel takes budgets as tensors): `Budget(k_frac).tokens(n_visible)`."""
-    return Budget(k_frac).tokens(n_visible)
-
-
-def max_tokens(n_max: int, k_frac: float) -> int:
-    """Transitional: `Budget(k_frac).max_tokens(n_max)`."""
-    return Budget(k_frac).max_tokens(n_max)
 
 
 def read_cost(d_frac: float, k_frac: float, dense_layers: int = 0, num_layers: int = 1) -> float:
