@@ -49,9 +49,9 @@ def budget_args(k_frac, s, kv_start=None, sink=0, recent=0) -> dict:
     """The op's budget arguments as `Budget` computes them (k for every row, or the bound k and k_b [B] on the
     device with kv_start), and kv_start."""
     rule = Budget(k_frac, sink_tokens=sink, recent_tokens=recent)
-    args = dict(k=rule.max_tokens(s), sink=sink, recent=recent, kv_start=kv_start)
+    args = dict(k=int(rule.tokens(torch.tensor(s))), sink=sink, recent=recent, kv_start=kv_start)
     if kv_start is not None:
-        args["k_b"] = rule.tokens(s - kv_start.long()).to(torch.int32)
+        args["k"], args["k_b"] = rule.max_tokens(s), rule.tokens(s - kv_start.long()).to(torch.int32)
     return args
 
 

@@ -29,13 +29,14 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.flo
 
 
 def budget(k_frac, s, kv_start=None, kv_end=None, sink=0, recent=0):
-    """The budget arguments of the op as `Budget` computes them: k for every row (no bounds), else the bound
-    k = max_tokens(S) and k_b [B] on the device; with the bounds and the protection counts."""
+    """The budget arguments of the op as `Budget` computes them: k for every row (no bounds: what a row seeing S
+    keys keeps), else the bound k = max_tokens(S) and k_b [B] on the device; with the bounds and the protection
+    counts."""
     rule = Budget(k_frac, sink_tokens=sink, recent_tokens=recent)
-    args = dict(k=rule.max_tokens(s), sink=sink, recent=recent, kv_start=kv_start, kv_end=kv_end)
+    args = dict(k=int(rule.tokens(torch.tensor(s))), sink=sink, recent=recent, kv_start=kv_start, kv_end=kv_end)
     if kv_start is not None or kv_end is not None:
         n = (s if kv_end is None else kv_end.long()) - (0 if kv_start is None else kv_start.long())
-        args["k_b"] = rule.tokens(n).to(torch.int32)
+        args["k"], args["k_b"] = rule.max_tokens(s), rule.tokens(n).to(torch.int32)
     return args
 
 

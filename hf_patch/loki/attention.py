@@ -221,17 +221,18 @@ def loki_decode_step(loki: LokiLayer, query: torch.Tensor, key: torch.Tensor, va
                      kv_start: torch.Tensor | None, kv_end: torch.Tensor | None, scaling: float) -> torch.Tensor:
     """One decode step through the decode op: query [B, H_q, 1, D], rotated key / value [B, H_kv, S, D] whose
     valid keys are [kv_start, kv_end) (int [B] on the device, None: 0 / S) -> [B, H_q, D]. The budget is the
-    layer's: k bounds every sequence's k_b (computed on the device: no host sync, CUDA graphs replay it)."""
+    layer's: with bounds, each sequence's k_b (computed on the device: no host sync, CUDA graphs replay it) under
+    the bound k = max_tokens(S); without, k = what a row that sees all S keys keeps."""
     from ..kernels.loki_decode import loki_decode_attention
     from .cache import APPROX_KEYS
 
     s = key.shape[2]
-    k_b = None
+    k, k_b = int(loki.budget.tokens(torch.tensor(s))), None
     if kv_start is not None or kv_end is not None:
         n = (s if kv_end is None else kv_end.to(torch.int64)) - (0 if kv_start is None else kv_start.to(torch.int64))
-        k_b = loki.budget.tokens(n)
+        k, k_b = loki.budget.max_tokens(s), loki.budget.tokens(n)
     return loki_decode_attention(loki.rotate_queries(query).flatten(1, 3), key, value, d=loki.kernel_dims,
-                                 k=loki.budget.max_tokens(s), k_b=k_b, sink=loki.budget.sink_tokens,
+                                 k=k, k_b=k_b, sink=loki.budget.sink_tokens,
                                  recent=loki.budget.recent_tokens, scaling=scaling, kv_start=kv_start, kv_end=kv_end,
                                  gqa_select=loki.gqa_select, k_approx=getattr(key, APPROX_KEYS, None))
 
