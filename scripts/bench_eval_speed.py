@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -264,14 +265,21 @@ def attention_breakdown(batch: int, tokens: int, bench, device: str, configs: di
                 check(False, f"{batch} x {tokens} {name}: {e!r}")
                 continue
             check(result[name]["exact k_b"], f"{batch} x {tokens} {name}: kept another number of keys than k_b")
+        # the same k per row with the first 4 and last 64 keys always kept: what protection costs the kernels
+        protected = Budget(K_FRAC, sink_tokens=4, recent_tokens=64)
+        kb_protected = glue.row_budgets(dataclasses.replace(layer, budget=protected), None, None, batch, tokens,
+                                        tokens, q.device)
+        result["protected"] = time_config(prepared, k, v, kb_protected, out, configs["64x64 w4"], bench, protected)
+        check(result["protected"]["exact k_b"], f"{batch} x {tokens} protected: kept another number of keys than k_b")
         vis = visible_keys(None, tokens, tokens, q.device)
         result["dense"] = bench(lambda: loki_attention_dense(layer, q, k, v, vis, scale, False))
     return result
 
 
-def time_config(prepared, k, v, kb, out, cfg, bench) -> dict:
-    """One block-size setting on the prepared (q, qa, ka) of a causal layer with query selection and no
-    protection: kernels, stage 1 and stage 2 alone (ms), passes per row block, exact k_b."""
+def time_config(prepared, k, v, kb, out, cfg, bench, budget: Budget = PLAIN) -> dict:
+    """One block-size setting on the prepared (q, qa, ka) of a causal layer with query selection and `budget`'s
+    protected keys: kernels, stage 1 and stage 2 alone (ms), passes per row block, exact k_b."""
+    sink, recent = budget.sink_tokens, budget.recent_tokens
     q, qa, ka = prepared
     batch, _, tokens, _ = q.shape
     scale = D**-0.5
@@ -279,15 +287,15 @@ def time_config(prepared, k, v, kb, out, cfg, bench) -> dict:
     count = torch.empty((batch, HQ, tokens), device=q.device, dtype=torch.int32)
 
     def kernels(count=None):
-        return lp.loki_prefill_attention(q, k, v, qa, ka, kb, None, group=False, scaling=scale, config=cfg, out=out,
-                                         count=count)
+        return lp.loki_prefill_attention(q, k, v, qa, ka, kb, None, group=False, scaling=scale, sink=sink,
+                                         recent=recent, config=cfg, out=out, count=count)
 
     kernels(count)
-    thr, pos = lp.prefill_thresholds(qa, ka, kb, None, False, 0, 0, cfg, passes)
+    thr, pos = lp.prefill_thresholds(qa, ka, kb, None, False, sink, recent, cfg, passes)
     return {
         "kernels": bench(kernels),
-        "stage 1": bench(lambda: lp.prefill_thresholds(qa, ka, kb, None, False, 0, 0, cfg)),
-        "stage 2": bench(lambda: lp.prefill_attend(q, k, v, qa, ka, thr, pos, None, 0, 0, scale, cfg, out)),
+        "stage 1": bench(lambda: lp.prefill_thresholds(qa, ka, kb, None, False, sink, recent, cfg)),
+        "stage 2": bench(lambda: lp.prefill_attend(q, k, v, qa, ka, thr, pos, None, sink, recent, scale, cfg, out)),
         "passes mean/max": [float(passes.float().mean()), int(passes.max())],
         "exact k_b": bool(torch.equal(count, kb[:, None].expand_as(count))),
     }
@@ -360,15 +368,18 @@ def main() -> None:
           f"transformers {report['transformers']}; "
           f"anchor SDPA {report['anchor sdpa fwd n=1024 (SPEC 1.24 ms)']:.3f} ms; {report['seconds']:.0f} s")
     print("| B x T | full ms | Loki all (0.25, 0.25) ms | Loki / full | layer: SDPA ms | Loki kernels ms "
-          "| stage 1 / stage 2 ms | passes per row block (mean / max) | Loki dense path ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| stage 1 / stage 2 ms | passes per row block (mean / max) | Loki kernels, sink 4 + recent 64 ms (/ plain) "
+          "| Loki dense path ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         lay = r["layer"]
         ker = lay.get("64x64 w4", {"kernels": float("nan"), "stage 1": float("nan"), "stage 2": float("nan"),
                                    "passes mean/max": [float("nan"), 0]})
         print(f"| {r['batch']} x {r['tokens']} | {r['full ms']:.2f} | {r['loki ms']:.2f} | {r['ratio']:.2f}x | "
               f"{lay['sdpa']:.3f} | {ker['kernels']:.3f} | {ker['stage 1']:.3f} / {ker['stage 2']:.3f} | "
-              f"{ker['passes mean/max'][0]:.1f} / {ker['passes mean/max'][1]} | {lay['dense']:.3f} |")
+              f"{ker['passes mean/max'][0]:.1f} / {ker['passes mean/max'][1]} | "
+              f"{lay['protected']['kernels']:.3f} ({lay['protected']['kernels'] / ker['kernels']:.3f}x) | "
+              f"{lay['dense']:.3f} |")
     print("\nBlock sizes (one layer, kernels / stage 1 / stage 2 ms, exact k_b):")
     for r in rows:
         for name in CONFIGS:
