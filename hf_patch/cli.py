@@ -20,7 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "perplexity": ("hf_patch.loki.perplexity", "perplexity of a model, full attention or Loki, on held-out text"),
     "main": ("hf_patch.loki.experiment", "the main job: calibrate, patch and compare perplexity over Loki settings"),
     "eval": ("hf_patch.eval.cli", "run lm-eval with the hf-loki model and local tasks registered (lm-eval's own args)"),
-    "prepare-tasks": ("hf_patch.eval.prepare", "build the local lm-eval tasks (books, cloze, BIG-bench) offline"),
+    "prepare-tasks": ("hf_patch.eval.prepare", "build the local lm-eval tasks offline (hfp_core, hfp_mmlu, books, cloze; BIG-bench from a local sdist)"),
     "compare": ("hf_patch.eval.compare", "full attention vs Loki settings on lm-eval tasks: table, JSON and plot"),
 }
 

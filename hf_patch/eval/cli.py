@@ -31,10 +31,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(*HELP_FLAGS, dest="lm_eval_help", action="store_true", help=argparse.SUPPRESS)
 
 
-def with_include_path(argv: list[str], tasks_dir: Path = TASKS_DIR) -> list[str]:
-    """`argv` with `--include_path` pointing at our tasks; a path the user gave is kept alongside them.
+def with_include_path(argv: list[str], tasks_dirs: list[Path] | None = None) -> list[str]:
+    """`argv` with `--include_path` pointing at our tasks (default: the packaged ones and the prepared standard
+    ones); a path the user gave is kept alongside them.
 
-    lm-eval's CLI takes a single include path, so two are joined in a temporary directory of symlinks."""
+    lm-eval's CLI takes a single include path, so several are joined in a temporary directory of symlinks."""
+    if tasks_dirs is None:
+        from .prepare import include_paths
+
+        tasks_dirs = include_paths()
     user_path = None
     rest = []
     i = 0
@@ -48,7 +53,8 @@ def with_include_path(argv: list[str], tasks_dir: Path = TASKS_DIR) -> list[str]
         else:
             rest.append(arg)
         i += 1
-    path = str(tasks_dir) if user_path is None else str(_joined_dirs([tasks_dir, Path(user_path)]))
+    dirs = [*tasks_dirs, *([Path(user_path)] if user_path is not None else [])]
+    path = str(dirs[0]) if len(dirs) == 1 else str(_joined_dirs(dirs))
     return [*rest, "--include_path", path]
 
 
@@ -69,6 +75,17 @@ def _joined_dirs(dirs: list[Path]) -> Path:
     return joined
 
 
+def _check_tasks_prepared(argv: list[str]) -> None:
+    """Fail before lm-eval loads a model if a `--tasks` entry is an hf-patch task whose data is not prepared."""
+    from .prepare import check_prepared
+
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg in ("--tasks", "-t") and i + 1 < len(argv) else (
+            arg.split("=", 1)[1] if arg.startswith("--tasks=") else None)
+        if value:
+            check_prepared(t.strip() for t in value.split(","))
+
+
 def run(args: argparse.Namespace) -> int:
     from lm_eval.__main__ import cli_evaluate
 
@@ -77,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     register()
     argv = list(args.extra)
     if argv and not (len(argv) == 1 and argv[0] == "run"):  # bare `lm-eval` / `lm-eval run` only print help
+        if not args.lm_eval_help:
+            _check_tasks_prepared(argv)
         argv = with_include_path(argv)
     if args.lm_eval_help:
         argv.append("--help")

