@@ -109,16 +109,16 @@ def test_bigbench_extraction_and_formatting(tmp_path):
 
 
 def test_withheld_bigbench_sdist_fails_first_and_says_what_to_do(tmp_path, monkeypatch):
-    """An index that lists no bigbench-1.0.0.tar.gz (as some mirrors and proxies do): a FileNotFoundError naming
-    the way out, raised before any task file is written; a local sdist given instead is used as it is."""
-    import urllib.request
+    """An index that serves no bigbench==1.0.0 (most now list only 0.0.1): a FileNotFoundError naming the way out,
+    raised before any task file is written; a local sdist given instead is used as it is."""
+    import subprocess
 
-    listing = {"files": [{"filename": "bigbench-0.0.1.tar.gz", "url": "https://example.invalid/bigbench-0.0.1.tar.gz"}]}
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: io.BytesIO(json.dumps(listing).encode()))
+    no_such = "ERROR: Could not find a version that satisfies the requirement bigbench==1.0.0 (from versions: 0.0.1)"
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(cmd, 1, "", no_such))
     monkeypatch.setenv("HF_PATCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("hf_patch.data.books.prepare_books", lambda *a, **k: pytest.fail("books before the sdist"))
-    with pytest.raises(FileNotFoundError, match=r"does not offer bigbench-1\.0\.0\.tar\.gz .*bigbench-0\.0\.1.*"
-                                                r"prepare-tasks --only bigbench --bigbench-sdist PATH"):
+    with pytest.raises(FileNotFoundError, match=r"bigbench-1\.0\.0\.tar\.gz.*from versions: 0\.0\.1.*"
+                                                r"prepare-tasks --only bigbench --bigbench-sdist PATH.*BIG-bench repository"):
         prepare.prepare_tasks(["books", "bigbench"])
     assert not prepare.tasks_dir().exists()
     sdist = _fake_sdist(tmp_path / "local.tar.gz", {"winowhy": {"": WINOWHY}})
@@ -308,11 +308,12 @@ def test_eval_cli_help_is_lm_evals(capsys):
     assert "--model_args" in capsys.readouterr().out
 
 
-def test_include_path_merges_a_user_task_dir(tmp_path):
+def test_include_path_merges_a_user_task_dir(tmp_path, monkeypatch):
     from lm_eval.tasks import TaskManager
 
     from hf_patch.eval.cli import TASKS_DIR, with_include_path
 
+    monkeypatch.setenv("HF_PATCH_CACHE", str(tmp_path / "cache"))  # no standard tasks prepared
     assert with_include_path(["run", "--tasks", "x"]) == ["run", "--tasks", "x", "--include_path", str(TASKS_DIR)]
     mine = tmp_path / "my_tasks"
     mine.mkdir()

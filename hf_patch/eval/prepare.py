@@ -207,10 +207,8 @@ def fetch_bigbench_sdist(path: str | Path | None = None) -> Path:
         return pip_download("bigbench==1.0.0", BIGBENCH_SDIST, BIGBENCH_SHA256, "--only bigbench --bigbench-sdist")
     except FileNotFoundError as err:
         raise FileNotFoundError(
-            f"{err}. The index does not offer {BIGBENCH_SDIST}: get that file, or a tar.gz of the google/BIG-bench "
-            "repository (same <top>/bigbench/benchmark_tasks/<task>/task.json layout), and run `hf-patch "
-            "prepare-tasks --only bigbench --bigbench-sdist PATH` once; or leave the hfp_bigbench tasks out "
-            "(hfp_core has the standard lm-eval tasks)") from None
+            f"{err}. A tar.gz of the google/BIG-bench repository (same <top>/bigbench/benchmark_tasks/<task>/task.json "
+            "layout) works too; or leave the hfp_bigbench tasks out (hfp_core has the standard lm-eval tasks)") from None
 
 
 def read_bigbench_tasks(sdist: str | Path, tasks: Iterable[str] = BIGBENCH_TASKS) -> dict[str, dict[str, dict]]:
