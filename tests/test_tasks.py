@@ -235,14 +235,16 @@ def test_prepare_unpacks_only_what_the_tasks_read_and_keeps_other_tasks(prepared
 # ---------------------------------------------------------------- errors, before any model
 
 
-def test_a_task_asked_for_before_prepare_tasks_says_what_to_run(cache, monkeypatch):
+def test_a_task_asked_for_before_prepare_tasks_says_what_to_run(cache, monkeypatch, capsys):
     from hf_patch.cli import main
     from hf_patch.eval import lm_eval_model
 
     monkeypatch.setattr(lm_eval_model.LokiHFLM, "__init__", lambda *a, **k: pytest.fail("model loaded"))
+    argv = ["eval", "run", "--model", "hf-loki", "--tasks", "hfp_hellaswag,hfp_core,hfp_mmlu_anatomy,arc_easy"]
     with pytest.raises(prepare.TasksNotPrepared, match=r"hfp_hellaswag, hfp_core: `hf-patch prepare-tasks --only "
                                                       r"core`.*hfp_mmlu_anatomy: `hf-patch prepare-tasks --only mmlu`"):
-        main(["eval", "run", "--model", "hf-loki", "--tasks", "hfp_hellaswag,hfp_core,hfp_mmlu_anatomy,arc_easy"])
+        main(["--debug", *argv])
+    assert main(argv) == 2 and "hf-patch prepare-tasks --only core" in capsys.readouterr().err
     prepare.check_prepared(["arc_easy", "my_task"])  # not ours: lm-eval's business
 
 
@@ -313,7 +315,7 @@ def test_quick_config_uses_prepared_core_tasks():
     from hf_patch.eval import compare
 
     for name in ("smollm2_quick", "smollm2", "smollm2_large"):
-        cfg = load_config(f"configs/eval/{name}.yaml", compare.KEYS)
+        cfg = compare.CompareConfig.from_dict(load_config(f"configs/eval/{name}.yaml"), name).as_dict()
         groups = {prepare.group_of(t) for t in cfg["tasks"]}
         assert groups == {"core", "books"}, name
         assert {f"hfp_{t}" for t in prepare.CORE_TASKS} <= set(cfg["tasks"]), name
