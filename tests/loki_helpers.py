@@ -27,6 +27,11 @@ ARCHS = {
 }
 
 
+# the bare Loki of the paper on every layer (row rule, nothing protected, no dense layer): tiny models see few keys
+# and have 2 layers, so patch_loki's defaults (4 sink + 64 recent keys, 2 dense layers) would keep everything
+PLAIN = {"k_rule": "row", "sink_tokens": 0, "recent_tokens": 0, "dense_layers": 0}
+
+
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
     config_cls, model_cls, extra = ARCHS[arch]
     torch.manual_seed(seed)

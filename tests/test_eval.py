@@ -206,7 +206,9 @@ def test_hf_loki_patches_and_checks_arguments(tiny_model_dir, tiny_basis):
     torch.testing.assert_close(torch.tensor([ll for ll, _ in exact.loglikelihood(_requests(PAIRS))]), full,
                                rtol=0, atol=1e-4)
     # a real budget changes the scores, the same way whatever the batch size (padding must not leak in)
-    sparse = [torch.tensor([ll for ll, _ in LokiHFLM(**args, basis=str(tiny_basis), d_frac=0.25, k_frac=0.25,
+    from loki_helpers import PLAIN  # the tiny model sees few keys: nothing protected, no dense layer
+
+    sparse = [torch.tensor([ll for ll, _ in LokiHFLM(**args, **PLAIN, basis=str(tiny_basis), d_frac=0.25, k_frac=0.25,
                                                          batch_size=b).loglikelihood(_requests(PAIRS))])
               for b in (1, 4)]
     torch.testing.assert_close(sparse[0], sparse[1], rtol=0, atol=1e-4)
@@ -229,7 +231,8 @@ def test_hf_loki_decode_mode_scores_continuations_as_generation_would(tiny_model
     from hf_patch.eval.lm_eval_model import LokiHFLM
 
     args = dict(pretrained=str(tiny_model_dir), dtype="float32", device="cpu")
-    loki = dict(basis=str(tiny_basis), d_frac=0.25, k_frac=0.25, sink_tokens=1, recent_tokens=2, mode="decode")
+    loki = dict(basis=str(tiny_basis), d_frac=0.25, k_frac=0.25, k_rule="row", sink_tokens=1, recent_tokens=2,
+                dense_layers=0, mode="decode")
     pairs = PAIRS + [(STORY[:150], " the garden was full of")]
     lms = [LokiHFLM(**args, **loki, batch_size=b) for b in (1, 3)]
     got = [torch.tensor([ll for ll, _ in lm.loglikelihood(_requests(pairs))]) for lm in lms]

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from loki_helpers import random_basis, tiny_model
+from loki_helpers import PLAIN, random_basis, tiny_model
 
 import hf_patch
 from hf_patch import LokiCache, decode_rows, loki_settings, patch_loki, unpatch
@@ -62,7 +62,7 @@ def test_full_budget_still_equals_full_attention(settings):
     model = tiny_model()
     ids = _ids()
     full = model(ids).logits
-    patch_loki(model, random_basis(), d_frac=1.0, k_frac=1.0, mode="all", **settings)
+    patch_loki(model, random_basis(), d_frac=1.0, k_frac=1.0, mode="all", **{**PLAIN, **settings})
     torch.testing.assert_close(model(ids).logits, full, rtol=1e-4, atol=1e-4)
     unpatch(model)
     assert torch.equal(model(ids).logits, full)
@@ -72,11 +72,11 @@ def test_paper_rule_keeps_the_first_rows_dense():
     model = tiny_model()
     ids = _ids(t=40)
     full = model(ids).logits
-    patch_loki(model, random_basis(), d_frac=0.25, k_frac=0.25, mode="all", k_rule="paper")
+    patch_loki(model, random_basis(), d_frac=0.25, k_frac=0.25, mode="all", **{**PLAIN, "k_rule": "paper"})
     out = model(ids).logits
     torch.testing.assert_close(out[:, :10], full[:, :10], rtol=1e-4, atol=1e-4)  # int(0.25 * 40) = 10 rows see <= k
     assert (out[:, 10:] - full[:, 10:]).abs().max() > 1e-3
-    patch_loki(model, random_basis(), d_frac=0.25, k_frac=0.25, mode="all", k_rule="row")
+    patch_loki(model, random_basis(), d_frac=0.25, k_frac=0.25, mode="all", **PLAIN)
     assert (model(ids).logits[:, 1:10] - full[:, 1:10]).abs().max() > 1e-3  # the row rule thins them
 
 
@@ -84,9 +84,11 @@ def test_dense_layers_keep_full_attention_and_are_recorded():
     model = tiny_model()
     ids = _ids()
     full = model(ids).logits
-    patch_loki(model, random_basis(), d_frac=0.25, k_frac=0.25, mode="all", dense_layers=2)
+    with pytest.warns(UserWarning, match="covers all 2 layers"):
+        patch_loki(model, random_basis(), d_frac=0.25, k_frac=0.25, mode="all", **{**PLAIN, "dense_layers": 5})
     torch.testing.assert_close(model(ids).logits, full, rtol=1e-4, atol=1e-4)  # both layers dense
-    patch_loki(model, random_basis(), d_frac=0.25, k_frac=0.25, mode="all", dense_layers=[1], sink_tokens=2)
+    patch_loki(model, random_basis(), d_frac=0.25, k_frac=0.25, mode="all", **{**PLAIN, "dense_layers": [1],
+                                                                                "sink_tokens": 2})
     assert (model(ids).logits - full).abs().max() > 1e-3
     assert loki_settings(model) == {"d_frac": 0.25, "k_frac": 0.25, "k_rule": "row", "min_tokens": 0,
                                     "sink_tokens": 2, "recent_tokens": 0, "mode": "all", "d_policy": "uniform",
@@ -96,7 +98,7 @@ def test_dense_layers_keep_full_attention_and_are_recorded():
 
 
 def test_decode_mode_warns_when_a_teacher_forced_forward_uses_no_loki():
-    model = patch_loki(tiny_model(), random_basis(), d_frac=0.25, k_frac=0.25, mode="decode")
+    model = patch_loki(tiny_model(), random_basis(), d_frac=0.25, k_frac=0.25, mode="decode", **PLAIN)
     with pytest.warns(UserWarning, match="no row of this forward used Loki"):
         model(_ids())
     with warnings.catch_warnings():
@@ -114,7 +116,8 @@ def test_decode_rows_equal_a_real_decode_loop(gqa_select, settings):
     """One teacher-forced pass under `decode_rows` computes what prefill + one-token steps in a LokiCache do."""
     model = tiny_model()
     ids, prompt = _ids(b=2, t=48), 24
-    patch_loki(model, random_basis(), d_frac=0.25, k_frac=0.25, mode="decode", gqa_select=gqa_select, **settings)
+    patch_loki(model, random_basis(), d_frac=0.25, k_frac=0.25, mode="decode", gqa_select=gqa_select,
+               **{**PLAIN, **settings})
     with decode_rows(model, prompt):
         teacher = model(ids).logits
     cache = LokiCache(model)
@@ -131,7 +134,7 @@ def test_decode_perplexity_matches_one_pass_per_setting():
 
     model, basis = tiny_model(), random_basis()
     windows = list(_ids(b=2, t=41))
-    settings = [("full", None), ("loki", lambda m: patch_loki(m, basis, sink_tokens=1, recent_tokens=4))]
+    settings = [("full", None), ("loki", lambda m: patch_loki(m, basis, **{**PLAIN, "sink_tokens": 1, "recent_tokens": 4}))]
     result = decode_perplexity(model, windows, 24, settings, progress=False)
     assert not hf_patch.is_patched(model) and result["full"]["tokens"] == 2 * 16
     for name, patch in settings:

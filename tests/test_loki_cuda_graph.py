@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from loki_helpers import random_basis, tiny_model
+from loki_helpers import PLAIN, random_basis, tiny_model
 
 from hf_patch import LokiCache, is_patched, patch_loki, unpatch
 from hf_patch.loki import cuda_graph
@@ -46,9 +46,9 @@ def test_graphed_generate_equals_eager(steps, gqa_select):
     x, mask = padded_batch()
     kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, output_scores=True,
                   return_dict_in_generate=True)
-    patch_loki(model, random_basis(seed=5), d_frac=0.5, k_frac=0.3, gqa_select=gqa_select)
+    patch_loki(model, random_basis(seed=5), d_frac=0.5, k_frac=0.3, gqa_select=gqa_select, **PLAIN)
     ref = model.generate(x, **kwargs)
-    patch_loki(model, random_basis(seed=5), d_frac=0.5, k_frac=0.3, gqa_select=gqa_select, cuda_graph=True)
+    patch_loki(model, random_basis(seed=5), d_frac=0.5, k_frac=0.3, gqa_select=gqa_select, cuda_graph=True, **PLAIN)
     out = model.generate(x, **kwargs)
     assert len(steps) == 11 and all(shape == (3, 1) for shape in steps)  # every decode step, not the prefill
     assert torch.equal(out.sequences, ref.sequences)
@@ -67,7 +67,7 @@ def test_growing_cache_captures_again_and_matches_eager_loop(steps):
     nxt = torch.randint(3, 97, (300, 2, 1), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     logits, capacities, caches = {}, set(), {}
     for graph in (False, True):
-        patch_loki(model, random_basis(seed=6), d_frac=0.25, k_frac=0.25, cuda_graph=graph)
+        patch_loki(model, random_basis(seed=6), d_frac=0.25, k_frac=0.25, cuda_graph=graph, **PLAIN)
         cache = LokiCache(model)
         with torch.no_grad():
             model(prompt, past_key_values=cache)

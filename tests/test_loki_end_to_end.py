@@ -66,11 +66,13 @@ def test_main_job_writes_table_json_and_plot(byte_checkpoint, tmp_path):
         f"evaluation:\n  all: {{dataset: {corpus}, seq_len: 128, max_tokens: 512}}\n"
         f"  decode: {{dataset: {corpus}, prefix: 96, new_tokens: 31, windows: 2}}\n"
         "settings:\n  - {rotary: pre, d_frac: 1.0, k_frac: 1.0, sink_tokens: 2}\n  - {rotary: post, d_frac: 0.25, "
-        "k_frac: 0.25, d_policy: variance}\n  - {name: mine, k_rule: paper, recent_tokens: 8, dense_layers: 1}\n")
+        "k_frac: 0.25, d_policy: variance, sink_tokens: 0, recent_tokens: 0, dense_layers: 0}\n"
+        "  - {name: mine, k_frac: 0.25, recent_tokens: 8, dense_layers: 1}\n")
     assert cli(["main", "--config", str(config)]) == 0
     results = json.loads((out / "results.json").read_text())["results"]
-    assert [r["setting"] for r in results] == ["full", "loki d=1 k=1 sink_tokens=2",
-                                               "loki d=0.25 k=0.25 d_policy=variance post-RoPE", "mine"]
+    assert [r["setting"] for r in results] == [
+        "full", "loki d=1 k=1 sink_tokens=2",
+        "loki d=0.25 k=0.25 d_policy=variance sink_tokens=0 recent_tokens=0 dense_layers=0 post-RoPE", "mine"]
     for evaluation, tokens in (("all", 4 * 127), ("decode", 2 * 31)):
         assert results[0][evaluation]["tokens"] == tokens
         assert results[1][evaluation]["ppl"] == pytest.approx(results[0][evaluation]["ppl"], rel=1e-5)
@@ -79,7 +81,7 @@ def test_main_job_writes_table_json_and_plot(byte_checkpoint, tmp_path):
     assert results[3]["cost"] == pytest.approx((1 + 0.375) / 2)
     table = (out / "results.md").read_text()
     assert "| setting | read cost | decode-equivalent ppl | vs full | mode-all ppl | vs full |" in table
-    assert "| loki d=0.25 k=0.25 d_policy=variance post-RoPE | 0.375 |" in table
+    assert "| loki d=0.25 k=0.25 d_policy=variance sink_tokens=0 recent_tokens=0 dense_layers=0 post-RoPE | 0.375 |" in table
     for png in ("perplexity.png", "explained_variance.png", "basis-pre/explained_variance.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from loki_helpers import ARCHS, random_basis, tiny_model
+from loki_helpers import ARCHS, PLAIN, random_basis, tiny_model
 
 import hf_patch
 from hf_patch import LokiCache, patch_loki, unpatch
@@ -34,7 +34,7 @@ def test_sparse_budget_changes_logits_and_unpatch_restores_exactly(arch):
     x = tokens(length=40)
     with torch.no_grad():
         ref = model(x).logits
-        patch_loki(model, random_basis(), d_frac=0.25, k_frac=0.25, mode="all")
+        patch_loki(model, random_basis(), d_frac=0.25, k_frac=0.25, mode="all", **PLAIN)
         sparse = model(x).logits
         assert hf_patch.is_patched(model)
         unpatch(model)
@@ -111,7 +111,7 @@ def test_generate_uses_loki_cache_and_sparse_steps_differ():
     model = tiny_model("llama")
     x = tokens(batch=1, length=64)
     ref = model.generate(x, max_new_tokens=12, do_sample=False)
-    patch_loki(model, random_basis(), d_frac=0.25, k_frac=0.1, mode="decode")
+    patch_loki(model, random_basis(), d_frac=0.25, k_frac=0.1, mode="decode", **PLAIN)
     result = model.generate(x, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
     assert isinstance(result.past_key_values, LokiCache)
     assert result.past_key_values.get_seq_length() == 64 + 12 - 1

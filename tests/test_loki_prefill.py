@@ -356,10 +356,10 @@ def test_patched_model_uses_kernels_with_padding(monkeypatch, select, budget):
     """A patched tiny Llama in mode "all" with left padding: kernel path (interpreter on the CPU) = dense path;
     under decode_rows too (rows before the start dense)."""
     from hf_patch import decode_rows, patch_loki
-    from loki_helpers import random_basis, tiny_model
+    from loki_helpers import PLAIN, random_basis, tiny_model
 
     model = tiny_model().to(DEVICE)
-    patch_loki(model, random_basis(), d_frac=0.25, k_frac=0.25, mode="all", gqa_select=select, **budget)
+    patch_loki(model, random_basis(), d_frac=0.25, k_frac=0.25, mode="all", gqa_select=select, **{**PLAIN, **budget})
     ids = torch.randint(3, 90, (2, 21), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     attn = torch.ones_like(ids)
     attn[1, :6] = 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,36 +28,38 @@ def _register() -> None:
 
 
 def dense_layer_set(dense_layers: int | Sequence[int], num_layers: int) -> frozenset[int]:
-    """Layer indices that keep full attention: a count from the bottom (the first n layers) or a list."""
+    """Layer indices that keep full attention: a count from the bottom (the first n layers, all of them if the
+    model has fewer) or a list."""
     if isinstance(dense_layers, (list, tuple)):
         bad = [i for i in dense_layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers]
         if bad or len(set(dense_layers)) != len(dense_layers):
             raise ValueError(f"dense_layers must list distinct layer indices in [0, {num_layers}), got "
                              f"{list(dense_layers)!r}")
         return frozenset(dense_layers)
-    count = check_count("dense_layers", dense_layers)
-    if count > num_layers:
-        raise ValueError(f"dense_layers={count} exceeds the model's {num_layers} layers")
-    return frozenset(range(count))
+    return frozenset(range(min(check_count("dense_layers", dense_layers), num_layers)))
+
+
+_DEFAULT = LokiSettings()
 
 
 def patch_loki(
     model: nn.Module,
     basis: PCABasis | str | Path,
-    d_frac: float = 0.25,
-    k_frac: float = 0.25,
-    mode: str = "decode",
-    d_policy: str = "uniform",
-    gqa_select: str = "query",
-    cuda_graph: bool = False,
+    d_frac: float = _DEFAULT.d_frac,
+    k_frac: float = _DEFAULT.k_frac,
+    mode: str = _DEFAULT.mode,
+    d_policy: str = _DEFAULT.d_policy,
+    gqa_select: str = _DEFAULT.gqa_select,
+    cuda_graph: bool = _DEFAULT.cuda_graph,
     *,
-    k_rule: str = "row",
-    min_tokens: int = 0,
-    sink_tokens: int = 0,
-    recent_tokens: int = 0,
-    dense_layers: int | Sequence[int] = 0,
+    k_rule: str = _DEFAULT.k_rule,
+    min_tokens: int = _DEFAULT.min_tokens,
+    sink_tokens: int = _DEFAULT.sink_tokens,
+    recent_tokens: int = _DEFAULT.recent_tokens,
+    dense_layers: int | Sequence[int] = _DEFAULT.dense_layers,
 ) -> nn.Module:
-    """Make `model` attend with Loki (in place; returns the model).
+    """Make `model` attend with Loki (in place; returns the model). The defaults (`LokiSettings`) are the best
+    setting measured at the paper's cost: (0.25, 0.2) by the paper's rule, 4 sink + 64 recent keys, 2 dense layers.
 
     basis: a `PCABasis` or the directory it was saved to. d_frac: share of the head dim used for approximate
     scores; k_frac: share of the keys each query attends to, counted by `k_rule` ("row": of the keys the row
@@ -80,6 +83,9 @@ def patch_loki(
     basis.check_compatible(*key_shape(model))
     budget = settings.budget()
     dense = dense_layer_set(settings.dense_layers, len(modules))
+    if len(dense) == len(modules):
+        warnings.warn(f"dense_layers={settings.dense_layers} covers all {len(modules)} layers: every layer keeps "
+                      "full attention and Loki changes nothing; pass dense_layers=0 (or fewer) to use it", stacklevel=2)
     if cuda_graph:
         graphs.check_graphable(model)
     dims = allocate_dims(basis, d_frac, d_policy)

@@ -34,19 +34,25 @@ def dense_layers(name: str, value: Any) -> int | list[int]:
 
 @dataclass
 class LokiSettings(Schema):
-    """`patch_loki`'s settings (see its docstring for their meaning)."""
+    """`patch_loki`'s settings (see its docstring for their meaning); its defaults are these.
+
+    The default budget is the best setting at the paper's read cost (0.375 of full attention's key + value bytes
+    per decode step) in the sweep of BENCHMARKS.md ("Loki budget sweep": SmolLM2-135M, decode-equivalent
+    perplexity on the calibration split): d_frac 0.25 and k_frac 0.2 by the paper's rule, the first 4 and last 64
+    keys of every row always kept, the first 2 layers dense (read cost 0.370 on 30 layers).
+    """
 
     d_frac: float = setting(0.25, fraction)
-    k_frac: float = setting(0.25, fraction)
+    k_frac: float = setting(0.2, fraction)
     mode: str = setting("decode", one_of(*MODES))
     d_policy: str = setting("uniform", one_of(*D_POLICIES))
     gqa_select: str = setting("query", one_of(*GQA_SELECT))
     cuda_graph: bool = setting(False, flag)
-    k_rule: str = setting("row", one_of(*K_RULES))
+    k_rule: str = setting("paper", one_of(*K_RULES))
     min_tokens: int = setting(0, count)
-    sink_tokens: int = setting(0, count)
-    recent_tokens: int = setting(0, count)
-    dense_layers: int | list[int] = setting(0, dense_layers)
+    sink_tokens: int = setting(4, count)
+    recent_tokens: int = setting(64, count)
+    dense_layers: int | list[int] = setting(2, dense_layers)
 
     def budget(self) -> Budget:
         """Keys kept per query row."""
