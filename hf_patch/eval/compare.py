@@ -155,9 +155,9 @@ def evaluate_setting(cfg: dict[str, Any], setting: dict[str, Any] | None, basis:
     from tqdm.auto import tqdm
 
     label = setting_label(setting)
-    loki = None if setting is None else {
-        "d_policy": "uniform", "gqa_select": "query", "rotary": "pre", **setting,
-        "basis": str(basis), "mode": setting.get("mode", cfg["mode"])}
+    loki = None if setting is None else {  # as applied: patch_loki's defaults included, the display name left out
+        **SweepSetting(**{"mode": cfg["mode"], **setting}).patch_args(), "rotary": setting.get("rotary", "pre"),
+        "basis": str(basis)}
     key = {"model": str(cfg["model"]), "dtype": cfg["dtype"], "num_fewshot": cfg["num_fewshot"],
            "seed": cfg["seed"], "loki": loki, "basis": None if basis is None else _basis_key(basis)}
     path = Path(cfg["output_dir"]) / "cache" / f"{_slug(label)}.json"
