@@ -152,10 +152,18 @@ def loki_attention_dense(
     """Loki for every query row, as a masked dense computation (teacher-forced forward, prefill in mode "all").
 
     query: [B, H_q, T, D]; key, value: [B, H_kv, S, D] (key rotated iff `keys_rotated`); visible: [B|1, 1, T, S].
-    Returns [B, T, H_q, D].
+    Returns [B, T, H_q, D]. The leading rows that `loki.sparse_from` leaves dense in every sequence (the prefix of
+    a decode-equivalent pass) run as plain attention: only the rows after them pay for Loki.
     """
     b, hq, t, d = query.shape
     s = key.shape[2]
+    first = 0 if loki.sparse_from is None else min(t, max(0, int(loki.sparse_from.min()) - (s - t)))
+    if first > 0:
+        q = loki.rotate_queries(query).flatten(1, 2) if keys_rotated else query
+        head = _masked_attention(q[:, :, :first], key, value, visible[:, :, :first], scaling)
+        tail = loki_attention_dense(loki, query[:, :, first:], key, value, visible[:, :, first:], scaling,
+                                    keys_rotated)
+        return torch.cat([head, tail], dim=1)
     q_rot = loki.rotate_queries(query)  # [B, H_kv, G, T, D]
     d_max = int(loki.dims.max())
     k_approx = key[..., :d_max] if keys_rotated else loki.rotate_keys(key, d_max)
@@ -177,27 +185,6 @@ def _masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                                      enable_gqa=True)
     return out.masked_fill(~mask.any(-1, keepdim=True), 0.0).transpose(1, 2)
-
-
-def loki_rows_attention(
-    loki: LokiLayer,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    visible: torch.Tensor,
-    scaling: float,
-    keys_rotated: bool,
-) -> torch.Tensor:
-    """`loki_attention_dense`, with the rows that `loki.sparse_from` leaves dense in every sequence computed as plain
-    attention (the leading rows of a decode-equivalent pass: only the rows after them pay for Loki)."""
-    t, s = query.shape[2], key.shape[2]
-    first = 0 if loki.sparse_from is None else min(t, max(0, int(loki.sparse_from.min()) - (s - t)))
-    if first == 0:
-        return loki_attention_dense(loki, query, key, value, visible, scaling, keys_rotated)
-    q = loki.rotate_queries(query).flatten(1, 2) if keys_rotated else query
-    head = _masked_attention(q[:, :, :first], key, value, visible[:, :, :first], scaling)
-    tail = loki_attention_dense(loki, query[:, :, first:], key, value, visible[:, :, first:], scaling, keys_rotated)
-    return torch.cat([head, tail], dim=1)
 
 
 def decode_kv_start(attention_mask: torch.Tensor | None, kv_len: int) -> torch.Tensor | None | bool:
@@ -283,4 +270,4 @@ def loki_attention_forward(
         if out is not None:
             return out, None
     visible = visible_keys(attention_mask, t, key.shape[2], query.device)
-    return loki_rows_attention(loki, query, key, value, visible, scaling, keys_rotated), None
+    return loki_attention_dense(loki, query, key, value, visible, scaling, keys_rotated), None
