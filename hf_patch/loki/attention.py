@@ -135,7 +135,12 @@ def select_tokens(scores: torch.Tensor, visible: torch.Tensor, budgets: torch.Te
     k_max = int(budgets.max()) if budgets.numel() else 0
     if k_max == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    idx = scores.topk(k_max, dim=-1, sorted=True).indices
+    # each row keeping min(k_max, what it sees) (the paper rule): the k_max best of every row, unsorted, and no
+    # more than its visible keys; else rank them and keep each row's own count
+    uniform = torch.equal(budgets, torch.minimum(vis.sum(-1)[:, 0, 0], torch.tensor(k_max)))
+    idx = scores.topk(k_max, dim=-1, sorted=not uniform).indices
+    if uniform:
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True) & vis
     keep = torch.arange(k_max, device=scores.device) < budgets[:, None, None, :, None]
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, keep.expand_as(idx))
 
