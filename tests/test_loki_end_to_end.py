@@ -121,3 +121,20 @@ def test_real_smollm2_calibrate_patch_generate(smollm2_model):
     finally:
         if hf_patch.is_patched(model):
             hf_patch.unpatch(model)
+
+
+def test_main_job_reads_at_several_prefix_lengths(byte_checkpoint, tmp_path):
+    model_dir, corpus = byte_checkpoint
+    out = tmp_path / "long"
+    config = tmp_path / "long.yaml"
+    config.write_text(
+        f"model: {model_dir}\ndevice: cpu\nthreads: 1\noutput_dir: {out}\n"
+        f"calibration: {{dataset: {corpus}, num_tokens: 1024, seq_len: 128, batch_size: 2}}\n"
+        f"evaluation:\n  decode: {{dataset: {corpus}, prefix: [32, 80], new_tokens: 15, windows: 1}}\n"
+        "settings:\n  - {name: plain, k_frac: 0.25, sink_tokens: 0, recent_tokens: 0, dense_layers: 0}\n")
+    assert cli(["main", "--config", str(config)]) == 0
+    full, plain = json.loads((out / "results.json").read_text())["results"]
+    assert [k for k in full if k.startswith("decode")] == ["decode@32", "decode@80"]
+    assert full["decode@80"]["tokens"] == plain["decode@32"]["tokens"] == 15
+    assert plain["decode@80"]["ppl"] != pytest.approx(full["decode@80"]["ppl"], rel=1e-4)
+    assert "decode-equivalent ppl (prefix 80) | vs full |" in (out / "results.md").read_text()

@@ -102,12 +102,15 @@ def run_experiment(config: dict[str, Any], source: str = "config") -> list[dict[
 
     if "decode" in evaluations:
         e = DecodeEvaluation(**evaluations["decode"])
-        windows = decode_windows(tokenizer, e.dataset, e.prefix + e.new_tokens + 1, e.windows, e.skip_windows)
         named = [("full", None)] + [(r["setting"], patcher(s, "decode")) for r, s in zip(rows[1:], settings)]
-        results = decode_perplexity(model, windows, e.prefix, named)
-        for row in rows:
-            row["decode"] = results[row["setting"]]
-            print(f"{row['setting']}: decode-equivalent ppl {row['decode']['ppl']:.3f}")
+        prefixes = e.prefix if isinstance(e.prefix, list) else [e.prefix]
+        for prefix in prefixes:
+            key = "decode" if len(prefixes) == 1 else f"decode@{prefix}"
+            windows = decode_windows(tokenizer, e.dataset, prefix + e.new_tokens + 1, e.windows, e.skip_windows)
+            results = decode_perplexity(model, windows, prefix, named)
+            for row in rows:
+                row[key] = results[row["setting"]]
+                print(f"{row['setting']}: {column_title(key)} {row[key]['ppl']:.3f}")
     if "all" in evaluations:
         e = Evaluation(**evaluations["all"])
         for row, s in zip(rows, [None] + settings):
@@ -122,12 +125,21 @@ def run_experiment(config: dict[str, Any], source: str = "config") -> list[dict[
     return rows
 
 
-EVALUATION_TITLES = {"decode": "decode-equivalent ppl", "all": "mode-all ppl"}
+def column_title(key: str) -> str:
+    """"decode" / "decode@P" / "all" -> the table's column title."""
+    if key == "all":
+        return "mode-all ppl"
+    return "decode-equivalent ppl" + (f" (prefix {key.partition('@')[2]})" if "@" in key else "")
+
+
+def evaluation_keys(row: dict[str, Any]) -> list[str]:
+    """The evaluations a results row holds, decode first."""
+    return [k for k in row if k.startswith("decode")] + (["all"] if "all" in row else [])
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    evals = [e for e in EVALUATION_TITLES if e in rows[0]]
-    lines = ["| setting | read cost | " + " | ".join(f"{EVALUATION_TITLES[e]} | vs full" for e in evals) + " |",
+    evals = evaluation_keys(rows[0])
+    lines = ["| setting | read cost | " + " | ".join(f"{column_title(e)} | vs full" for e in evals) + " |",
              "|---|---|" + "---|---|" * len(evals)]
     for r in rows:
         cells = [f"{r[e]['ppl']:.3f} | {100 * (r[e]['ppl'] / rows[0][e]['ppl'] - 1):+.1f}%" for e in evals]
@@ -138,9 +150,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 def write_results(rows: list[dict[str, Any]], cfg: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"config": cfg, "results": rows}, indent=2, default=str) + "\n")
-    what = [f"{EVALUATION_TITLES[e]}: {rows[0][e]['tokens']} scored tokens" for e in EVALUATION_TITLES if e in rows[0]]
+    what = [f"{column_title(e)}: {rows[0][e]['tokens']} scored tokens" for e in evaluation_keys(rows[0])]
     (out / "results.md").write_text("Perplexity on held-out text; " + "; ".join(what) + "\n\n" + table(rows) + "\n")
-    plot_perplexity(rows, EVALUATION_TITLES, out / "perplexity.png")
+    plot_perplexity(rows, {e: column_title(e) for e in evaluation_keys(rows[0])}, out / "perplexity.png")
     print(f"\n{table(rows)}\n\nwrote {out / 'results.json'}, {out / 'results.md'}, {out / 'perplexity.png'}")
 
 

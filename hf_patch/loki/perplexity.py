@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..config import DTYPES, Schema, integer, optional, setting
+from ..config import DTYPES, ConfigError, Schema, integer, list_of, optional, setting
 from ..data.packing import batched, token_windows
 from .calibrate import check_dataset
 
@@ -30,13 +30,25 @@ class Evaluation(Schema):
     batch_size: int = setting(1, integer(1))
 
 
+def one_or_list(parse: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    """Parser for a value or a non-empty list of values that `parse` checks."""
+    def parse_one_or_list(name: str, value: Any) -> Any:
+        if not isinstance(value, (list, tuple)):
+            return parse(name, value)
+        if not value:
+            raise ConfigError(f"{name} must be a value or a non-empty list, got []")
+        return list_of(parse)(name, value)
+    return parse_one_or_list
+
+
 @dataclass
 class DecodeEvaluation(Schema):
     """Decode-equivalent perplexity: `windows` windows of `dataset` (after `skip_windows`), each `prefix` tokens
-    prefilled densely and the next `new_tokens` scored as generated tokens."""
+    prefilled densely and the next `new_tokens` scored as generated tokens. `prefix` may list several lengths
+    (long-context reading: one measurement per length)."""
 
     dataset: Any = setting("books:evaluation:by-book", check_dataset)
-    prefix: int = setting(3072, integer(1))
+    prefix: int | list[int] = setting(3072, one_or_list(integer(1)))
     new_tokens: int = setting(512, integer(1))
     windows: int = setting(2, integer(1))
     skip_windows: int = setting(0, integer(0))
