@@ -6,9 +6,10 @@ Model args beyond HFLM's own: `basis` (a saved `PCABasis` directory; without it 
 `d_frac`, `k_frac`, `mode` ("all": Loki on every query row of teacher-forced scoring; "decode": what
 generation computes: each request's context is scored with exact attention, as a prefill, and every continuation
 token after the first attends with Loki over the keys before it, as a decode step; `generate_until` decodes with
-the Loki cache), `d_policy`, `gqa_select`, the other settings of
-`patch_loki` (`k_rule`, `min_tokens`, `sink_tokens`, `recent_tokens`, `dense_layers`) and `rotary` (optional
-check: "pre"/"post" must match the basis); all are checked (`LmEvalLoki`) before the model loads. `pretrained="smollm2"` is the embedded SmolLM2-135M-Instruct.
+the Loki cache; default "all"), `d_policy`, `gqa_select`, the other settings of `patch_loki` (`k_rule`,
+`min_tokens`, `sink_tokens`, `recent_tokens`, `dense_layers`; patch_loki's defaults where not given) and `rotary`
+(optional check: "pre"/"post" must match the basis); all are checked (`LmEvalLoki`) before the model loads.
+`pretrained="smollm2"` is the embedded SmolLM2-135M-Instruct.
 Importing hf_patch registers its TransNormer models with the Auto classes, so they load like any `hf` model.
 
 This module imports lm-eval: it is loaded only by `hf-patch eval`/`compare` and lm-eval's entry point.
@@ -30,13 +31,6 @@ class LokiHFLM(HFLM):
     def __init__(
         self,
         pretrained: Any = "smollm2",
-        basis: str | None = None,
-        d_frac: float = 0.25,
-        k_frac: float = 0.25,
-        mode: str = "all",
-        d_policy: str = "uniform",
-        gqa_select: str = "query",
-        rotary: str | None = None,
         device: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -44,9 +38,8 @@ class LokiHFLM(HFLM):
         from hf_patch.loki.settings import LmEvalLoki
         from hf_patch.models.smollm2 import resolve_model
 
-        loki_args = {name: kwargs.pop(name) for name in LmEvalLoki.keys() if name in kwargs}
-        given = dict(basis=basis, d_frac=d_frac, k_frac=k_frac, mode=mode, d_policy=d_policy, gqa_select=gqa_select,
-                     rotary=rotary, **loki_args)
+        # the Loki args given (basis, d_frac, ..., rotary); the others take LmEvalLoki's (patch_loki's) defaults
+        given = {name: kwargs.pop(name) for name in LmEvalLoki.keys() if name in kwargs}
         settings = LmEvalLoki.from_dict(given, f"{MODEL_NAME} model args")  # checked before the model loads
         if isinstance(pretrained, str):
             pretrained = resolve_model(pretrained)
