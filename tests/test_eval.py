@@ -314,7 +314,8 @@ def test_eval_cli_help_is_lm_evals(capsys):
 def test_include_path_merges_a_user_task_dir(tmp_path, monkeypatch):
     from lm_eval.tasks import TaskManager
 
-    from hf_patch.eval.cli import TASKS_DIR, with_include_path
+    from hf_patch.eval.cli import with_include_path
+    from hf_patch.eval.prepare import TASKS_DIR
 
     monkeypatch.setenv("HF_PATCH_CACHE", str(tmp_path / "cache"))  # no standard tasks prepared
     assert with_include_path(["run", "--tasks", "x"]) == ["run", "--tasks", "x", "--include_path", str(TASKS_DIR)]
@@ -333,7 +334,7 @@ def test_include_path_merges_a_user_task_dir(tmp_path, monkeypatch):
 def test_local_task_names_do_not_shadow_lm_eval_tasks():
     from lm_eval.tasks import TaskManager
 
-    from hf_patch.eval.cli import TASKS_DIR
+    from hf_patch.eval.prepare import TASKS_DIR
 
     ours = set(TaskManager(include_path=str(TASKS_DIR), include_defaults=False).all_tasks)
     assert {"hfp_books_ppl", "hfp_book_cloze", "hfp_bigbench_social_iqa", "hfp_bigbench_winowhy",

@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 
 PASS_THROUGH = True
-TASKS_DIR = Path(__file__).parent / "tasks"
 HELP_FLAGS = ("-h", "--help")
 
 

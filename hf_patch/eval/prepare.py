@@ -62,6 +62,9 @@ _SENTENCE_END = re.compile(r"[.!?][\"'’”)]*\s+")
 _ABBREVIATION = re.compile(r"\b(?:Mr|Mrs|Dr|St|Esq|Col|Capt)$")
 
 
+TASKS_DIR = Path(__file__).parent / "tasks"  # the packaged hf-patch task YAMLs
+
+
 def tasks_dir() -> Path:
     """`$HF_PATCH_CACHE/tasks`: where the prepared task files live."""
     return cache_root() / "tasks"
@@ -453,8 +456,6 @@ def prepare_standard(group: str, force: bool = False, wheel: str | Path | None =
 
 def include_paths() -> list[Path]:
     """The task directories lm-eval should scan: the packaged hf-patch tasks, then the prepared standard ones."""
-    from .cli import TASKS_DIR
-
     standard = write_standard_yamls()
     return [TASKS_DIR] + ([standard] if standard else [])
 

@@ -5,107 +5,19 @@ principal dims, keep the top `k`, and run exact softmax attention (all D dims) o
 """
 from __future__ import annotations
 
-import functools
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from .budget import Budget
+from .layer import APPROX_KEYS, KV_BOUNDS, ROTATED_FLAG, LokiLayer, visible_keys
 
 ATTENTION_NAME = "hf_patch_loki"
-ROTATED_FLAG = "_loki_rotated"  # set on key tensors that the Loki cache already rotated into the basis
-KV_BOUNDS = "_loki_kv_bounds"  # (kv_start, kv_end) int32 [B] on the device: keys of a fixed-capacity cache
 MODES = ("decode", "all")
 GQA_SELECT = ("query", "group")
 _KV_START = "_loki_kv_start"  # set on a decode step's mask: (kv_len, `decode_kv_start`'s answer)
 PREFILL_KERNELS_ON_CPU = False  # tests: send CPU tensors of mode "all" to the Triton kernels (interpreter) too
-
-
-@dataclass
-class LokiLayer:
-    """Loki settings of one attention layer, attached to its module as ``module.hf_patch_loki``.
-
-    components: [H_kv, D, D] float32 basis (columns = principal directions); dims: int64 [H_kv], principal dims
-    each KV head scores with; budget: keys each query row keeps (`Budget`); mode: "decode" (full attention when
-    several queries arrive at once, i.e. prefill; Loki for single-token steps) or "all" (Loki on every row);
-    gqa_select: "query" (each query head picks its own tokens) or "group" (one pick per KV head, by the max over
-    its query heads of the approximate scores); dense: the layer keeps full attention (`dense_layers`).
-    sparse_from: int64 [B] or None, set only inside `decode_rows`: in a multi-row forward, the rows whose key
-    index is below sparse_from[b] attend densely and the others with Loki, as if each were a generated token.
-    """
-
-    components: torch.Tensor
-    dims: torch.Tensor
-    budget: Budget
-    mode: str = "decode"
-    gqa_select: str = "query"
-    dense: bool = False
-    sparse_from: torch.Tensor | None = None
-    warned: bool = field(default=False, repr=False)
-    _on_device: dict = field(default_factory=dict, repr=False)
-
-    def row_budgets(self, n_visible: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """int64 [B, T] keys kept by each query row. n_visible: int [B, T] keys each row sees; rows: int [T], each
-        row's key index (its own position in the cache). Mode "all" reads the paper rule's window S per sequence
-        as the keys its last row sees; under `decode_rows` each sparse row is a decode step (S = what it sees)
-        and rows before sparse_from keep every key."""
-        if self.sparse_from is None:
-            return self.budget.tokens(n_visible, n_visible[:, -1:])
-        n = n_visible.to(torch.int64)
-        dense_row = rows.to(n.device)[None, :] < self.sparse_from.to(n.device)[:, None]
-        return torch.where(dense_row, n, self.budget.tokens(n))
-
-    @functools.cached_property
-    def kernel_dims(self) -> int | tuple[int, ...]:
-        """d as the decode kernel takes it: one int, or one int per KV head (computed once, no device sync later)."""
-        dims = tuple(int(x) for x in self.dims)
-        return dims[0] if len(set(dims)) == 1 else dims
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.components.shape[0]
-
-    def basis(self, device: torch.device) -> torch.Tensor:
-        """The basis on `device` (float32), moved once per device."""
-        key = str(device)
-        if key not in self._on_device:
-            self._on_device[key] = self.components.to(device=device, dtype=torch.float32)
-        return self._on_device[key]
-
-    def rotate_keys(self, keys: torch.Tensor, dims: int | None = None) -> torch.Tensor:
-        """[B, H_kv, T, D] -> [B, H_kv, T, dims or D] in the basis (computed in float32, returned in keys.dtype)."""
-        p = self.basis(keys.device)
-        if dims is not None:
-            p = p[..., :dims]
-        return torch.matmul(keys.float(), p.unsqueeze(0)).to(keys.dtype)
-
-    def rotate_queries(self, query: torch.Tensor) -> torch.Tensor:
-        """[B, H_q, T, D] -> [B, H_kv, G, T, D] in the basis of each query's KV head."""
-        b, hq, t, d = query.shape
-        q = query.float().view(b, self.num_kv_heads, hq // self.num_kv_heads, t, d)
-        return torch.matmul(q, self.basis(query.device)[None, :, None]).to(query.dtype)
-
-    def approx_query(self, q_rot: torch.Tensor) -> torch.Tensor:
-        """Keep each KV head's first d_j dims of rotated queries [B, H_kv, G, T, D] -> [B, H_kv, G, T, max d]."""
-        d_max = int(self.dims.max())
-        q = q_rot[..., :d_max]
-        if int(self.dims.min()) == d_max:
-            return q
-        keep = torch.arange(d_max, device=q.device) < self.dims.to(q.device)[:, None]  # [H_kv, max d]
-        return q * keep[None, :, None, None, :].to(q.dtype)
-
-
-def visible_keys(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """Boolean [B or 1, 1, T_q, S]: which keys each query row may attend to (None means plain causal)."""
-    if attention_mask is None:
-        rows = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
-        return (torch.arange(kv_len, device=device)[None, :] <= rows)[None, None]
-    mask = attention_mask[..., :kv_len]
-    if mask.dtype == torch.bool:
-        return mask
-    return mask > torch.finfo(mask.dtype).min / 2  # additive float mask
 
 
 def protected_keys(visible: torch.Tensor, sink: int, recent: int) -> torch.Tensor | None:
@@ -216,7 +128,6 @@ def loki_decode_step(loki: LokiLayer, query: torch.Tensor, key: torch.Tensor, va
     layer's: with bounds, each sequence's k_b (computed on the device: no host sync, CUDA graphs replay it) under
     the bound k = max_tokens(S); without, k = what a row that sees all S keys keeps."""
     from ..kernels.loki_decode import loki_decode_attention
-    from .cache import APPROX_KEYS
 
     s = key.shape[2]
     k, k_b = int(loki.budget.tokens(torch.tensor(s))), None

@@ -19,10 +19,9 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .arch import loki_layers
-from .attention import KV_BOUNDS, ROTATED_FLAG, LokiLayer
+from .layer import APPROX_KEYS, KV_BOUNDS, ROTATED_FLAG, LokiLayer
 
 GROWTH = 256  # capacity is kept a multiple of this many tokens
-APPROX_KEYS = "_loki_approx_keys"  # attribute of the published keys: their narrow copy [B, H_kv, length, d']
 
 
 @dataclass

@@ -14,10 +14,11 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from . import cuda_graph as graphs
 from .arch import PREVIOUS_ATTN, attention_layers, is_patched, key_shape, loki_layers
-from .attention import ATTENTION_NAME, LokiLayer, loki_attention_forward
+from .attention import ATTENTION_NAME, loki_attention_forward
 from .basis import PCABasis
 from .budget import check_count
 from .dims import allocate_dims
+from .layer import LokiLayer
 from .settings import LokiSettings
 
 SETTINGS = "hf_patch_loki_settings"  # set on a patched model: the settings it was patched with (a dict)

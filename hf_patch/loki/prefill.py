@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from ..kernels.loki_prefill import MAX_HEAD_DIM, TRITON_DTYPES, Ranges, approx_width, loki_prefill_attention
-from .attention import LokiLayer, visible_keys
+from .layer import LokiLayer, visible_keys
 
 _ON_MASK = "_loki_prefill"  # set on an attention mask: {key: answer} of the values derived from it
 
