@@ -1,6 +1,7 @@
 """Figures for calibration (explained variance) and the Loki perplexity sweep (matplotlib, PNG)."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from .basis import PCABasis
@@ -50,14 +51,14 @@ def plot_perplexity(rows: list[dict], evaluations: dict[str, str], path: str | P
     others = rows[1:]
     present = {k: v for k, v in evaluations.items() if k in full}
     width = 0.8 / max(1, len(present))
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(others) + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(others) + 1.5), 5))
     for i, (key, label) in enumerate(present.items()):
         change = [100 * (r[key]["ppl"] / full[key]["ppl"] - 1) for r in others]
         ax.bar([x + (i - (len(present) - 1) / 2) * width for x in range(len(others))], change, width,
                label=f"{label} (full {full[key]['ppl']:.2f})")
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(range(len(others)), [f"{r['setting']}\ncost {r['cost']:.3f}" for r in others], rotation=30,
-                  ha="right", fontsize=7)
+    ax.set_xticks(range(len(others)), [f"{textwrap.fill(r['setting'], 26)}\ncost {r['cost']:.3f}" for r in others],
+                  fontsize=7)
     ax.set(ylabel="perplexity vs full attention (%)", title="Loki on held-out text")
     ax.legend(fontsize=8)
     fig.tight_layout()
