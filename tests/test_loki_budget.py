@@ -37,6 +37,15 @@ def test_budget_refuses_bad_settings(kwargs, message):
         Budget(0.25, **kwargs)
 
 
+def test_budget_takes_numpy_numbers():
+    import numpy as np
+
+    budget = Budget(np.float32(0.25), sink_tokens=np.int64(4))
+    assert budget.tokens(torch.tensor([100])).tolist() == [25] and type(budget.sink_tokens) is int
+    with pytest.raises(ValueError, match="k_frac must be a fraction"):
+        Budget(True)
+
+
 def test_protected_keys_are_kept_whatever_their_scores():
     b, t, s = 2, 6, 12
     visible = visible_keys(None, t, s, torch.device("cpu")).expand(b, 1, t, s).clone()

@@ -17,6 +17,7 @@ a row that sees at most ``min_tokens`` keys keeps all of them; and never more th
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -25,15 +26,15 @@ K_RULES = ("row", "paper")
 
 
 def check_fraction(name: str, value: float) -> float:
-    """Validate a budget fraction in (0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) <= 1.0):
+    """Validate a budget fraction in (0, 1] (any real number type, numpy's included; not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 < float(value) <= 1.0):
         raise ValueError(f"{name} must be a fraction in (0, 1], got {value!r}")
     return float(value)
 
 
 def check_count(name: str, value: int) -> int:
-    """Validate a token count >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    """Validate a token count >= 0 (any integer type, numpy's included; not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     return int(value)
 
@@ -58,7 +59,7 @@ class Budget:
         if self.k_rule not in K_RULES:
             raise ValueError(f"k_rule must be one of {K_RULES}, got {self.k_rule!r}")
         for name in ("min_tokens", "sink_tokens", "recent_tokens"):
-            check_count(name, getattr(self, name))
+            object.__setattr__(self, name, check_count(name, getattr(self, name)))
 
     @property
     def protected(self) -> int:
