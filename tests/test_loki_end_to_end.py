@@ -56,19 +56,27 @@ def test_calibrate_and_perplexity_commands(byte_checkpoint, tmp_path, capsys):
     assert same["ppl"] == pytest.approx(full["ppl"], rel=1e-5)
 
 
-def test_main_job_writes_table_json_and_plot(byte_checkpoint, tmp_path):
-    model_dir, corpus = byte_checkpoint
-    out = tmp_path / "main"
-    config = tmp_path / "main.yaml"
+def run_main_job(checkpoint, out, evaluation: str, settings: str) -> None:
+    """`hf-patch main` on the byte checkpoint and corpus: `evaluation` and `settings` are YAML blocks ({corpus}
+    stands for the corpus file)."""
+    model_dir, corpus = checkpoint
+    config = out.parent / f"{out.name}.yaml"
     config.write_text(
         f"model: {model_dir}\ndevice: cpu\nthreads: 1\noutput_dir: {out}\n"
         f"calibration: {{dataset: {corpus}, num_tokens: 1024, seq_len: 128, batch_size: 2}}\n"
-        f"evaluation:\n  all: {{dataset: {corpus}, seq_len: 128, max_tokens: 512}}\n"
-        f"  decode: {{dataset: {corpus}, prefix: 96, new_tokens: 31, windows: 2}}\n"
-        "settings:\n  - {rotary: pre, d_frac: 1.0, k_frac: 1.0, sink_tokens: 2}\n  - {rotary: post, d_frac: 0.25, "
-        "k_frac: 0.25, d_policy: variance, sink_tokens: 0, recent_tokens: 0, dense_layers: 0}\n"
-        "  - {name: mine, k_frac: 0.25, recent_tokens: 8, dense_layers: 1}\n")
+        + f"evaluation:\n{evaluation}settings:\n{settings}".replace("{corpus}", str(corpus)))
     assert cli(["main", "--config", str(config)]) == 0
+
+
+def test_main_job_writes_table_json_and_plot(byte_checkpoint, tmp_path):
+    out = tmp_path / "main"
+    run_main_job(byte_checkpoint, out,
+                 "  all: {dataset: {corpus}, seq_len: 128, max_tokens: 512}\n"
+                 "  decode: {dataset: {corpus}, prefix: 96, new_tokens: 31, windows: 2}\n",
+                 "  - {rotary: pre, d_frac: 1.0, k_frac: 1.0, sink_tokens: 2}\n"
+                 "  - {rotary: post, d_frac: 0.25, k_frac: 0.25, d_policy: variance, sink_tokens: 0, "
+                 "recent_tokens: 0, dense_layers: 0}\n"
+                 "  - {name: mine, k_frac: 0.25, recent_tokens: 8, dense_layers: 1}\n")
     results = json.loads((out / "results.json").read_text())["results"]
     assert [r["setting"] for r in results] == [
         "full", "loki d=1 k=1 sink_tokens=2",
@@ -124,15 +132,9 @@ def test_real_smollm2_calibrate_patch_generate(smollm2_model):
 
 
 def test_main_job_reads_at_several_prefix_lengths(byte_checkpoint, tmp_path):
-    model_dir, corpus = byte_checkpoint
     out = tmp_path / "long"
-    config = tmp_path / "long.yaml"
-    config.write_text(
-        f"model: {model_dir}\ndevice: cpu\nthreads: 1\noutput_dir: {out}\n"
-        f"calibration: {{dataset: {corpus}, num_tokens: 1024, seq_len: 128, batch_size: 2}}\n"
-        f"evaluation:\n  decode: {{dataset: {corpus}, prefix: [32, 80], new_tokens: 15, windows: 1}}\n"
-        "settings:\n  - {name: plain, k_frac: 0.25, sink_tokens: 0, recent_tokens: 0, dense_layers: 0}\n")
-    assert cli(["main", "--config", str(config)]) == 0
+    run_main_job(byte_checkpoint, out, "  decode: {dataset: {corpus}, prefix: [32, 80], new_tokens: 15, windows: 1}\n",
+                 "  - {name: plain, k_frac: 0.25, sink_tokens: 0, recent_tokens: 0, dense_layers: 0}\n")
     full, plain = json.loads((out / "results.json").read_text())["results"]
     assert [k for k in full if k.startswith("decode")] == ["decode@32", "decode@80"]
     assert full["decode@80"]["tokens"] == plain["decode@32"]["tokens"] == 15
