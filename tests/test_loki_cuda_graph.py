@@ -40,15 +40,16 @@ def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return x.to(DEVICE), mask.to(DEVICE)
 
 
+@pytest.mark.parametrize("budget", [PLAIN, {**PLAIN, "sink_tokens": 2, "recent_tokens": 3, "dense_layers": [1]}])
 @pytest.mark.parametrize("gqa_select", ["query", "group"])
-def test_graphed_generate_equals_eager(steps, gqa_select):
+def test_graphed_generate_equals_eager(steps, gqa_select, budget):
     model = tiny_model("llama", seed=4).to(DEVICE)
     x, mask = padded_batch()
     kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, output_scores=True,
                   return_dict_in_generate=True)
-    patch_loki(model, random_basis(seed=5), d_frac=0.5, k_frac=0.3, gqa_select=gqa_select, **PLAIN)
+    patch_loki(model, random_basis(seed=5), d_frac=0.5, k_frac=0.3, gqa_select=gqa_select, **budget)
     ref = model.generate(x, **kwargs)
-    patch_loki(model, random_basis(seed=5), d_frac=0.5, k_frac=0.3, gqa_select=gqa_select, cuda_graph=True, **PLAIN)
+    patch_loki(model, random_basis(seed=5), d_frac=0.5, k_frac=0.3, gqa_select=gqa_select, cuda_graph=True, **budget)
     out = model.generate(x, **kwargs)
     assert len(steps) == 11 and all(shape == (3, 1) for shape in steps)  # every decode step, not the prefill
     assert torch.equal(out.sequences, ref.sequences)

@@ -168,12 +168,15 @@ def loki_attention_forward(
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     t = query.shape[2]
     multirow_dense = loki.mode == "decode" and t > 1 and loki.sparse_from is None
+    bounds = getattr(key, KV_BOUNDS, None)  # device steps (CUDA graphs): the cache gives the valid range
     if loki.dense or multirow_dense:  # exact attention; rotated keys need rotated queries
         if multirow_dense and not keys_rotated and not loki.dense:
             _warn_dense_multirow(loki)
         q = loki.rotate_queries(query).flatten(1, 2) if keys_rotated else query
+        if bounds is not None:  # the whole fixed-capacity cache: attend to each sequence's valid keys only
+            pos = torch.arange(key.shape[2], device=key.device)
+            attention_mask = ((pos >= bounds[0][:, None]) & (pos < bounds[1][:, None]))[:, None, None, :]
         return sdpa_attention_forward(module, q, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    bounds = getattr(key, KV_BOUNDS, None)  # device steps (CUDA graphs): the cache gives the valid range
     if t == 1 and keys_rotated and bounds is None:
         start = decode_kv_start(attention_mask, key.shape[2])  # False: the mask is no left padding (dense below)
         bounds = None if start is False else (start, None)

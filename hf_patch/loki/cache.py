@@ -78,7 +78,9 @@ class LokiCacheLayer(CacheLayerMixin):
         new = -(-new // GROWTH) * GROWTH
         for name in self._buffers():
             old = getattr(self, name)
-            buf = old.new_empty((*old.shape[:2], new, old.shape[-1]))
+            # zeros past the filled part: graphed steps read the whole capacity, and a dense layer's exact
+            # attention weighs masked positions by 0, which must not meet NaN in never-written memory
+            buf = old.new_zeros((*old.shape[:2], new, old.shape[-1]))
             buf[:, :, : self.length] = old[:, :, : self.length]
             setattr(self, name, buf)
 
