@@ -16,7 +16,6 @@ from . import cuda_graph as graphs
 from .arch import PREVIOUS_ATTN, attention_layers, is_patched, key_shape, loki_layers
 from .attention import ATTENTION_NAME, loki_attention_forward
 from .basis import PCABasis
-from .budget import check_count
 from .dims import allocate_dims
 from .layer import LokiLayer
 from .settings import LokiSettings
@@ -29,15 +28,14 @@ def _register() -> None:
 
 
 def dense_layer_set(dense_layers: int | Sequence[int], num_layers: int) -> frozenset[int]:
-    """Layer indices that keep full attention: a count from the bottom (the first n layers, all of them if the
-    model has fewer) or a list."""
-    if isinstance(dense_layers, (list, tuple)):
-        bad = [i for i in dense_layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers]
-        if bad or len(set(dense_layers)) != len(dense_layers):
-            raise ValueError(f"dense_layers must list distinct layer indices in [0, {num_layers}), got "
-                             f"{list(dense_layers)!r}")
-        return frozenset(dense_layers)
-    return frozenset(range(min(check_count("dense_layers", dense_layers), num_layers)))
+    """Layer indices that keep full attention, from `LokiSettings.dense_layers` (already checked: a count >= 0 or
+    distinct indices >= 0): a count from the bottom (all layers if the model has fewer), or a list, each index
+    below the model's depth."""
+    if not isinstance(dense_layers, (list, tuple)):
+        return frozenset(range(min(dense_layers, num_layers)))
+    if any(i >= num_layers for i in dense_layers):
+        raise ValueError(f"dense_layers must list layer indices in [0, {num_layers}), got {list(dense_layers)!r}")
+    return frozenset(dense_layers)
 
 
 _DEFAULT = LokiSettings()
