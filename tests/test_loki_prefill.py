@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_patch.kernels import loki_prefill as lp
 from hf_patch.kernels.loki_prefill import LokiPrefillConfig, approx_width, loki_prefill_attention, prefill_thresholds
 from hf_patch.loki import attention as la
 from hf_patch.loki import prefill as glue
