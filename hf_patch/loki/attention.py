@@ -11,12 +11,11 @@ import torch
 import torch.nn as nn
 
 from .budget import Budget
-from .layer import APPROX_KEYS, KV_BOUNDS, ROTATED_FLAG, LokiLayer, visible_keys
+from .layer import APPROX_KEYS, KV_BOUNDS, ROTATED_FLAG, LokiLayer, on_mask, visible_keys
 
 ATTENTION_NAME = "hf_patch_loki"
 MODES = ("decode", "all")
 GQA_SELECT = ("query", "group")
-_KV_START = "_loki_kv_start"  # set on a decode step's mask: (kv_len, `decode_kv_start`'s answer)
 PREFILL_KERNELS_ON_CPU = False  # tests: send CPU tensors of mode "all" to the Triton kernels (interpreter) too
 
 
@@ -110,15 +109,14 @@ def decode_kv_start(attention_mask: torch.Tensor | None, kv_len: int) -> torch.T
     of a step gets the same mask object: the answer is kept on it."""
     if attention_mask is None:
         return None
-    cached = getattr(attention_mask, _KV_START, None)
-    if cached is not None and cached[0] == kv_len:
-        return cached[1]
-    vis = visible_keys(attention_mask, 1, kv_len, attention_mask.device)[:, 0, -1]  # [B, S]
-    start = kv_len - vis.sum(-1)
-    suffix = torch.arange(kv_len, device=vis.device)[None] >= start[:, None]
-    result = False if not torch.equal(vis, suffix) else (start.to(torch.int32) if bool(start.any()) else None)
-    setattr(attention_mask, _KV_START, (kv_len, result))
-    return result
+
+    def compute() -> torch.Tensor | None | bool:
+        vis = visible_keys(attention_mask, 1, kv_len, attention_mask.device)[:, 0, -1]  # [B, S]
+        start = kv_len - vis.sum(-1)
+        suffix = torch.arange(kv_len, device=vis.device)[None] >= start[:, None]
+        return False if not torch.equal(vis, suffix) else (start.to(torch.int32) if bool(start.any()) else None)
+
+    return on_mask(attention_mask, ("kv_start", kv_len), compute)
 
 
 def loki_decode_step(loki: LokiLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

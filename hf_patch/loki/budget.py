@@ -18,6 +18,7 @@ a row that sees at most ``min_tokens`` keys keeps all of them; and never more th
 from __future__ import annotations
 
 import numbers
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -66,11 +67,6 @@ class Budget:
         """Keys every row keeps whatever their scores (first sink_tokens, last recent_tokens)."""
         return self.sink_tokens + self.recent_tokens
 
-    @property
-    def is_dense(self) -> bool:
-        """Whether every row keeps every key it sees (k_frac = 1)."""
-        return self.k_frac >= 1.0
-
     def tokens(self, n_visible: torch.Tensor, window: torch.Tensor | None = None) -> torch.Tensor:
         """int64 keys kept per row, shaped like `n_visible` (int tensor, keys each row sees). `window`: the S of
         the paper rule, broadcastable to `n_visible` (default: `n_visible`, i.e. each row ends its window, as a
@@ -94,8 +90,7 @@ class Budget:
 
     def describe(self) -> dict:
         """The settings as plain values (for results files)."""
-        return {"k_frac": self.k_frac, "k_rule": self.k_rule, "min_tokens": self.min_tokens,
-                "sink_tokens": self.sink_tokens, "recent_tokens": self.recent_tokens}
+        return dataclasses.asdict(self)
 
 
 def read_cost(d_frac: float, k_frac: float, dense_layers: int = 0, num_layers: int = 1) -> float:

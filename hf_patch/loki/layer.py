@@ -1,9 +1,11 @@
-"""One attention layer's Loki settings (`LokiLayer`), which keys each query row sees, and the names of the
-attributes the Loki cache sets on the key tensors it publishes. Read by the attention function, the prefill glue
+"""One attention layer's Loki settings (`LokiLayer`), which keys each query row sees (and `on_mask`, which keeps
+what is derived from a mask on the mask, for the other layers of the forward), and the names of the attributes
+the Loki cache sets on the key tensors it publishes. Read by the attention function, the prefill glue
 and the cache alike (none of them imports another for these)."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -98,3 +100,19 @@ def visible_keys(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, d
     if mask.dtype == torch.bool:
         return mask
     return mask > torch.finfo(mask.dtype).min / 2  # additive float mask
+
+
+_ON_MASK = "_loki_derived"  # set on an attention mask: {key: answer} of the values derived from it
+
+
+def on_mask(mask: torch.Tensor | None, key: tuple, compute: Callable[[], object]) -> object:
+    """compute() once per mask object and key (every layer of a forward gets the same mask); no mask: compute()."""
+    if mask is None:
+        return compute()
+    cache = getattr(mask, _ON_MASK, None)
+    if cache is None:
+        cache = {}
+        setattr(mask, _ON_MASK, cache)
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]

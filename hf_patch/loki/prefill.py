@@ -7,28 +7,10 @@ queries and keys (the same tensors `loki_attention_dense` scores with, hence the
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from ..kernels.loki_prefill import MAX_HEAD_DIM, TRITON_DTYPES, Ranges, approx_width, loki_prefill_attention
-from .layer import LokiLayer, visible_keys
-
-_ON_MASK = "_loki_prefill"  # set on an attention mask: {key: answer} of the values derived from it
-
-
-def _on_mask(mask: torch.Tensor | None, key: tuple, compute: Callable[[], object]) -> object:
-    """compute() once per mask object and key (every layer of a forward gets the same mask); no mask: compute()."""
-    if mask is None:
-        return compute()
-    cache = getattr(mask, _ON_MASK, None)
-    if cache is None:
-        cache = {}
-        setattr(mask, _ON_MASK, cache)
-    if key not in cache:
-        cache[key] = compute()
-    return cache[key]
-
+from .layer import LokiLayer, on_mask, visible_keys
 
 def _ranges_of(attention_mask: torch.Tensor, q_len: int, kv_len: int, batch: int) -> Ranges | bool:
     """`key_ranges` computed: compares the whole visible mask [B', 1, T, S] on the device (one host sync)."""
@@ -53,7 +35,7 @@ def key_ranges(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, bat
     The answer is kept on the mask: the other layers of the forward reuse it."""
     if attention_mask is None:
         return None
-    return _on_mask(attention_mask, ("ranges", q_len, kv_len, batch),
+    return on_mask(attention_mask, ("ranges", q_len, kv_len, batch),
                     lambda: _ranges_of(attention_mask, q_len, kv_len, batch))
 
 
@@ -77,7 +59,7 @@ def row_budgets(loki: LokiLayer, attention_mask: torch.Tensor | None, ranges: Ra
 
     # the entry holds sparse_from itself: its id cannot name another tensor while the entry lives
     key = ("budgets", q_len, kv_len, batch, loki.budget, id(loki.sparse_from))
-    return _on_mask(attention_mask, key, compute)[1]
+    return on_mask(attention_mask, key, compute)[1]
 
 
 def _padded(x: torch.Tensor, width: int) -> torch.Tensor:
