@@ -150,14 +150,18 @@ def _basis_key(path: Path) -> dict[str, Any]:
     return {"path": str(path), **{k: meta.get(k) for k in ("model_id", "rotary", "tokens", "dataset", "seq_len")}}
 
 
+def applied_setting(cfg: dict[str, Any], setting: dict[str, Any]) -> SweepSetting:
+    """A setting as it is applied: `patch_loki`'s defaults and the config's mode where it leaves them out."""
+    return SweepSetting(**{"mode": cfg["mode"], **setting})
+
+
 def evaluate_setting(cfg: dict[str, Any], setting: dict[str, Any] | None, basis: Path | None) -> dict:
     """{task: {"limit", "n", "results"}} for one setting, running only the tasks its cache lacks."""
     from tqdm.auto import tqdm
 
     label = setting_label(setting)
-    loki = None if setting is None else {  # as applied: patch_loki's defaults included, the display name left out
-        **SweepSetting(**{"mode": cfg["mode"], **setting}).patch_args(), "rotary": setting.get("rotary", "pre"),
-        "basis": str(basis)}
+    applied = None if setting is None else applied_setting(cfg, setting)
+    loki = None if applied is None else {**applied.patch_args(), "rotary": applied.rotary, "basis": str(basis)}
     key = {"model": str(cfg["model"]), "dtype": cfg["dtype"], "num_fewshot": cfg["num_fewshot"],
            "seed": cfg["seed"], "loki": loki, "basis": None if basis is None else _basis_key(basis)}
     path = Path(cfg["output_dir"]) / "cache" / f"{_slug(label)}.json"
@@ -220,8 +224,8 @@ def run_compare(config: dict[str, Any], source: str = "config") -> dict[str, Any
     rows = [{"setting": FULL, "params": None, "tasks": evaluate_setting(cfg, None, None)}]
     for s in settings:
         basis = bases[s.get("rotary", "pre")]
-        params = SweepSetting(**{"mode": cfg["mode"], **s}).as_dict()  # as applied: defaults included
-        rows.append({"setting": setting_label(s), "params": params, "tasks": evaluate_setting(cfg, s, basis)})
+        rows.append({"setting": setting_label(s), "params": applied_setting(cfg, s).as_dict(),
+                     "tasks": evaluate_setting(cfg, s, basis)})
     return write_outputs(cfg, rows)
 
 
