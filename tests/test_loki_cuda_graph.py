@@ -60,6 +60,42 @@ def test_graphed_generate_equals_eager(steps, gqa_select, budget):
         assert decode_graphs(model).captures == 1
 
 
+def test_steps_whose_budget_keeps_every_key_attend_densely(steps, monkeypatch):
+    """Decode steps over at most `min_tokens` keys keep every key: they run the dense step (nothing scored), the
+    later ones Loki, graphed as eager; a graph captured for dense steps is not replayed for sparse ones; with
+    every step under min_tokens the patched model generates what the unpatched one does."""
+    from hf_patch.kernels import loki_decode
+
+    model = tiny_model("llama", seed=4).to(DEVICE)
+    x, mask = padded_batch()  # 30 tokens: the 11 decode steps hold 31 .. 41 keys
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, output_scores=True,
+                  return_dict_in_generate=True)
+    full = model.generate(x, **kwargs)
+    dense = []
+    original = loki_decode.dense_decode_attention
+    monkeypatch.setattr(loki_decode, "dense_decode_attention", lambda q, k, *a, **kw: dense.append(k.shape[2]) or
+                        original(q, k, *a, **kw))
+    runs = {}
+    for graph in (False, True):
+        dense.clear()
+        patch_loki(model, random_basis(seed=5), d_frac=0.25, k_frac=0.25, cuda_graph=graph, min_tokens=36, **PLAIN)
+        runs[graph] = model.generate(x, **kwargs)
+        assert len(dense) == 6 * 2  # steps holding 31 .. 36 keys, 2 layers
+        if graph and DEVICE == "cuda":
+            assert decode_graphs(model).captures == 2  # the dense steps' graph, then the sparse steps'
+    assert torch.equal(runs[True].sequences, runs[False].sequences)
+    for got, want in zip(runs[True].scores, runs[False].scores):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(runs[False].scores, full.scores))
+    patch_loki(model, random_basis(seed=5), d_frac=0.25, k_frac=0.25, cuda_graph=True, min_tokens=64, **PLAIN)
+    dense.clear()
+    out = model.generate(x, **kwargs)
+    assert len(dense) == 11 * 2 and torch.equal(out.sequences, full.sequences)
+    for got, want in zip(out.scores, full.scores):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    unpatch(model)
+
+
 def test_growing_cache_captures_again_and_matches_eager_loop(steps):
     """A manual loop on a LokiCache that starts small: each reallocation needs a new graph; the logits equal
     those of the same loop without graphs at every step."""

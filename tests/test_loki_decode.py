@@ -9,6 +9,9 @@ import torch
 from hf_patch.kernels import loki_decode as ld
 from hf_patch.kernels.loki_decode import (
     LokiKernelConfig,
+    dense_decode_attention,
+    dense_decode_attention_torch,
+    dense_decode_attention_triton,
     loki_decode_attention,
     loki_decode_attention_torch,
     loki_decode_attention_triton,
@@ -486,3 +489,66 @@ def test_select_tokens_random_rows_match_stable_sort(seed):
         idx = ld.select_tokens(scores.to(DEVICE), max(1, int(k_b.max())), k_b.to(DEVICE), 1, cfg).cpu()
         for r, want in enumerate(expected_positions(scores, k_b)):
             assert torch.equal(idx[r, : len(want)].long(), want), (kind, r, int(k_b[r]), cfg == multi)
+
+
+def dense_reference(q, k, v, scaling, kv_start=None, kv_end=None):
+    """Float64 softmax attention of each query head over its KV head's keys in [kv_start, kv_end), one sequence
+    and head at a time (zeros where no key is valid)."""
+    q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
+    b_size, hq, _ = q.shape
+    hkv, s = k.shape[1:3]
+    out = torch.zeros_like(q)
+    for b in range(b_size):
+        lo = 0 if kv_start is None else int(kv_start[b])
+        hi = s if kv_end is None else int(kv_end[b])
+        for h in range(hq):
+            j = h // (hq // hkv)
+            if hi > lo:
+                out[b, h] = torch.softmax(k[b, j, lo:hi] @ q[b, h] * scaling, 0) @ v[b, j, lo:hi]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("g, bounds", [(1, False), (4, True), (3, True)])
+def test_dense_step_matches_reference(dtype, g, bounds):
+    """The dense decode step (a budget that keeps every key), Triton (several splits per row: 200 keys in tiles of
+    32) and PyTorch, against float64 over each sequence's valid range; memory past kv_end (NaN, huge keys) is
+    never read; a sequence without valid keys gives zeros."""
+    b, hkv, s, dh = 3, 2, 200, 32
+    q, k, v = make_inputs(b, hkv, g, s, dh, dtype)
+    kv_start = torch.tensor([0, 17, 90], dtype=torch.int32, device=DEVICE) if bounds else None
+    kv_end = torch.tensor([200, 151, 90], dtype=torch.int32, device=DEVICE) if bounds else None
+    if bounds:
+        k, v = k.clone(), v.clone()
+        k[1, :, 151:], v[1, :, 151:] = 1e4, float("nan")
+    ref = dense_reference(q, k, v, dh**-0.5, kv_start, kv_end)
+    for impl in (dense_decode_attention_triton, dense_decode_attention_torch):
+        out = impl(q, k, v, scaling=dh**-0.5, kv_start=kv_start, kv_end=kv_end)
+        assert out.dtype == dtype and out.shape == q.shape and not out.isnan().any()
+        assert rel_err(out, ref) < TOL[dtype], impl.__name__
+        if bounds:
+            assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
+def test_dense_step_equals_loki_step_at_full_budget():
+    """Where the budget keeps every key the Loki step attends to all of them: the dense step gives the same
+    result (up to summation order) as the Loki kernels at k = S, with and without a device-side cache length."""
+    b, hkv, g, s, dh = 2, 2, 2, 64, 32
+    q, k, v = make_inputs(b, hkv, g, s, dh, torch.float32)
+    kv_end = torch.tensor([64, 40], dtype=torch.int32, device=DEVICE)
+    n = kv_end.long()
+    loki = loki_decode_attention_triton(q, k, v, d=8, k=s, k_b=n, kv_end=kv_end, scaling=dh**-0.5, config=SPLIT)
+    dense = dense_decode_attention_triton(q, k, v, kv_end=kv_end, scaling=dh**-0.5)
+    assert rel_err(dense, loki.double()) < 1e-6
+
+
+def test_dense_step_dispatch_and_bad_arguments():
+    """CPU float64 runs PyTorch; bad shapes and bounds say what to fix."""
+    q, k, v = make_inputs(1, 2, 2, 20, 16, torch.float64)
+    assert torch.equal(dense_decode_attention(q, k, v, scaling=0.25), dense_decode_attention_torch(q, k, v, scaling=0.25))
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        dense_decode_attention(q[:, :3], k, v, scaling=0.25)
+    with pytest.raises(ValueError, match=r"kv_end must be an int32/int64 tensor \[B=1\]"):
+        dense_decode_attention(q, k, v, scaling=0.25, kv_end=torch.tensor([3.0]))
+    with pytest.raises(TypeError, match="use dense_decode_attention_torch"):
+        dense_decode_attention_triton(q, k, v, scaling=0.25)

@@ -393,13 +393,18 @@ def online_softmax_step(acc, m_i, l_i, s, vals, DOT_PREC: tl.constexpr, UPCAST: 
 
 @triton.jit
 def _attend(q, k_base, v_base, i_row, n_lo, n_hi, stride_ks, stride_vs, qk_scale, offs_d, d_ok, m_i, l_i, acc,
-            BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Online softmax (base 2) of q's rows over the keys and values at positions i_row[n_lo:n_hi], continuing
-    from (m_i, l_i, acc); returns the updated (max, sum, acc) in float32."""
+            BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, DENSE: tl.constexpr = False,
+            pos0=0):
+    """Online softmax (base 2) of q's rows over the keys and values at positions i_row[n_lo:n_hi] (DENSE: at
+    positions pos0 + n_lo .. pos0 + n_hi - 1, no index read), continuing from (m_i, l_i, acc); returns the updated
+    (max, sum, acc) in float32."""
     for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         live = offs_n < n_hi
-        idx = tl.load(i_row + offs_n, mask=live, other=0)
+        if DENSE:
+            idx = pos0 + offs_n
+        else:
+            idx = tl.load(i_row + offs_n, mask=live, other=0)
         tile_mask = live[:, None] & d_ok[None, :]
         keys = tl.load(k_base + idx[:, None] * stride_ks + offs_d[None, :], mask=tile_mask, other=0.0)
         if UPCAST:
@@ -847,23 +852,30 @@ def _write_kernel(
 
 
 @triton.jit(do_not_specialize=["k_sel", "tiles_per_prog", "n_split"])
-def _sparse_attention_kernel(
-    q_ptr, k_ptr, v_ptr, idx_ptr, kb_ptr, part_ptr, done_ptr, out_ptr,
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, idx_ptr, kb_ptr, start_ptr, end_ptr, part_ptr, done_ptr, out_ptr,
     k_sel, i_stride, p_stride, rows_per_batch, kv_div, heads_per_row, tiles_per_prog, n_split, qk_scale,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_ob, stride_oh,
-    HAS_KB: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_KB: tl.constexpr, DENSE: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """One split of the kept tokens of one selection row: gather K rows by index, exact scores for the row's
-    query heads, online softmax, gather V rows, p.V. With one split it writes the output; otherwise it writes
-    its (max, sum, acc) and the row's last split to finish merges them into the output."""
+    """One split of the kept tokens of one selection row: gather K rows by index (DENSE: every valid position,
+    kv_start[b] <= s < kv_end[b], with k_sel = S), exact scores for the row's query heads, online softmax, gather
+    V rows, p.V. With one split it writes the output; otherwise it writes its (max, sum, acc) and the row's last
+    split to finish merges them into the output."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     b = (row // rows_per_batch).to(tl.int64)
     r = (row % rows_per_batch).to(tl.int64)
     j = r // kv_div
     head0 = r * heads_per_row
-    kb = tl.load(kb_ptr + b) if HAS_KB else k_sel
+    pos0 = 0
+    if DENSE:
+        pos0 = tl.load(start_ptr + b).to(tl.int32) if HAS_START else 0
+        kb = (tl.load(end_ptr + b).to(tl.int32) if HAS_END else k_sel) - pos0
+    else:
+        kb = tl.load(kb_ptr + b) if HAS_KB else k_sel
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     g_ok = offs_g < heads_per_row
@@ -875,7 +887,7 @@ def _sparse_attention_kernel(
                             tl.minimum(n_lo + tiles_per_prog * BLOCK_N, kb),
                             stride_ks, stride_vs, qk_scale, offs_d, d_ok,
                             tl.full([BLOCK_G], float("-inf"), tl.float32), tl.zeros([BLOCK_G], tl.float32),
-                            tl.zeros([BLOCK_G, BLOCK_D], tl.float32), BLOCK_N, DOT_PREC, UPCAST)
+                            tl.zeros([BLOCK_G, BLOCK_D], tl.float32), BLOCK_N, DOT_PREC, UPCAST, DENSE, pos0)
     if n_split == 1:
         _store_heads(out_ptr, b, head0, heads_per_row, stride_ob, stride_oh, offs_g, offs_d, d_ok, l_i, acc)
     else:
@@ -1102,23 +1114,94 @@ def triton_attend(p: _Problem, q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     """Stage 3: exact attention over the rows `idx` [rows, k] (the first k_b of each row) of K and V
     [B, Hkv, S, D] into `out` [B, Hq, D] (split-K; the last split of each row merges)."""
     rows, k = idx.shape
-    k_b = p.k_b
     heads_per_row = p.group_size if p.group else 1
+    _launch_attention(q, k_cache, v_cache, out, scaling, cfg, rows, p.rows_per_batch, heads_per_row, k, idx=idx,
+                      k_b=p.k_b)
+    return out
+
+
+def _launch_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                      scaling: float, cfg: LokiKernelConfig, rows: int, rows_per_batch: int, heads_per_row: int,
+                      k: int, idx: torch.Tensor | None = None, k_b: torch.Tensor | None = None,
+                      kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None) -> None:
+    """Launch `_attention_kernel` over `rows` rows of `heads_per_row` query heads: over the positions `idx`
+    [rows, >= k] (the first k_b or k of each row), or, without idx, densely over [kv_start, kv_end) of all k = S."""
     n_split, tiles = _split(k, cfg.block_n_attn, rows, cfg.programs_per_sm * num_sms(q.device))
     ws = _workspace(q.device)
-    part = ws.get("partials", rows, n_split * heads_per_row * (p.head_dim + 2), torch.float32)
+    part = ws.get("partials", rows, n_split * heads_per_row * (q.shape[-1] + 2), torch.float32)
     done = ws.get("attend_done", 1, rows, torch.int32, zeros=True)
-    _sparse_attention_kernel[(rows, n_split)](
-        q, k_cache, v_cache, idx, k_b if k_b is not None else idx, part, done, out,
-        k, idx.stride(0), part.stride(0), p.rows_per_batch, 1 if p.group else p.group_size, heads_per_row, tiles,
-        n_split, scaling * _LOG2E,
+    dummy = part  # pointer arguments a constexpr switches off
+    _attention_kernel[(rows, n_split)](
+        q, k_cache, v_cache, dummy if idx is None else idx, dummy if k_b is None else k_b,
+        dummy if kv_start is None else kv_start, dummy if kv_end is None else kv_end, part, done, out,
+        k, 0 if idx is None else idx.stride(0), part.stride(0), rows_per_batch,
+        1 if heads_per_row > 1 else q.shape[1] // k_cache.shape[1], heads_per_row, tiles, n_split, scaling * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        HAS_KB=k_b is not None, HEAD_DIM=p.head_dim, BLOCK_G=dot_block(heads_per_row), BLOCK_D=dot_block(p.head_dim),
+        HAS_KB=k_b is not None, DENSE=idx is None, HAS_START=kv_start is not None, HAS_END=kv_end is not None,
+        HEAD_DIM=q.shape[-1], BLOCK_G=dot_block(heads_per_row), BLOCK_D=dot_block(q.shape[-1]),
         BLOCK_N=cfg.block_n_attn, BLOCK_S=min(32, triton.next_power_of_2(n_split)),
         **{**_launch(cfg, q), "num_warps": cfg.attn_warps},
     )
+
+
+def _check_dense(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_start: torch.Tensor | None,
+                 kv_end: torch.Tensor | None) -> None:
+    """Validate the arguments of `dense_decode_attention`."""
+    _check_tensors(q, k_cache, v_cache)
+    for name, x in (("kv_start", kv_start), ("kv_end", kv_end)):
+        _check_int_tensor(name, x, q.shape[0], q.device)
+
+
+def dense_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, scaling: float,
+                                  kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None,
+                                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """`dense_decode_attention` with the split-K Triton kernel (bf16/fp16/fp32; CUDA, or CPU under
+    TRITON_INTERPRET=1): each KV head's G query heads in one pass over its keys. `out` as in
+    `loki_decode_attention_triton`."""
+    _check_dense(q, k_cache, v_cache, kv_start, kv_end)
+    b, hq, _ = q.shape
+    hkv, s = k_cache.shape[1:3]
+    if q.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"the Triton path takes {_TRITON_DTYPES}, got {q.dtype}: use dense_decode_attention_torch")
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if s == 0:
+        return out.zero_()
+    _launch_attention(q, k_cache, v_cache, out, scaling, _DEFAULT_CONFIG, b * hkv, hkv, hq // hkv, s,
+                      kv_start=kv_start, kv_end=kv_end)
     return out
+
+
+def dense_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, scaling: float,
+                           kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact attention of one query token per sequence over the valid keys of a cache (a decode step whose budget
+    keeps every key): q [B, Hq, D], k_cache / v_cache [B, Hkv, S, D] (GQA: query head h reads KV head h // G; keys
+    and queries in any one basis); kv_start / kv_end: int [B] on q's device, the valid range [kv_start, kv_end)
+    (None: 0 / S; read on the device, no host sync: a CUDA graph replays it as the cache grows). Returns
+    [B, Hq, D] in q.dtype (0 for a sequence without valid keys). CUDA bf16/fp16/fp32 runs the Triton kernel,
+    anything else PyTorch."""
+    impl = dense_decode_attention_triton if q.is_cuda and q.dtype in _TRITON_DTYPES else dense_decode_attention_torch
+    return impl(q, k_cache, v_cache, scaling=scaling, kv_start=kv_start, kv_end=kv_end)
+
+
+def dense_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, scaling: float,
+                                 kv_start: torch.Tensor | None = None,
+                                 kv_end: torch.Tensor | None = None) -> torch.Tensor:
+    """`dense_decode_attention` in PyTorch (the reference; any device and dtype, float64 included)."""
+    _check_dense(q, k_cache, v_cache, kv_start, kv_end)
+    b, hq, dh = q.shape
+    hkv, s = k_cache.shape[1:3]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    pos = torch.arange(s, device=q.device)[None, :]
+    valid = (pos >= (0 if kv_start is None else kv_start[:, None].long())) & \
+        (pos < (s if kv_end is None else kv_end[:, None].long()))  # [B or 1, S]
+    qg = q.reshape(b, hkv, hq // hkv, dh).to(acc)
+    logits = torch.matmul(qg, k_cache.to(acc).transpose(-1, -2)) * scaling  # [B, Hkv, G, S]
+    logits = logits.masked_fill(~valid[:, None, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+    v = v_cache.to(acc).masked_fill(~valid[:, None, :, None], 0.0)  # unwritten memory past kv_end may hold NaN
+    return torch.matmul(probs, v).reshape(b, hq, dh).to(q.dtype)
 
 
 def triton_fused(p: _Problem, q: torch.Tensor, keys: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .budget import Budget
-from .layer import APPROX_KEYS, KV_BOUNDS, ROTATED_FLAG, LokiLayer, on_mask, visible_keys
+from .layer import APPROX_KEYS, KV_BOUNDS, KV_HOST_LEN, ROTATED_FLAG, LokiLayer, on_mask, visible_keys
 
 ATTENTION_NAME = "hf_patch_loki"
 MODES = ("decode", "all")
@@ -167,6 +167,18 @@ def loki_attention_forward(
     t = query.shape[2]
     multirow_dense = loki.mode == "decode" and t > 1 and loki.sparse_from is None
     bounds = getattr(key, KV_BOUNDS, None)  # device steps (CUDA graphs): the cache gives the valid range
+    if t == 1 and keys_rotated and (loki.dense or getattr(key, KV_HOST_LEN, key.shape[2]) <= loki.budget.dense_up_to):
+        # a decode step that keeps every key (dense layer, or a cache short enough that the budget keeps all):
+        # exact attention straight over the valid range, nothing scored or selected
+        if bounds is None:
+            start = decode_kv_start(attention_mask, key.shape[2])
+            bounds = None if start is False else (start, None)
+        if bounds is not None:
+            from ..kernels.loki_decode import dense_decode_attention
+
+            q = loki.rotate_queries(query).flatten(1, 3)  # [B, H_q, D]
+            return dense_decode_attention(q, key, value, scaling=scaling, kv_start=bounds[0],
+                                          kv_end=bounds[1])[:, None], None
     if loki.dense or multirow_dense:  # exact attention; rotated keys need rotated queries
         if multirow_dense and not keys_rotated and not loki.dense:
             _warn_dense_multirow(loki)

@@ -17,8 +17,10 @@ a row that sees at most ``min_tokens`` keys keeps all of them; and never more th
 """
 from __future__ import annotations
 
-import numbers
 import dataclasses
+import functools
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +89,17 @@ class Budget:
         more when min_tokens keeps a shorter row whole (min_tokens = 100, k_frac = 0.25: 101 keys keep 26, 100
         keep 100). Decode kernels size their index buffers by it."""
         return max(int(self.tokens(torch.tensor(n_max))), min(self.min_tokens, n_max))
+
+    @functools.cached_property
+    def dense_up_to(self) -> float:
+        """The largest n such that every row seeing at most n keys keeps all of them (inf when k_frac is 1): a
+        decode step over at most that many keys can attend densely, the same keys without scoring them."""
+        if self.k_frac == 1.0:
+            return math.inf
+        hi = max(1, self.protected, self.min_tokens) + math.ceil(1 / (1 - self.k_frac)) + 1
+        n = torch.arange(1, hi + 1)
+        fewer = (self.tokens(n) < n).nonzero()
+        return int(fewer[0]) if len(fewer) else hi
 
     def describe(self) -> dict:
         """The settings as plain values (for results files)."""

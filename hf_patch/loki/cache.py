@@ -19,7 +19,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .arch import loki_layers
-from .layer import APPROX_KEYS, KV_BOUNDS, ROTATED_FLAG, LokiLayer
+from .layer import APPROX_KEYS, KV_BOUNDS, KV_HOST_LEN, ROTATED_FLAG, LokiLayer
 
 GROWTH = 256  # capacity is kept a multiple of this many tokens
 
@@ -146,6 +146,7 @@ class LokiCacheLayer(CacheLayerMixin):
         keys, values = self._k[:, :, :], self._v[:, :, :]
         setattr(keys, ROTATED_FLAG, True)
         setattr(keys, KV_BOUNDS, (self.steps.kv_start, self.steps.kv_end))
+        setattr(keys, KV_HOST_LEN, self.length + 1)  # a graph replays only while `dense_steps` gives the same
         if self._ka is not None:
             setattr(keys, APPROX_KEYS, self._ka)
         return keys, values
@@ -207,6 +208,11 @@ class LokiCache(Cache):
         """Addresses of every layer's storage: a CUDA graph captured on this cache is valid while they hold."""
         return tuple(getattr(layer, name).data_ptr() for layer in self.layers if layer.is_initialized
                      for name in layer._buffers())
+
+    def dense_steps(self, length: int) -> tuple[bool, ...]:
+        """Per layer, whether a decode step over `length` cached keys attends densely (its budget keeps every
+        key, or the layer is dense): a captured step serves only steps with the same answer."""
+        return tuple(layer.loki.dense or length <= layer.loki.budget.dense_up_to for layer in self.layers)
 
     def capacity(self) -> int:
         """Tokens every layer can hold without reallocating."""

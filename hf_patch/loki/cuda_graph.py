@@ -48,7 +48,7 @@ def left_padding_start(attention_mask: torch.Tensor | None, batch: int, length: 
 class _Captured:
     """One captured step: its static inputs and output, and what it was captured for."""
 
-    key: tuple  # (batch, capacity, cache and weight addresses, logits_to_keep): what the graph's launches baked in
+    key: tuple  # (batch, capacity, cache and weight addresses, logits_to_keep, dense layers): what the launches baked in
     steps: DeviceSteps
     input_ids: torch.Tensor  # [B, 1]
     position_ids: torch.Tensor  # [B, 1]
@@ -90,7 +90,7 @@ class DecodeGraphs:
         start = left_padding_start(attention_mask, batch, length + 1)
         cache.reserve(length + 1)
         key = (batch, cache.capacity(), cache.buffers_key(), self._weights_key(),
-               logits_to_keep if isinstance(logits_to_keep, int) else None)
+               logits_to_keep if isinstance(logits_to_keep, int) else None, cache.dense_steps(length + 1))
         cap = self.captured
         if cap is None or cap.key != key:  # a cache with the same storage (e.g. the next generate's) reuses it
             cap = self.captured = self._new_step(key, batch, input_ids.device)

@@ -14,6 +14,7 @@ from .budget import Budget
 
 ROTATED_FLAG = "_loki_rotated"  # set on key tensors that the Loki cache already rotated into the basis
 KV_BOUNDS = "_loki_kv_bounds"  # (kv_start, kv_end) int32 [B] on the device: keys of a fixed-capacity cache
+KV_HOST_LEN = "_loki_kv_host_len"  # int: keys a fixed-capacity cache holds after this step, as the host counts them
 APPROX_KEYS = "_loki_approx_keys"  # the published keys' narrow copy [B, H_kv, length, d'] (`LokiCache`)
 
 
