@@ -5,7 +5,13 @@ from .loki.basis import PCABasis
 from .loki.cache import LokiCache
 from .loki.calibrate import calibrate_pca
 from .loki.patch import decode_rows, is_patched, loki_settings, patch_loki, unpatch
-from .transnormer import TransNormerConfig, TransNormerForCausalLM, TransNormerModel
+from .transnormer import (
+    TransNormerConfig,
+    TransNormerForCausalLM,
+    TransNormerModel,
+    disable_graph_decoding,
+    enable_graph_decoding,
+)
 
 __version__ = "0.1.0"
 
@@ -21,4 +27,6 @@ __all__ = [
     "TransNormerConfig",
     "TransNormerForCausalLM",
     "TransNormerModel",
+    "disable_graph_decoding",
+    "enable_graph_decoding",
 ]

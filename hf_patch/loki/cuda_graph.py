@@ -13,17 +13,16 @@ runs the model's ordinary forward.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .. import step_graphs
 from .cache import DeviceSteps, LokiCache
 
 RUN_ON_CPU = False  # tests: run the device-steps body eagerly on the CPU (no graph), same host logic
-_GRAPH_FORWARD = "_hf_patch_graph_forward"  # attribute of the wrapped forward: its `DecodeGraphs`
 # forward() arguments a replayed step takes; any other argument, unless None or False (e.g. output_attentions,
 # inputs_embeds), sends the call to the ordinary forward
 _STEP_ARGS = {"input_ids", "attention_mask", "position_ids", "past_key_values", "cache_position", "use_cache",
@@ -152,14 +151,8 @@ class DecodeGraphs:
 
             if self.stream is None:
                 self.stream = torch.cuda.Stream(cap.input_ids.device)
-            self.stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.stream):
-                self._body(cap, cache, logits_to_keep)  # compiles kernels, sizes the scratch buffers
-                cap.steps.position.sub_(1)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self.stream):
-                logits = self._body(cap, cache, logits_to_keep)
-            torch.cuda.current_stream().wait_stream(self.stream)
+            graph, logits = step_graphs.capture(lambda: self._body(cap, cache, logits_to_keep), self.stream,
+                                                rewind=lambda: cap.steps.position.sub_(1))
             with torch.cuda.stream(self.stream):  # the capture stream's scratch buffers
                 cap.graph, cap.kept = graph, workspace_buffers(cap.input_ids.device)
             self.captures += 1
@@ -178,28 +171,15 @@ def check_graphable(model: nn.Module) -> None:
 def install(model: nn.Module) -> None:
     """Wrap `model.forward` (of a model `check_graphable` accepts) so that eligible one-token steps replay CUDA
     graphs (idempotent)."""
-    if hasattr(model.forward, _GRAPH_FORWARD):
-        return
-    original = model.forward
-    graphs = DecodeGraphs(original)
-
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        call = dict(zip(("input_ids",), args), **kwargs) if len(args) <= 1 else None  # input_ids comes first
-        if call is not None and graphs.eligible(call):
-            return graphs.step(**call)
-        return original(*args, **kwargs)
-
-    setattr(forward, _GRAPH_FORWARD, graphs)
-    model.forward = forward
+    step_graphs.wrap_forward(model, DecodeGraphs)
 
 
 def remove(model: nn.Module) -> None:
     """Undo `install` (no-op when not installed)."""
-    if hasattr(model.__dict__.get("forward"), _GRAPH_FORWARD):
-        del model.forward
+    step_graphs.unwrap_forward(model)
 
 
 def decode_graphs(model: nn.Module) -> DecodeGraphs | None:
     """The `DecodeGraphs` of a model with graphed decode steps, else None."""
-    return getattr(model.__dict__.get("forward"), _GRAPH_FORWARD, None)
+    runner = step_graphs.runner_of(model)
+    return runner if isinstance(runner, DecodeGraphs) else None

@@ -6,6 +6,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .cache import TransNormerCache
 from .configuration_transnormer import TransNormerConfig
 from .convert_transnormer import convert_official_checkpoint
+from .cuda_graph import disable_graph_decoding, enable_graph_decoding
 from .modeling_transnormer import TransNormerForCausalLM, TransNormerModel, TransNormerPreTrainedModel
 from .training import CausalLMWithFusedLoss
 
@@ -21,4 +22,6 @@ __all__ = [
     "TransNormerModel",
     "TransNormerPreTrainedModel",
     "convert_official_checkpoint",
+    "disable_graph_decoding",
+    "enable_graph_decoding",
 ]

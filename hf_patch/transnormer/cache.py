@@ -18,6 +18,14 @@ class TransNormerCache(Cache):
         super().__init__(layers=[])
         self.states: list[torch.Tensor | None] = [None] * num_layers
         self.seen_tokens = 0
+        # Graphed steps (`hf_patch.transnormer.cuda_graph`): the position on the device (LRPE reads it), states
+        # updated in place, the host count left to the caller. None: ordinary forwards.
+        self.device_position: torch.Tensor | None = None
+
+    def position(self) -> int | torch.Tensor:
+        """Position of the next token (tokens consumed so far): an int, or int64 [1] on the device in graphed
+        steps."""
+        return self.seen_tokens if self.device_position is None else self.device_position
 
     def __len__(self) -> int:
         return len(self.states)
@@ -38,12 +46,17 @@ class TransNormerCache(Cache):
         return self.states[layer_idx]
 
     def update_state(self, layer_idx: int, state: torch.Tensor) -> None:
-        """Store the state of `layer_idx` after this forward."""
-        self.states[layer_idx] = state
+        """Store the state of `layer_idx` after this forward (in place in graphed steps)."""
+        if self.device_position is None:
+            self.states[layer_idx] = state
+        else:
+            self.states[layer_idx].copy_(state)
 
     def advance(self, num_tokens: int) -> None:
-        """Count the `num_tokens` tokens of a finished forward (called once per forward, after all layers)."""
-        self.seen_tokens += num_tokens
+        """Count the `num_tokens` tokens of a finished forward (called once per forward, after all layers; graphed
+        steps count on the host outside the graph)."""
+        if self.device_position is None:
+            self.seen_tokens += num_tokens
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Select batch rows (beam search)."""

@@ -58,9 +58,10 @@ class TransNormerLrpe(nn.Module):
         d = num_heads * head_dim
         return (10000 ** (-2 / d * torch.arange(d, dtype=torch.float32))).reshape(num_heads, 1, head_dim)
 
-    def forward(self, x: torch.Tensor, offset: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offset: int | torch.Tensor) -> torch.Tensor:
+        """offset: position of x's first token, an int or int64 [1] on x's device (graphed decode steps)."""
         dtype = _at_least_float32(x.dtype)
-        positions = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=dtype)
+        positions = (torch.arange(x.shape[1], device=x.device) + offset).to(dtype)
         angle = positions[:, None, None] * self.theta[:, 0, :].to(dtype)  # [T, H, D]
         xf = x.to(dtype)
         return torch.cat([xf * torch.cos(angle), xf * torch.sin(angle)], dim=-1).to(x.dtype)
@@ -111,7 +112,7 @@ class TransNormerLinearAttention(nn.Module):
         q, k, v = (t.reshape(batch, length, self.num_heads, self.head_dim) for t in (q, k, v))
         q, k = self.act(q), self.act(k)
         if self.lrpe is not None:
-            offset = cache.get_seq_length() if cache is not None else 0
+            offset = cache.position() if cache is not None else 0
             q, k = self.lrpe(q, offset), self.lrpe(k, offset)
         if padding_mask is not None:
             v = v * padding_mask[:, :, None, None].to(v.dtype)
