@@ -194,6 +194,37 @@ def peak_memory(fn, make, n):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def kernel_profile(make, fn, ns) -> dict:
+    """GPU time per kernel (µs, summed over 10 fwd+bwd calls, per call) of ours at each n, from torch.profiler: where
+    a segmented call (long sequences) spends the time that a whole-sequence call does not. The segment-state and
+    segment-scan kernels are the extra passes (entry states: k, v forwards; q, do backwards)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    result = {}
+    for n in ns:
+        q, k, v = (x.requires_grad_() for x in make(n))
+        do = torch.randn_like(v)
+        for _ in range(3):
+            fn(q, k, v).backward(do)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                fn(q, k, v).backward(do)
+            torch.cuda.synchronize()
+        times = {}
+        for e in prof.key_averages():
+            if e.device_type.name == "CUDA" and e.self_device_time_total > 0:
+                times[e.key[:60]] = e.self_device_time_total / 10
+        result[n] = dict(sorted(times.items(), key=lambda kv: -kv[1]))
+        total = sum(times.values())
+        print(f"kernel profile n={n}: total {total:.0f} us per fwd+bwd", flush=True)
+        for name, us in result[n].items():
+            print(f"  {us:9.1f} us  {100 * us / total:5.1f} %  {name}", flush=True)
+        del q, k, v, do
+        torch.cuda.empty_cache()
+    return result
+
+
 def sweep(impls, ns, deadline):
     """Try launch settings of our kernels at a few lengths (fwd/fwd+bwd ms); stops past the deadline."""
     base = dict(lightning_mod.CONFIG)
@@ -224,6 +255,7 @@ def main():
     parser.add_argument("--budget", type=float, default=280, help="seconds; optional parts stop past it")
     parser.add_argument("--ns", default="1024,2048,4096,8192,16384,32768,65536,131072")
     parser.add_argument("--impls", default="ours,fla,official,sdpa", help="timed in this order, all n each")
+    parser.add_argument("--profile-ns", default="", help="per-kernel GPU time of ours at these n (torch.profiler)")
     parser.add_argument("--official-ns", default="1024,4096,16384,65536,131072",
                         help="the official kernel recompiles per n: time it at these n only")
     args = parser.parse_args()
@@ -292,6 +324,8 @@ def main():
             mib = peak_memory(impls[name][1], impls[name][0], 131072)
             report[f"peak_extra_mib_{name}"] = mib
             print(f"peak extra memory fwd+bwd n=131072 {name}: {mib:.0f} MiB", flush=True)
+    if args.profile_ns:
+        report["kernel_profile_us"] = kernel_profile(*impls["ours"], [int(x) for x in args.profile_ns.split(",")])
     if args.sweep:
         sweep(impls, [int(x) for x in args.sweep_ns.split(",")], deadline)
     print("\n".join(lines))

@@ -16,7 +16,9 @@
    narrow copy at the first setting; with --sink / --recent, each setting again with that many protected keys
    (same k: protection changes which keys are read, not how many); the stage split (scores, top-k selection,
    gather-attention with its merge), the selection's share and torch.topk on the same scores for comparison;
-   effective bandwidth and the bandwidth floors; the host (CPU) cost of each piece.
+   effective bandwidth and the bandwidth floors; the host (CPU) cost of each piece; and the dense step (exact
+   attention over the whole cache, what a step runs where the budget keeps every key, e.g. under `min_tokens`)
+   against SDPA, after its own check against float64.
 
     PYTHONPATH=. python scripts/bench_loki_decode.py [--sweep] [--json out.json] [--batches 8 16] [--seqs 16384]
         [--settings 0.25:0.25] [--sink 4 --recent 64] [--skip-checks] [--no-table]
@@ -180,6 +182,37 @@ def check_correctness() -> bool:
         print(f"d = D, k_frac = 1 vs SDPA (bf16, B, S = {FULL_CHECK}, {form}): rel err {err:.2e}")
     ok &= check_selection()
     print(f"correctness: {'PASS' if ok else 'FAIL'}\n")
+    return ok
+
+
+DENSE_CHECK_CASES = [  # (B, S, dtype, kv_start, kv_end): the dense step of budgets that keep every key
+    (1, 4096, torch.bfloat16, None, None), (8, 16411, torch.bfloat16, [0, 9, 300, 0, 0, 0, 0, 0], None),
+    (3, 65543, torch.float16, [0, 17, 100], [65543, 40000, 100]), (2, 4099, torch.float32, [0, 5], [4099, 4000]),
+]
+
+
+def check_dense() -> bool:
+    """The dense decode step (Triton) against a float64 softmax over each sequence's [kv_start, kv_end), memory
+    past kv_end poisoned with NaN; a sequence without valid keys must give zeros."""
+    print("## dense decode step vs float64 (the step of a budget that keeps every key)")
+    print("| B | S | dtype | kv_start | kv_end | rel. error | NaN |\n|---|---|---|---|---|---|---|")
+    ok = True
+    for b, s, dtype, start, end in DENSE_CHECK_CASES:
+        q, k, v = random_cache(b, s, dtype)
+        kv_start = None if start is None else torch.tensor(start, dtype=torch.int32, device=DEVICE)
+        kv_end = None if end is None else torch.tensor(end, dtype=torch.int32, device=DEVICE)
+        if kv_end is not None:
+            k, v = k.clone(), v.clone()
+            for row, e in enumerate(end):
+                v[row, :, e:] = float("nan")
+        ref = ld.dense_decode_attention_torch(q.double(), k.double(), v.double(), scaling=D**-0.5,
+                                              kv_start=kv_start, kv_end=kv_end)
+        out = ld.dense_decode_attention_triton(q, k, v, scaling=D**-0.5, kv_start=kv_start, kv_end=kv_end)
+        err, nan = rel_err(out, ref), bool(out.isnan().any())
+        good = err < {torch.float32: 1e-5}.get(dtype, 5e-3) and not nan
+        ok &= good
+        print(f"| {b} | {s} | {dtype} | {start} | {end} | {err:.1e}{'' if good else ' FAIL'} | {nan} |")
+    print()
     return ok
 
 
@@ -435,13 +468,17 @@ def table(cfg, bandwidth, batches, seqs, settings, sink=0, recent=0):
     print("| B | S | d_f | k_f | SDPA ms (form) | Loki ms | speedup | Loki w/o narrow copy ms | "
           f"Loki sink {sink} + recent {recent} ms (/ plain) | "
           "back-to-back SDPA / Loki ms (speedup) | graph SDPA / Loki ms (speedup) | graph Loki protected ms | "
-          "Loki eff. TB/s | floor full / Loki ms | form | scores / top-k / attend ms | top-k share | torch.topk ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "Loki eff. TB/s | floor full / Loki ms | form | scores / top-k / attend ms | top-k share | torch.topk ms | "
+          "dense step ms / graph ms (vs SDPA) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for b, s in itertools.product(batches, seqs):
         sets = make_sets(b, s)
         form, t_sdpa, sdpa_fns = best_sdpa(sets)
         b2b_sdpa, graph_sdpa = time_back_to_back(sdpa_fns), guarded(time_graph, sdpa_fns)
+        dense_fns = [lambda q=q, k=k, v=v: ld.dense_decode_attention_triton(q, k, v, scaling=D**-0.5)
+                     for q, k, v, _ in sets]  # the step where the budget keeps every key (e.g. under min_tokens)
+        t_dense, graph_dense = time_rotated(dense_fns), guarded(time_graph, dense_fns)
         full_bytes = 2 * b * HKV * s * D * 2
         for i, (d_frac, k_frac) in enumerate(settings):
             d = num_dims(d_frac, D)
@@ -465,7 +502,7 @@ def table(cfg, bandwidth, batches, seqs, settings, sink=0, recent=0):
                        loki_eff_tbs=loki_bytes / (t_loki * 1e-3) / 1e12, floor_full_ms=full_bytes / bandwidth * 1e3,
                        floor_loki_ms=loki_bytes / bandwidth * 1e3, path=path, scores_ms=stages[0],
                        select_ms=stages[1], attend_ms=stages[2], torch_topk_ms=stages[3],
-                       select_share=stages[1] / t_loki)
+                       select_share=stages[1] / t_loki, dense_ms=t_dense, graph_dense_ms=graph_dense)
             rows.append(row)
             print(f"| {b} | {s} | {d_frac} | {k_frac} | {t_sdpa:.4f} ({form}) | {t_loki:.4f} | {row['speedup']:.2f}x | "
                   f"{t_wide:.4f} | {t_prot:.4f} ({t_prot / t_loki:.3f}x) | "
@@ -473,7 +510,8 @@ def table(cfg, bandwidth, batches, seqs, settings, sink=0, recent=0):
                   f"{graph_sdpa:.4f} / {graph_loki:.4f} ({graph_sdpa / graph_loki:.2f}x) | {graph_prot:.4f} | "
                   f"{row['loki_eff_tbs']:.2f} | {row['floor_full_ms']:.4f} / {row['floor_loki_ms']:.4f} | {path} | "
                   f"{stages[0]:.4f} / {stages[1]:.4f} / {stages[2]:.4f} | {row['select_share']:.0%} | "
-                  f"{stages[3]:.4f} |",
+                  f"{stages[3]:.4f} | {t_dense:.4f} ({t_sdpa / t_dense:.2f}x) / {graph_dense:.4f} "
+                  f"({graph_sdpa / graph_dense:.2f}x) |",
                   flush=True)
         del sets, sdpa_fns
         torch.cuda.empty_cache()
@@ -498,7 +536,7 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     print(f"device-to-device copy bandwidth: {bandwidth / 1e12:.2f} TB/s\n")
     t0 = time.time()
-    ok = None if args.skip_checks else check_correctness()
+    ok = None if args.skip_checks else check_dense() & check_correctness()
     result = dict(device=props.name, torch=torch.__version__, triton=triton.__version__,
                   copy_tbs=bandwidth / 1e12, correct=ok)
     print(f"(checks: {time.time() - t0:.0f} s)\n")
