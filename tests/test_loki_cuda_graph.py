@@ -80,9 +80,10 @@ def test_steps_whose_budget_keeps_every_key_attend_densely(steps, monkeypatch):
         dense.clear()
         patch_loki(model, random_basis(seed=5), d_frac=0.25, k_frac=0.25, cuda_graph=graph, min_tokens=36, **PLAIN)
         runs[graph] = model.generate(x, **kwargs)
-        assert len(dense) == 6 * 2  # steps holding 31 .. 36 keys, 2 layers
-        if graph and DEVICE == "cuda":
-            assert decode_graphs(model).captures == 2  # the dense steps' graph, then the sparse steps'
+        if graph and DEVICE == "cuda":  # replays run no Python: the dense step ran at warm-up and capture only
+            assert len(dense) == 2 * 2 and decode_graphs(model).captures == 2  # the dense steps' graph, the sparse
+        else:
+            assert len(dense) == 6 * 2  # steps holding 31 .. 36 keys, 2 layers
     assert torch.equal(runs[True].sequences, runs[False].sequences)
     for got, want in zip(runs[True].scores, runs[False].scores):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -90,7 +91,7 @@ def test_steps_whose_budget_keeps_every_key_attend_densely(steps, monkeypatch):
     patch_loki(model, random_basis(seed=5), d_frac=0.25, k_frac=0.25, cuda_graph=True, min_tokens=64, **PLAIN)
     dense.clear()
     out = model.generate(x, **kwargs)
-    assert len(dense) == 11 * 2 and torch.equal(out.sequences, full.sequences)
+    assert len(dense) == (2 if DEVICE == "cuda" else 11) * 2 and torch.equal(out.sequences, full.sequences)
     for got, want in zip(out.scores, full.scores):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     unpatch(model)
