@@ -204,12 +204,17 @@ def kernel_profile(make, fn, ns) -> dict:
     for n in ns:
         q, k, v = (x.requires_grad_() for x in make(n))
         do = torch.randn_like(v)
-        for _ in range(3):
+        def step():
+            for x in (q, k, v):
+                x.grad = None  # as do_bench's grad_to_none: no gradient accumulation kernels in the profile
             fn(q, k, v).backward(do)
+
+        for _ in range(3):
+            step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
-                fn(q, k, v).backward(do)
+                step()
             torch.cuda.synchronize()
         times = {}
         for e in prof.key_averages():
