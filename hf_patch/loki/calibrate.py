@@ -7,6 +7,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn as nn
 
 from ..config import ConfigError, Schema, integer, one_of, setting
 from ..data.packing import batched, token_windows
+from ..parallel import process_split, sum_over_processes
 from .arch import attention_layers, is_patched, key_shape
 from .basis import PCABasis
 
@@ -77,6 +79,16 @@ class KeyCovariance:
         self.sum[layer] += k.sum(0)
         self.outer[layer] += torch.einsum("nhd,nhe->hde", k, k)
         self.count[layer] += k.shape[0]
+
+    def merge_processes(self) -> None:
+        """Sum the statistics of every launched process into each of them (one float64 all-reduce; nothing in a
+        single process)."""
+        flat = sum_over_processes(torch.cat([self.sum.flatten(), self.outer.flatten(), self.count.to(self.sum)]))
+        sizes = [self.sum.numel(), self.outer.numel(), self.count.numel()]
+        total, outer, count = flat.split(sizes)
+        self.sum.copy_(total.view_as(self.sum))
+        self.outer.copy_(outer.view_as(self.outer))
+        self.count.copy_(count.round().to(torch.int64))
 
     def basis(self, metadata: dict[str, Any]) -> PCABasis:
         """Eigen-decompose the covariances: components sorted by decreasing variance."""
@@ -144,6 +156,10 @@ def calibrate_pca(
     with the count used, or an error when fewer than `min_tokens` were read. rotary: "pre" collects keys before
     the rotary embedding, "post" after. Sums are kept in float64 on the model's device; nothing else is stored.
     The settings are checked (`Calibration`) before any text is read.
+
+    Under a launcher (`accelerate launch`, `torchrun`; each process calling this with its own replica of the model
+    on its own device) the windows are dealt out in turn to the processes and the float64 sums are all-reduced at
+    the end: every process returns the basis one process would compute (within float64 rounding).
     """
     cal = Calibration(dataset, num_tokens, seq_len, batch_size, rotary, min_tokens)
     if is_patched(model):
@@ -152,19 +168,23 @@ def calibrate_pca(
     device = next(model.parameters()).device
     stats = KeyCovariance(layers, heads, dim, device=device)
     texts, source = _texts(cal.dataset)
-    windows = token_windows(texts, tokenizer, cal.seq_len, max_tokens=cal.num_tokens)
+    rank, processes = process_split()
+    windows = islice(token_windows(texts, tokenizer, cal.seq_len, max_tokens=cal.num_tokens), rank, None, processes)
     seen, start = 0, time.perf_counter()
     from tqdm.auto import tqdm
 
-    with tqdm(total=cal.num_tokens, unit="tok", desc=f"calibrate ({cal.rotary}-RoPE)", disable=not progress) as bar, \
-            _collect_keys(model, cal.rotary, stats.add), torch.inference_mode():
+    with tqdm(total=cal.num_tokens, unit="tok", desc=f"calibrate ({cal.rotary}-RoPE)",
+              disable=not progress or rank > 0) as bar, _collect_keys(model, cal.rotary, stats.add), \
+            torch.inference_mode():
         was_training = model.training
         model.eval()
         for batch in batched(windows, cal.batch_size):
             model.base_model(input_ids=batch.to(device), use_cache=False)
             seen += batch.numel()
-            bar.update(batch.numel())
+            bar.update(batch.numel() * processes)  # the other processes read as many meanwhile
         model.train(was_training)
+    stats.merge_processes()
+    seen = int(sum_over_processes(torch.tensor([seen], dtype=torch.float64, device=device)).item())
     cal.check_tokens(seen, source)
     metadata = {
         "model_id": model_id or getattr(model.config, "_name_or_path", None) or type(model).__name__,
@@ -175,6 +195,7 @@ def calibrate_pca(
         "seq_len": cal.seq_len,
         "dataset": source,
         "seconds": round(time.perf_counter() - start, 2),
+        "processes": processes,
     }
     return stats.basis(metadata)
 

@@ -1,4 +1,7 @@
-"""`hf-patch calibrate --config configs/loki/calibrate_smollm2.yaml`: calibrate, save, report and plot a basis."""
+"""`hf-patch calibrate --config configs/loki/calibrate_smollm2.yaml`: calibrate, save, report and plot a basis.
+
+Under `accelerate launch -m hf_patch.cli calibrate ...` each process loads the model on its own device (with
+`device: auto`), reads its share of the windows, and the first process writes the basis."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import DTYPES, directory, integer, one_of, optional, setting, text
+from ..parallel import end_processes, launched, process_split, process_state
 from .basis import CONFIG_NAME, PCABasis
 from .calibrate import Calibration, calibrate_pca
 from .plots import plot_explained_variance
@@ -38,7 +42,8 @@ def reusable(basis: PCABasis, cal: Calibration) -> bool:
 
 def calibrate_to(model, tokenizer, cal: Calibration, output: Path, model_name: str | None = None,
                  force: bool = False) -> PCABasis:
-    """Load the basis at `output` if it was calibrated with the same settings, else calibrate and save it."""
+    """Load the basis at `output` if it was calibrated with the same settings, else calibrate and save it (the
+    first process saves it, when launched)."""
     if (output / CONFIG_NAME).is_file() and not force:
         basis = PCABasis.load(output)
         if reusable(basis, cal):
@@ -46,8 +51,9 @@ def calibrate_to(model, tokenizer, cal: Calibration, output: Path, model_name: s
             cal.check_tokens(basis.metadata["tokens"], str(cal.dataset))
             return basis
     basis = calibrate_pca(model, tokenizer, model_id=_model_id(model_name), **cal.as_dict())
-    basis.save(output)
-    plot_explained_variance({f"{cal.rotary}-RoPE": basis}, output / "explained_variance.png")
+    if process_split()[0] == 0:
+        basis.save(output)
+        plot_explained_variance({f"{cal.rotary}-RoPE": basis}, output / "explained_variance.png")
     return basis
 
 
@@ -92,8 +98,11 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     output = Path(cfg.output)
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device))
+    device = str(process_state().device) if launched() and cfg.device == "auto" else resolve_device(cfg.device)
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=device)
     basis = calibrate_to(model, tokenizer, cfg.calibration(), output, cfg.model, force=args.force)
-    print(describe(basis))
-    print(f"saved to {output} (plot: {output / 'explained_variance.png'})")
+    if process_split()[0] == 0:
+        print(describe(basis))
+        print(f"saved to {output} (plot: {output / 'explained_variance.png'})")
+    end_processes()  # launched: the first process writes while the others wait
     return 0

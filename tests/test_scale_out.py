@@ -1,0 +1,66 @@
+"""Beyond one device, on the CPU: data-parallel evaluation and calibration in two processes (gloo) started by
+`accelerate launch`, layers spread by a device map, and DDP / FSDP training steps against one process.
+
+Each launched run starts real processes (imports included: ~10-20 s of CPU each), so the tests launch as few as
+they can and compare against references computed in the test process. Tiny random-weight models throughout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from loki_helpers import PLAIN
+
+from hf_patch.parallel import launch_command
+
+pytest.importorskip("lm_eval")
+
+import test_eval
+
+STORY, PAIRS, _requests = test_eval.STORY, test_eval.PAIRS, test_eval._requests
+tiny_model_dir, tiny_basis, local_tasks = test_eval.tiny_model_dir, test_eval.tiny_basis, test_eval.local_tasks  # fixtures
+
+
+def launch(args: list[str], num_processes: int = 2, config_file: Path | None = None, timeout: int = 300) -> str:
+    """Run `accelerate launch` with `num_processes` CPU processes (one torch thread each); fail with its output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([*launch_command(num_processes, config_file), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-6000:]
+    return output
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def test_two_process_calibration_equals_one(tiny_model_dir, tmp_path):
+    """`accelerate launch -m hf_patch.cli calibrate` in two processes deals the windows out and all-reduces the
+    float64 sums: the same basis as one process (float64 model, so the keys are the same to the last bits)."""
+    import yaml
+
+    from hf_patch import PCABasis, calibrate_pca
+    from hf_patch.models.smollm2 import load_model
+
+    text = tmp_path / "calibration.txt"
+    text.write_text("\n\n".join([STORY, STORY.replace("Anne", "Emma"), STORY.upper()] * 3))
+    cal = {"dataset": str(text), "num_tokens": 1600, "seq_len": 64, "batch_size": 3}
+    model, tokenizer = load_model(str(tiny_model_dir), dtype="float64")
+    one = calibrate_pca(model, tokenizer, progress=False, **cal)
+    config = tmp_path / "calibrate.yaml"
+    config.write_text(yaml.safe_dump({"model": str(tiny_model_dir), "dtype": "float64", "device": "auto",
+                                      "output": str(tmp_path / "basis"), **cal}))
+    launch(["-m", "hf_patch.cli", "calibrate", "--config", str(config)])
+    two = PCABasis.load(tmp_path / "basis")
+    assert two.metadata["processes"] == 2 and one.metadata["processes"] == 1
+    assert two.metadata["tokens"] == one.metadata["tokens"] == 1600 - 1600 % 64
+    torch.testing.assert_close(two.eigenvalues, one.eigenvalues, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(two.mean, one.mean, rtol=1e-6, atol=1e-7)
+    signs = torch.sign((two.components * one.components).sum(-2, keepdim=True))  # eigenvectors' signs are free
+    torch.testing.assert_close(two.components * signs, one.components, rtol=0, atol=1e-5)
