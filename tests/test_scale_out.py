@@ -37,6 +37,49 @@ def launch(args: list[str], num_processes: int = 2, config_file: Path | None = N
     return output
 
 
+# ---------------------------------------------------------------- layers on several devices
+
+
+def test_hf_loki_parallelize_spreads_layers_and_scores_the_same(tiny_model_dir, tiny_basis, tmp_path):
+    """lm-eval's `parallelize=True` (accelerate's device_map="auto"): on the CPU, a memory cap puts the first layer
+    on the CPU and offloads the second to disk (accelerate's hooks load it where it runs); the patched model scores
+    exactly what the same model on one device does. Each layer's basis is put on its weights' device at patch time
+    (here the CPU: this machine has no second device to tell apart; on GPUs, `cuda:i` of the layer), an offloaded
+    layer's stays on the CPU and follows its keys to the device the hook runs it on."""
+    from hf_patch.eval.lm_eval_model import LokiHFLM
+
+    loki = dict(basis=str(tiny_basis), d_frac=0.25, k_frac=0.5, **PLAIN)
+    one = LokiHFLM(pretrained=str(tiny_model_dir), dtype="float32", device="cpu", batch_size=2, **loki)
+    spread = LokiHFLM(pretrained=str(tiny_model_dir), dtype="float32", batch_size=2, parallelize=True,
+                      max_cpu_memory="400KB", offload_folder=str(tmp_path / "offload"), **loki)
+    device_map = spread.model.hf_device_map
+    assert device_map["model.layers.0"] == "cpu" and device_map["model.layers.1"] == "disk"
+    layers = spread.model.model.layers
+    assert layers[0].self_attn.hf_patch_loki.components.device.type == "cpu"
+    assert layers[1].self_attn.k_proj.weight.device.type == "meta"  # offloaded: loaded by the hook at each call
+    expected = torch.tensor([ll for ll, _ in one.loglikelihood(_requests(PAIRS))])
+    got = torch.tensor([ll for ll, _ in spread.loglikelihood(_requests(PAIRS))])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert (got - torch.tensor([ll for ll, _ in LokiHFLM(pretrained=str(tiny_model_dir), dtype="float32",
+                                                          device="cpu").loglikelihood(_requests(PAIRS))])).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- data-parallel evaluation
+
+
+def test_hf_loki_scores_do_not_depend_on_the_batch(tiny_model_dir, tiny_basis):
+    """HFLM pads a batch on the right and passes no mask; hf-loki passes one, so the paper rule's window is each
+    request's own length and a request scores the same whatever it is batched with (which a data-parallel run
+    changes). Without the mask, the default rule gave differences of up to 0.09 nats here."""
+    from hf_patch.eval.lm_eval_model import LokiHFLM
+
+    args = {"pretrained": str(tiny_model_dir), "dtype": "float32", "device": "cpu", "basis": str(tiny_basis),
+            "d_frac": 0.25, "k_frac": 0.5, "sink_tokens": 0, "recent_tokens": 0, "dense_layers": 0}  # k_rule: "paper"
+    scores = [torch.tensor([ll for ll, _ in LokiHFLM(**args, batch_size=b).loglikelihood(_requests(PAIRS))])
+              for b in (1, 4)]
+    torch.testing.assert_close(scores[0], scores[1], rtol=0, atol=1e-5)
+
+
 # ---------------------------------------------------------------- calibration
 
 

@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..parallel import end_processes, launched
+
 PASS_THROUGH = True
 HELP_FLAGS = ("-h", "--help")
 
@@ -104,4 +106,6 @@ def run(args: argparse.Namespace) -> int:
         cli_evaluate()
     finally:
         sys.argv = old_argv
+    if launched():  # under accelerate launch: the first process writes the results while the others wait
+        end_processes()
     return 0

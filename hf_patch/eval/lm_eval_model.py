@@ -12,6 +12,11 @@ the Loki cache; default "all"), `d_policy`, `gqa_select`, the other settings of 
 `pretrained="smollm2"` is the embedded SmolLM2-135M-Instruct.
 Importing hf_patch registers its TransNormer models with the Auto classes, so they load like any `hf` model.
 
+Beyond one device, as HFLM does it: `accelerate launch -m hf_patch.eval run --model hf-loki ...` runs one replica per
+process, each loaded on its process's device and patched there, with the requests split over the processes (also
+on CPU processes and with one GPU, where HFLM alone would have every process score every request);
+`parallelize=True` spreads the layers over the GPUs (accelerate's `device_map`), each layer's basis on its device.
+
 This module imports lm-eval: it is loaded only by `hf-patch eval`/`compare` and lm-eval's entry point.
 """
 from __future__ import annotations
@@ -37,6 +42,7 @@ class LokiHFLM(HFLM):
         import hf_patch  # noqa: F401  (registers TransNormer with AutoModelForCausalLM)
         from hf_patch.loki.settings import LmEvalLoki
         from hf_patch.models.smollm2 import resolve_model
+        from hf_patch.parallel import use_cpu_processes
 
         # the Loki args given (basis, d_frac, ..., rotary); the others take LmEvalLoki's (patch_loki's) defaults
         given = {name: kwargs.pop(name) for name in LmEvalLoki.keys() if name in kwargs}
@@ -44,52 +50,76 @@ class LokiHFLM(HFLM):
         if isinstance(pretrained, str):
             pretrained = resolve_model(pretrained)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        use_cpu_processes()  # launched on a machine without GPUs: accelerate's processes talk over gloo
         super().__init__(pretrained=pretrained, device=device, **kwargs)
+        self._split_over_processes()
         self.loki = None
         if settings.basis is not None:
             self.loki = {"basis": settings.basis, **settings.patch_args()}
             apply_loki(self.model, rotary=settings.rotary, **self.loki)
 
+    def _split_over_processes(self) -> None:
+        """HFLM splits the requests over launched processes only when it counts more than one GPU; with one or none
+        every process would score every request. Give each process its share there too."""
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1 and self._world_size == 1:
+            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+
     def _loglikelihood_tokens(self, requests, *args: Any, **kwargs: Any):
-        """In mode "decode", note where each request's decode rows start before HFLM batches them: the input it
-        builds is (context + continuation)[-(max_length + 1):][:-1], whose last len(continuation) - 1 rows read
-        continuation tokens, i.e. the rows a generation would compute as decode steps."""
-        if self.loki is None or self.loki["mode"] != "decode":
+        """With Loki, note each request's input, and where its decode rows start, before HFLM batches them: the
+        input it builds is (context + continuation)[-(max_length + 1):][:-1], whose last len(continuation) - 1 rows
+        read continuation tokens, i.e. the rows a generation would compute as decode steps."""
+        if self.loki is None:
             return super()._loglikelihood_tokens(requests, *args, **kwargs)
-        self._decode_from = {}
+        self._inputs = {}
         for _, context, continuation in requests:
             inp = tuple((context + continuation)[-(self.max_length + 1):][:-1])
-            self._decode_from[inp] = max(0, len(inp) - len(continuation) + 1)
+            self._inputs[inp] = max(0, len(inp) - len(continuation) + 1)
         try:
             return super()._loglikelihood_tokens(requests, *args, **kwargs)
         finally:
-            del self._decode_from
+            del self._inputs
 
     def _model_call(self, inps: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """HFLM's forward; in mode "decode" scoring, inside `decode_rows` at each row's first decode row."""
-        decode_from = getattr(self, "_decode_from", None)
-        if decode_from is None:
+        """HFLM's forward; with Loki, scoring a batch that HFLM padded on the right passes a mask that ends each row
+        at its request's input (HFLM passes none), so that a request's scores do not depend on the requests batched
+        with it (the paper rule's window is the request's own, not the batch's width), nor on how lm-eval splits
+        them over processes; in mode "decode", inside `decode_rows` at each row's first decode row."""
+        inputs = getattr(self, "_inputs", None)
+        if inputs is None or args or kwargs:
             return super()._model_call(inps, *args, **kwargs)
+        import contextlib
+
         from hf_patch import decode_rows
 
-        with decode_rows(self.model, [_decode_start(row, decode_from) for row in inps.tolist()]):
-            return super()._model_call(inps, *args, **kwargs)
+        found = [_request_of(row, inputs) for row in inps.tolist()]
+        lengths = [length for length, _ in found]
+        mask = None
+        if min(lengths) < inps.shape[1]:
+            ends = torch.tensor(lengths, device=inps.device)[:, None]
+            mask = (torch.arange(inps.shape[1], device=inps.device)[None] < ends).long()
+        rows = (decode_rows(self.model, [start for _, start in found]) if self.loki["mode"] == "decode"
+                else contextlib.nullcontext())
+        autocast = torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                  enabled=self.mixed_precision_dtype is not None)  # as HFLM's own call
+        with rows, torch.no_grad(), autocast:
+            return self.model(inps, attention_mask=mask).logits
 
     def get_model_info(self) -> dict[str, Any]:
         """HFLM's model info plus the Loki settings (None for full attention), recorded in lm-eval's results."""
         return {**super().get_model_info(), "loki": self.loki}
 
 
-def _decode_start(row: list[int], decode_from: dict[tuple[int, ...], int]) -> int:
-    """Where the decode rows of one right-padded input row start: its request's input is the shortest prefix of
-    `row` that a request built with only padding (zeros) after it."""
+def _request_of(row: list[int], inputs: dict[tuple[int, ...], int]) -> tuple[int, int]:
+    """(input length, first decode row) of the request behind one right-padded input row: its input is the shortest
+    prefix of `row` that a request built with only padding (zeros) after it."""
     length = len(row)
     while length and row[length - 1] == 0:
         length -= 1
     for end in range(length, len(row) + 1):  # a request whose input ends in token 0 looks shorter: try longer
-        if (start := decode_from.get(tuple(row[:end]))) is not None and not any(row[end:]):
-            return start
-    raise RuntimeError("an lm-eval input row matches no loglikelihood request: cannot tell its context length")
+        if (start := inputs.get(tuple(row[:end]))) is not None and not any(row[end:]):
+            return end, start
+    raise RuntimeError("an lm-eval input row matches no loglikelihood request: cannot tell its length")
 
 
 def apply_loki(model: torch.nn.Module, basis: str, rotary: str | None = None, **settings: Any) -> torch.nn.Module:

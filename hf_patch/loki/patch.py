@@ -92,7 +92,8 @@ def patch_loki(
     previous = getattr(model, PREVIOUS_ATTN, model.config._attn_implementation)
     _register()
     for i, module in enumerate(modules):
-        module.hf_patch_loki = LokiLayer(basis.components[i].float(), dims[i], budget, mode, gqa_select, i in dense)
+        components = _on_layer_device(basis.components[i].float(), module)
+        module.hf_patch_loki = LokiLayer(components, dims[i], budget, mode, gqa_select, i in dense)
     setattr(model, PREVIOUS_ATTN, previous)
     setattr(model, SETTINGS, {"d_frac": float(d_frac), **budget.describe(), "mode": mode, "d_policy": d_policy,
                               "gqa_select": gqa_select, "dense_layers": sorted(dense)})
@@ -102,6 +103,16 @@ def patch_loki(
     if cuda_graph:
         graphs.install(model)
     return model
+
+
+def _on_layer_device(components: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """A layer's basis on the device of its weights, so that a model spread over devices (`device_map`) keeps each
+    layer's basis beside the layer. Weights offloaded to the meta device (accelerate loads them where the layer
+    runs) leave it where it is: `LokiLayer.basis` moves it to the keys' device on first use."""
+    weight = next(module.parameters(), None)
+    if weight is None or weight.device.type == "meta":
+        return components
+    return components.to(weight.device)
 
 
 def loki_settings(model: nn.Module) -> dict[str, Any]:
