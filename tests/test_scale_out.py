@@ -80,6 +80,35 @@ def test_hf_loki_scores_do_not_depend_on_the_batch(tiny_model_dir, tiny_basis):
     torch.testing.assert_close(scores[0], scores[1], rtol=0, atol=1e-5)
 
 
+def test_data_parallel_compare_equals_one_process(tiny_model_dir, tiny_basis, local_tasks, tmp_path, capfd):
+    """`hf-patch compare` with `launch: {num_processes: 2}`: the Loki setting's tasks run under `accelerate launch`
+    in two CPU processes, each loading and patching its own replica, lm-eval splitting the requests; every metric
+    equals the one-process run's. (Full attention is taken from the one-process run's cache: one launch only.)"""
+    from hf_patch.eval import compare
+
+    cfg = {"model": str(tiny_model_dir), "device": "cpu", "batch_size": 2, "basis": {"pre": str(tiny_basis)},
+           "tasks": {"hfp_bigbench_winowhy": 8, "hfp_books_ppl": 2, "hfp_book_cloze": 2},
+           "settings": [{"d_frac": 0.25, "k_frac": 0.5, "sink_tokens": 0, "recent_tokens": 0, "dense_layers": 0}]}
+    one = compare.run_compare({**cfg, "output_dir": str(tmp_path / "one")})
+    (tmp_path / "two" / "cache").mkdir(parents=True)
+    shutil.copy(tmp_path / "one" / "cache" / "full.json", tmp_path / "two" / "cache" / "full.json")
+    capfd.readouterr()
+    two = compare.run_compare({**cfg, "output_dir": str(tmp_path / "two"), "launch": {"num_processes": 2}})
+    log = capfd.readouterr().err
+    for task in cfg["tasks"]:  # lm-eval names the process that builds each task's share of the requests
+        assert f"Building contexts for {task} on rank 0" in log and f"Building contexts for {task} on rank 1" in log
+    label = one["results"][1]["setting"]
+    for task in cfg["tasks"]:
+        ours, theirs = (run["results"][1]["tasks"][task] for run in (two, one))
+        assert ours["n"] == theirs["n"], task
+        for metric, value in theirs["results"].items():
+            if isinstance(value, float):
+                assert ours["results"][metric] == pytest.approx(value, rel=1e-5, abs=1e-6), (task, metric)
+    assert one["results"][1]["tasks"]["hfp_books_ppl"]["results"] != one["results"][0]["tasks"]["hfp_books_ppl"][
+        "results"], f"{label} should change the perplexity"
+    assert not list((tmp_path / "two" / "cache").glob("*.job.json"))  # the launch's job file is removed
+
+
 # ---------------------------------------------------------------- calibration
 
 

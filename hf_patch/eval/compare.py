@@ -4,7 +4,8 @@ setting, through lm-eval's Python API (`lm_eval.simple_evaluate`).
 Writes under the config's `output_dir`: `results.md` (task x setting, value ± stderr and the change vs full),
 `results.json` and `accuracy_vs_k.png` (each task's metric against k_f, one line per d_f). Every (setting, task)
 result is cached in `cache/<setting>.json` as soon as it is done, and reused by later runs with the same model,
-basis, setting and example count: an interrupted comparison resumes where it stopped.
+basis, setting and example count: an interrupted comparison resumes where it stopped. With a `launch` key
+(`launch: {num_processes: 2}`) each setting runs data-parallel under `accelerate launch` (`hf_patch.eval.launch`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from ..config import (DTYPES, ConfigError, Schema, directory, given, integer, li
 from ..loki.attention import MODES
 from ..loki.calibrate import Calibration
 from ..loki.settings import SweepSetting
+from .launch import Launch
 
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte")
 FULL = "full"
@@ -43,7 +45,8 @@ class BasisPaths(Schema):
 @dataclass
 class CompareConfig(Schema):
     """The `hf-patch compare` config. tasks: task name -> number of examples (null: all); metrics: task -> the
-    metric shown; settings: one `SweepSetting` mapping each (its mode defaults to the config's `mode`)."""
+    metric shown; settings: one `SweepSetting` mapping each (its mode defaults to the config's `mode`); launch:
+    run each setting under `accelerate launch` (`Launch`; empty: in this process)."""
 
     tasks: dict[str, int | None] = setting(parse=mapping_of(optional(integer(1))), factory=dict)
     model: str = setting("smollm2", text)
@@ -59,6 +62,7 @@ class CompareConfig(Schema):
     num_fewshot: int = setting(0, integer(0))
     bootstrap_iters: int = setting(1000, integer(0))
     seed: int = setting(1234, integer(0))
+    launch: dict[str, Any] = setting(parse=given(Launch), factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -156,9 +160,8 @@ def applied_setting(cfg: dict[str, Any], setting: dict[str, Any]) -> SweepSettin
 
 
 def evaluate_setting(cfg: dict[str, Any], setting: dict[str, Any] | None, basis: Path | None) -> dict:
-    """{task: {"limit", "n", "results"}} for one setting, running only the tasks its cache lacks."""
-    from tqdm.auto import tqdm
-
+    """{task: {"limit", "n", "results"}} for one setting, running only the tasks its cache lacks (in this process,
+    or in the processes the config's `launch` starts)."""
     label = setting_label(setting)
     applied = None if setting is None else applied_setting(cfg, setting)
     loki = None if applied is None else {**applied.patch_args(), "rotary": applied.rotary, "basis": str(basis)}
@@ -167,28 +170,47 @@ def evaluate_setting(cfg: dict[str, Any], setting: dict[str, Any] | None, basis:
     path = Path(cfg["output_dir"]) / "cache" / f"{_slug(label)}.json"
     cache = _read_cache(path, key)
     todo = [t for t, n in cfg["tasks"].items() if t not in cache["tasks"] or cache["tasks"][t]["limit"] != n]
-    if todo:
-        from lm_eval import simple_evaluate
-
-        from ..loki.perplexity import resolve_device
-        from .lm_eval_model import LokiHFLM
-
-        local_only = all(t.startswith("hfp_") for t in cfg["tasks"])
-        lm = LokiHFLM(pretrained=str(cfg["model"]), dtype=cfg["dtype"], device=resolve_device(cfg["device"]),
-                      batch_size=cfg["batch_size"], **(loki or {}))
-        for task in tqdm(todo, desc=label, unit="task"):
-            out = simple_evaluate(model=lm, tasks=[task], limit=cfg["tasks"][task], num_fewshot=cfg["num_fewshot"],
-                                  bootstrap_iters=cfg["bootstrap_iters"], task_manager=task_manager(local_only),
-                                  log_samples=False, random_seed=cfg["seed"], numpy_random_seed=cfg["seed"],
-                                  torch_random_seed=cfg["seed"], fewshot_random_seed=cfg["seed"])
-            if task not in out["results"]:
-                raise ValueError(f"{task} is a group or tag: list its tasks one by one in the config's `tasks`")
-            cache["tasks"][task] = {"limit": cfg["tasks"][task], "n": out["n-samples"][task]["effective"],
-                                    "results": out["results"][task]}
-            _write_json(path, cache)
-    else:
+    if not todo:
         print(f"{label}: all {len(cfg['tasks'])} tasks cached in {path}")
+    elif cfg["launch"]:
+        from .launch import run_launched
+
+        job = {"cfg": cfg, "label": label, "loki": loki, "todo": todo, "path": str(path), "key": key}
+        run_launched(cfg["launch"], job)
+        cache = _read_cache(path, key)
+    else:
+        run_tasks(cfg, label, loki, todo, str(path), key)
+        cache = _read_cache(path, key)
     return {t: cache["tasks"][t] for t in cfg["tasks"]}
+
+
+def run_tasks(cfg: dict[str, Any], label: str, loki: dict[str, Any] | None, todo: list[str], path: str,
+              key: dict[str, Any]) -> None:
+    """Evaluate the tasks `todo` with one `hf-loki` model, adding each result to the cache file at `path` as soon
+    as it is done. Under `accelerate launch` every process runs this (the requests are split between them) and
+    the first one writes."""
+    from lm_eval import simple_evaluate
+    from tqdm.auto import tqdm
+
+    from ..loki.perplexity import resolve_device
+    from .lm_eval_model import LokiHFLM
+
+    cache = _read_cache(Path(path), key)
+    local_only = all(t.startswith("hfp_") for t in cfg["tasks"])
+    lm = LokiHFLM(pretrained=str(cfg["model"]), dtype=cfg["dtype"], device=resolve_device(cfg["device"]),
+                  batch_size=cfg["batch_size"], **(loki or {}))
+    for task in tqdm(todo, desc=label, unit="task", disable=lm.rank > 0):
+        out = simple_evaluate(model=lm, tasks=[task], limit=cfg["tasks"][task], num_fewshot=cfg["num_fewshot"],
+                              bootstrap_iters=cfg["bootstrap_iters"], task_manager=task_manager(local_only),
+                              log_samples=False, random_seed=cfg["seed"], numpy_random_seed=cfg["seed"],
+                              torch_random_seed=cfg["seed"], fewshot_random_seed=cfg["seed"])
+        if out is None:  # not the first of the launched processes
+            continue
+        if task not in out["results"]:
+            raise ValueError(f"{task} is a group or tag: list its tasks one by one in the config's `tasks`")
+        cache["tasks"][task] = {"limit": cfg["tasks"][task], "n": out["n-samples"][task]["effective"],
+                                "results": out["results"][task]}
+        _write_json(Path(path), cache)
 
 
 def task_manager(local_only: bool = False):
