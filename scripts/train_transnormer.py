@@ -4,7 +4,13 @@
     python scripts/train_transnormer.py --config configs/transnormer/tiny_cpu.yaml            # TransNormer
     python scripts/train_transnormer.py --config configs/transnormer/tiny_cpu.yaml --model llama
     accelerate launch scripts/train_transnormer.py --config configs/transnormer/100m_gpu.yaml  # one or many GPUs
+    accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 8 scripts/train_transnormer.py ...
+    python scripts/train_transnormer.py --config ... --resume OUT/transnormer/checkpoint-100  # any process count
     python scripts/train_transnormer.py --config ... --prepare-tokens .gpu/books              # token ids only
+
+`batch_size` is the number of windows per optimizer step over all processes (split evenly between them), so a
+config trains the same model on 1 or N devices (DDP or FSDP, configs/accelerate/), up to float rounding, and a
+checkpoint (`save_every`: model files plus accelerate's training state) resumes under another process count.
 
 Both models see the same tokenizer (SmolLM2), token windows in the same order, optimizer, schedule and loss code
 (`fused_loss: true`, the default: `hf_patch.transnormer.CausalLMWithFusedLoss`, the fused linear + cross entropy on
@@ -27,6 +33,7 @@ import numpy as np
 import torch
 
 from hf_patch.config import load_config, override
+from hf_patch.parallel import use_cpu_processes
 from hf_patch.transnormer import CausalLMWithFusedLoss
 
 KEYS = {
@@ -35,6 +42,11 @@ KEYS = {
     "output_dir", "seed", "gradient_checkpointing", "fused_loss",
 }
 MODELS = ("transnormer", "llama")
+# what a resumed run must share with the run that saved the checkpoint: the model and the optimisation (paths,
+# precision, evaluation and saving may change)
+RESUME_KEYS = ("model", "seq_len", "batch_size", "steps", "lr", "warmup_steps", "weight_decay", "betas", "grad_clip",
+               "seed", "fused_loss")
+TRAINING_STATE, TRAINER_STATE = "training_state", "trainer_state.json"
 
 
 # ---------------------------------------------------------------- data
@@ -120,11 +132,13 @@ def build_model(kind: str, cfg: dict, tokenizer):
 
 @torch.no_grad()
 def evaluate(model, accelerator, eval_windows: torch.Tensor, batch_size: int, batches: int) -> float:
-    """Mean token loss over the first `batches` x `batch_size` eval windows, split over the processes."""
+    """Mean token loss over the first `batches` x `batch_size` eval windows, split evenly over the processes (the
+    same windows whatever their number; every process runs as many forwards, as FSDP needs)."""
     model.eval()
     total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
-    chunk = eval_windows[: batches * batch_size * accelerator.num_processes]
-    for ids in chunk[accelerator.process_index :: accelerator.num_processes].split(batch_size):
+    world = accelerator.num_processes
+    chunk = eval_windows[: min(len(eval_windows), batches * batch_size) // world * world]
+    for ids in chunk[accelerator.process_index :: world].split(batch_size // world):
         ids = ids.to(accelerator.device)
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         total += loss.float() * ids.numel()
@@ -134,18 +148,37 @@ def evaluate(model, accelerator, eval_windows: torch.Tensor, batch_size: int, ba
     return (total / count).item()
 
 
-def train(cfg: dict, kind: str) -> Path:
+def make_accelerator(cfg: dict):
+    """accelerate's `Accelerator` for this run (DDP, FSDP, ... as `accelerate launch` set it up), checked: an FSDP
+    launch that accelerate does not apply (it runs FSDP on accelerators only) is refused, not silently DDP."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    use_cpu_processes()  # launched without GPUs: the processes talk over gloo on the CPU
+    # the schedule counts optimizer steps: accelerate would otherwise step it once per process at every step
+    accelerator = Accelerator(mixed_precision=cfg.get("mixed_precision", "no"), step_scheduler_with_optimizer=False)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" \
+            and accelerator.distributed_type != DistributedType.FSDP:
+        raise RuntimeError(f"the launch asked for FSDP but accelerate runs {accelerator.distributed_type} here "
+                           "(it applies FSDP on GPUs and other accelerators only): launch without the FSDP config")
+    world = accelerator.num_processes
+    if cfg["batch_size"] % world:
+        raise ValueError(f"batch_size {cfg['batch_size']} (windows per step over all processes) must be a "
+                         f"multiple of the number of processes ({world})")
+    return accelerator
+
+
+def train(cfg: dict, kind: str, resume: Path | None = None) -> Path:
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
-    accelerator = Accelerator(mixed_precision=cfg.get("mixed_precision", "no"))
+    accelerator = make_accelerator(cfg)
     torch.manual_seed(cfg["seed"])
     tokenizer = AutoTokenizer.from_pretrained(resolve_tokenizer(cfg["tokenizer"]))
     tokens = load_tokens(cfg, tokenizer)
     train_windows, eval_windows = windows(tokens["train"], cfg["seq_len"]), windows(tokens["eval"], cfg["seq_len"])
-    world, per_device = accelerator.num_processes, cfg["batch_size"]
-    order = batch_order(len(train_windows), per_device * world, cfg["steps"], cfg["seed"])
+    world, per_device = accelerator.num_processes, cfg["batch_size"] // accelerator.num_processes
+    order = batch_order(len(train_windows), cfg["batch_size"], cfg["steps"], cfg["seed"])
 
     lm = build_model(kind, cfg, tokenizer)
     if cfg.get("gradient_checkpointing"):
@@ -164,13 +197,14 @@ def train(cfg: dict, kind: str) -> Path:
 
     out = Path(cfg["output_dir"]) / kind
     out.mkdir(parents=True, exist_ok=True)
+    records, first = load_checkpoint(accelerator, resume, cfg, kind) if resume else ([], 1)
     accelerator.print(
         f"{kind}: {params / 1e6:.1f}M parameters, {len(train_windows)} train windows of {cfg['seq_len']}, "
         f"{world} process(es) x batch {per_device}, {cfg['steps']} steps"
+        + (f", resumed from {resume} at step {first}" if resume else "")
     )
-    records: list[dict] = []
-    start = time.perf_counter()
-    bar = tqdm(range(1, cfg["steps"] + 1), disable=not accelerator.is_main_process, desc=kind)
+    start = time.perf_counter() - (records[-1]["elapsed_s"] if records else 0.0)
+    bar = tqdm(range(first, cfg["steps"] + 1), disable=not accelerator.is_main_process, desc=kind)
     for step in bar:
         rows = order[step - 1].view(world, per_device)[accelerator.process_index]
         ids = train_windows[rows].to(accelerator.device)
@@ -184,13 +218,14 @@ def train(cfg: dict, kind: str) -> Path:
         record = {"step": step, "train_loss": accelerator.reduce(loss.detach().float(), "mean").item(),
                   "lr": scheduler.get_last_lr()[0], "tokens": step * per_device * world * cfg["seq_len"]}
         if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
-            record["eval_loss"] = evaluate(model, accelerator, eval_windows, per_device, cfg["eval_batches"])
+            record["eval_loss"] = evaluate(model, accelerator, eval_windows, cfg["batch_size"], cfg["eval_batches"])
         record["elapsed_s"] = time.perf_counter() - start
         records.append(record)
         bar.set_postfix(loss=f"{record['train_loss']:.3f}", **({"eval": f"{record['eval_loss']:.3f}"}
                                                                  if "eval_loss" in record else {}))
         if cfg.get("save_every") and step % cfg["save_every"] == 0 and step != cfg["steps"]:
-            save_checkpoint(accelerator, model, tokenizer, out / f"checkpoint-{step}")
+            save_checkpoint(accelerator, model, tokenizer, out / f"checkpoint-{step}",
+                            {"model": kind, "step": step, "processes": world, "config": cfg, "records": records})
     save_checkpoint(accelerator, model, tokenizer, out / "final")
     if accelerator.is_main_process:
         write_metrics(out, records, {"model": kind, "parameters": params, "config": cfg, "processes": world})
@@ -199,15 +234,42 @@ def train(cfg: dict, kind: str) -> Path:
     return out
 
 
-def save_checkpoint(accelerator, model, tokenizer, path: Path) -> None:
+def save_checkpoint(accelerator, model, tokenizer, path: Path, trainer_state: dict | None = None) -> None:
+    """The model as `save_pretrained` writes it (full weights, gathered from FSDP shards) and the tokenizer; with
+    `trainer_state` also accelerate's training state (`save_state`: model, optimizer, scheduler, RNG; sharded
+    under FSDP) and the trainer's step and records, which `--resume` reads. Every process must call it."""
     accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
     unwrapped = accelerator.unwrap_model(model)
-    lm = unwrapped.lm if isinstance(unwrapped, CausalLMWithFusedLoss) else unwrapped  # not the loss wrapper
-    lm.save_pretrained(
-        path, is_main_process=accelerator.is_main_process, save_function=accelerator.save
-    )
+    lm = unwrapped
+    if isinstance(unwrapped, CausalLMWithFusedLoss):  # save the model, not the loss wrapper
+        lm = unwrapped.lm
+        state_dict = {k.removeprefix("lm."): v for k, v in (state_dict or {}).items()}
+    lm.save_pretrained(path, state_dict=state_dict, is_main_process=accelerator.is_main_process,
+                       save_function=accelerator.save)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(path)
+    if trainer_state is not None:
+        accelerator.save_state(path / TRAINING_STATE)
+        if accelerator.is_main_process:
+            (path / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, path: Path, cfg: dict, kind: str) -> tuple[list[dict], int]:
+    """Restore accelerate's training state from a `save_checkpoint` directory (written under any number of
+    processes); return the records so far and the next step. The run must be the one that wrote it."""
+    trainer_file = Path(path) / TRAINER_STATE
+    if not trainer_file.is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint to resume from (no {TRAINER_STATE}): give a "
+                                "checkpoint-N directory written with save_every")
+    state = json.loads(trainer_file.read_text())
+    changed = [k for k in RESUME_KEYS if state["config"].get(k) != cfg.get(k)]
+    if state["model"] != kind or changed:
+        raise ValueError(f"{path} was written by another run ({state['model']}; differs in "
+                         f"{changed or ['model']}): resume with the config and --model it was trained with")
+    accelerator.load_state(Path(path) / TRAINING_STATE)
+    return state["records"], state["step"] + 1
 
 
 def write_metrics(out: Path, records: list[dict], meta: dict) -> None:
@@ -281,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens-dir", help="override data.tokens_dir (prepared uint16 ids)")
     parser.add_argument("--tokenizer", help="override tokenizer (a local directory)")
     parser.add_argument("--prepare-tokens", metavar="DIR", help="only tokenize the corpus into DIR and exit")
+    parser.add_argument("--resume", metavar="CHECKPOINT", type=Path,
+                        help="continue from a checkpoint-N directory (save_every), under any number of processes")
     args = parser.parse_args(argv)
     cfg = override(load_config(args.config, allowed=KEYS), steps=args.steps, output_dir=args.output_dir,
                    tokenizer=args.tokenizer)
@@ -290,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_tokens(cfg, Path(args.prepare_tokens))
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    train(cfg, args.model)
+    train(cfg, args.model, args.resume)
     return 0
 
 

@@ -136,3 +136,85 @@ def test_two_process_calibration_equals_one(tiny_model_dir, tmp_path):
     torch.testing.assert_close(two.mean, one.mean, rtol=1e-6, atol=1e-7)
     signs = torch.sign((two.components * one.components).sum(-2, keepdim=True))  # eigenvectors' signs are free
     torch.testing.assert_close(two.components * signs, one.components, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- training: DDP and FSDP
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_transnormer.py"
+
+
+def _records(out: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in json.loads((out / "transnormer" / "metrics.json").read_text())["records"]}
+
+
+def _assert_same_steps(got: dict[int, dict], expected: dict[int, dict], steps) -> None:
+    """Train and eval losses and learning rates of `steps` agree to float32 rounding of the gradient sums."""
+    for step in steps:
+        for key in ("train_loss", "eval_loss", "lr"):
+            if key in expected[step]:
+                assert got[step][key] == pytest.approx(expected[step][key], rel=1e-5), (step, key)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    """The tiny training config (6 steps of 4 windows, a checkpoint at step 3) run in this process: its config file
+    and output directory."""
+    from test_transnormer import _load_script, train_setup
+
+    base = tmp_path_factory.mktemp("train")
+    config, _ = train_setup(base, steps=6, save_every=3, eval_every=3)
+    assert _load_script("train_transnormer").main(["--config", str(config), "--output-dir", str(base / "one")]) == 0
+    return config, base / "one"
+
+
+def test_ddp_resumes_a_one_process_checkpoint_with_the_same_losses(one_process_run, tmp_path):
+    """`accelerate launch --config_file configs/accelerate/ddp.yaml` (2 CPU processes, each 2 of the step's 4
+    windows) resumes the one-process checkpoint of step 3: steps 4-6 give the one-process losses, learning rates
+    and eval loss (DDP averages the gradients; the schedule counts optimizer steps)."""
+    config, one = one_process_run
+    launch([str(SCRIPT), "--config", str(config), "--output-dir", str(tmp_path / "ddp"),
+            "--resume", str(one / "transnormer" / "checkpoint-3")], config_file=CONFIGS / "ddp.yaml")
+    run = json.loads((tmp_path / "ddp" / "transnormer" / "metrics.json").read_text())
+    assert run["processes"] == 2 and sorted(_records(tmp_path / "ddp")) == list(range(1, 7))
+    _assert_same_steps(_records(tmp_path / "ddp"), _records(one), range(1, 7))  # 1-3 carried over from the checkpoint
+
+
+def test_fsdp_trains_like_one_process_and_resumes_under_another_count(one_process_run, tmp_path):
+    """configs/accelerate/fsdp.yaml (FSDP2, sharded checkpoints) in 2 CPU processes gives the one-process losses
+    at every step, its final weights (gathered from the shards) equal the one-process ones, and its step-3
+    checkpoint resumes in 1 FSDP process to the same end. accelerate applies FSDP on accelerators only, so the
+    CPU processes run through tests/cpu_fsdp.py, which switches accelerate's state to FSDP with the launch's plugin."""
+    from transformers import AutoModelForCausalLM
+
+    config, one = one_process_run
+    shim = str(Path(__file__).with_name("cpu_fsdp.py"))
+    launch([shim, str(SCRIPT), "--config", str(config), "--output-dir", str(tmp_path / "fsdp")],
+           config_file=CONFIGS / "fsdp.yaml")
+    checkpoint = tmp_path / "fsdp" / "transnormer" / "checkpoint-3"
+    assert (checkpoint / "training_state" / "pytorch_model_fsdp_0").is_dir()  # sharded, not DDP's model file
+    _assert_same_steps(_records(tmp_path / "fsdp"), _records(one), range(1, 7))
+    weights = [AutoModelForCausalLM.from_pretrained(d / "transnormer" / "final").state_dict()
+               for d in (tmp_path / "fsdp", one)]
+    for name, value in weights[1].items():
+        torch.testing.assert_close(weights[0][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+    launch([shim, str(SCRIPT), "--config", str(config), "--output-dir", str(tmp_path / "fsdp1"),
+            "--resume", str(checkpoint)], num_processes=1, config_file=CONFIGS / "fsdp.yaml")
+    assert json.loads((tmp_path / "fsdp1" / "transnormer" / "metrics.json").read_text())["processes"] == 1
+    _assert_same_steps(_records(tmp_path / "fsdp1"), _records(one), range(4, 7))
+
+
+def test_resume_refuses_another_run(one_process_run, tmp_path):
+    from test_transnormer import _load_script
+
+    config, one = one_process_run
+    script = _load_script("train_transnormer")
+    checkpoint = one / "transnormer" / "checkpoint-3"
+    with pytest.raises(ValueError, match=r"another run \(transnormer; differs in \['steps'\]\)"):
+        script.main(["--config", str(config), "--steps", "8", "--output-dir", str(tmp_path / "x"),
+                     "--resume", str(checkpoint)])
+    with pytest.raises(FileNotFoundError, match="not a checkpoint to resume from"):
+        script.main(["--config", str(config), "--output-dir", str(tmp_path / "x"),
+                     "--resume", str(one / "transnormer" / "final")])

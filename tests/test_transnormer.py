@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -376,7 +377,6 @@ def test_tiny_model_overfits_a_small_text():
 
 def _load_script(name: str):
     import importlib.util
-    from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
@@ -385,19 +385,21 @@ def _load_script(name: str):
     return module
 
 
-def test_train_script_runs_both_models(tmp_path):
+def train_setup(tmp_path: Path, **overrides) -> tuple[Path, int]:
+    """A word-level tokenizer, uint16 ids of a repeated 50-word phrase and a tiny training config (`overrides` set
+    on top) under `tmp_path`: (the config file, the vocab size)."""
     import numpy as np
     import yaml
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<eos>", "<unk>"] + [f"w{i}" for i in range(40)]
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    vocab = ["<eos>", "<unk>"] + [f"w{i}" for i in range(40)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", unk_token="<unk>")
     tokenizer.save_pretrained(tmp_path / "tok")
     rng = np.random.default_rng(0)
-    phrase = rng.integers(2, len(words), 50)
+    phrase = rng.integers(2, len(vocab), 50)
     (tmp_path / "ids").mkdir()
     np.save(tmp_path / "ids" / "train.npy", np.tile(phrase, 80).astype(np.uint16))
     np.save(tmp_path / "ids" / "eval.npy", np.tile(phrase, 8).astype(np.uint16))
@@ -407,14 +409,20 @@ def test_train_script_runs_both_models(tmp_path):
         "seq_len": 32, "batch_size": 4, "steps": 12, "lr": 1e-2, "warmup_steps": 2, "weight_decay": 0.0,
         "betas": [0.9, 0.95], "grad_clip": 1.0, "eval_every": 6, "eval_batches": 2, "save_every": 6,
         "mixed_precision": "no", "gradient_checkpointing": False, "output_dir": str(tmp_path / "out"), "seed": 0,
+        **overrides,
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path / "cfg.yaml", len(vocab)
+
+
+def test_train_script_runs_both_models(tmp_path):
+    config, vocab = train_setup(tmp_path)
     script = _load_script("train_transnormer")
     for kind in ("transnormer", "llama"):
-        assert script.main(["--config", str(tmp_path / "cfg.yaml"), "--model", kind]) == 0
+        assert script.main(["--config", str(config), "--model", kind]) == 0
         run = json.loads((tmp_path / "out" / kind / "metrics.json").read_text())
         evals = [r["eval_loss"] for r in run["records"] if "eval_loss" in r]
-        assert len(run["records"]) == 12 and len(evals) == 2 and evals[-1] < math.log(len(words)) - 0.5
+        assert len(run["records"]) == 12 and len(evals) == 2 and evals[-1] < math.log(vocab) - 0.5
         assert (tmp_path / "out" / kind / "checkpoint-6" / "config.json").is_file()
     tn = json.loads((tmp_path / "out" / "transnormer" / "metrics.json").read_text())["parameters"]
     llama = json.loads((tmp_path / "out" / "llama" / "metrics.json").read_text())["parameters"]

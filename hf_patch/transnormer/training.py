@@ -29,10 +29,28 @@ class CausalLMWithFusedLoss(nn.Module):
         self.lm = lm
         self.chunk_size = chunk_size
 
+    # What accelerate's FSDP reads to shard a transformers model, handed on from the wrapped one: its layer classes
+    # (one unit each, `TRANSFORMER_BASED_WRAP`), its base model (whose last norm goes with the head) and embeddings
+    base_model_prefix = "base_model"
+
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        return getattr(self.lm, "_no_split_modules", None)
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self.lm.base_model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.lm.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm.get_output_embeddings()
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **kwargs) -> CausalLMOutputWithPast:
         kwargs = {"use_cache": False, **kwargs}
-        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        head = self.lm.get_output_embeddings()
+        hidden = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        head = self.get_output_embeddings()
         loss = causal_lm_loss(hidden, head.weight, labels, head.bias, chunk_size=self.chunk_size)
         return CausalLMOutputWithPast(loss=loss)
