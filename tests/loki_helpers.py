@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from hf_patch import PCABasis
+from hf_patch.generation import CACHE_KWARG
 
 COMMON = dict(
     vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -39,6 +40,16 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Modu
     model = model_cls(config).eval()
     model.generation_config.eos_token_id = None  # fixed-length generations, comparable token for token
     return model
+
+
+def with_cache(cache) -> dict:
+    """`cache` as the keyword argument of forward / generate in the installed transformers (`cache` from 5.25)."""
+    return {CACHE_KWARG: cache}
+
+
+def output_cache(output):
+    """The cache field of a model or generate output, under the installed transformers' name."""
+    return getattr(output, CACHE_KWARG)
 
 
 def random_basis(layers: int = 2, heads: int = 2, dim: int = 16, seed: int = 0, rotary: str = "pre") -> PCABasis:

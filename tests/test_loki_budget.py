@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from loki_helpers import PLAIN, random_basis, tiny_model
+from loki_helpers import PLAIN, random_basis, tiny_model, with_cache
 
 import hf_patch
 from hf_patch import LokiCache, decode_rows, loki_settings, patch_loki, unpatch
@@ -130,9 +130,9 @@ def test_decode_rows_equal_a_real_decode_loop(gqa_select, settings):
     with decode_rows(model, prompt):
         teacher = model(ids).logits
     cache = LokiCache(model)
-    steps = [model(ids[:, :prompt], past_key_values=cache, use_cache=True).logits]
+    steps = [model(ids[:, :prompt], **with_cache(cache), use_cache=True).logits]
     for i in range(prompt, ids.shape[1]):
-        steps.append(model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
+        steps.append(model(ids[:, i:i + 1], **with_cache(cache), use_cache=True).logits)
     torch.testing.assert_close(teacher, torch.cat(steps, 1), rtol=1e-4, atol=1e-4)
     unpatch(model)
     assert (teacher[:, prompt:] - model(ids).logits[:, prompt:]).abs().max() > 1e-3  # the steps were sparse

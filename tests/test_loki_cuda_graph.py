@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from loki_helpers import PLAIN, random_basis, tiny_model
+from loki_helpers import PLAIN, output_cache, random_basis, tiny_model, with_cache
 
 from hf_patch import LokiCache, is_patched, patch_loki, unpatch
 from hf_patch.loki import cuda_graph
@@ -55,7 +55,7 @@ def test_graphed_generate_equals_eager(steps, gqa_select, budget):
     assert torch.equal(out.sequences, ref.sequences)
     for got, want in zip(out.scores, ref.scores):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert out.past_key_values.get_seq_length() == 30 + 11
+    assert output_cache(out).get_seq_length() == 30 + 11
     if DEVICE == "cuda":
         assert decode_graphs(model).captures == 1
 
@@ -108,10 +108,10 @@ def test_growing_cache_captures_again_and_matches_eager_loop(steps):
         patch_loki(model, random_basis(seed=6), d_frac=0.25, k_frac=0.25, cuda_graph=graph, **PLAIN)
         cache = LokiCache(model)
         with torch.no_grad():
-            model(prompt, past_key_values=cache)
+            model(prompt, **with_cache(cache))
             rows = []
             for token in nxt:
-                rows.append(model(token, past_key_values=cache).logits[:, -1])
+                rows.append(model(token, **with_cache(cache)).logits[:, -1])
                 capacities.add(cache.capacity())
         logits[graph], caches[graph] = torch.stack(rows), cache
     assert len(steps) == 300 and len(capacities) >= 2  # grew during the loop (256, then 384)
@@ -133,14 +133,14 @@ def test_a_cast_model_gets_a_new_graph(steps):
     before = graphs._weights_key()
     cache = LokiCache(model)
     with torch.no_grad():
-        model(torch.tensor([[4, 5, 6]], device=DEVICE), past_key_values=cache)
-        model(torch.tensor([[7]], device=DEVICE), past_key_values=cache)
+        model(torch.tensor([[4, 5, 6]], device=DEVICE), **with_cache(cache))
+        model(torch.tensor([[7]], device=DEVICE), **with_cache(cache))
         assert graphs.captured.key[3] == before == graphs._weights_key()
         model.to(torch.bfloat16)
         assert graphs._weights_key() != before
         cache = LokiCache(model)
-        model(torch.tensor([[4, 5, 6]], device=DEVICE), past_key_values=cache)
-        out = model(torch.tensor([[7]], device=DEVICE), past_key_values=cache)
+        model(torch.tensor([[4, 5, 6]], device=DEVICE), **with_cache(cache))
+        out = model(torch.tensor([[7]], device=DEVICE), **with_cache(cache))
     assert graphs.captured.key[3] == graphs._weights_key() and out.logits.dtype == torch.bfloat16
 
 
@@ -150,13 +150,13 @@ def test_calls_a_graph_cannot_serve_run_the_ordinary_forward(steps):
     cache = LokiCache(model)
     token = torch.tensor([[5]], device=DEVICE)
     with torch.no_grad():
-        model(torch.tensor([[4, 5, 6]], device=DEVICE), past_key_values=cache)  # several tokens: prefill
-        hidden = model(token, past_key_values=cache, output_hidden_states=True)  # hidden states asked for
-        model(token, past_key_values=None)  # no Loki cache
-    model(token, past_key_values=cache)  # gradients on
+        model(torch.tensor([[4, 5, 6]], device=DEVICE), **with_cache(cache))  # several tokens: prefill
+        hidden = model(token, **with_cache(cache), output_hidden_states=True)  # hidden states asked for
+        model(token, **with_cache(None))  # no Loki cache
+    model(token, **with_cache(cache))  # gradients on
     assert steps == [] and hidden.hidden_states is not None and cache.get_seq_length() == 5
     with torch.no_grad():
-        model(token, past_key_values=cache)
+        model(token, **with_cache(cache))
     assert len(steps) == 1 and cache.get_seq_length() == 6
 
 
@@ -165,12 +165,12 @@ def test_mask_that_is_not_left_padding_is_refused(steps):
     patch_loki(model, random_basis(), cuda_graph=True)
     cache = LokiCache(model)
     with torch.no_grad():
-        model(torch.tensor([[4, 5, 6, 7]], device=DEVICE), past_key_values=cache)
+        model(torch.tensor([[4, 5, 6, 7]], device=DEVICE), **with_cache(cache))
         holes = torch.tensor([[1, 0, 1, 1, 1]], device=DEVICE)
         with pytest.raises(ValueError, match="left padding"):
-            model(torch.tensor([[5]], device=DEVICE), past_key_values=cache, attention_mask=holes)
+            model(torch.tensor([[5]], device=DEVICE), **with_cache(cache), attention_mask=holes)
         with pytest.raises(ValueError, match="cache length \\+ 1 = 5"):
-            model(torch.tensor([[5]], device=DEVICE), past_key_values=cache, attention_mask=holes[:, :4])
+            model(torch.tensor([[5]], device=DEVICE), **with_cache(cache), attention_mask=holes[:, :4])
 
 
 def test_left_padding_start():
@@ -185,7 +185,7 @@ def test_device_steps_take_one_token():
     patch_loki(model, random_basis())
     cache = LokiCache(model, capacity=16)
     with torch.no_grad():
-        model(torch.tensor([[4, 5, 6]]), past_key_values=cache)
+        model(torch.tensor([[4, 5, 6]]), **with_cache(cache))
     zero = torch.zeros(1, dtype=torch.int32)
     cache.set_device_steps(DeviceSteps(torch.tensor([3]), zero, zero))
     with pytest.raises(ValueError, match="one token per sequence"):

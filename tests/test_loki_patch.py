@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from loki_helpers import ARCHS, PLAIN, random_basis, tiny_model
+from loki_helpers import ARCHS, PLAIN, output_cache, random_basis, tiny_model, with_cache
 
 import hf_patch
 from hf_patch import LokiCache, patch_loki, unpatch
@@ -51,7 +51,7 @@ def test_decode_mode_prefill_is_exact_attention():
     with torch.no_grad():
         ref = model(x).logits
         patch_loki(model, random_basis(), d_frac=0.25, k_frac=0.25, mode="decode")
-        out = model(x, past_key_values=LokiCache(model)).logits
+        out = model(x, **with_cache(LokiCache(model))).logits
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
 
 
@@ -113,8 +113,8 @@ def test_generate_uses_loki_cache_and_sparse_steps_differ():
     ref = model.generate(x, max_new_tokens=12, do_sample=False)
     patch_loki(model, random_basis(), d_frac=0.25, k_frac=0.1, mode="decode", **PLAIN)
     result = model.generate(x, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
-    assert isinstance(result.past_key_values, LokiCache)
-    assert result.past_key_values.get_seq_length() == 64 + 12 - 1
+    assert isinstance(output_cache(result), LokiCache)
+    assert output_cache(result).get_seq_length() == 64 + 12 - 1
     assert not torch.equal(result.sequences, ref)  # 10% of the tokens: generation really changed
     assert torch.equal(result.sequences[:, :64], x)
 
@@ -143,16 +143,16 @@ def test_cache_appends_in_place_and_stores_rotated_keys():
     cache = LokiCache(model, capacity=64)
     x = tokens(batch=1, length=10)
     with torch.no_grad():
-        model(x, past_key_values=cache)
+        model(x, **with_cache(cache))
         layer = cache.layers[0]
         storage = layer._k.data_ptr()
         for step in range(5):
-            model(tokens(1, 1, seed=step), past_key_values=cache)
+            model(tokens(1, 1, seed=step), **with_cache(cache))
         assert layer._k.data_ptr() == storage  # no reallocation, no copy per step
         assert cache.get_seq_length() == 15 and layer.keys.shape[2] == 15
         # keys are stored rotated: undoing the rotation gives the model's post-RoPE keys
         plain = tiny_model("llama")
-        ref = plain(torch.cat([x] + [tokens(1, 1, seed=s) for s in range(5)], 1), use_cache=True).past_key_values
+        ref = output_cache(plain(torch.cat([x] + [tokens(1, 1, seed=s) for s in range(5)], 1), use_cache=True))
     p = basis.components[0]
     torch.testing.assert_close(layer.keys @ p.transpose(-1, -2), ref.layers[0].keys, atol=1e-5, rtol=1e-5)
     # beside them, the first d' (= max d rounded up to 8, below D) rotated dims as their own contiguous buffer
@@ -162,7 +162,7 @@ def test_cache_appends_in_place_and_stores_rotated_keys():
     assert torch.equal(approx, layer.keys[..., :width]) and approx.data_ptr() == layer._ka.data_ptr()
     without = LokiCache(model, approx_keys=False)
     with torch.no_grad():
-        model(x, past_key_values=without)
+        model(x, **with_cache(without))
     assert not hasattr(without.layers[0].keys, APPROX_KEYS)
     assert torch.equal(without.layers[0].keys, layer.keys[:, :, :10])
 
@@ -173,9 +173,9 @@ def test_cache_grows_geometrically():
     cache = LokiCache(model)
     reallocations, last = 0, None
     with torch.no_grad():
-        model(tokens(1, 4), past_key_values=cache)
+        model(tokens(1, 4), **with_cache(cache))
         for step in range(600):
-            model(tokens(1, 1, seed=step), past_key_values=cache)
+            model(tokens(1, 1, seed=step), **with_cache(cache))
             ptr = cache.layers[0]._k.data_ptr()
             reallocations += ptr != last
             last = ptr
@@ -272,10 +272,10 @@ def test_decode_kernel_path_equals_dense_path(gqa_select, d_policy, budget):
     logits = []
     with torch.no_grad():
         for cache in (LokiCache(model), DynamicCache(config=model.config)):
-            model(x, attention_mask=mask, past_key_values=cache)
+            model(x, attention_mask=mask, **with_cache(cache))
             m, steps = mask, []
             for step in range(4):
                 m = torch.cat([m, torch.ones(2, 1, dtype=m.dtype)], 1)
-                steps.append(model(tokens(2, 1, seed=10 + step), attention_mask=m, past_key_values=cache).logits)
+                steps.append(model(tokens(2, 1, seed=10 + step), attention_mask=m, **with_cache(cache)).logits)
             logits.append(torch.cat(steps, 1))
     torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)

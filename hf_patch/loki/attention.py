@@ -9,6 +9,7 @@ import warnings
 
 import torch
 import torch.nn as nn
+import transformers
 
 from .budget import Budget
 from .layer import APPROX_KEYS, KV_BOUNDS, KV_HOST_LEN, ROTATED_FLAG, LokiLayer, on_mask, visible_keys
@@ -163,6 +164,12 @@ def loki_attention_forward(
 
     loki: LokiLayer = module.hf_patch_loki
     keys_rotated = getattr(key, ROTATED_FLAG, False)
+    if loki.require_loki_cache and not keys_rotated:
+        raise RuntimeError(
+            f"generate on a Loki-patched model (mode 'decode') ran layer {module.layer_idx} on a cache that is not a "
+            "LokiCache, so its decode steps would silently leave Loki's fast path: transformers "
+            f"{transformers.__version__} does not generate on the cache hf_patch hands it. Use a transformers "
+            "release in hf-patch's tested range (README, 'Supported Transformers releases').")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     t = query.shape[2]
     multirow_dense = loki.mode == "decode" and t > 1 and loki.sparse_from is None

@@ -196,8 +196,8 @@ class LokiCacheLayer(CacheLayerMixin):
 class LokiCache(Cache):
     """Cache for a model patched with Loki: one `LokiCacheLayer` per attention layer.
 
-    `generate` builds one automatically on a patched model; pass one yourself as `past_key_values=LokiCache(model)`
-    for manual decoding loops. `capacity` preallocates that many tokens per layer. `approx_keys` keeps the narrow
+    A patched model's `generate` runs on one it builds (`hf_patch.loki.generate`); pass one yourself as
+    `cache=LokiCache(model)` (`past_key_values=` before transformers 5.25) for manual decoding loops. `capacity` preallocates that many tokens per layer. `approx_keys` keeps the narrow
     copy of the first d' rotated key dims that the decode kernel scores from (+d'/D of the key memory).
     """
 

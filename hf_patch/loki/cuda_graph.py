@@ -20,12 +20,13 @@ import torch.nn as nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import step_graphs
+from ..generation import CACHE_KWARG, CACHE_NAMES, find_cache
 from .cache import DeviceSteps, LokiCache
 
 RUN_ON_CPU = False  # tests: run the device-steps body eagerly on the CPU (no graph), same host logic
-# forward() arguments a replayed step takes; any other argument, unless None or False (e.g. output_attentions,
-# inputs_embeds), sends the call to the ordinary forward
-_STEP_ARGS = {"input_ids", "attention_mask", "position_ids", "past_key_values", "cache_position", "use_cache",
+# forward() arguments a replayed step takes (the cache under either name); any other argument, unless None or False
+# (e.g. output_attentions, inputs_embeds), sends the call to the ordinary forward
+_STEP_ARGS = {"input_ids", "attention_mask", "position_ids", *CACHE_NAMES, "cache_position", "use_cache",
               "return_dict", "logits_to_keep"}
 
 
@@ -68,7 +69,7 @@ class DecodeGraphs:
 
     def eligible(self, kwargs: dict) -> bool:
         """Whether a forward call with these arguments can replay a graph."""
-        ids, cache = kwargs.get("input_ids"), kwargs.get("past_key_values")
+        ids, cache = kwargs.get("input_ids"), find_cache(kwargs)
         if torch.is_grad_enabled() or ids is None or ids.dim() != 2 or ids.shape[1] != 1:
             return False
         if not (ids.is_cuda or RUN_ON_CPU) or not isinstance(cache, LokiCache):
@@ -80,11 +81,12 @@ class DecodeGraphs:
         lengths = {layer.length for layer in cache.layers}
         return all(layer.is_initialized for layer in cache.layers) and len(lengths) == 1 and lengths != {0}
 
-    def step(self, input_ids: torch.Tensor, past_key_values: LokiCache, attention_mask: torch.Tensor | None = None,
-             position_ids: torch.Tensor | None = None, cache_position: torch.Tensor | None = None,
-             logits_to_keep: int | torch.Tensor = 0, **_) -> CausalLMOutputWithPast:
-        """The forward of one token per sequence: input_ids [B, 1] -> logits [B, 1, V] (the cache advances)."""
-        cache, batch = past_key_values, input_ids.shape[0]
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             position_ids: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
+             **kwargs) -> CausalLMOutputWithPast:
+        """The forward of one token per sequence: input_ids [B, 1] -> logits [B, 1, V] (the cache, passed as
+        `cache` or `past_key_values`, advances)."""
+        cache, batch = find_cache(kwargs), input_ids.shape[0]
         length = cache.get_seq_length()
         start = left_padding_start(attention_mask, batch, length + 1)
         cache.reserve(length + 1)
@@ -113,7 +115,7 @@ class DecodeGraphs:
             logits = cap.logits.clone()
         cap.next_position = length + 1
         cache.advance(1)
-        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})
 
     def _weights_key(self) -> tuple:
         """Addresses and dtype of the input and output embeddings: a model moved or cast after a capture (which
@@ -135,7 +137,7 @@ class DecodeGraphs:
         """The step as device work only: the valid range ends after this token; the model's forward with the
         cache in device-steps mode; the write position moves on."""
         cap.steps.kv_end.copy_(cap.steps.position.expand_as(cap.steps.kv_end)).add_(1)
-        out = self.forward(input_ids=cap.input_ids, position_ids=cap.position_ids, past_key_values=cache,
+        out = self.forward(input_ids=cap.input_ids, position_ids=cap.position_ids, **{CACHE_KWARG: cache},
                            cache_position=cap.steps.position, use_cache=True, logits_to_keep=logits_to_keep)
         cap.steps.position.add_(1)
         return out.logits

@@ -29,6 +29,8 @@ class LokiLayer:
     its query heads of the approximate scores); dense: the layer keeps full attention (`dense_layers`).
     sparse_from: int64 [B] or None, set only inside `decode_rows`: in a multi-row forward, the rows whose key
     index is below sparse_from[b] attend densely and the others with Loki, as if each were a generated token.
+    require_loki_cache: set while a patched model's `generate` runs in mode "decode" (`hf_patch.loki.generate`):
+    keys that did not come from a `LokiCache` are then an error, not a silent fall-back to the slow path.
     """
 
     components: torch.Tensor
@@ -38,6 +40,7 @@ class LokiLayer:
     gqa_select: str = "query"
     dense: bool = False
     sparse_from: torch.Tensor | None = None
+    require_loki_cache: bool = False
     warned: bool = field(default=False, repr=False)
     _on_device: dict = field(default_factory=dict, repr=False)
 

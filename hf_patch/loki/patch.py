@@ -13,6 +13,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from . import cuda_graph as graphs
+from . import generate
 from .arch import PREVIOUS_ATTN, attention_layers, is_patched, key_shape, loki_layers
 from .attention import ATTENTION_NAME, loki_attention_forward
 from .basis import PCABasis
@@ -98,7 +99,7 @@ def patch_loki(
     setattr(model, SETTINGS, {"d_frac": float(d_frac), **budget.describe(), "mode": mode, "d_policy": d_policy,
                               "gqa_select": gqa_select, "dense_layers": sorted(dense)})
     model.set_attn_implementation(ATTENTION_NAME)
-    _install_generation_cache(model)
+    generate.install(model)
     graphs.remove(model)  # a graph captured under the previous settings must not replay
     if cuda_graph:
         graphs.install(model)
@@ -130,7 +131,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     model.set_attn_implementation(getattr(model, PREVIOUS_ATTN))
     delattr(model, PREVIOUS_ATTN)
     model.__dict__.pop(SETTINGS, None)
-    model.__dict__.pop("_prepare_cache_for_generation", None)
+    generate.remove(model)
     graphs.remove(model)
     return model
 
@@ -151,23 +152,3 @@ def decode_rows(model: nn.Module, start: torch.Tensor | Sequence[int] | int) -> 
     finally:
         for layer in layers:
             layer.sparse_from = None
-
-
-def _install_generation_cache(model: nn.Module) -> None:
-    """Have `generate` build a `LokiCache` where it would build its default `DynamicCache`."""
-    from transformers.cache_utils import DynamicCache
-
-    from .cache import LokiCache
-
-    if not hasattr(type(model), "_prepare_cache_for_generation"):  # a model that does not generate (AutoModel)
-        return
-    original = type(model)._prepare_cache_for_generation.__get__(model)
-
-    def prepare(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs):
-        result = original(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
-        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-            model_kwargs["past_key_values"] = LokiCache(model, capacity=max_cache_length)
-        return result
-
-    model._prepare_cache_for_generation = prepare

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ..config import DTYPES, ConfigError, Schema, integer, list_of, optional, setting
 from ..data.packing import batched, token_windows
+from ..generation import CACHE_KWARG
 from .calibrate import check_dataset
 
 
@@ -133,14 +134,14 @@ def decode_perplexity(
         if not 0 < prefix < ids.shape[1] - 1:
             raise ValueError(f"prefix={prefix} must leave at least one scored token in windows of {ids.shape[1]}")
         cache = DynamicCache()
-        model(input_ids=ids[:, :prefix], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, :prefix], **{CACHE_KWARG: cache}, use_cache=True)
         for name, patch in settings:
             start = time.perf_counter()
             if patch is not None:
                 patch(model)
             rows = decode_rows(model, prefix) if patch is not None else contextlib.nullcontext()
             with rows:
-                logits = model(input_ids=ids[:, prefix:-1], past_key_values=cache, use_cache=True).logits
+                logits = model(input_ids=ids[:, prefix:-1], **{CACHE_KWARG: cache}, use_cache=True).logits
             if patch is not None:
                 unpatch(model)
             cache.crop(-logits.shape[1])  # drop the scored rows again (a negative count: every release)
