@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
 import hf_patch  # noqa: F401  (registers the Auto classes)
 from hf_patch.transnormer import (
@@ -19,6 +19,7 @@ from hf_patch.transnormer import (
     TransNormerModel,
     convert_official_checkpoint,
 )
+from hf_patch.generation import CACHE_KWARG
 from hf_patch.transnormer import srmsnorm
 from hf_patch.transnormer.decay import alibi_slopes, layer_decays
 from hf_patch.transnormer.srmsnorm import srms_norm
@@ -211,13 +212,13 @@ def test_cache_state_is_constant_size_and_continues_the_sequence():
     with torch.no_grad():
         full = model(ids).logits
         out = model(ids[:, :13], use_cache=True)
-        cache = out.past_key_values
+        cache = getattr(out, CACHE_KWARG)
         assert isinstance(cache, TransNormerCache) and cache.get_seq_length() == 13
         shapes = [tuple(s.shape) for s in cache.states]
         pieces = [out.logits]
         for t in range(13, 17):  # token by token (the O(1) step)
-            pieces.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
-        pieces.append(model(ids[:, 17:], past_key_values=cache, use_cache=True).logits)  # a chunk from a state
+            pieces.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+        pieces.append(model(ids[:, 17:], cache=cache, use_cache=True).logits)  # a chunk from a state
     assert [tuple(s.shape) for s in cache.states] == shapes == [(2, 4, 16, 8)] + [(2, 4, 8, 8)] * 2
     assert all(s.dtype == torch.float32 for s in cache.states) and cache.get_seq_length() == 20
     assert torch.allclose(torch.cat(pieces, 1), full, atol=1e-5)
@@ -265,9 +266,42 @@ def test_padding_does_not_disturb_the_state():
     with torch.no_grad():
         a = model(real, use_cache=True)
         b = model(padded, attention_mask=mask, use_cache=True)
-    for s_a, s_b in zip(a.past_key_values.states, b.past_key_values.states):
+    for s_a, s_b in zip(getattr(a, CACHE_KWARG).states, getattr(b, CACHE_KWARG).states):
         assert torch.allclose(s_a, s_b, atol=1e-5)
     assert torch.allclose(a.logits, b.logits[:, 4:], atol=1e-5)
+
+
+def test_forward_takes_the_cache_under_either_name():
+    """`cache` (transformers >= 5.25) and `past_key_values` (its name before) are one argument on every release."""
+    model = tiny_model()
+    ids = torch.randint(1, TINY["vocab_size"], (2, 9))
+    with torch.no_grad():
+        full = model(ids).logits[:, 8:]
+        for name in ("cache", "past_key_values"):
+            state = getattr(model(ids[:, :8], use_cache=True), CACHE_KWARG)
+            out = model(ids[:, 8:], use_cache=True, **{name: state})
+            assert getattr(out, CACHE_KWARG) is state and state.get_seq_length() == 9
+            assert torch.allclose(out.logits, full, atol=1e-5), name
+        with pytest.raises(ValueError, match="pass the cache once"):
+            model(ids[:, 8:], cache=state, past_key_values=state)
+
+
+def test_generate_runs_on_a_transnormer_cache_and_refuses_any_other():
+    model = tiny_model()
+    ids = torch.randint(1, TINY["vocab_size"], (1, 6))
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(getattr(out, CACHE_KWARG), TransNormerCache)
+    assert getattr(out, CACHE_KWARG).get_seq_length() == 6 + 4 - 1
+    for name in ("cache", "past_key_values"):  # a cache of one's own, under either name
+        mine = TransNormerCache(TINY["num_hidden_layers"])
+        again = model.generate(ids, max_new_tokens=4, do_sample=False, **{name: mine})
+        assert torch.equal(again, out.sequences) and mine.get_seq_length() == 9
+    with pytest.raises(ValueError, match="runs on a TransNormerCache, got a DynamicCache"):
+        model.generate(ids, max_new_tokens=4, **{CACHE_KWARG: DynamicCache()})
+    with pytest.raises(ValueError, match="cache_implementation='static'"):
+        model.generate(ids, max_new_tokens=4, cache_implementation="static")
+    with pytest.raises(ValueError, match="(?i)assist"):  # a recurrent state cannot roll back drafted tokens
+        model.generate(ids, max_new_tokens=4, assistant_model=tiny_model(seed=1))
 
 
 # ---------------------------------------------------------------- save / load and the published checkpoints

@@ -13,6 +13,7 @@ class TransNormerCache(Cache):
     """
 
     is_compileable = False
+    is_croppable = False  # no rollback: transformers >= 5.25 refuses assisted generation on it (older: `_is_stateful`)
 
     def __init__(self, num_layers: int):
         super().__init__(layers=[])

@@ -7,6 +7,7 @@ from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
 from ..config import ConfigError, as_int, positive
+from ..generation import CACHE_KWARG
 
 # Published TransNormerLLM config field -> our field (transformers' standard names where one exists).
 PUBLISHED_NAMES: dict[str, str] = {
@@ -64,7 +65,7 @@ class TransNormerConfig(PreTrainedConfig):
     """
 
     model_type = "transnormer"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = [CACHE_KWARG]  # the output field Trainer leaves out of predictions
 
     def __init__(
         self,

@@ -15,6 +15,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .. import kernels
+from ..generation import CACHE_KWARG, CACHE_NAMES, find_cache, generate_kwargs
 from .cache import TransNormerCache
 from .configuration_transnormer import TransNormerConfig
 from .decay import layer_decays
@@ -146,10 +147,10 @@ class TransNormerDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         decay: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
-        past_key_values: TransNormerCache | None = None,
+        cache: TransNormerCache | None = None,
     ) -> torch.Tensor:
         hidden_states = hidden_states + self.token_mixer(
-            self.token_norm(hidden_states), decay, padding_mask=padding_mask, cache=past_key_values
+            self.token_norm(hidden_states), decay, padding_mask=padding_mask, cache=cache
         )
         return hidden_states + self.channel_mixer(self.channel_norm(hidden_states))
 
@@ -160,13 +161,8 @@ class TransNormerPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["TransNormerDecoderLayer"]
-    _skip_keys_device_placement = "past_key_values"
-    _is_stateful = True  # a recurrent state: no rollback, so no assisted generation
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        """`generate` must not build a DynamicCache: the model creates its own `TransNormerCache`."""
-        return False
+    _skip_keys_device_placement = list(CACHE_NAMES)
+    _is_stateful = True  # a recurrent state: no rollback, so no assisted generation (read by transformers < 5.25)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -210,19 +206,23 @@ class TransNormerModel(TransNormerPreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: TransNormerCache | None = None,
+        cache: TransNormerCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: TransNormerCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """attention_mask [B, past + T] or [B, T]: 1 = token, 0 = padding (left padding for batched generation).
+        cache: the recurrent state to continue from and update (`past_key_values`, its name before transformers
+        5.25, is accepted too); the output returns it under the installed release's name (`CACHE_KWARG`).
 
         `position_ids` and other generation keywords are accepted and ignored: positions only enter through the
         decay (relative) and LRPE (relative), so left padding needs no position shift.
         """
+        cache = find_cache({"cache": cache, "past_key_values": past_key_values})
         if output_attentions:
             raise ValueError("TransNormer has no attention matrix to return; call with output_attentions=False")
         if (input_ids is None) == (inputs_embeds is None):
@@ -237,33 +237,30 @@ class TransNormerModel(TransNormerPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch, length = inputs_embeds.shape[:2]
-        if past_key_values is not None and not isinstance(past_key_values, TransNormerCache):
+        if cache is not None and not isinstance(cache, TransNormerCache):
             raise TypeError(
-                f"past_key_values must be a TransNormerCache, got {type(past_key_values).__name__}; pass None and "
-                "the model creates one"
+                f"the cache must be a TransNormerCache, got {type(cache).__name__}; pass None and the model creates one"
             )
-        if use_cache and past_key_values is None:
-            past_key_values = TransNormerCache(self.config.num_hidden_layers)
+        if use_cache and cache is None:
+            cache = TransNormerCache(self.config.num_hidden_layers)
         if not use_cache:
-            past_key_values = None
+            cache = None
 
         padding_mask = _padding_mask(attention_mask, batch, length)
         decays = self.decays(inputs_embeds.device)
         hidden_states = inputs_embeds * self.embed_scale
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer_idx, layer in enumerate(self.layers):
-            hidden_states = layer(
-                hidden_states, decays[layer_idx], padding_mask=padding_mask, past_key_values=past_key_values
-            )
+            hidden_states = layer(hidden_states, decays[layer_idx], padding_mask=padding_mask, cache=cache)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         hidden_states = self.final_norm(hidden_states)
         if output_hidden_states:  # like Llama: the last entry is after the final norm
             all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
-        if past_key_values is not None:
-            past_key_values.advance(length)
+        if cache is not None:
+            cache.advance(length)
         output = BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=past_key_values, hidden_states=all_hidden_states
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_KWARG: cache}
         )
         return output if return_dict else output.to_tuple()
 
@@ -304,11 +301,19 @@ class TransNormerForCausalLM(TransNormerPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
 
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate` on a `TransNormerCache` (the recurrent state), passed through its cache argument
+        unless the call brings one or caches nothing (use_cache=False); another cache or a `cache_implementation`
+        is refused (a recurrent model has no KV cache to build)."""
+        kwargs, _ = generate_kwargs(self, args, kwargs, TransNormerCache,
+                                    lambda capacity: TransNormerCache(self.config.num_hidden_layers))
+        return super().generate(*args, **kwargs)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: TransNormerCache | None = None,
+        cache: TransNormerCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -316,6 +321,7 @@ class TransNormerForCausalLM(TransNormerPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: TransNormerCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """labels [B, T] (-100 = ignored) give the mean next-token loss; they are shifted inside, as in Llama.
@@ -325,11 +331,13 @@ class TransNormerForCausalLM(TransNormerPreTrainedModel, GenerationMixin):
         entropy on the last hidden state: the same loss without [B, T, vocab] logits).
 
         logits_to_keep: an int keeps the last that many positions' logits (0 = all); a tensor selects positions.
+        cache / past_key_values: as in `TransNormerModel.forward`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
+            cache=cache,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
@@ -344,6 +352,6 @@ class TransNormerForCausalLM(TransNormerPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         output = CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_KWARG: getattr(outputs, CACHE_KWARG)}
         )
         return output if return_dict else output.to_tuple()
