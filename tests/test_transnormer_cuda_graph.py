@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_patch.generation import CACHE_KWARG
 from hf_patch.transnormer import TransNormerCache, TransNormerConfig, TransNormerForCausalLM, cuda_graph
 from hf_patch.transnormer.cuda_graph import (
     TransNormerGraphs,
@@ -69,7 +70,7 @@ def test_graphed_generation_equals_eager(steps):
         assert torch.equal(out.sequences, ref.sequences)
         for got, want in zip(out.scores, ref.scores):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    first, second = (o.past_key_values for o in outs)
+    first, second = (getattr(o, CACHE_KWARG) for o in outs)
     assert first.get_seq_length() == second.get_seq_length() == 14 + 9
     for a, b in zip(first.states, second.states):
         assert a.data_ptr() != b.data_ptr() and torch.allclose(a, b, atol=1e-6)
@@ -107,7 +108,7 @@ def test_calls_a_graph_cannot_serve_run_the_ordinary_forward(steps):
     model = enable_graph_decoding(tiny_model())
     ids = torch.randint(1, TINY["vocab_size"], (2, 8)).to(DEVICE)
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = getattr(model(ids, use_cache=True), CACHE_KWARG)
         model(ids[:, :2], past_key_values=cache)
         model(ids[:, :1], past_key_values=cache, output_hidden_states=True)
         model(ids[:, :1])

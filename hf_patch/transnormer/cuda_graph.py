@@ -18,11 +18,13 @@ import torch.nn as nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import step_graphs
+from ..generation import CACHE_KWARG, CACHE_NAMES, find_cache
 from .cache import TransNormerCache
 
 RUN_ON_CPU = False  # tests: run the step body eagerly on the CPU (no graph), same buffers and host logic
-# forward() arguments a graphed step takes; any other argument, unless None or False, goes to the ordinary forward
-_STEP_ARGS = {"input_ids", "attention_mask", "position_ids", "past_key_values", "cache_position", "use_cache",
+# forward() arguments a graphed step takes (the cache under either name); any other argument, unless None or False,
+# goes to the ordinary forward
+_STEP_ARGS = {"input_ids", "attention_mask", "position_ids", *CACHE_NAMES, "cache_position", "use_cache",
               "return_dict", "logits_to_keep"}
 
 
@@ -49,7 +51,7 @@ class TransNormerGraphs:
 
     def eligible(self, kwargs: dict) -> bool:
         """Whether a forward call with these arguments can replay a graph."""
-        ids, cache = kwargs.get("input_ids"), kwargs.get("past_key_values")
+        ids, cache = kwargs.get("input_ids"), find_cache(kwargs)
         if torch.is_grad_enabled() or ids is None or ids.dim() != 2 or ids.shape[1] != 1:
             return False
         if not (ids.is_cuda or RUN_ON_CPU) or not isinstance(cache, TransNormerCache):
@@ -60,11 +62,11 @@ class TransNormerGraphs:
             return False
         return cache.seen_tokens > 0 and all(state is not None for state in cache.states)
 
-    def step(self, input_ids: torch.Tensor, past_key_values: TransNormerCache,
-             attention_mask: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
-             **_) -> CausalLMOutputWithPast:
-        """The forward of one token per sequence: input_ids [B, 1] -> logits [B, 1, V] (the cache advances)."""
-        cache, batch = past_key_values, input_ids.shape[0]
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             logits_to_keep: int | torch.Tensor = 0, **kwargs) -> CausalLMOutputWithPast:
+        """The forward of one token per sequence: input_ids [B, 1] -> logits [B, 1, V] (the cache, passed as
+        `cache` or `past_key_values`, advances)."""
+        cache, batch = find_cache(kwargs), input_ids.shape[0]
         model = self.forward.__self__
         weights = (model.get_input_embeddings().weight, model.get_output_embeddings().weight)
         key = (batch, tuple(s.data_ptr() for s in cache.states), tuple(w.data_ptr() for w in weights),
@@ -94,10 +96,10 @@ class TransNormerGraphs:
         finally:
             cache.device_position = None
         cache.advance(1)
-        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})
 
     def _body(self, cap: _Captured, cache: TransNormerCache, logits_to_keep) -> torch.Tensor:
-        out = self.forward(input_ids=cap.input_ids, attention_mask=cap.padding, past_key_values=cache,
+        out = self.forward(input_ids=cap.input_ids, attention_mask=cap.padding, cache=cache,
                            use_cache=True, logits_to_keep=logits_to_keep)
         return out.logits
 
