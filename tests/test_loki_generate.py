@@ -18,20 +18,20 @@ def ids(length: int = 20, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, 97, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
-def patched(mode: str = "decode") -> torch.nn.Module:
-    model = tiny_model("llama", seed=3)
+def patched(mode: str = "decode", **config) -> torch.nn.Module:
+    model = tiny_model("llama", seed=3, **config)
     patch_loki(model, random_basis(seed=2), d_frac=0.5, k_frac=0.3, mode=mode, **PLAIN)
     return model
 
 
-@pytest.mark.parametrize("mode", ["decode", "all"])
-def test_generate_builds_a_loki_cache_sized_for_the_generation(mode):
-    model, x = patched(mode), ids(64)
-    out = model.generate(x, max_new_tokens=200, do_sample=False, return_dict_in_generate=True)
+def test_generate_builds_a_loki_cache_sized_for_the_generation():
+    model, x = patched("decode", max_position_embeddings=1024), ids(740)
+    out = model.generate(x, max_new_tokens=40, do_sample=False, return_dict_in_generate=True)
     cache = output_cache(out)
-    assert isinstance(cache, LokiCache) and cache.get_seq_length() == 64 + 200 - 1
-    # sized once for prompt + new tokens (264 -> 512); grown from the prompt it would end at 384 (256 * 1.5)
-    assert cache.capacity() == 512
+    assert isinstance(cache, LokiCache) and cache.get_seq_length() == 740 + 40 - 1
+    # sized once for prompt + new tokens (780 -> 1024, in steps of 256); sized for the prompt alone (768), it would
+    # have grown by half at the 769th token (1152 -> 1280)
+    assert cache.capacity() == 1024
 
 
 def test_generate_takes_a_loki_cache_under_either_name():
@@ -56,7 +56,9 @@ def test_decode_mode_refuses_any_other_cache_up_front():
 def test_mode_all_generates_on_other_caches_too():
     """Mode "all" runs Loki on every row, whatever holds the keys: another cache is slower, not different."""
     model, x = patched("all"), ids()
-    ref = model.generate(x, max_new_tokens=6, do_sample=False)
+    ref = model.generate(x, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(output_cache(ref), LokiCache)  # the default, as in mode "decode"
+    ref = ref.sequences
     dynamic = model.generate(x, max_new_tokens=6, do_sample=False, **{CACHE_KWARG: DynamicCache(config=model.config)})
     assert torch.equal(dynamic, ref)
 

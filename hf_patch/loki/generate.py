@@ -12,7 +12,7 @@ import contextlib
 import functools
 from collections.abc import Iterator
 
-import torch.nn as nn
+from torch import nn
 
 from ..generation import generate_kwargs
 from .arch import loki_layers

@@ -161,7 +161,7 @@ class TransNormerPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["TransNormerDecoderLayer"]
-    _skip_keys_device_placement = list(CACHE_NAMES)
+    _skip_keys_device_placement = CACHE_NAMES  # the cache, under either name, stays where it is
     _is_stateful = True  # a recurrent state: no rollback, so no assisted generation (read by transformers < 5.25)
 
     @torch.no_grad()
