@@ -197,8 +197,9 @@ class LokiCache(Cache):
     """Cache for a model patched with Loki: one `LokiCacheLayer` per attention layer.
 
     A patched model's `generate` runs on one it builds (`hf_patch.loki.generate`); pass one yourself as
-    `cache=LokiCache(model)` (`past_key_values=` before transformers 5.25) for manual decoding loops. `capacity` preallocates that many tokens per layer. `approx_keys` keeps the narrow
-    copy of the first d' rotated key dims that the decode kernel scores from (+d'/D of the key memory).
+    `cache=LokiCache(model)` (`past_key_values=` before transformers 5.25) for manual decoding loops. `capacity`
+    preallocates that many tokens per layer. `approx_keys` keeps the narrow copy of the first d' rotated key dims
+    that the decode kernel scores from (+d'/D of the key memory).
     """
 
     def __init__(self, model: torch.nn.Module, capacity: int = 0, approx_keys: bool = True):

@@ -351,7 +351,6 @@ class TransNormerForCausalLM(TransNormerPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        output = CausalLMOutputWithPast(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_KWARG: getattr(outputs, CACHE_KWARG)}
-        )
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                        **{CACHE_KWARG: getattr(outputs, CACHE_KWARG)})
         return output if return_dict else output.to_tuple()
