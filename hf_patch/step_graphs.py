@@ -14,7 +14,38 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .generation import CACHE_NAMES, find_cache
+
 _RUNNER = "_hf_patch_step_runner"  # attribute of the wrapped forward: its runner
+# forward() arguments a graphed step takes; any other argument, unless None or False (e.g. output_attentions,
+# inputs_embeds), sends the call to the ordinary forward
+STEP_ARGS = {"input_ids", "attention_mask", "position_ids", *CACHE_NAMES, "cache_position", "use_cache",
+             "return_dict", "logits_to_keep"}
+
+
+class StepRunner:
+    """Base of a graph runner: the model's own (bound) forward, the captured step, the capture stream and count."""
+
+    def __init__(self, forward: Callable):
+        self.forward = forward
+        self.captured = None
+        self.stream: torch.cuda.Stream | None = None
+        self.captures = 0  # how many graphs were captured (tests and benchmarks read it)
+
+
+def one_token_cache(kwargs: dict, cache_type: type, run_on_cpu: bool) -> Any | None:
+    """The cache of a forward call (keyword arguments) that a graphed step can serve: one token per sequence, no
+    gradients, a `cache_type` cache, CUDA inputs (or `run_on_cpu`), nothing else asked for; else None."""
+    ids, cache = kwargs.get("input_ids"), find_cache(kwargs)
+    if torch.is_grad_enabled() or ids is None or ids.dim() != 2 or ids.shape[1] != 1:
+        return None
+    if not (ids.is_cuda or run_on_cpu) or not isinstance(cache, cache_type):
+        return None
+    if kwargs.get("use_cache") is False or kwargs.get("return_dict") is False:
+        return None
+    if any(value is not None and value is not False for name, value in kwargs.items() if name not in STEP_ARGS):
+        return None
+    return cache
 
 
 def wrap_forward(model: nn.Module, make_runner: Callable[[Callable], Any]) -> None:

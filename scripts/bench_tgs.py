@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""TGS (tokens per GPU per second) of a full training step, TransNormer vs the same-size Llama (SDPA), and the
-TransNormer's per-token generation latency against prompt length (the Lightning Attention-2 paper's tables).
+"""TGS (tokens per GPU per second) of a full training step, TransNormer vs the same-size Llama (SDPA) (the Lightning
+Attention-2 paper's table). Decode latency against prompt length: scripts/bench_transnormer_decode.py.
 
     python scripts/bench_tgs.py --config configs/transnormer/100m_gpu.yaml --out tgs.json
 
@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -136,47 +135,6 @@ def profile_step(model_cfg: dict, seq_len: int, tokens_per_step: int, loss_kind:
 
 
 @torch.no_grad()
-def bench_generation(model_cfg: dict, kinds: list[str], prompts: list[int], new_tokens: int) -> list[dict]:
-    """Median per-token decode latency (batch 1, bf16 weights) after a prompt of each length."""
-    rows = []
-    for kind in kinds:
-        model = build(kind, model_cfg, max(prompts) + new_tokens + 1, "cuda").to(torch.bfloat16).eval()
-        for length in prompts:
-            prompt = torch.randint(0, VOCAB, (1, length), device="cuda")
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = model(prompt, use_cache=True, logits_to_keep=1)
-            torch.cuda.synchronize()
-            prefill_ms = (time.perf_counter() - t0) * 1e3
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            times = []
-            for _ in range(new_tokens):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = model(token, past_key_values=cache, use_cache=True)
-                end.record()
-                token = out.logits[:, -1:].argmax(-1)
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            times = sorted(times[2:])  # the first steps warm up
-            state_mb = cache_megabytes(cache)
-            row = {"model": kind, "prompt": length, "prefill_ms": round(prefill_ms, 1),
-                   "ms_per_token": round(times[len(times) // 2], 3), "cache_MB": round(state_mb, 1)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            del cache, out
-            torch.cuda.empty_cache()
-        del model
-    return rows
-
-
-def cache_megabytes(cache) -> float:
-    tensors = getattr(cache, "states", None)
-    if tensors is None:  # a transformers DynamicCache
-        tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None) / 1e6
-
-
 def check_cuda_path(model_cfg: dict) -> dict:
     """Triton path (float32) vs the PyTorch chunked path in float64: logits and gradients of a 2-layer model; the
     same model's gradients under bf16 autocast with the Triton SRMSNorm kernels vs with `F.rms_norm` (both against
@@ -268,7 +226,7 @@ def check_fused_loss(hidden_size: int, tokens: int = 6000, chunk: int = 2500) ->
     return results
 
 
-def print_tables(tgs: list[dict], gen: list[dict]) -> None:
+def print_tables(tgs: list[dict]) -> None:
     by = {(r["model"], r["seq_len"]): r for r in tgs}
     lens = sorted({r["seq_len"] for r in tgs})
     if lens:
@@ -279,11 +237,6 @@ def print_tables(tgs: list[dict], gen: list[dict]) -> None:
         ratio = f"{tn['tgs'] / ll['tgs']:.2f}x" if tn.get("tgs") and ll.get("tgs") else "-"
         tn_tgs, ll_tgs = tn.get("tgs") or "OOM", ll.get("tgs") or "OOM"
         print(f"| {n} | {tn.get('batch', ll.get('batch'))} | {tn_tgs} | {ll_tgs} | {ratio} |")
-    if gen:
-        print("\n| model | prompt | prefill ms | decode ms/token | cache MB |")
-        print("|---|---:|---:|---:|---:|")
-        for r in gen:
-            print(f"| {r['model']} | {r['prompt']} | {r['prefill_ms']} | {r['ms_per_token']} | {r['cache_MB']} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,9 +245,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="transnormer,llama", help="TGS models; empty: skip the TGS table")
     parser.add_argument("--seq-lens", default="1024,2048,4096,8192,16384,32768,65536")
     parser.add_argument("--tokens-per-step", type=int, default=65536)
-    parser.add_argument("--gen-prompts", default="1024,16384,65536")
-    parser.add_argument("--gen-models", default="transnormer,llama")
-    parser.add_argument("--gen-tokens", type=int, default=24)
     parser.add_argument("--loss", choices=("fused", "checkpointed"), default="fused",
                         help="training-step loss for both models (see the module docstring)")
     parser.add_argument("--skip-check", action="store_true")
@@ -317,13 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     check = None if args.skip_check else check_cuda_path(model_cfg)
     kinds = [k for k in args.models.split(",") if k]
     tgs = bench_tgs(model_cfg, kinds, seq_lens, args.tokens_per_step, args.loss) if kinds else []
-    prompts = [int(x) for x in args.gen_prompts.split(",")] if args.gen_prompts else []
-    gen = bench_generation(model_cfg, args.gen_models.split(","), prompts, args.gen_tokens) if prompts else []
     profile = (profile_step(model_cfg, args.profile_seq_len, args.tokens_per_step, args.loss)
                if args.profile_seq_len else None)
-    print_tables(tgs, gen)
+    print_tables(tgs)
     if args.out:
-        results = {"env": env, "check": check, "loss_check": loss_check, "tgs": tgs, "generation": gen,
+        results = {"env": env, "check": check, "loss_check": loss_check, "tgs": tgs,
                    "profile": profile}
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0

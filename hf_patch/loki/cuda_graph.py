@@ -20,14 +20,10 @@ import torch.nn as nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import step_graphs
-from ..generation import CACHE_KWARG, CACHE_NAMES, find_cache
+from ..generation import CACHE_KWARG, find_cache
 from .cache import DeviceSteps, LokiCache
 
 RUN_ON_CPU = False  # tests: run the device-steps body eagerly on the CPU (no graph), same host logic
-# forward() arguments a replayed step takes (the cache under either name); any other argument, unless None or False
-# (e.g. output_attentions, inputs_embeds), sends the call to the ordinary forward
-_STEP_ARGS = {"input_ids", "attention_mask", "position_ids", *CACHE_NAMES, "cache_position", "use_cache",
-              "return_dict", "logits_to_keep"}
 
 
 def left_padding_start(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
@@ -58,25 +54,13 @@ class _Captured:
     next_position: int = -1  # the cache length that steps.position holds (host copy)
 
 
-class DecodeGraphs:
+class DecodeGraphs(step_graphs.StepRunner):
     """Runs eligible one-token forward calls of a patched model through a captured CUDA graph."""
-
-    def __init__(self, forward):
-        self.forward = forward  # the model's own (bound) forward
-        self.captured: _Captured | None = None
-        self.stream: torch.cuda.Stream | None = None
-        self.captures = 0  # how many graphs were captured (tests and benchmarks read it)
 
     def eligible(self, kwargs: dict) -> bool:
         """Whether a forward call with these arguments can replay a graph."""
-        ids, cache = kwargs.get("input_ids"), find_cache(kwargs)
-        if torch.is_grad_enabled() or ids is None or ids.dim() != 2 or ids.shape[1] != 1:
-            return False
-        if not (ids.is_cuda or RUN_ON_CPU) or not isinstance(cache, LokiCache):
-            return False
-        if kwargs.get("use_cache") is False or kwargs.get("return_dict") is False:
-            return False
-        if any(value is not None and value is not False for name, value in kwargs.items() if name not in _STEP_ARGS):
+        cache = step_graphs.one_token_cache(kwargs, LokiCache, RUN_ON_CPU)
+        if cache is None:
             return False
         lengths = {layer.length for layer in cache.layers}
         return all(layer.is_initialized for layer in cache.layers) and len(lengths) == 1 and lengths != {0}
