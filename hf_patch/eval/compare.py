@@ -2,9 +2,12 @@
 setting, through lm-eval's Python API (`lm_eval.simple_evaluate`).
 
 Writes under the config's `output_dir`: `results.md` (task x setting, value ± stderr and the change vs full),
-`results.json` and `accuracy_vs_k.png` (each task's metric against k_f, one line per d_f). Every (setting, task)
-result is cached in `cache/<setting>.json` as soon as it is done, and reused by later runs with the same model,
-basis, setting and example count: an interrupted comparison resumes where it stopped. With a `launch` key
+`results.json` and `accuracy_vs_k.png` (each task's metric against k_f, one line per d_f). Long-context tasks
+(`long_tasks`: `hfp_needle`, `hfp_ruler_*` or any task that reads lm-eval's `max_seq_lengths` metadata) run once
+per context length in `lengths` and are drawn in `accuracy_vs_length.png` (each task's metric against the
+length, one line per setting). Every (setting, task[, length]) result is cached in `cache/<setting>.json` as soon
+as it is done, and reused by later runs with the same model, basis, setting and example count: an interrupted
+comparison resumes where it stopped. With a `launch` key
 (`launch: {num_processes: 2}`) each setting runs data-parallel under `accelerate launch` (`hf_patch.eval.launch`).
 """
 from __future__ import annotations
@@ -14,6 +17,7 @@ import functools
 import json
 import math
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,11 +48,15 @@ class BasisPaths(Schema):
 
 @dataclass
 class CompareConfig(Schema):
-    """The `hf-patch compare` config. tasks: task name -> number of examples (null: all); metrics: task -> the
-    metric shown; settings: one `SweepSetting` mapping each (its mode defaults to the config's `mode`); launch:
-    run each setting under `accelerate launch` (`Launch`; empty: in this process)."""
+    """The `hf-patch compare` config. tasks: task name -> number of examples (null: all); long_tasks: the same,
+    run at each context length of `lengths` (tokens; lm-eval's `max_seq_lengths` metadata, the documents sized
+    with the model's tokenizer); metrics: task -> the metric shown; settings: one `SweepSetting` mapping each (its
+    mode defaults to the config's `mode`); launch: run each setting under `accelerate launch` (`Launch`; empty: in
+    this process)."""
 
     tasks: dict[str, int | None] = setting(parse=mapping_of(optional(integer(1))), factory=dict)
+    long_tasks: dict[str, int | None] = setting(parse=mapping_of(optional(integer(1))), factory=dict)
+    lengths: list[int] = setting(parse=list_of(integer(64)), factory=lambda: [4096])
     model: str = setting("smollm2", text)
     dtype: str = setting("float32", one_of(*DTYPES))
     device: str = setting("auto", text)
@@ -66,9 +74,11 @@ class CompareConfig(Schema):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.tasks:
+        if not self.tasks and not self.long_tasks:
             raise ConfigError("tasks is missing or empty: give a mapping task name -> number of examples (null for "
-                              "all)")
+                              "all), or long_tasks with lengths")
+        if self.long_tasks and not self.lengths:
+            raise ConfigError("long_tasks need lengths: a list of context lengths in tokens, e.g. [4096, 8192]")
 
 
 # ---------------------------------------------------------------- settings and caching
@@ -159,9 +169,50 @@ def applied_setting(cfg: dict[str, Any], setting: dict[str, Any]) -> SweepSettin
     return SweepSetting(**{"mode": cfg["mode"], **setting})
 
 
+@dataclass(frozen=True)
+class Run:
+    """One lm-eval run of a comparison: `task` on its first `limit` documents, at context `length` for a long task
+    (None otherwise); `key` names its result in the caches and outputs ("task" or "task@length")."""
+
+    task: str
+    limit: int | None
+    length: int | None = None
+
+    @property
+    def key(self) -> str:
+        return self.task if self.length is None else f"{self.task}@{self.length}"
+
+
+def runs(cfg: dict[str, Any]) -> list[Run]:
+    """The config's runs: `tasks`, then each of `long_tasks` at each of `lengths`."""
+    return [Run(t, n) for t, n in cfg["tasks"].items()] + [
+        Run(t, n, length) for t, n in cfg["long_tasks"].items() for length in cfg["lengths"]]
+
+
+def long_metric(results: dict[str, Any], length: int) -> str:
+    """The metric of a long task at `length`: lm-eval's RULER names it by the length; others report acc."""
+    return str(length) if f"{length},none" in results else "acc"
+
+
+def sample_stats(samples: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """From lm-eval's per-document samples: the standard error of `metric`'s mean (lm-eval's `mean_stderr`; its
+    RULER aggregation reports none) and, where documents carry a `depth`, the mean per depth."""
+    from lm_eval.api.metrics import mean_stderr
+
+    scores = [float(s[metric]) for s in samples]
+    stats: dict[str, Any] = {f"{metric}_stderr,none": mean_stderr(scores) if len(scores) > 1 else None}
+    by_depth: dict[float, list[float]] = {}
+    for sample, score in zip(samples, scores):
+        if "depth" in sample["doc"]:
+            by_depth.setdefault(float(sample["doc"]["depth"]), []).append(score)
+    if by_depth:
+        stats["by_depth"] = {str(d): {"n": len(v), metric: sum(v) / len(v)} for d, v in sorted(by_depth.items())}
+    return stats
+
+
 def evaluate_setting(cfg: dict[str, Any], setting: dict[str, Any] | None, basis: Path | None) -> dict:
-    """{task: {"limit", "n", "results"}} for one setting, running only the tasks its cache lacks (in this process,
-    or in the processes the config's `launch` starts)."""
+    """{run key: {"limit", "n", "results"}} for one setting, running only the runs its cache lacks (in this
+    process, or in the processes the config's `launch` starts)."""
     label = setting_label(setting)
     applied = None if setting is None else applied_setting(cfg, setting)
     loki = None if applied is None else {**applied.patch_args(), "rotary": applied.rotary, "basis": str(basis)}
@@ -169,9 +220,9 @@ def evaluate_setting(cfg: dict[str, Any], setting: dict[str, Any] | None, basis:
            "seed": cfg["seed"], "loki": loki, "basis": None if basis is None else _basis_key(basis)}
     path = Path(cfg["output_dir"]) / "cache" / f"{_slug(label)}.json"
     cache = _read_cache(path, key)
-    todo = [t for t, n in cfg["tasks"].items() if t not in cache["tasks"] or cache["tasks"][t]["limit"] != n]
+    todo = [r.key for r in runs(cfg) if r.key not in cache["tasks"] or cache["tasks"][r.key]["limit"] != r.limit]
     if not todo:
-        print(f"{label}: all {len(cfg['tasks'])} tasks cached in {path}")
+        print(f"{label}: all {len(runs(cfg))} runs cached in {path}")
     elif cfg["launch"]:
         from .launch import run_launched
 
@@ -181,52 +232,62 @@ def evaluate_setting(cfg: dict[str, Any], setting: dict[str, Any] | None, basis:
     else:
         run_tasks(cfg, label, loki, todo, str(path), key)
         cache = _read_cache(path, key)
-    return {t: cache["tasks"][t] for t in cfg["tasks"]}
+    return {r.key: cache["tasks"][r.key] for r in runs(cfg)}
 
 
 def run_tasks(cfg: dict[str, Any], label: str, loki: dict[str, Any] | None, todo: list[str], path: str,
               key: dict[str, Any]) -> None:
-    """Evaluate the tasks `todo` with one `hf-loki` model, adding each result to the cache file at `path` as soon
-    as it is done. Under `accelerate launch` every process runs this (the requests are split between them) and
-    the first one writes."""
+    """Evaluate the runs `todo` (their keys) with one `hf-loki` model, adding each result to the cache file at
+    `path` as soon as it is done. Under `accelerate launch` every process runs this (the requests are split
+    between them) and the first one writes. A long task sizes its documents to its length with the model's
+    tokenizer (lm-eval's RULER metadata), and its samples give the stderr and per-depth means (`sample_stats`)."""
     from lm_eval import simple_evaluate
     from tqdm.auto import tqdm
 
     from ..loki.perplexity import resolve_device
+    from ..models.smollm2 import resolve_model
     from .lm_eval_model import LokiHFLM
 
     cache = _read_cache(Path(path), key)
-    local_only = all(t.startswith("hfp_") for t in cfg["tasks"])
+    by_key = {r.key: r for r in runs(cfg)}
+    local_only = all(r.task.startswith("hfp_") for r in by_key.values())
     lm = LokiHFLM(pretrained=str(cfg["model"]), dtype=cfg["dtype"], device=resolve_device(cfg["device"]),
                   batch_size=cfg["batch_size"], **(loki or {}))
-    for task in tqdm(todo, desc=label, unit="task", disable=lm.rank > 0):
-        out = simple_evaluate(model=lm, tasks=[task], limit=cfg["tasks"][task], num_fewshot=cfg["num_fewshot"],
-                              bootstrap_iters=cfg["bootstrap_iters"], task_manager=task_manager(local_only),
-                              log_samples=False, random_seed=cfg["seed"], numpy_random_seed=cfg["seed"],
-                              torch_random_seed=cfg["seed"], fewshot_random_seed=cfg["seed"])
+    for run in tqdm([by_key[k] for k in todo], desc=label, unit="task", disable=lm.rank > 0):
+        metadata = None if run.length is None else {"max_seq_lengths": [run.length],
+                                                    "tokenizer": resolve_model(str(cfg["model"]))}
+        out = simple_evaluate(model=lm, tasks=[run.task], limit=run.limit, num_fewshot=cfg["num_fewshot"],
+                              bootstrap_iters=cfg["bootstrap_iters"], task_manager=task_manager(local_only, metadata),
+                              log_samples=run.length is not None, random_seed=cfg["seed"],
+                              numpy_random_seed=cfg["seed"], torch_random_seed=cfg["seed"],
+                              fewshot_random_seed=cfg["seed"])
         if out is None:  # not the first of the launched processes
             continue
-        if task not in out["results"]:
-            raise ValueError(f"{task} is a group or tag: list its tasks one by one in the config's `tasks`")
-        cache["tasks"][task] = {"limit": cfg["tasks"][task], "n": out["n-samples"][task]["effective"],
-                                "results": out["results"][task]}
+        if run.task not in out["results"]:
+            raise ValueError(f"{run.task} is a group or tag: list its tasks one by one in the config")
+        results = out["results"][run.task]
+        if run.length is not None:
+            results.update(sample_stats(out["samples"][run.task], long_metric(results, run.length)))
+        cache["tasks"][run.key] = {"limit": run.limit, "n": out["n-samples"][run.task]["effective"],
+                                   "results": results}
         _write_json(Path(path), cache)
 
 
-def task_manager(local_only: bool = False):
+def task_manager(local_only: bool = False, metadata: dict[str, Any] | None = None):
     """lm-eval's task index with the hf-patch tasks (the packaged ones and the prepared standard ones), built once
-    per process and set of task directories. Indexing lm-eval's own tasks scans thousands of YAML files:
-    `local_only` skips them when every task is one of ours (ours include lm-eval's YAMLs by path)."""
+    per process, set of task directories and `metadata` (handed to every task, as lm-eval's `--metadata`).
+    Indexing lm-eval's own tasks scans thousands of YAML files: `local_only` skips them when every task is one
+    of ours (ours include lm-eval's YAMLs by path)."""
     from .prepare import include_paths
 
-    return _task_manager(local_only, tuple(str(p) for p in include_paths()))
+    return _task_manager(local_only, tuple(str(p) for p in include_paths()), json.dumps(metadata, sort_keys=True))
 
 
 @functools.cache
-def _task_manager(local_only: bool, paths: tuple[str, ...]):
+def _task_manager(local_only: bool, paths: tuple[str, ...], metadata: str):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=list(paths), include_defaults=not local_only)
+    return TaskManager(include_path=list(paths), include_defaults=not local_only, metadata=json.loads(metadata))
 
 
 def _needs_prepared_tasks(tasks: list[str]) -> None:
@@ -241,7 +302,7 @@ def run_compare(config: dict[str, Any], source: str = "config") -> dict[str, Any
     and write the table, JSON and plot; return the JSON payload."""
     cfg = CompareConfig.from_dict(config, source).as_dict()
     settings = cfg["settings"]
-    _needs_prepared_tasks(list(cfg["tasks"]))
+    _needs_prepared_tasks([*cfg["tasks"], *cfg["long_tasks"]])
     bases = ensure_bases(cfg, settings)
     rows = [{"setting": FULL, "params": None, "tasks": evaluate_setting(cfg, None, None)}]
     for s in settings:
@@ -255,18 +316,24 @@ def run_compare(config: dict[str, Any], source: str = "config") -> dict[str, Any
 
 
 def summarize(cfg: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per task: metric, n, and per setting value, stderr and delta vs full (points or %)."""
+    """One entry per run (task, or long task at a length): metric, n, and per setting value, stderr, delta vs full
+    (points or %) and, for documents with depths, the metric per depth."""
     summary = []
-    for task in cfg["tasks"]:
-        metric = default_metric(task, rows[0]["tasks"][task]["results"], cfg["metrics"])
-        full, _ = metric_value(rows[0]["tasks"][task]["results"], metric)
-        entry = {"task": task, "metric": metric, "n": rows[0]["tasks"][task]["n"], "settings": {}}
+    for run in runs(cfg):
+        first = rows[0]["tasks"][run.key]["results"]
+        metric = (default_metric(run.task, first, cfg["metrics"]) if run.length is None
+                  else cfg["metrics"].get(run.task, long_metric(first, run.length)))
+        full, _ = metric_value(first, metric)
+        entry = {"task": run.task, "length": run.length, "key": run.key, "metric": metric,
+                 "n": rows[0]["tasks"][run.key]["n"], "settings": {}}
         for row in rows:
-            value, stderr = metric_value(row["tasks"][task]["results"], metric)
+            results = row["tasks"][run.key]["results"]
+            value, stderr = metric_value(results, metric)
             relative = metric.endswith(LOWER_IS_BETTER)
             delta = 100 * (value / full - 1) if relative else value - full
             entry["settings"][row["setting"]] = {"value": value, "stderr": stderr, "delta": delta,
-                                                 "delta_unit": "%" if relative else "abs"}
+                                                 "delta_unit": "%" if relative else "abs",
+                                                 **({"by_depth": results["by_depth"]} if "by_depth" in results else {})}
         summary.append(entry)
     return summary
 
@@ -289,14 +356,14 @@ def table(summary: list[dict[str, Any]], labels: list[str]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in summary:
         unit = "" if e["metric"].endswith(LOWER_IS_BETTER) else " (%)"
-        cells = [e["task"], e["metric"] + unit, str(e["n"])]
+        cells = [e["key"], e["metric"] + unit, str(e["n"])]
         for i, label in enumerate(labels):
             s = e["settings"][label]
             cells.append(_cell(e["metric"], s["value"], s["stderr"]))
             if i:
                 cells.append(_delta(s))
         lines.append("| " + " | ".join(cells) + " |")
-    accuracy = [e for e in summary if not e["metric"].endswith(LOWER_IS_BETTER)]
+    accuracy = [e for e in summary if not e["metric"].endswith(LOWER_IS_BETTER) and e["length"] is None]
     if len(accuracy) > 1:
         cells = ["mean of accuracies", "", ""]
         full = sum(e["settings"][labels[0]]["value"] for e in accuracy) / len(accuracy)
@@ -343,6 +410,33 @@ def plot(summary: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) 
     plt.close(fig)
 
 
+def plot_lengths(summary: list[dict[str, Any]], labels: list[str], path: Path) -> None:
+    """One panel per long task: its metric (%) against the context length, one line per setting, ± stderr."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(e["task"] for e in summary))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.0 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        entries = sorted((e for e in summary if e["task"] == task), key=lambda e: e["length"])
+        for label in labels:
+            points = [e["settings"][label] for e in entries]
+            ax.errorbar([e["length"] for e in entries], [100 * p["value"] for p in points],
+                        yerr=[100 * (p["stderr"] or 0) for p in points], marker="o", capsize=3,
+                        linestyle="--" if label == FULL else "-", label=textwrap.fill(label, 40))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([e["length"] for e in entries], [str(e["length"]) for e in entries])
+        ax.set_title(f"{task} (n={entries[0]['n']} per length)", fontsize=9)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(f"{entries[0]['metric'] if entries[0]['metric'] == 'acc' else 'score'} (%)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_outputs(cfg: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     out = Path(cfg["output_dir"])
     summary = summarize(cfg, rows)
@@ -352,9 +446,15 @@ def write_outputs(cfg: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, 
     _write_json(out / "results.json", payload)
     (out / "results.md").write_text(
         f"lm-eval, model {cfg['model']} ({cfg['dtype']}), Loki mode {cfg['mode']}, {cfg['num_fewshot']}-shot; "
-        "accuracies in %, Δ in points (perplexity: Δ in %)\n\n" + md + "\n")
-    plot(summary, rows, out / "accuracy_vs_k.png")
-    print(f"\n{md}\n\nwrote {out / 'results.md'}, {out / 'results.json'}, {out / 'accuracy_vs_k.png'}")
+        "accuracies in %, Δ in points (perplexity: Δ in %); task@N: at a context of N tokens\n\n" + md + "\n")
+    written = [out / "results.md", out / "results.json"]
+    if short := [e for e in summary if e["length"] is None]:
+        plot(short, rows, out / "accuracy_vs_k.png")
+        written.append(out / "accuracy_vs_k.png")
+    if long := [e for e in summary if e["length"] is not None]:
+        plot_lengths(long, labels, out / "accuracy_vs_length.png")
+        written.append(out / "accuracy_vs_length.png")
+    print(f"\n{md}\n\nwrote {', '.join(map(str, written))}")
     return payload
 
 
