@@ -73,3 +73,17 @@ TEXTS = [
     "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and arrows.",
     "Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition, seemed to unite.",
 ] * 8
+
+
+def byte_level_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE `PreTrainedTokenizerFast` trained on `texts`; `<|endoftext|>` is its EOS and BOS token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")

