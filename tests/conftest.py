@@ -21,3 +21,10 @@ def smollm2_model():
     from hf_patch.models.smollm2 import load_model
 
     return load_model()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty `$HF_PATCH_CACHE` (tmp_path/cache) for the test."""
+    monkeypatch.setenv("HF_PATCH_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

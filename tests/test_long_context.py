@@ -21,7 +21,7 @@ pytest.importorskip("wonderwords")
 
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402
-from test_tasks import _requests, cache  # noqa: E402,F401  (cache: a fixture)
+from test_tasks import _requests  # noqa: E402
 
 from hf_patch.eval import prepare, ruler_data  # noqa: E402
 

