@@ -174,31 +174,23 @@ def loki_attention_forward(
     t = query.shape[2]
     multirow_dense = loki.mode == "decode" and t > 1 and loki.sparse_from is None
     bounds = getattr(key, KV_BOUNDS, None)  # device steps (CUDA graphs): the cache gives the valid range
-    if t == 1 and keys_rotated and (loki.dense or getattr(key, KV_HOST_LEN, key.shape[2]) <= loki.budget.dense_up_to):
-        # a decode step that keeps every key (dense layer, or a cache short enough that the budget keeps all):
-        # exact attention straight over the valid range, nothing scored or selected
-        if bounds is None:
-            start = decode_kv_start(attention_mask, key.shape[2])
-            bounds = None if start is False else (start, None)
-        if bounds is not None:
+    if t == 1 and keys_rotated and bounds is None:
+        start = decode_kv_start(attention_mask, key.shape[2])  # False: the mask is no left padding (dense below)
+        bounds = None if start is False else (start, None)
+    if t == 1 and keys_rotated and bounds is not None:  # a decode step over each sequence's valid keys
+        if loki.dense or getattr(key, KV_HOST_LEN, key.shape[2]) <= loki.budget.dense_up_to:
+            # every key kept (dense layer, or a cache short enough): exact attention, nothing scored or selected
             from ..kernels.loki_decode import dense_decode_attention
 
             q = loki.rotate_queries(query).flatten(1, 3)  # [B, H_q, D]
             return dense_decode_attention(q, key, value, scaling=scaling, kv_start=bounds[0],
                                           kv_end=bounds[1])[:, None], None
+        return loki_decode_step(loki, query, key, value, *bounds, scaling)[:, None], None
     if loki.dense or multirow_dense:  # exact attention; rotated keys need rotated queries
         if multirow_dense and not keys_rotated and not loki.dense:
             _warn_dense_multirow(loki)
         q = loki.rotate_queries(query).flatten(1, 2) if keys_rotated else query
-        if bounds is not None:  # the whole fixed-capacity cache: attend to each sequence's valid keys only
-            pos = torch.arange(key.shape[2], device=key.device)
-            attention_mask = ((pos >= bounds[0][:, None]) & (pos < bounds[1][:, None]))[:, None, None, :]
         return sdpa_attention_forward(module, q, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if t == 1 and keys_rotated and bounds is None:
-        start = decode_kv_start(attention_mask, key.shape[2])  # False: the mask is no left padding (dense below)
-        bounds = None if start is False else (start, None)
-    if t == 1 and keys_rotated and bounds is not None:
-        return loki_decode_step(loki, query, key, value, *bounds, scaling)[:, None], None
     if query.is_cuda or PREFILL_KERNELS_ON_CPU:  # every row (mode "all"): kernels where the mask is causal + padding
         from .prefill import loki_prefill_forward
 
