@@ -32,6 +32,21 @@ class StepRunner:
         self.stream: torch.cuda.Stream | None = None
         self.captures = 0  # how many graphs were captured (tests and benchmarks read it)
 
+    def weights_key(self) -> tuple:
+        """Addresses and dtype of the input and output embeddings: a model moved or cast after a capture (which
+        replaces its weights) must not replay a graph that reads the old ones."""
+        model = self.forward.__self__
+        weights = (model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+        return tuple(w.data_ptr() for w in weights) + (weights[0].dtype,)
+
+    def capture(self, body: Callable[[], Any], rewind: Callable[[], None], device: torch.device) -> tuple[Any, Any]:
+        """`capture` on this runner's stream (made on first use), counted in `captures`."""
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device)
+        graph, out = capture(body, self.stream, rewind)
+        self.captures += 1
+        return graph, out
+
 
 def one_token_cache(kwargs: dict, cache_type: type, run_on_cpu: bool) -> Any | None:
     """The cache of a forward call (keyword arguments) that a graphed step can serve: one token per sequence, no

@@ -130,18 +130,18 @@ def test_a_cast_model_gets_a_new_graph(steps):
     model = tiny_model("llama").to(DEVICE)
     patch_loki(model, random_basis(), cuda_graph=True)
     graphs = decode_graphs(model)
-    before = graphs._weights_key()
+    before = graphs.weights_key()
     cache = LokiCache(model)
     with torch.no_grad():
         model(torch.tensor([[4, 5, 6]], device=DEVICE), **with_cache(cache))
         model(torch.tensor([[7]], device=DEVICE), **with_cache(cache))
-        assert graphs.captured.key[3] == before == graphs._weights_key()
+        assert graphs.captured.key[3] == before == graphs.weights_key()
         model.to(torch.bfloat16)
-        assert graphs._weights_key() != before
+        assert graphs.weights_key() != before
         cache = LokiCache(model)
         model(torch.tensor([[4, 5, 6]], device=DEVICE), **with_cache(cache))
         out = model(torch.tensor([[7]], device=DEVICE), **with_cache(cache))
-    assert graphs.captured.key[3] == graphs._weights_key() and out.logits.dtype == torch.bfloat16
+    assert graphs.captured.key[3] == graphs.weights_key() and out.logits.dtype == torch.bfloat16
 
 
 def test_calls_a_graph_cannot_serve_run_the_ordinary_forward(steps):

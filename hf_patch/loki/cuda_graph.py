@@ -44,7 +44,7 @@ def left_padding_start(attention_mask: torch.Tensor | None, batch: int, length: 
 class _Captured:
     """One captured step: its static inputs and output, and what it was captured for."""
 
-    key: tuple  # (batch, capacity, cache and weight addresses, logits_to_keep, dense layers): what the launches baked in
+    key: tuple  # (batch, capacity, cache and weight addresses, logits_to_keep, dense layers): baked into the launches
     steps: DeviceSteps
     input_ids: torch.Tensor  # [B, 1]
     position_ids: torch.Tensor  # [B, 1]
@@ -74,7 +74,7 @@ class DecodeGraphs(step_graphs.StepRunner):
         length = cache.get_seq_length()
         start = left_padding_start(attention_mask, batch, length + 1)
         cache.reserve(length + 1)
-        key = (batch, cache.capacity(), cache.buffers_key(), self._weights_key(),
+        key = (batch, cache.capacity(), cache.buffers_key(), self.weights_key(),
                logits_to_keep if isinstance(logits_to_keep, int) else None, cache.dense_steps(length + 1))
         cap = self.captured
         if cap is None or cap.key != key:  # a cache with the same storage (e.g. the next generate's) reuses it
@@ -100,13 +100,6 @@ class DecodeGraphs(step_graphs.StepRunner):
         cap.next_position = length + 1
         cache.advance(1)
         return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})
-
-    def _weights_key(self) -> tuple:
-        """Addresses and dtype of the input and output embeddings: a model moved or cast after a capture (which
-        replaces its weights) must not replay a graph that reads the old ones."""
-        model = self.forward.__self__
-        weights = (model.get_input_embeddings().weight, model.get_output_embeddings().weight)
-        return tuple(w.data_ptr() for w in weights) + (weights[0].dtype,)
 
     def _new_step(self, key: tuple, batch: int, device: torch.device) -> _Captured:
         self.captured = None  # free the previous graph first
@@ -135,13 +128,10 @@ class DecodeGraphs(step_graphs.StepRunner):
                 return self._body(cap, cache, logits_to_keep)
             from ..kernels.loki_decode import workspace_buffers
 
-            if self.stream is None:
-                self.stream = torch.cuda.Stream(cap.input_ids.device)
-            graph, logits = step_graphs.capture(lambda: self._body(cap, cache, logits_to_keep), self.stream,
-                                                rewind=lambda: cap.steps.position.sub_(1))
+            graph, logits = self.capture(lambda: self._body(cap, cache, logits_to_keep),
+                                         rewind=lambda: cap.steps.position.sub_(1), device=cap.input_ids.device)
             with torch.cuda.stream(self.stream):  # the capture stream's scratch buffers
                 cap.graph, cap.kept = graph, workspace_buffers(cap.input_ids.device)
-            self.captures += 1
             return logits
         finally:
             cache.set_device_steps(None)

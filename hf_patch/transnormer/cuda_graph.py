@@ -28,7 +28,7 @@ RUN_ON_CPU = False  # tests: run the step body eagerly on the CPU (no graph), sa
 class _Captured:
     """One captured step: its static inputs, states and output, and what it was captured for."""
 
-    key: tuple  # (batch, state addresses, weight addresses and dtype, logits_to_keep): what the launches baked in
+    key: tuple  # (batch, state addresses, weights key, logits_to_keep): what the launches baked in
     input_ids: torch.Tensor  # [B, 1]
     padding: torch.Tensor  # [B, 1]: 1 = token, 0 = padding
     position: torch.Tensor  # int64 [1]
@@ -51,10 +51,8 @@ class TransNormerGraphs(step_graphs.StepRunner):
         """The forward of one token per sequence: input_ids [B, 1] -> logits [B, 1, V] (the cache, passed as
         `cache` or `past_key_values`, advances)."""
         cache, batch = find_cache(kwargs), input_ids.shape[0]
-        model = self.forward.__self__
-        weights = (model.get_input_embeddings().weight, model.get_output_embeddings().weight)
-        key = (batch, tuple(s.data_ptr() for s in cache.states), tuple(w.data_ptr() for w in weights),
-               weights[0].dtype, logits_to_keep if isinstance(logits_to_keep, int) else None)
+        key = (batch, tuple(s.data_ptr() for s in cache.states), self.weights_key(),
+               logits_to_keep if isinstance(logits_to_keep, int) else None)
         cap = self.captured
         if cap is None or cap.key != key:
             self.captured = None  # free the previous graph first
@@ -95,11 +93,8 @@ class TransNormerGraphs(step_graphs.StepRunner):
             for state, old in zip(cache.states, saved):
                 state.copy_(old)
 
-        if self.stream is None:
-            self.stream = torch.cuda.Stream(cap.input_ids.device)
-        cap.graph, cap.logits = step_graphs.capture(lambda: self._body(cap, cache, logits_to_keep), self.stream,
-                                                    rewind)
-        self.captures += 1
+        cap.graph, cap.logits = self.capture(lambda: self._body(cap, cache, logits_to_keep), rewind,
+                                             cap.input_ids.device)
 
 
 def enable_graph_decoding(model: nn.Module) -> nn.Module:
