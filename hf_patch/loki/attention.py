@@ -178,8 +178,7 @@ def loki_attention_forward(
         start = decode_kv_start(attention_mask, key.shape[2])  # False: the mask is no left padding (dense below)
         bounds = None if start is False else (start, None)
     if t == 1 and keys_rotated and bounds is not None:  # a decode step over each sequence's valid keys
-        if loki.dense or getattr(key, KV_HOST_LEN, key.shape[2]) <= loki.budget.dense_up_to:
-            # every key kept (dense layer, or a cache short enough): exact attention, nothing scored or selected
+        if loki.dense_step(getattr(key, KV_HOST_LEN, key.shape[2])):  # every key kept: exact attention
             from ..kernels.loki_decode import dense_decode_attention
 
             q = loki.rotate_queries(query).flatten(1, 3)  # [B, H_q, D]

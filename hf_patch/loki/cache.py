@@ -213,7 +213,7 @@ class LokiCache(Cache):
     def dense_steps(self, length: int) -> tuple[bool, ...]:
         """Per layer, whether a decode step over `length` cached keys attends densely (its budget keeps every
         key, or the layer is dense): a captured step serves only steps with the same answer."""
-        return tuple(layer.loki.dense or length <= layer.loki.budget.dense_up_to for layer in self.layers)
+        return tuple(layer.loki.dense_step(length) for layer in self.layers)
 
     def capacity(self) -> int:
         """Tokens every layer can hold without reallocating."""

@@ -55,6 +55,11 @@ class LokiLayer:
         dense_row = rows.to(n.device)[None, :] < self.sparse_from.to(n.device)[:, None]
         return torch.where(dense_row, n, self.budget.tokens(n))
 
+    def dense_step(self, n_keys: int) -> bool:
+        """Whether a decode step over `n_keys` cached keys keeps every key (a dense layer, or a budget that keeps
+        all of that many): it then attends densely, nothing scored or selected."""
+        return self.dense or n_keys <= self.budget.dense_up_to
+
     @functools.cached_property
     def kernel_dims(self) -> int | tuple[int, ...]:
         """d as the decode kernel takes it: one int, or one int per KV head (computed once, no device sync later)."""
