@@ -16,7 +16,7 @@ are excluded. Full attention three ways:
 Loki (each setting) with its in-place cache and CUDA graphs (eagerly too with --eager). The speedup column is
 against the best full-attention variant of the same shape. The first decode step's extra time with graphs
 (warm-up and capture) is printed too. Before timing, graphed Loki steps are checked against eager ones, and the
-dense graphed steps against the unpatched model's greedy tokens.
+dense graphed steps, teacher-forced with the unpatched model's greedy tokens, against its logits.
 
     PYTHONPATH=. python scripts/bench_loki_generate.py --layers 4 --batches 1 8 --contexts 8192 16384 32768
 """
