@@ -8,7 +8,7 @@ import torch
 from loki_helpers import TEXTS
 
 import hf_patch
-from hf_patch.cli import main as cli
+from hf_patch.app.cli import main as cli
 from hf_patch.loki.perplexity import perplexity
 
 
