@@ -21,7 +21,7 @@ from ..config import (DTYPES, Schema, directory, given, integer, list_of, load_c
 from ..loki.budget import read_cost
 from ..loki.calibrate import Calibration
 from ..loki.patch import loki_settings, patch_loki, unpatch
-from ..loki.perplexity import DecodeEvaluation, Evaluation, decode_perplexity, decode_windows, perplexity
+from ..eval.perplexity import DecodeEvaluation, Evaluation, decode_perplexity, decode_windows, perplexity
 from ..loki.settings import LokiSettings, SweepSetting
 from ..parallel import resolve_device
 from .calibrate import calibrate_to, describe

@@ -15,7 +15,7 @@ import torch.nn as nn
 from ..config import ConfigError, Schema, integer, list_of, optional, setting
 from ..data.packing import batched, token_windows
 from ..generation import CACHE_KWARG
-from .calibrate import check_dataset
+from ..loki.calibrate import check_dataset
 
 
 @dataclass
@@ -67,7 +67,7 @@ def perplexity(
     """Mean next-token NLL and perplexity over `seq_len` windows of `dataset` (texts packed with EOS)."""
     from tqdm.auto import tqdm
 
-    from .calibrate import _texts
+    from ..loki.calibrate import _texts
 
     texts, _ = _texts(dataset)
     device = next(model.parameters()).device
@@ -93,7 +93,7 @@ def perplexity(
 
 def decode_windows(tokenizer, dataset: Any, length: int, windows: int, skip_windows: int = 0) -> list[torch.Tensor]:
     """`windows` int64 [length] token windows of `dataset`, after skipping the first `skip_windows`."""
-    from .calibrate import _texts
+    from ..loki.calibrate import _texts
 
     texts, _ = _texts(dataset)
     found = list(itertools.islice(token_windows(texts, tokenizer, length), skip_windows, skip_windows + windows))
@@ -120,7 +120,7 @@ def decode_perplexity(
     from tqdm.auto import tqdm
     from transformers import DynamicCache
 
-    from .patch import decode_rows, is_patched, unpatch
+    from ..loki.patch import decode_rows, is_patched, unpatch
 
     if is_patched(model):
         raise ValueError("decode_perplexity patches the model itself: pass an unpatched model")
