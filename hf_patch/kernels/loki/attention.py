@@ -17,8 +17,8 @@ from .workspace import DecodeWorkspace
 
 @triton.jit
 def attend(q, k_base, v_base, i_row, n_lo, n_hi, stride_ks, stride_vs, qk_scale, offs_d, d_ok, m_i, l_i, acc,
-            BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, DENSE: tl.constexpr = False,
-            pos0=0):
+           BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, DENSE: tl.constexpr = False,
+           pos0=0):
     """Online softmax (base 2) of q's rows over the keys and values at positions i_row[n_lo:n_hi] (DENSE: at
     positions pos0 + n_lo .. pos0 + n_hi - 1, no index read), continuing from (m_i, l_i, acc); returns the updated
     (max, sum, acc) in float32."""
@@ -103,11 +103,11 @@ def _attention_kernel(
     q = load_heads(q_ptr, b, head0, heads_per_row, stride_qb, stride_qh, offs_g, offs_d, HEAD_DIM, UPCAST)
     n_lo = split * tiles_per_prog * BLOCK_N
     m_i, l_i, acc = attend(q, k_ptr + b * stride_kb + j * stride_kh, v_ptr + b * stride_vb + j * stride_vh,
-                            idx_ptr + row.to(tl.int64) * i_stride, n_lo,
-                            tl.minimum(n_lo + tiles_per_prog * BLOCK_N, kb),
-                            stride_ks, stride_vs, qk_scale, offs_d, d_ok,
-                            tl.full([BLOCK_G], float("-inf"), tl.float32), tl.zeros([BLOCK_G], tl.float32),
-                            tl.zeros([BLOCK_G, BLOCK_D], tl.float32), BLOCK_N, DOT_PREC, UPCAST, DENSE, pos0)
+                           idx_ptr + row.to(tl.int64) * i_stride, n_lo,
+                           tl.minimum(n_lo + tiles_per_prog * BLOCK_N, kb),
+                           stride_ks, stride_vs, qk_scale, offs_d, d_ok,
+                           tl.full([BLOCK_G], float("-inf"), tl.float32), tl.zeros([BLOCK_G], tl.float32),
+                           tl.zeros([BLOCK_G, BLOCK_D], tl.float32), BLOCK_N, DOT_PREC, UPCAST, DENSE, pos0)
     if n_split == 1:
         store_heads(out_ptr, b, head0, heads_per_row, stride_ob, stride_oh, offs_g, offs_d, d_ok, l_i, acc)
     else:

@@ -57,17 +57,17 @@ def _fused_kernel(
         for n0 in range(0, seq, BLOCK_NS):
             offs_n = n0 + tl.arange(0, BLOCK_NS)
             a = approx_tile(qa, ka_base, stride_kas, offs_n, offs_da, kd_ok, end, start, sink, recent, PROTECT,
-                             DOT_PREC, UPCAST)
+                            DOT_PREC, UPCAST)
             a = tl.max(tl.where((offs_g < heads_per_row)[:, None], a, float("-inf")), axis=0)
             tl.store(s_row + offs_n, a, mask=offs_n < padded_len(seq))  # -inf past seq
         tl.debug_barrier()
         select_row(s_row, c_ptr + row.to(tl.int64) * c_stride, i_row, seq, kb, sample_stride, n_sample,
-                    SAMPLE, SELECT_BLOCK, MARGIN_SIGMAS, PADDED=True)
+                   SAMPLE, SELECT_BLOCK, MARGIN_SIGMAS, PADDED=True)
         tl.debug_barrier()
         q = load_heads(q_ptr, b, head0, heads_per_row, stride_qb, stride_qh, offs_g, offs_d, HEAD_DIM, UPCAST)
         m_i, l_i, acc = attend(q, k_ptr + b * stride_kb + j * stride_kh, v_ptr + b * stride_vb + j * stride_vh,
-                                i_row, 0, kb, stride_ks, stride_vs, qk_scale, offs_d, d_ok, m_i, l_i, acc,
-                                BLOCK_N, DOT_PREC, UPCAST)
+                               i_row, 0, kb, stride_ks, stride_vs, qk_scale, offs_d, d_ok, m_i, l_i, acc,
+                               BLOCK_N, DOT_PREC, UPCAST)
     store_heads(out_ptr, b, head0, heads_per_row, stride_ob, stride_oh, offs_g, offs_d, d_ok, l_i, acc)
 
 

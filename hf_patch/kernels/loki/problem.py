@@ -149,7 +149,7 @@ def _dims_on(device: torch.device, dims: tuple[int, ...]) -> torch.Tensor:
 
 
 def check_dense(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_start: torch.Tensor | None,
-                 kv_end: torch.Tensor | None) -> None:
+                kv_end: torch.Tensor | None) -> None:
     """Validate the arguments of `dense_decode_attention`."""
     check_tensors(q, k_cache, v_cache)
     for name, x in (("kv_start", kv_start), ("kv_end", kv_end)):

@@ -27,7 +27,7 @@ def key_dims(offs_d, d, KEY_WIDTH: tl.constexpr, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def approx_tile(q, k_base, stride_ks, offs_n, offs_d, kd_ok, end, start, sink, recent,
-                 PROTECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+                PROTECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Approximate scores [BLOCK_G, BLOCK_N] of q's rows against the keys at offs_n; -inf outside [start, end)
     (keys at or past end are not read); PROTECT: +inf at the protected positions, [start, start + sink) and
     [end - recent, end) within [start, end)."""
@@ -74,7 +74,7 @@ def _approx_scores_kernel(
     for t in range(tiles_per_prog):
         offs_n = (split * tiles_per_prog + t) * BLOCK_N + tl.arange(0, BLOCK_N)
         a = approx_tile(q, k_base, stride_ks, offs_n, offs_d, kd_ok, end, start, sink, recent, PROTECT, DOT_PREC,
-                         UPCAST)
+                        UPCAST)
         if GROUP:
             a = tl.max(tl.where(g_ok[:, None], a, float("-inf")), axis=0)
             tl.store(s_ptr + row.to(tl.int64) * s_stride + offs_n, a, mask=offs_n < padded_len(seq))

@@ -149,7 +149,7 @@ def _all_keys_as_candidates(s_row, ck_row, cp_row, seq, BLOCK: tl.constexpr, WIT
 
 @triton.jit
 def select_row(s_row, c_row, i_row, seq, kb, sample_stride, n_sample,
-                SAMPLE: tl.constexpr, BLOCK: tl.constexpr, MARGIN_SIGMAS: tl.constexpr, PADDED: tl.constexpr):
+               SAMPLE: tl.constexpr, BLOCK: tl.constexpr, MARGIN_SIGMAS: tl.constexpr, PADDED: tl.constexpr):
     """Exact top-kb (kb >= 1) of one row of scores [seq] -> its positions in increasing order at i_row.
 
     A strided sample brackets the kb-th largest score: one pass counts the scores above the bracket
@@ -265,7 +265,7 @@ def _select_kernel(
     kb = (tl.load(kb_ptr + row // rows_per_batch) if HAS_KB else k_sel) + tl.zeros([], dtype=tl.int32)
     if kb > 0:
         select_row(s_ptr + row * s_stride, cand_ptr + row * c_stride, idx_ptr + row * i_stride, seq, kb,
-                    sample_stride, n_sample, SAMPLE, BLOCK, MARGIN_SIGMAS, PADDED)
+                   sample_stride, n_sample, SAMPLE, BLOCK, MARGIN_SIGMAS, PADDED)
 
 
 @triton.jit(do_not_specialize=["seq", "k_sel", "n_chunks", "tiles_per_chunk", "sample_stride", "n_sample"])
