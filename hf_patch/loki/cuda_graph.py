@@ -21,9 +21,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import step_graphs
 from ..generation import CACHE_KWARG, find_cache
+from ..kernels.loki import DecodeWorkspace
 from .cache import DeviceSteps, LokiCache
-
-RUN_ON_CPU = False  # tests: run the device-steps body eagerly on the CPU (no graph), same host logic
 
 
 def left_padding_start(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
@@ -42,7 +41,8 @@ def left_padding_start(attention_mask: torch.Tensor | None, batch: int, length: 
 
 @dataclass
 class _Captured:
-    """One captured step: its static inputs and output, and what it was captured for."""
+    """One captured step: its static inputs and output, and what it was captured for. Its steps' workspace holds
+    the scratch buffers the graph writes (their addresses are baked into its launches): it lives with the graph."""
 
     key: tuple  # (batch, capacity, cache and weight addresses, logits_to_keep, dense layers): baked into the launches
     steps: DeviceSteps
@@ -50,7 +50,6 @@ class _Captured:
     position_ids: torch.Tensor  # [B, 1]
     logits: torch.Tensor | None = None
     graph: torch.cuda.CUDAGraph | None = None
-    kept: tuple = ()  # scratch buffers the graph writes: kept alive with it
     next_position: int = -1  # the cache length that steps.position holds (host copy)
 
 
@@ -59,7 +58,7 @@ class DecodeGraphs(step_graphs.StepRunner):
 
     def eligible(self, kwargs: dict) -> bool:
         """Whether a forward call with these arguments can replay a graph."""
-        cache = step_graphs.one_token_cache(kwargs, LokiCache, RUN_ON_CPU)
+        cache = step_graphs.one_token_cache(kwargs, LokiCache, self.run_on_cpu)
         if cache is None:
             return False
         lengths = {layer.length for layer in cache.layers}
@@ -90,7 +89,7 @@ class DecodeGraphs(step_graphs.StepRunner):
             cap.steps.kv_start.zero_()
         else:
             cap.steps.kv_start.copy_(start)
-        if not input_ids.is_cuda or RUN_ON_CPU:
+        if not input_ids.is_cuda or self.run_on_cpu:
             logits = self._run(cap, cache, logits_to_keep, capture=False)
         else:
             if cap.graph is None:
@@ -105,7 +104,7 @@ class DecodeGraphs(step_graphs.StepRunner):
         self.captured = None  # free the previous graph first
         steps = DeviceSteps(position=torch.zeros(1, dtype=torch.int64, device=device),
                             kv_start=torch.zeros(batch, dtype=torch.int32, device=device),
-                            kv_end=torch.zeros(batch, dtype=torch.int32, device=device))
+                            kv_end=torch.zeros(batch, dtype=torch.int32, device=device), workspace=DecodeWorkspace())
         return _Captured(key, steps,
                          input_ids=torch.zeros(batch, 1, dtype=torch.int64, device=device),
                          position_ids=torch.zeros(batch, 1, dtype=torch.int64, device=device))
@@ -126,12 +125,8 @@ class DecodeGraphs(step_graphs.StepRunner):
         try:
             if not capture:
                 return self._body(cap, cache, logits_to_keep)
-            from ..kernels.loki_decode import workspace_buffers
-
-            graph, logits = self.capture(lambda: self._body(cap, cache, logits_to_keep),
-                                         rewind=lambda: cap.steps.position.sub_(1), device=cap.input_ids.device)
-            with torch.cuda.stream(self.stream):  # the capture stream's scratch buffers
-                cap.graph, cap.kept = graph, workspace_buffers(cap.input_ids.device)
+            cap.graph, logits = self.capture(lambda: self._body(cap, cache, logits_to_keep),
+                                             rewind=lambda: cap.steps.position.sub_(1), device=cap.input_ids.device)
             return logits
         finally:
             cache.set_device_steps(None)
