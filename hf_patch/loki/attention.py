@@ -125,6 +125,11 @@ def loki_attention_forward(
             "release in hf-patch's tested range (README, 'Supported Transformers releases').")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     t = query.shape[2]
+    if attention_mask is None and 1 < t < key.shape[2]:
+        # no mask for several rows over more keys: a prefill into an empty preallocated cache (StaticCache), where
+        # the mask is left to SDPA's is_causal (upper-left: row i sees keys 0..i); the slots past the rows hold no
+        # token yet. Dropping them leaves plain causal attention over the T keys, as every path below reads None.
+        key, value = key[:, :, :t], value[:, :, :t]
     multirow_dense = loki.mode == "decode" and t > 1 and loki.sparse_from is None
     bounds = getattr(key, KV_BOUNDS, None)  # device steps (CUDA graphs): the cache gives the valid range
     if t == 1 and keys_rotated and bounds is None:
