@@ -36,8 +36,8 @@ class NotOurs(FileExistsError):
     """A target that holds files hf-patch did not write."""
 
 
-class ChecksumError(RuntimeError):
-    """A downloaded or given file is not the pinned one."""
+class ChecksumError(ValueError):
+    """A downloaded or given file is not the pinned one (a user error: the message says what to do)."""
 
 
 # ---------------------------------------------------------------- fingerprints
@@ -61,9 +61,10 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
-def _short(value: Any, limit: int = 60) -> str:
+def _short(value: Any, limit: int = 80) -> str:
+    """A value as JSON, its middle cut out past `limit` characters (the ends of a path or a hash tell them apart)."""
     text = json.dumps(value, default=str)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit // 2 - 2] + "..." + text[-(limit // 2 - 1):]
 
 
 def differences(stored: dict[str, Any] | None, expected: dict[str, Any]) -> str:
