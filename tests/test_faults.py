@@ -248,6 +248,7 @@ def tiny_loads(monkeypatch):
         return AutoModelForCausalLM.from_pretrained(name).eval(), CharTokenizer()
 
     monkeypatch.setattr(smollm2, "load_model", load)
+    monkeypatch.setattr("hf_patch.app.calibrate.plot_explained_variance", lambda *args: None)
     return loads
 
 
@@ -410,6 +411,9 @@ def test_corpus_follows_its_inputs(tmp_path, cache, monkeypatch, capsys):
         books.prepare_books(tmp_path / "mine")
     books.prepare_books(tmp_path / "mine", force=True)
     assert len(calls) == 4
+    (cache / "data" / "books" / MARKER).unlink()  # as an hf-patch before fingerprints left it: rebuilt, not refused
+    books.prepare_books()
+    assert len(calls) == 5 and "carries no fingerprint" in capsys.readouterr().err
 
 
 def test_task_groups_follow_their_inputs(cache, monkeypatch, capsys):

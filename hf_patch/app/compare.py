@@ -6,8 +6,9 @@ Writes under the config's `output_dir`: `results.md` (task x setting, value ± s
 (`long_tasks`: `hfp_needle`, `hfp_ruler_*` or any task that reads lm-eval's `max_seq_lengths` metadata) run once
 per context length in `lengths` and are drawn in `accuracy_vs_length.png` (each task's metric against the
 length, one line per setting). Every (setting, task[, length]) result is cached in `cache/<setting>.json` as soon
-as it is done, and reused by later runs with the same model, basis, setting and example count: an interrupted
-comparison resumes where it stopped. With a `launch` key
+as it is done, and reused only by later runs with the same fingerprint (`results_key`: model files, dtype, lm-eval
+version, evaluation settings, Loki arguments, the basis's own fingerprint; per run the example count and the
+prepared data's fingerprint): an interrupted comparison resumes where it stopped, a changed one recomputes. With a `launch` key
 (`launch: {num_processes: 2}`) each setting runs data-parallel under `accelerate launch` (`hf_patch.app.launch`).
 """
 from __future__ import annotations

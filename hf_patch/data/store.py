@@ -70,7 +70,7 @@ def _short(value: Any, limit: int = 80) -> str:
 def differences(stored: dict[str, Any] | None, expected: dict[str, Any]) -> str:
     """What differs between two fingerprints, in one line: "num_tokens 2048 -> 8192; model.id "a" -> "b"."""
     if not stored:
-        return "it carries no fingerprint (written by an older hf-patch, or not by hf-patch)"
+        return "it carries no fingerprint: written by an older hf-patch, or not by hf-patch"
     old, new = _flat(stored), _flat(expected)
     changed = [f"{key} {_short(old.get(key))} -> {_short(new.get(key))}"
                for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]

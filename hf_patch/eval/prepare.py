@@ -639,7 +639,8 @@ def write_tasks(files: dict[str, list[dict[str, Any]]], opts: dict[str, Any] | N
     marked with the group's fingerprint for `opts` (so the records must be what the group builds from them)."""
     by_group: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for name, records in files.items():
-        by_group.setdefault(task_file(name).parent.name, {})[name] = records
+        task_file(name)  # a jsonl task of ours, or a ValueError
+        by_group.setdefault(group_of(f"hfp_{name}"), {})[name] = records
     for group, group_files in by_group.items():
         with atomic_directory(REGISTRY[group].directory(), REGISTRY[group].fingerprint(opts), exclusive=False) as tmp:
             for name, records in group_files.items():
