@@ -78,6 +78,7 @@ def task_file(name: str) -> Path:
 
 
 def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    """One JSON object per line (inside a directory `atomic_directory` renames into place)."""
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
