@@ -286,8 +286,8 @@ def test_calibrate_refuses_a_basis_of_another_model_in_its_output(tmp_path, chec
     assert main([*args, "--model", str(checkpoints["b"])]) == 2  # model A's basis is not reused for model B
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.fullmatch(rf"hf-patch: error: {re.escape(str(out))}: the basis was built from other inputs than asked "
-                        r"for \(model\.id \"\S*/model-a\" -> \"\S*/model-b\"; model\.weights \"\w+\" -> \"\w+\"\): pass "
-                        "--force to recalibrate over it, or choose another --output", err), err
+                        r"for \(model\.id \"\S*/model-a\" -> \"\S*/model-b\"; model\.weights \"\w+\" -> \"\w+\"\): "
+                        "pass --force to recalibrate over it, or choose another --output", err), err
     assert len(tiny_loads) == 2 and _basis_state(out) == basis_a  # refused before loading, nothing changed
     assert main([*args, "--model", str(checkpoints["b"]), "--force"]) == 0
     assert PCABasis.load(out).metadata["fingerprint"]["model"]["id"] == str(checkpoints["b"])

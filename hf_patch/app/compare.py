@@ -8,8 +8,9 @@ per context length in `lengths` and are drawn in `accuracy_vs_length.png` (each 
 length, one line per setting). Every (setting, task[, length]) result is cached in `cache/<setting>.json` as soon
 as it is done, and reused only by later runs with the same fingerprint (`results_key`: model files, dtype, lm-eval
 version, evaluation settings, Loki arguments, the basis's own fingerprint; per run the example count and the
-prepared data's fingerprint): an interrupted comparison resumes where it stopped, a changed one recomputes. With a `launch` key
-(`launch: {num_processes: 2}`) each setting runs data-parallel under `accelerate launch` (`hf_patch.app.launch`).
+prepared data's fingerprint): an interrupted comparison resumes where it stopped, a changed one recomputes. With a
+`launch` key (`launch: {num_processes: 2}`) each setting runs data-parallel under `accelerate launch`
+(`hf_patch.app.launch`).
 """
 from __future__ import annotations
 
@@ -23,11 +24,11 @@ from typing import Any
 
 from ..config import (DTYPES, ConfigError, Schema, directory, given, integer, list_of, load_config, mapping_of,
                       one_of, optional, override, setting, text)
+from ..data.store import digest, write_json, write_text
 from ..loki.attention import MODES
 from ..loki.calibrate import Calibration
 from ..loki.settings import SweepSetting
 from .launch import Launch
-from ..data.store import digest, write_json, write_text
 from .task_runner import long_metric, read_cache, run_fingerprint, run_tasks, runs
 
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte")
@@ -165,7 +166,8 @@ def results_key(cfg: dict[str, Any], loki: dict[str, Any] | None, basis: Path | 
 
     from ..models.smollm2 import model_identity
 
-    return {"format": RESULTS_FORMAT, "model": model_identity(cfg["model"], cfg["dtype"]), "lm_eval": version("lm_eval"),
+    return {"format": RESULTS_FORMAT, "model": model_identity(cfg["model"], cfg["dtype"]),
+            "lm_eval": version("lm_eval"),
             "num_fewshot": cfg["num_fewshot"], "seed": cfg["seed"], "bootstrap_iters": cfg["bootstrap_iters"],
             "loki": loki, "basis": None if basis is None else _basis_key(basis)}
 

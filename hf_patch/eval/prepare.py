@@ -587,7 +587,8 @@ REGISTRY: dict[str, TaskGroup] = {g.name: g for g in (
               inputs=lambda: {"tasks": list(BIGBENCH_TASKS), "seed": SEED}, options=_bigbench_options,
               default=False),  # only when asked: most indexes no longer serve its sdist
     TaskGroup("books", owns=lambda n: n in BOOK_TASKS, files=BOOK_TASKS, fetch=_books_fetch, build=_books_build,
-              inputs=_books_inputs, options=lambda opts: {"cloze_examples": opts.get("cloze_examples", CLOZE_EXAMPLES)}),
+              inputs=_books_inputs,
+              options=lambda opts: {"cloze_examples": opts.get("cloze_examples", CLOZE_EXAMPLES)}),
 )}
 GROUPS = tuple(REGISTRY)
 DEFAULT_GROUPS = tuple(name for name, g in REGISTRY.items() if g.default)
