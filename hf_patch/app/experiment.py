@@ -11,13 +11,13 @@ under the config's `output_dir`, plus one basis directory per rotary variant (re
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import (DTYPES, Schema, directory, given, integer, list_of, load_config, one_of, optional, override,
                       setting, text)
+from ..data.store import write_json, write_text
 from ..loki.budget import read_cost
 from ..loki.calibrate import Calibration
 from ..loki.patch import loki_settings, patch_loki, unpatch
@@ -82,7 +82,8 @@ def run_experiment(config: dict[str, Any], source: str = "config") -> list[dict[
     bases = {}
     for rotary in sorted({s.get("rotary", "pre") for s in settings}):
         calibration = Calibration(**{**cfg["calibration"], "rotary": rotary})
-        bases[rotary] = calibrate_to(model, tokenizer, calibration, out / f"basis-{rotary}", cfg["model"])
+        bases[rotary] = calibrate_to(model, tokenizer, calibration, out / f"basis-{rotary}", cfg["model"],
+                                     dtype=cfg["dtype"], owned=True)
         print(describe(bases[rotary]))
     if bases:
         plot_explained_variance({f"{r}-RoPE": b for r, b in bases.items()}, out / "explained_variance.png")
@@ -149,10 +150,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def write_results(rows: list[dict[str, Any]], cfg: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"config": cfg, "results": rows}, indent=2, default=str) + "\n")
+    write_json(out / "results.json", {"config": cfg, "results": rows})
     what = [f"{column_title(e)}: {rows[0][e]['tokens']} scored tokens" for e in evaluation_keys(rows[0])]
-    (out / "results.md").write_text("Perplexity on held-out text; " + "; ".join(what) + "\n\n" + table(rows) + "\n")
+    write_text(out / "results.md", "Perplexity on held-out text; " + "; ".join(what) + "\n\n" + table(rows) + "\n")
     plot_perplexity(rows, {e: column_title(e) for e in evaluation_keys(rows[0])}, out / "perplexity.png")
     print(f"\n{table(rows)}\n\nwrote {out / 'results.json'}, {out / 'results.md'}, {out / 'perplexity.png'}")
 

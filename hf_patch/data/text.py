@@ -7,9 +7,12 @@ optional config written `"name:config"` (e.g. `"wikitext:wikitext-2-raw-v1"`). `
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from .store import digest, file_identity
 
 # built-in name -> (split, whole books one after another): the plain names interleave the books passage by
 # passage (any prefix spans many books); the ":by-book" names keep each book contiguous (long-context reading)
@@ -51,6 +54,30 @@ def load_text_dataset(source: Any, split: str | None = None, streaming: bool = T
         raise FileNotFoundError(f"no such file or directory: {name}")
     hub_name, _, config = name.partition(":")
     return _select_split(datasets.load_dataset(hub_name, config or None, streaming=streaming), split, name)
+
+
+def source_identity(source: Any) -> dict[str, Any] | None:
+    """What identifies a text source in a fingerprint: a built-in corpus by its own fingerprint, a local file or
+    directory by the names, sizes and mtimes of its files, a `datasets` object by its fingerprint, a list of
+    strings by a hash of the texts, a hub dataset by its name; None for a source that cannot be identified (an
+    iterator: nothing computed from it is ever reused)."""
+    if isinstance(source, (str, os.PathLike)):
+        name = str(source)
+        if name.startswith("books:"):
+            from .books import books_fingerprint
+
+            return {"builtin": name, "corpus": digest(books_fingerprint())}
+        path = Path(name).expanduser()
+        if path.exists():
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            return {"path": str(path.resolve()), "files": digest(
+                [{**file_identity(p), "name": str(p.relative_to(path)) if path.is_dir() else p.name} for p in files])}
+        return {"hub": name}
+    if isinstance(getattr(source, "_fingerprint", None), str):  # a datasets Dataset
+        return {"datasets": source._fingerprint}
+    if isinstance(source, (list, tuple)) and all(isinstance(t, str) for t in source):
+        return {"texts": digest(list(source))}
+    return None
 
 
 def iter_texts(source: Any, split: str | None = None, text_column: str = "text", streaming: bool = True) -> Iterator[str]:

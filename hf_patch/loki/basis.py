@@ -77,17 +77,19 @@ class PCABasis:
         return (self.explained_variance() < threshold - 1e-6).sum(-1) + 1
 
     def save(self, path: str | Path) -> Path:
-        """Write ``path/`` with the tensors (safetensors) and the metadata (JSON)."""
+        """Write ``path/`` with the tensors (safetensors) and the metadata (JSON), atomically: both are written into
+        a directory beside ``path`` that is then renamed into place, so an interruption leaves the old basis or the
+        new one, never the new weights with the old JSON. Other files in ``path`` are kept."""
         from safetensors.torch import save_file
 
+        from ..data.store import atomic_directory
+
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         tensors = {
             "components": self.components.float().contiguous(),
             "eigenvalues": self.eigenvalues.double().contiguous(),
             "mean": self.mean.float().contiguous(),
         }
-        save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "hf_patch.loki"})
         meta = {
             "format_version": FORMAT_VERSION,
             "num_layers": self.num_layers,
@@ -96,7 +98,9 @@ class PCABasis:
             "rank_at_90": self.rank_at(0.9).tolist(),
             **self.metadata,
         }
-        (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        with atomic_directory(path, self.metadata.get("fingerprint"), exclusive=False) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "hf_patch.loki"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         return path
 
     @classmethod
