@@ -22,7 +22,7 @@ import torch
 from hf_patch import PCABasis
 from hf_patch.app.cli import main
 from hf_patch.data import books, store
-from hf_patch.data.store import MARKER, ChecksumError, NotOurs, StaleArtefact
+from hf_patch.data.store import MARKER, ChecksumError, StaleArtefact
 from hf_patch.loki.calibrate import Calibration
 from hf_patch.models import smollm2
 
