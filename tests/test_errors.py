@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -300,3 +301,104 @@ def test_main_checks_every_setting_before_loading(tmp_path, capsys, no_model):
 def test_debug_shows_the_traceback(tmp_path, no_model):
     with pytest.raises(ConfigError, match="d_frac"):
         main(["--debug", "perplexity", "--basis", str(tmp_path), "--d-frac", "2"])
+
+
+# ---------------------------------------------------------------- setting names (issue 25)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ([{"name": "a", "d_frac": 0.5}, {"name": "a", "d_frac": 0.25}], r"settings\[0\] and settings\[1\] are both named 'a'"),
+    ([{"name": "full", "d_frac": 0.5}], r"settings\[0\] is named 'full', the name of the full-attention row"),
+    ([{"name": "Full", "mode": "all"}], r"settings\[0\] is named 'Full', the name of the full-attention row"),
+    ([{"name": "a b"}, {"name": "a_b"}], r"settings\[0\] and settings\[1\] are named 'a b' and 'a_b', which share a cache"),
+    ([{"d_frac": 0.5}, {"d_frac": 0.5, "k_frac": 0.2}], r"settings\[0\] and settings\[1\] are both named 'loki d=0.5 k=0.2'"),
+    ([{"name": "x" * 300}], r"settings\[0\]: its name 'xxx.*\.\.\..*' \(300 characters\) must be at most 120 characters"),
+    ([{"name": "???"}], r"settings\[0\]: its name '\?\?\?' \(3 characters\) must be at most 120 characters with a letter or digit"),
+])
+def test_compare_refuses_names_that_would_mix_results(tmp_path, capsys, no_model, settings, message):
+    from hf_patch.app import compare
+
+    with pytest.raises(ConfigError, match=r"^c.yaml: " + message):
+        compare.CompareConfig.from_dict({"tasks": {"hfp_books_ppl": 1}, "settings": settings}, "c.yaml")
+    config = write_yaml(tmp_path / "c.yaml", json.dumps({"tasks": {"hfp_books_ppl": 1}, "settings": settings}))
+    assert re.search(message, cli_error(capsys, "compare", "--config", config))
+
+
+def test_compare_names_differ_by_mode_and_main_names_do_not():
+    from hf_patch.app import compare
+    from hf_patch.app.experiment import ExperimentConfig
+
+    per_mode = [{"name": "default", "mode": "decode"}, {"name": "default", "mode": "all"}]
+    cfg = compare.CompareConfig.from_dict({"tasks": {"hfp_books_ppl": 1}, "settings": per_mode})
+    assert [compare.setting_label(s) for s in cfg.settings] == ["default decode-mode", "default all-mode"]
+    with pytest.raises(ConfigError, match=r"m.yaml: settings\[0\] and settings\[1\] are both named 'default'"):
+        ExperimentConfig.from_dict({"settings": per_mode}, "m.yaml")  # main sets the mode per evaluation
+
+
+def test_main_refuses_a_setting_named_full(tmp_path, capsys, no_model):
+    config = write_yaml(tmp_path / "m.yaml", "settings: [{name: full, d_frac: 0.5}]\n")
+    assert cli_error(capsys, "main", "--config", config).endswith(
+        "m.yaml: settings[0] is named 'full', the name of the full-attention row: give it another name")
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).parent.parent / "configs").rglob("*.yaml")),
+                         ids=lambda p: Path(p).parent.name + "/" + Path(p).name)
+def test_every_shipped_config_loads(path):
+    """Each config in configs/ passes the schema that reads it (warnings are errors: no unknown TransNormer key)."""
+    from hf_patch.app.calibrate import CalibrateConfig
+    from hf_patch.app.compare import CompareConfig
+    from hf_patch.app.experiment import ExperimentConfig
+    from hf_patch.config import load_config
+
+    data = load_config(path)
+    kind = Path(path).parent.name
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if kind == "eval":
+            CompareConfig.from_dict(data, path)
+        elif kind == "loki":
+            (CalibrateConfig if "calibrate" in path else ExperimentConfig).from_dict(data, path)
+        elif kind == "transnormer":
+            TransNormerConfig(vocab_size=256, **data["model"])
+        else:
+            assert kind == "accelerate" and data
+
+
+# ---------------------------------------------------------------- YAML (issue 25)
+
+
+BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{x}: &{x} [{', '.join([f'*{p}'] * 9)}]\n" for p, x in zip("abcdefg", "bcdefgh")) + \
+    "num_tokens: [" + ", ".join(["*h"] * 9) + "]\n"
+
+
+def test_yaml_aliases_are_refused_at_once(tmp_path, capsys, no_model):
+    import time
+
+    config = write_yaml(tmp_path / "c.yaml", BOMB)
+    start = time.perf_counter()
+    line = cli_error(capsys, "calibrate", "--config", config)
+    assert time.perf_counter() - start < 5
+    assert line.endswith("c.yaml: line 1: YAML anchors and aliases (&a, *a) are not allowed in a config; write each "
+                         "value out")
+    config = write_yaml(tmp_path / "c.yaml", "base: &b {num_tokens: 4}\nnum_tokens: 8\nother:\n  <<: *b\n")
+    assert "line 1: YAML anchors and aliases (&b, *b)" in cli_error(capsys, "calibrate", "--config", config)
+
+
+@pytest.mark.parametrize("value", ["x" * 100_000, [[["y" * 1000] * 1000] * 1000] * 1000, {"k" * 500: list(range(10**5))}])
+def test_a_value_in_a_message_is_abridged(value):
+    from hf_patch.config import shown
+
+    with pytest.raises(ConfigError) as info:
+        CalibrateConfig(num_tokens=value)
+    assert len(str(info.value)) < 150 and str(info.value).startswith("num_tokens must be an integer, got ")
+    assert len(shown(value)) <= 80
+    assert shown("short") == "'short'"
+
+
+def test_an_output_directory_that_cannot_be_written_is_refused(tmp_path, capsys, no_model):
+    line = cli_error(capsys, "calibrate", "--output", "/sys/hf_patch_basis")
+    assert line.endswith("output: cannot write into /sys (Permission denied); name a directory you can write to")
+    (tmp_path / "file").write_text("x")
+    assert cli_error(capsys, "calibrate", "--output", str(tmp_path / "file" / "basis")).endswith(
+        f"output: {tmp_path / 'file'} is a file, so {tmp_path / 'file' / 'basis'} cannot be made; name another directory")

@@ -25,11 +25,11 @@ from ..config import (DTYPES, ConfigError, Schema, directory, given, integer, li
 from ..loki.attention import MODES
 from ..loki.calibrate import Calibration
 from ..loki.settings import SweepSetting
+from .experiment import FULL, check_names, setting_name
 from .launch import Launch
 from .task_runner import long_metric, read_cache, run_tasks, runs, write_json
 
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte")
-FULL = "full"
 
 
 def _batch_size(name: str, value: Any) -> int | str:
@@ -78,6 +78,7 @@ class CompareConfig(Schema):
                               "all), or long_tasks with lengths")
         if self.long_tasks and not self.lengths:
             raise ConfigError("long_tasks need lengths: a list of context lengths in tokens, e.g. [4096, 8192]")
+        check_names(self.settings, [setting_label(s) for s in self.settings], lambda label: _slug(label).casefold())
 
 
 # ---------------------------------------------------------------- settings and caching
@@ -85,8 +86,6 @@ class CompareConfig(Schema):
 
 def setting_label(setting: dict[str, Any] | None) -> str:
     """'full' or e.g. 'loki d=0.25 k=0.25' (the names of `hf-patch main`), plus the mode if the setting sets one."""
-    from .experiment import setting_name
-
     if setting is None:
         return FULL
     return setting_name(setting) + (f" {setting['mode']}-mode" if "mode" in setting else "")
@@ -278,11 +277,12 @@ def plot(summary: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) 
         scale = 1 if e["metric"].endswith(LOWER_IS_BETTER) else 100
         ax.axhline(scale * e["settings"][FULL]["value"], color="black", linestyle="--", label="full")
         lines: dict[str, list[tuple[float, float]]] = {}
+        modes = {row["params"]["mode"] for row in rows[1:]}
         for row in rows[1:]:
             p = row["params"]
             name = f"d_f={p['d_frac']:g}" + "".join(
                 f" {p[k]}" for k, default in (("rotary", "pre"), ("d_policy", "uniform"), ("gqa_select", "query"))
-                if p.get(k, default) != default)
+                if p.get(k, default) != default) + (f" {p['mode']}-mode" if len(modes) > 1 else "")
             lines.setdefault(name, []).append((p["k_frac"], scale * e["settings"][row["setting"]]["value"]))
         for name, points in sorted(lines.items()):
             xs, ys = zip(*sorted(points))

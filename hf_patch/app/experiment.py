@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import (DTYPES, Schema, directory, given, integer, list_of, load_config, one_of, optional, override,
-                      setting, text)
+from ..config import (DTYPES, ConfigError, Schema, directory, given, integer, list_of, load_config, one_of, optional,
+                      override, setting, shown, text)
 from ..loki.budget import read_cost
 from ..loki.calibrate import Calibration
 from ..loki.patch import loki_settings, patch_loki, unpatch
@@ -50,6 +51,33 @@ class ExperimentConfig(Schema):
     calibration: dict[str, Any] = setting(parse=given(Calibration), factory=dict)
     evaluation: dict[str, Any] = setting(parse=given(Evaluations), factory=lambda: {"all": {}})
     settings: list[dict[str, Any]] = setting(parse=list_of(given(SweepSetting)), factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_names(self.settings, [setting_name(s) for s in self.settings])
+
+
+FULL = "full"  # the row (column) of full attention
+NAME_LENGTH = 120  # characters of a setting's name: it labels a table row or column, and names a cache file
+
+
+def check_names(settings: list[dict[str, Any]], names: list[str], key: Callable[[str], str] = str.casefold) -> None:
+    """Refuse settings whose `names` (what their rows, columns and caches are keyed by: the `name` given or the
+    one derived) would be confused: two with one name (equal under `key`), a `name` that is "full" (full
+    attention's), a name longer than `NAME_LENGTH` or with no letter or digit. The message names both settings."""
+    seen: dict[str, int] = {}
+    for i, (s, name) in enumerate(zip(settings, names)):
+        if str(s.get("name") or "").casefold() == FULL or key(name) == key(FULL):
+            raise ConfigError(f"settings[{i}] is named {shown(s.get('name') or name)}, the name of the full-attention "
+                              "row: give it another name")
+        if len(name) > NAME_LENGTH or not any(c.isalnum() for c in name):
+            raise ConfigError(f"settings[{i}]: its name {shown(name)} ({len(name)} characters) must be at most "
+                              f"{NAME_LENGTH} characters with a letter or digit (it labels the results and names a "
+                              "cache file): give it a short `name`")
+        if (j := seen.setdefault(key(name), i)) != i:
+            named = (f"both named {shown(name)}" if names[j] == name else
+                     f"named {shown(names[j])} and {shown(name)}, which share a cache file")
+            raise ConfigError(f"settings[{j}] and settings[{i}] are {named}: give each setting a distinct `name`")
 
 
 def setting_name(s: dict[str, Any]) -> str:
@@ -91,7 +119,7 @@ def run_experiment(config: dict[str, Any], source: str = "config") -> list[dict[
         args = {**SweepSetting(**s).patch_args(), "mode": mode}
         return lambda m: patch_loki(m, bases[s.get("rotary", "pre")], **args)
 
-    rows = [{"setting": "full", "cost": 1.0}]
+    rows = [{"setting": FULL, "cost": 1.0}]
     for s in settings:  # record each setting as patch_loki resolves it (defaults included) and what it reads
         patcher(s, "all")(model)
         applied = loki_settings(model)
@@ -103,7 +131,7 @@ def run_experiment(config: dict[str, Any], source: str = "config") -> list[dict[
 
     if "decode" in evaluations:
         e = DecodeEvaluation(**evaluations["decode"])
-        named = [("full", None)] + [(r["setting"], patcher(s, "decode")) for r, s in zip(rows[1:], settings)]
+        named = [(FULL, None)] + [(r["setting"], patcher(s, "decode")) for r, s in zip(rows[1:], settings)]
         prefixes = e.prefix if isinstance(e.prefix, list) else [e.prefix]
         for prefix in prefixes:
             key = "decode" if len(prefixes) == 1 else f"decode@{prefix}"
