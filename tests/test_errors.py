@@ -402,3 +402,39 @@ def test_an_output_directory_that_cannot_be_written_is_refused(tmp_path, capsys,
     (tmp_path / "file").write_text("x")
     assert cli_error(capsys, "calibrate", "--output", str(tmp_path / "file" / "basis")).endswith(
         f"output: {tmp_path / 'file'} is a file, so {tmp_path / 'file' / 'basis'} cannot be made; name another directory")
+
+
+# ---------------------------------------------------------------- TransNormerConfig types (issue 25)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"scale_embedding": "no"}, "scale_embedding must be true or false, got 'no'"),
+    ({"bias": "yes"}, "bias must be true or false, got 'yes'"),
+    ({"use_cache": "x"}, "use_cache must be true or false, got 'x'"),
+    ({"tie_word_embeddings": 1}, "tie_word_embeddings must be true or false, got 1"),
+    ({"lrpe_layers": [0.5]}, r"lrpe_layers\[0\] must be an integer, got 0.5"),
+    ({"lrpe_layers": [0, True]}, r"lrpe_layers\[1\] must be an integer, got True"),
+    ({"lrpe_layers": 1}, "lrpe_layers must be a list of layer indices, got 1"),
+    ({"no_scale_embedding": "no"}, "no_scale_embedding must be true or false, got 'no'"),
+])
+def test_transnormer_config_flags_are_bools_and_layers_ints(kwargs, message):
+    with pytest.raises(ConfigError, match="^TransNormerConfig: " + message):
+        TransNormerConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, **kwargs)
+
+
+def test_transnormer_config_warns_of_an_unknown_key_and_not_on_a_round_trip(tmp_path):
+    from transformers import AutoConfig
+
+    with pytest.warns(UserWarning, match="TransNormerConfig: unknown key 'num_hidden_layer' is kept as an attribute "
+                                         "but no field reads it; did you mean 'num_hidden_layers'"):
+        config = TransNormerConfig(hidden_size=32, intermediate_size=64, num_hidden_layer=4)
+    assert config.num_hidden_layers == 24  # the default stays: hence the warning
+    config = TransNormerConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, lrpe_layers=[1, 0, 1],
+                               output_hidden_states=True, torch_dtype="float32", num_labels=3)
+    assert config.lrpe_layers == [0, 1]
+    config.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for loaded in (TransNormerConfig.from_pretrained(tmp_path), AutoConfig.from_pretrained(tmp_path),
+                       TransNormerConfig(**config.to_dict()), TransNormerConfig.from_dict(config.to_dict())):
+            assert {**loaded.to_dict(), "_name_or_path": ""} == config.to_dict()
