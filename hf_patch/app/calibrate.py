@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import DTYPES, directory, integer, one_of, optional, setting, text
-from ..parallel import end_processes, launched, process_split, process_state, resolve_device
+from ..parallel import check_device, end_processes, launched, process_split, process_state, resolve_device
 from ..loki.basis import CONFIG_NAME, PCABasis
 from ..loki.calibrate import Calibration, calibrate_pca
 from .plots import plot_explained_variance
@@ -22,7 +22,7 @@ class CalibrateConfig(Calibration):
     num_tokens: int = setting(131_072, integer(1))
     model: str | None = setting(None, optional(text))
     dtype: str = setting("float32", one_of(*DTYPES))
-    device: str = setting("auto", text)
+    device: str = setting("auto", check_device)
     output: str = setting("outputs/basis", directory)
 
     def calibration(self) -> Calibration:
@@ -34,7 +34,8 @@ def reusable(basis: PCABasis, cal: Calibration) -> bool:
     """Whether `basis` is what calibrating with `cal` would give: same rotary and dataset, and as many tokens
     (or every token the dataset had, when an earlier run asked for at least `num_tokens` and it ran out)."""
     meta = basis.metadata
-    if meta.get("rotary") != cal.rotary or meta.get("dataset") != str(cal.dataset):
+    if (meta.get("rotary") != cal.rotary or meta.get("dataset") != str(cal.dataset)
+            or meta.get("text_column", "text") != cal.text_column):
         return False
     tokens = meta.get("tokens", 0)
     return tokens > cal.num_tokens - cal.seq_len or meta.get("num_tokens", 0) >= cal.num_tokens
@@ -58,9 +59,9 @@ def calibrate_to(model, tokenizer, cal: Calibration, output: Path, model_name: s
 
 
 def _model_id(name: str | None) -> str:
-    from ..models.smollm2 import DEFAULT_MODEL, HUB_ID
+    from ..models.smollm2 import model_id
 
-    return HUB_ID if name in (None, DEFAULT_MODEL) else str(name)
+    return model_id(name)
 
 
 def describe(basis: PCABasis) -> str:
@@ -75,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML with keys " + ", ".join(sorted(CalibrateConfig.keys())))
     parser.add_argument("--model")
     parser.add_argument("--dataset")
+    parser.add_argument("--text-column", help="the dataset's column holding the text (default: text)")
     parser.add_argument("--num-tokens")
     parser.add_argument("--min-tokens", help="fail if the dataset gives fewer tokens than this")
     parser.add_argument("--rotary")
@@ -86,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> CalibrateConfig:
     """The config file (if any) with the flags given on top, checked."""
     flags = dict(model=args.model, dataset=args.dataset, num_tokens=args.num_tokens, min_tokens=args.min_tokens,
-                 rotary=args.rotary, output=args.output, device=args.device)
+                 rotary=args.rotary, output=args.output, device=args.device, text_column=args.text_column)
     if args.config:
         return CalibrateConfig.from_file(args.config, **flags)
     return CalibrateConfig.from_dict({k: v for k, v in flags.items() if v is not None}, "flags")

@@ -13,6 +13,7 @@ comparison resumes where it stopped. With a `launch` key
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import re
 import textwrap
@@ -21,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from ..config import (DTYPES, ConfigError, Schema, directory, given, integer, list_of, load_config, mapping_of,
-                      one_of, optional, override, setting, text)
+                      one_of, optional, override, setting, shown, text)
 from ..loki.attention import MODES
 from ..loki.calibrate import Calibration
 from ..loki.settings import SweepSetting
+from ..parallel import check_device
 from .experiment import FULL, check_names, setting_name
 from .launch import Launch
 from .task_runner import long_metric, read_cache, run_tasks, runs, write_json
@@ -58,7 +60,7 @@ class CompareConfig(Schema):
     lengths: list[int] = setting(parse=list_of(integer(64)), factory=lambda: [4096])
     model: str = setting("smollm2", text)
     dtype: str = setting("float32", one_of(*DTYPES))
-    device: str = setting("auto", text)
+    device: str = setting("auto", check_device)
     batch_size: int | str = setting(8, _batch_size)
     output_dir: str = setting("outputs/eval", directory)
     metrics: dict[str, str] = setting(parse=mapping_of(text), factory=dict)
@@ -184,12 +186,26 @@ def _needs_prepared_tasks(tasks: list[str]) -> None:
     ensure_prepared(tasks)
 
 
+def check_tasks(tasks: list[str], source: str) -> None:
+    """Fail before any model loads for a task that lm-eval's task index (with ours, prepared) lacks, naming the
+    closest one there is."""
+    from .task_runner import task_manager
+
+    known = task_manager(all(t.startswith("hfp_") for t in tasks)).all_tasks
+    for task in tasks:
+        if task not in known:
+            close = difflib.get_close_matches(task, known, n=1)
+            raise ConfigError(f"{source}: unknown task {shown(task)}" + (f"; did you mean {close[0]!r}?" if close
+                              else "") + " (`hf-patch eval ls tasks` lists the tasks there are)")
+
+
 def run_compare(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """Check `config` (a `CompareConfig` mapping; `source` names it in errors), run every setting (full first)
     and write the table, JSON and plot; return the JSON payload."""
     cfg = CompareConfig.from_dict(config, source).as_dict()
     settings = cfg["settings"]
     _needs_prepared_tasks([*cfg["tasks"], *cfg["long_tasks"]])
+    check_tasks([*cfg["tasks"], *cfg["long_tasks"]], source)
     bases = ensure_bases(cfg, settings)
     rows = [{"setting": FULL, "params": None, "tasks": evaluate_setting(cfg, None, None)}]
     for s in settings:

@@ -19,12 +19,13 @@ from typing import Any
 
 from ..config import (DTYPES, ConfigError, Schema, directory, given, integer, list_of, load_config, one_of, optional,
                       override, setting, shown, text)
+from ..loki.arch import check_positions, check_weights
 from ..loki.budget import read_cost
 from ..loki.calibrate import Calibration
 from ..loki.patch import loki_settings, patch_loki, unpatch
 from ..loki.perplexity import DecodeEvaluation, Evaluation, decode_perplexity, decode_windows, perplexity
 from ..loki.settings import LokiSettings, SweepSetting
-from ..parallel import resolve_device
+from ..parallel import check_device, resolve_device
 from .calibrate import calibrate_to, describe
 from .plots import plot_explained_variance, plot_perplexity
 
@@ -45,7 +46,7 @@ class ExperimentConfig(Schema):
 
     model: str | None = setting(None, optional(text))
     dtype: str = setting("float32", one_of(*DTYPES))
-    device: str = setting("auto", text)
+    device: str = setting("auto", check_device)
     threads: int | None = setting(None, optional(integer(1)))
     output_dir: str = setting("outputs/main", directory)
     calibration: dict[str, Any] = setting(parse=given(Calibration), factory=dict)
@@ -100,6 +101,9 @@ def run_experiment(config: dict[str, Any], source: str = "config") -> list[dict[
 
     from ..models.smollm2 import load_model
 
+    if not config:
+        raise ConfigError(f"{source} is empty: give at least the Loki settings to compare with full attention "
+                          "(`settings`, a list), as configs/loki/smollm2.yaml does")
     cfg = ExperimentConfig.from_dict(config, source).as_dict()
     out = Path(cfg["output_dir"])
     evaluations = {k: v for k, v in cfg["evaluation"].items() if v is not None}
@@ -107,6 +111,7 @@ def run_experiment(config: dict[str, Any], source: str = "config") -> list[dict[
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     model, tokenizer = load_model(cfg["model"], dtype=cfg["dtype"], device=resolve_device(cfg["device"]))
+    check_model(model, cfg, evaluations)
     bases = {}
     for rotary in sorted({s.get("rotary", "pre") for s in settings}):
         calibration = Calibration(**{**cfg["calibration"], "rotary": rotary})
@@ -135,7 +140,8 @@ def run_experiment(config: dict[str, Any], source: str = "config") -> list[dict[
         prefixes = e.prefix if isinstance(e.prefix, list) else [e.prefix]
         for prefix in prefixes:
             key = "decode" if len(prefixes) == 1 else f"decode@{prefix}"
-            windows = decode_windows(tokenizer, e.dataset, prefix + e.new_tokens + 1, e.windows, e.skip_windows)
+            windows = decode_windows(tokenizer, e.dataset, prefix + e.new_tokens + 1, e.windows, e.skip_windows,
+                                     e.text_column)
             results = decode_perplexity(model, windows, prefix, named)
             for row in rows:
                 row[key] = results[row["setting"]]
@@ -146,12 +152,27 @@ def run_experiment(config: dict[str, Any], source: str = "config") -> list[dict[
             if s is not None:
                 patcher(s, "all")(model)
             row["all"] = perplexity(model, tokenizer, e.dataset, e.seq_len, e.max_tokens, e.batch_size,
-                                    desc=row["setting"])
+                                    desc=row["setting"], text_column=e.text_column)
             if s is not None:
                 unpatch(model)
             print(f"{row['setting']}: mode-all ppl {row['all']['ppl']:.3f}")
     write_results(rows, cfg, out)
     return rows
+
+
+def check_model(model, cfg: dict[str, Any], evaluations: dict[str, Any]) -> None:
+    """Before any calibration or evaluation: the model's weights are finite, and every window the config reads fits
+    in its positions."""
+    lengths = {"calibration: seq_len": Calibration(**cfg["calibration"]).seq_len} if cfg["settings"] else {}
+    if "decode" in evaluations:
+        e = DecodeEvaluation(**evaluations["decode"])
+        for prefix in e.prefix if isinstance(e.prefix, list) else [e.prefix]:
+            lengths[f"evaluation: decode: prefix + new_tokens ({prefix} + {e.new_tokens})"] = prefix + e.new_tokens
+    if "all" in evaluations:
+        lengths["evaluation: all: seq_len"] = Evaluation(**evaluations["all"]).seq_len
+    for what, length in lengths.items():
+        check_positions(model, length, what)
+    check_weights(model)
 
 
 def column_title(key: str) -> str:

@@ -144,8 +144,9 @@ def cloze_records(passages: Iterable[dict[str, str]], n: int = CLOZE_EXAMPLES,
 # ---------------------------------------------------------------- BIG-bench
 
 
-class ChecksumError(RuntimeError):
-    """A downloaded or given file is not the pinned one."""
+class ChecksumError(ValueError):
+    """A downloaded or given file is not the pinned one (a user error: the CLI prints its one line, what to do
+    included)."""
 
 
 def sha256sum(path: Path) -> str:
