@@ -147,9 +147,9 @@ def _check_text_file(path: Path, size: int = 1 << 16) -> None:
     with open(path, "rb") as f:
         head = f.read(size)
     try:
-        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
-        if b"\0" in head:
+        if b"\0" in head:  # valid UTF-8, but no text has it
             raise UnicodeDecodeError("utf-8", head, head.index(b"\0"), head.index(b"\0") + 1, "a NUL byte")
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
     except UnicodeDecodeError as err:
         raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): pass text files (or "
                          "convert it to UTF-8)") from None

@@ -41,8 +41,8 @@ def check_dataset(name: str, value: Any) -> Any:
 @dataclass
 class Calibration(Schema):
     """What `calibrate_pca` reads: `num_tokens` tokens of `dataset` (its column `text_column`, for tables) in
-    `seq_len` windows, `batch_size` windows per forward. A dataset that runs out first gives a warning, or a ConfigError when fewer than `min_tokens`
-    were read."""
+    `seq_len` windows, `batch_size` windows per forward. A dataset that runs out first gives a warning, or a
+    ConfigError when fewer than `min_tokens` were read."""
 
     dataset: Any = setting("books:calibration", check_dataset)
     num_tokens: int = setting(262_144, integer(1))

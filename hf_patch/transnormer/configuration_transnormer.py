@@ -33,7 +33,9 @@ FLAGS = ("scale_embedding", "bias", "use_cache", "tie_word_embeddings")
 TRANSFORMERS_KEYS = ("name_or_path", "_name_or_path", "_commit_hash", "output_attentions", "attn_implementation",
                      "experts_implementation", "per_layer_config", "torch_dtype", "num_labels", "rope_scaling",
                      "rope_theta", "rope_parameters", "auto_map", "model_type", "transformers_version",
-                     "_attn_implementation_autoset", "_attn_implementation", "_experts_implementation")
+                     "_attn_implementation_autoset", "_attn_implementation", "_experts_implementation",
+                     # the context length, read by tools such as lm-eval's HFLM (a linear-attention model has none)
+                     "max_position_embeddings", "n_positions", "n_ctx", "seq_length")
 
 
 def _from_published(kwargs: dict[str, Any]) -> dict[str, Any]:
