@@ -110,7 +110,8 @@ def check_device(name: str, value: Any) -> str:
     if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
         raise ConfigError(f"{name} is {value!r} but torch finds no {device.type} device on this machine: use "
                           "'auto' (a GPU where there is one, else the CPU) or 'cpu'")
-    if device.index is not None and device.index >= backend.device_count():
-        raise ConfigError(f"{name} is {value!r} but this machine has {backend.device_count()} {device.type} "
-                          f"device(s), numbered from 0")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise ConfigError(f"{name} is {value!r} but this machine has {count()} {device.type} device(s), numbered "
+                          "from 0")
     return value
