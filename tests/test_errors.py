@@ -510,7 +510,7 @@ def test_max_tokens_below_seq_len_is_refused(capsys, no_model):
 
 def test_windows_past_the_models_positions_are_refused_before_running(tmp_path, capsys, tiny_loader, monkeypatch):
     """The tiny model has 512 positions."""
-    from hf_patch.loki import perplexity as ppl
+    from hf_patch.eval import perplexity as ppl
 
     text = write_yaml(tmp_path / "t.txt", "The quick brown fox jumps over the lazy dog. " * 40)
     monkeypatch.setattr(ppl.nn.functional, "cross_entropy", lambda *a, **k: pytest.fail("a window was scored"))
@@ -548,7 +548,7 @@ def test_text_column_names_the_column_to_read(tmp_path, capsys, tiny_loader):
                           text_column="body")
     expected = calibrate_pca(model, CharTokenizer(), TEXTS, num_tokens=128, seq_len=64, progress=False)
     assert basis.metadata["text_column"] == "body" and torch.equal(basis.eigenvalues, expected.eigenvalues)
-    from hf_patch.loki.perplexity import perplexity
+    from hf_patch.eval.perplexity import perplexity
 
     assert perplexity(model, CharTokenizer(), str(rows), 64, 128, progress=False, text_column="body")["nll"] == \
         perplexity(model, CharTokenizer(), TEXTS, 64, 128, progress=False)["nll"]
@@ -584,7 +584,7 @@ def test_a_binary_text_file_is_named(tmp_path):
 
 
 def test_nan_weights_are_named_before_any_window(tmp_path):
-    from hf_patch.loki.perplexity import decode_perplexity, perplexity
+    from hf_patch.eval.perplexity import decode_perplexity, perplexity
 
     model = tiny_model("llama")
     model.model.layers[1].mlp.up_proj.weight.data[3, 5] = float("nan")

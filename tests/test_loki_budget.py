@@ -139,7 +139,7 @@ def test_decode_rows_equal_a_real_decode_loop(gqa_select, settings):
 
 
 def test_decode_perplexity_matches_one_pass_per_setting():
-    from hf_patch.loki.perplexity import decode_perplexity
+    from hf_patch.eval.perplexity import decode_perplexity
 
     model, basis = tiny_model(), random_basis()
     windows = list(_ids(b=2, t=41))

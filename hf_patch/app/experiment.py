@@ -23,7 +23,7 @@ from ..loki.arch import check_positions, check_weights
 from ..loki.budget import read_cost
 from ..loki.calibrate import Calibration
 from ..loki.patch import loki_settings, patch_loki, unpatch
-from ..loki.perplexity import DecodeEvaluation, Evaluation, decode_perplexity, decode_windows, perplexity
+from ..eval.perplexity import DecodeEvaluation, Evaluation, decode_perplexity, decode_windows, perplexity
 from ..loki.settings import LokiSettings, SweepSetting
 from ..parallel import check_device, resolve_device
 from .calibrate import calibrate_to, describe

@@ -1,4 +1,4 @@
-"""`hf-patch perplexity`: perplexity of a model, full attention or Loki, on held-out text (`hf_patch.loki.perplexity`)."""
+"""`hf-patch perplexity`: perplexity of a model, full attention or Loki, on held-out text (`hf_patch.eval.perplexity`)."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from ..config import DTYPES
-from ..loki.perplexity import DecodeEvaluation, Evaluation, decode_perplexity, decode_windows, perplexity
+from ..eval.perplexity import DecodeEvaluation, Evaluation, decode_perplexity, decode_windows, perplexity
 from ..parallel import resolve_device
 
 

@@ -15,8 +15,8 @@ import torch.nn as nn
 from ..config import ConfigError, Schema, integer, list_of, optional, setting, text
 from ..data.packing import batched, token_windows
 from ..generation import CACHE_KWARG
-from .arch import check_positions, check_weights
-from .calibrate import check_dataset
+from ..loki.arch import check_positions, check_weights
+from ..loki.calibrate import check_dataset
 
 
 @dataclass
@@ -78,7 +78,7 @@ def perplexity(
     column `text_column`)."""
     from tqdm.auto import tqdm
 
-    from .calibrate import _texts
+    from ..loki.calibrate import _texts
 
     check_positions(model, seq_len, "seq_len")
     check_weights(model)
@@ -108,7 +108,7 @@ def decode_windows(tokenizer, dataset: Any, length: int, windows: int, skip_wind
                    text_column: str = "text") -> list[torch.Tensor]:
     """`windows` int64 [length] token windows of `dataset` (a table's column `text_column`), after skipping the
     first `skip_windows`."""
-    from .calibrate import _texts
+    from ..loki.calibrate import _texts
 
     texts, _ = _texts(dataset, text_column)
     found = list(itertools.islice(token_windows(texts, tokenizer, length), skip_windows, skip_windows + windows))
@@ -135,7 +135,7 @@ def decode_perplexity(
     from tqdm.auto import tqdm
     from transformers import DynamicCache
 
-    from .patch import decode_rows, is_patched, unpatch
+    from ..loki.patch import decode_rows, is_patched, unpatch
 
     if is_patched(model):
         raise ValueError("decode_perplexity patches the model itself: pass an unpatched model")
