@@ -187,9 +187,9 @@ def test_iter_texts_errors(text_files):
         list(iter_texts(str(text_files / "nope.jsonl")))
     with pytest.raises(FileNotFoundError, match="no such file"):
         list(iter_texts("./missing_dir"))
-    with pytest.raises(KeyError, match=r"no column 'text'.*\['n', 'body'\]"):
+    with pytest.raises(ValueError, match=r"no column 'text'.*\['n', 'body'\]"):
         list(iter_texts(text_files / "rows.csv"))
-    with pytest.raises(KeyError, match=r"no column 'body'.*'text'"):
+    with pytest.raises(ValueError, match=r"no column 'body'.*'text'"):
         list(iter_texts(text_files / "rows.jsonl", text_column="body"))
     with pytest.raises(TypeError, match="holds int"):
         list(iter_texts(text_files / "rows.jsonl", text_column="n"))

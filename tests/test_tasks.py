@@ -301,6 +301,7 @@ def test_compare_prepares_what_its_config_needs_before_loading_a_model(cache, mo
     asked = []
     monkeypatch.setattr(prepare, "prepare_tasks", lambda groups: asked.append(groups))
     monkeypatch.setattr(compare, "ensure_bases", model_step)
+    monkeypatch.setattr(compare, "check_tasks", lambda tasks, source: None)  # nothing was prepared
     with pytest.raises(Stop):
         compare.run_compare({**config, "settings": []})
     assert asked == [groups]

@@ -13,7 +13,7 @@ from typing import Any
 from ..config import DTYPES, directory, integer, one_of, optional, setting, text
 from ..data.store import reusable
 from ..data.text import source_identity
-from ..parallel import end_processes, launched, process_split, process_state, resolve_device
+from ..parallel import check_device, end_processes, launched, process_split, process_state, resolve_device
 from ..loki.basis import CONFIG_NAME, FORMAT_VERSION, PCABasis
 from ..loki.calibrate import Calibration, calibrate_pca
 from .plots import plot_explained_variance
@@ -26,7 +26,7 @@ class CalibrateConfig(Calibration):
     num_tokens: int = setting(131_072, integer(1))
     model: str | None = setting(None, optional(text))
     dtype: str = setting("float32", one_of(*DTYPES))
-    device: str = setting("auto", text)
+    device: str = setting("auto", check_device)
     output: str = setting("outputs/basis", directory)
 
     def calibration(self) -> Calibration:
@@ -39,7 +39,7 @@ CALIBRATE_FIX = "pass --force to recalibrate over it, or choose another --output
 
 def basis_fingerprint(model_name: str | None, dtype: str, cal: Calibration) -> dict[str, Any] | None:
     """Everything that determines a calibrated basis: the model (its id, dtype, config and weight files), the
-    dataset (`source_identity`), the token count, window length and rotary variant, and the basis format; None
+    dataset (`source_identity` and its text column), the token count, window length and rotary variant, and the basis format; None
     when the dataset cannot be identified (an iterator: never reused)."""
     from ..models.smollm2 import model_identity
 
@@ -47,7 +47,8 @@ def basis_fingerprint(model_name: str | None, dtype: str, cal: Calibration) -> d
     if dataset is None:
         return None
     return {"artefact": "loki-basis", "format": FORMAT_VERSION, "model": model_identity(model_name, dtype),
-            "dataset": dataset, "num_tokens": cal.num_tokens, "seq_len": cal.seq_len, "rotary": cal.rotary}
+            "dataset": dataset, "text_column": cal.text_column, "num_tokens": cal.num_tokens, "seq_len": cal.seq_len,
+            "rotary": cal.rotary}
 
 
 def stored_basis(output: Path, expected: dict[str, Any] | None, owned: bool, fix: str) -> PCABasis | None:
@@ -88,9 +89,9 @@ def calibrate_to(model, tokenizer, cal: Calibration, output: Path, model_name: s
 
 
 def _model_id(name: str | None) -> str:
-    from ..models.smollm2 import DEFAULT_MODEL, HUB_ID
+    from ..models.smollm2 import model_id
 
-    return HUB_ID if name in (None, DEFAULT_MODEL) else str(name)
+    return model_id(name)
 
 
 def describe(basis: PCABasis) -> str:
@@ -105,6 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML with keys " + ", ".join(sorted(CalibrateConfig.keys())))
     parser.add_argument("--model")
     parser.add_argument("--dataset")
+    parser.add_argument("--text-column", help="the dataset's column holding the text (default: text)")
     parser.add_argument("--num-tokens")
     parser.add_argument("--min-tokens", help="fail if the dataset gives fewer tokens than this")
     parser.add_argument("--rotary")
@@ -117,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> CalibrateConfig:
     """The config file (if any) with the flags given on top, checked."""
     flags = dict(model=args.model, dataset=args.dataset, num_tokens=args.num_tokens, min_tokens=args.min_tokens,
-                 rotary=args.rotary, output=args.output, device=args.device)
+                 rotary=args.rotary, output=args.output, device=args.device, text_column=args.text_column)
     if args.config:
         return CalibrateConfig.from_file(args.config, **flags)
     return CalibrateConfig.from_dict({k: v for k, v in flags.items() if v is not None}, "flags")

@@ -15,6 +15,7 @@ prepared data's fingerprint): an interrupted comparison resumes where it stopped
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import re
 import textwrap
@@ -23,16 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from ..config import (DTYPES, ConfigError, Schema, directory, given, integer, list_of, load_config, mapping_of,
-                      one_of, optional, override, setting, text)
+                      one_of, optional, override, setting, shown, text)
 from ..data.store import digest, write_json, write_text
 from ..loki.attention import MODES
 from ..loki.calibrate import Calibration
 from ..loki.settings import SweepSetting
+from ..parallel import check_device
+from .experiment import FULL, check_names, setting_name
 from .launch import Launch
 from .task_runner import long_metric, read_cache, run_fingerprint, run_tasks, runs
 
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte")
-FULL = "full"
 RESULTS_FORMAT = 1  # of the per-setting cache files; a change recomputes them
 
 
@@ -62,7 +64,7 @@ class CompareConfig(Schema):
     lengths: list[int] = setting(parse=list_of(integer(64)), factory=lambda: [4096])
     model: str = setting("smollm2", text)
     dtype: str = setting("float32", one_of(*DTYPES))
-    device: str = setting("auto", text)
+    device: str = setting("auto", check_device)
     batch_size: int | str = setting(8, _batch_size)
     output_dir: str = setting("outputs/eval", directory)
     metrics: dict[str, str] = setting(parse=mapping_of(text), factory=dict)
@@ -82,6 +84,7 @@ class CompareConfig(Schema):
                               "all), or long_tasks with lengths")
         if self.long_tasks and not self.lengths:
             raise ConfigError("long_tasks need lengths: a list of context lengths in tokens, e.g. [4096, 8192]")
+        check_names(self.settings, [setting_label(s) for s in self.settings], lambda label: _slug(label).casefold())
 
 
 # ---------------------------------------------------------------- settings and caching
@@ -89,8 +92,6 @@ class CompareConfig(Schema):
 
 def setting_label(setting: dict[str, Any] | None) -> str:
     """'full' or e.g. 'loki d=0.25 k=0.25' (the names of `hf-patch main`), plus the mode if the setting sets one."""
-    from .experiment import setting_name
-
     if setting is None:
         return FULL
     return setting_name(setting) + (f" {setting['mode']}-mode" if "mode" in setting else "")
@@ -208,12 +209,26 @@ def _needs_prepared_tasks(tasks: list[str]) -> None:
     ensure_prepared(tasks)
 
 
+def check_tasks(tasks: list[str], source: str) -> None:
+    """Fail before any model loads for a task that lm-eval's task index (with ours, prepared) lacks, naming the
+    closest one there is."""
+    from .task_runner import task_manager
+
+    known = task_manager(all(t.startswith("hfp_") for t in tasks)).all_tasks
+    for task in tasks:
+        if task not in known:
+            close = difflib.get_close_matches(task, known, n=1)
+            raise ConfigError(f"{source}: unknown task {shown(task)}" + (f"; did you mean {close[0]!r}?" if close
+                              else "") + " (`hf-patch eval ls tasks` lists the tasks there are)")
+
+
 def run_compare(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """Check `config` (a `CompareConfig` mapping; `source` names it in errors), run every setting (full first)
     and write the table, JSON and plot; return the JSON payload."""
     cfg = CompareConfig.from_dict(config, source).as_dict()
     settings = cfg["settings"]
     _needs_prepared_tasks([*cfg["tasks"], *cfg["long_tasks"]])
+    check_tasks([*cfg["tasks"], *cfg["long_tasks"]], source)
     bases = ensure_bases(cfg, settings)
     rows = [{"setting": FULL, "params": None, "tasks": evaluate_setting(cfg, None, None)}]
     for s in settings:
@@ -301,11 +316,12 @@ def plot(summary: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) 
         scale = 1 if e["metric"].endswith(LOWER_IS_BETTER) else 100
         ax.axhline(scale * e["settings"][FULL]["value"], color="black", linestyle="--", label="full")
         lines: dict[str, list[tuple[float, float]]] = {}
+        modes = {row["params"]["mode"] for row in rows[1:]}
         for row in rows[1:]:
             p = row["params"]
             name = f"d_f={p['d_frac']:g}" + "".join(
                 f" {p[k]}" for k, default in (("rotary", "pre"), ("d_policy", "uniform"), ("gqa_select", "query"))
-                if p.get(k, default) != default)
+                if p.get(k, default) != default) + (f" {p['mode']}-mode" if len(modes) > 1 else "")
             lines.setdefault(name, []).append((p["k_frac"], scale * e["settings"][row["setting"]]["value"]))
         for name, points in sorted(lines.items()):
             xs, ys = zip(*sorted(points))

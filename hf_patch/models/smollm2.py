@@ -107,6 +107,20 @@ def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
     return value
 
 
+def model_id(name_or_path: str | None) -> str:
+    """The id a basis records for a model: the hub id for the embedded SmolLM2 (its alias, or the directory it is
+    converted to), the absolute path of another local directory, else the name as given (a hub id)."""
+    if name_or_path is None or name_or_path == DEFAULT_MODEL:
+        return HUB_ID
+    path = Path(name_or_path).expanduser()
+    try:
+        if path.is_dir():
+            return HUB_ID if path.resolve() == default_output().resolve() else str(path.resolve())
+    except OSError:  # a name too long for a path
+        pass
+    return str(name_or_path)
+
+
 def resolve_model(name_or_path: str | None) -> str:
     """A local directory for the default alias (None or 'smollm2') or an existing path, else the hub id as given."""
     if name_or_path is None or name_or_path == DEFAULT_MODEL:
