@@ -39,8 +39,8 @@ CALIBRATE_FIX = "pass --force to recalibrate over it, or choose another --output
 
 def basis_fingerprint(model_name: str | None, dtype: str, cal: Calibration) -> dict[str, Any] | None:
     """Everything that determines a calibrated basis: the model (its id, dtype, config and weight files), the
-    dataset (`source_identity` and its text column), the token count, window length and rotary variant, and the basis format; None
-    when the dataset cannot be identified (an iterator: never reused)."""
+    dataset (`source_identity` and its text column), the token count, window length and rotary variant, and the
+    basis format; None when the dataset cannot be identified (an iterator: never reused)."""
     from ..models.smollm2 import model_identity
 
     dataset = source_identity(cal.dataset)
