@@ -207,3 +207,23 @@ def test_sampling_and_scores_still_run_transformers_generate(loops):
     torch.manual_seed(0)
     model.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=True, pad_token_id=0)
     assert loops == [] and len(out.scores) == 6
+
+
+def test_generate_from_a_cache_holding_the_prompt_but_its_last_token(loops):
+    """As scripts/bench_loki_generate_full.py times it: the cache filled with all but the last prompt token, then
+    generate from it (one-token prefill, the loop), the cache cropped back; the same tokens as Transformers' loop."""
+    model = patched(LOKI)
+    x, _ = batch()
+    outs = []
+    for whole_step in (False, True):
+        decode_graphs(model).whole_step = whole_step
+        cache = LokiCache(model, capacity=64)
+        with torch.no_grad():
+            model(x[:, :-1], **with_cache(cache))
+        for new in (9, 3):
+            outs.append(model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
+                                       do_sample=False, **with_cache(cache)))
+            assert cache.get_seq_length() == 24 + new - 1
+            cache.crop(-new)
+    assert len(loops) == 2 and all(torch.equal(a, b) for a, b in zip(outs[:2], outs[2:]))
+    assert torch.equal(outs[1], outs[0][:, :27])

@@ -70,6 +70,7 @@ class DecodeGraphs(step_graphs.StepRunner):
     def __init__(self, forward):
         super().__init__(forward)
         self.greedy: tuple[decode_loop.GreedyState, DeviceSteps] | None = None  # the loop's state, kept for reuse
+        self.greedy_captured: _Captured | None = None  # the loop's step, beside `captured` (the one-token forward's)
 
     def serves(self, device: torch.device) -> bool:
         """Whether steps on this device run the device-steps body (CUDA, or the CPU under `RUN_ON_CPU`)."""
@@ -137,7 +138,7 @@ class DecodeGraphs(step_graphs.StepRunner):
         start = left_padding_start(call.attention_mask.to(device), batch, length)  # raises as a graphed step does
         n_eos = len(call.eos or ())
         if self.greedy is None or not self.greedy[0].fits(batch, self.check_every, n_eos, device):
-            self.captured = self.greedy = None  # a graph on the old state must not outlive it
+            self.greedy_captured = self.greedy = None  # a graph on the old state must not outlive it
             self.greedy = (decode_loop.GreedyState.allocate(batch, self.check_every, n_eos, device),
                            DeviceSteps(position=torch.zeros(1, dtype=torch.int64, device=device),
                                        kv_start=torch.zeros(batch, dtype=torch.int32, device=device),
@@ -159,11 +160,11 @@ class DecodeGraphs(step_graphs.StepRunner):
         """One step of the whole-step loop: a graph per `key` (+ which layers attend densely at this length)."""
         length = cache.get_seq_length()
         key = key + (cache.dense_steps(length + 1),)
-        cap = self.captured
+        cap = self.greedy_captured
         if cap is None or cap.key != key:
-            self.captured = None  # free the previous graph first
+            self.greedy_captured = None  # free the previous graph first
             state, steps = self.greedy
-            cap = self.captured = _Captured(key, steps, state.input_ids, state.position_ids, greedy=state)
+            cap = self.greedy_captured = _Captured(key, steps, state.input_ids, state.position_ids, greedy=state)
         if cap.next_position != length:
             cap.steps.position.fill_(length)
         if cap.input_ids.device.type != "cuda":  # the CPU, which `serves` under RUN_ON_CPU only

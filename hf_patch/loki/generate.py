@@ -36,6 +36,8 @@ def _generate(model: nn.Module, *args, **kwargs):
     call = None
     if runner is not None and runner.whole_step and cache is not None and runner.serves(model.device):
         call = decode_loop.greedy_call(model, args, kwargs)
+        if call is not None and cache.get_seq_length() >= call.input_ids.shape[1]:
+            call = None  # a cache holding more than the prompt's prefix: generate sorts the inputs out
     with _requiring_loki_cache(layers, decode and cache is not None):
         if call is None:
             return type(model).generate(model, *args, **kwargs)
