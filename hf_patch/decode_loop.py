@@ -98,7 +98,7 @@ def greedy_call(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> 
     if not isinstance(max_new, int) or max_new < 1:
         return None
     eos = settings["eos_token_id"]
-    eos = None if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    eos = None if eos is None else torch.as_tensor(eos).flatten().tolist()  # an int, a list or a tensor
     pad = settings["pad_token_id"]
     if pad is None and eos:
         pad = eos[0]  # as generate does

@@ -390,7 +390,7 @@ def main() -> None:
             print(f"skipped: B={batch}, context {context} ran out of memory", flush=True)
             if is_patched(model):
                 unpatch(model)
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # after the handler: the traceback no longer holds the row's caches
     import transformers
 
     print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | transformers {transformers.__version__} | "

@@ -18,6 +18,7 @@ Transformers' own loop (the same tokens; e.g. to measure the difference).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +68,7 @@ class DecodeGraphs(step_graphs.StepRunner):
     whole_step = True  # greedy generate calls that `decode_loop.greedy_call` accepts run `greedy_generate`
     check_every = 16  # steps between the whole-step loop's reads of the device (finished.all())
 
-    def __init__(self, forward):
+    def __init__(self, forward: Callable):
         super().__init__(forward)
         self.greedy: tuple[decode_loop.GreedyState, DeviceSteps] | None = None  # the loop's state, kept for reuse
         self.greedy_captured: _Captured | None = None  # the loop's step, beside `captured` (the one-token forward's)
