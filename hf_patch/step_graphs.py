@@ -24,10 +24,12 @@ STEP_ARGS = {"input_ids", "attention_mask", "position_ids", *CACHE_NAMES, "cache
 
 
 class StepRunner:
-    """Base of a graph runner: the model's own (bound) forward, the captured step, the capture stream and count."""
+    """Base of a graph runner: the model's own (bound) forward, the captured step, the capture stream and count.
+    run_on_cpu: serve CPU calls too, running the step body eagerly (no graph; tests check the host logic so)."""
 
-    def __init__(self, forward: Callable):
+    def __init__(self, forward: Callable, run_on_cpu: bool = False):
         self.forward = forward
+        self.run_on_cpu = run_on_cpu
         self.captured = None
         self.stream: torch.cuda.Stream | None = None
         self.captures = 0  # how many graphs were captured (tests and benchmarks read it)

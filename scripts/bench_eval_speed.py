@@ -4,8 +4,8 @@ lm-eval scores a batch of teacher-forced sequences with one forward pass and a l
 this times exactly that step for a random-weight SmolLM2-135M-shaped Llama (30 layers, 9 q / 3 KV heads, D=64,
 bf16) at the shapes our tasks produce: multiple choice / cloze rows (~64-256 tokens) and perplexity windows
 (~1024 tokens), plus a long one. Loki's basis is a random orthonormal one (speed does not depend on it). On CUDA,
-Loki "all" runs the Triton prefill kernels (hf_patch/kernels/loki_prefill.py); the PyTorch dense path
-(`loki_attention_dense`) is their reference.
+Loki "all" runs the Triton prefill kernels (hf_patch/kernels/loki/prefill.py); the PyTorch dense path
+(`loki_attention_dense`, over `loki_prefill_attention_torch`) is their reference.
 
 Checks first:
 1. kernels, one attention layer at real sizes (bf16 / fp16 / fp32, query / group selection, left / right padding,
@@ -43,16 +43,11 @@ import triton  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from hf_patch import PCABasis, patch_loki, unpatch  # noqa: E402
-from hf_patch.kernels import loki_prefill as lp  # noqa: E402
-from hf_patch.loki import attention as la  # noqa: E402
+from hf_patch.kernels.loki import prefill as lp  # noqa: E402
+from hf_patch.kernels.loki.prefill_naive import protected_keys, selection_mask  # noqa: E402
 from hf_patch.loki import prefill as glue  # noqa: E402
-from hf_patch.loki.attention import (  # noqa: E402
-    LokiLayer,
-    loki_attention_dense,
-    protected_keys,
-    select_tokens,
-    visible_keys,
-)
+from hf_patch.loki.arch import loki_layers  # noqa: E402
+from hf_patch.loki.attention import LokiLayer, loki_attention_dense, visible_keys  # noqa: E402
 from hf_patch.loki.budget import Budget  # noqa: E402
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -105,6 +100,14 @@ def dense_path():
         yield
     finally:
         glue.loki_prefill_forward = real
+
+
+def patch_all(model, basis: PCABasis, d_frac: float, k_frac: float, device: str) -> None:
+    """patch_loki in mode "all"; on the CPU (--smoke) its layers run the prefill kernels too (Triton's
+    interpreter)."""
+    patch_loki(model, basis, d_frac, k_frac, mode="all")
+    for layer in loki_layers(model):
+        layer.prefill_kernels_on_cpu = device == "cpu"
 
 
 def layer_inputs(batch: int, rows: int, keys: int, dtype, device: str, select: str = "query", pad: str = "none",
@@ -170,7 +173,7 @@ def kernel_check(batch: int, rows: int, keys: int, dtype, select: str, pad: str,
     k_approx = layer.rotate_keys(k, D_APPROX)
     scores = torch.matmul(q_approx.float(), k_approx.float()[:, :, None].transpose(-1, -2))  # [B, Hkv, G, T, S]
     vis = vis.expand(batch, -1, -1, -1)
-    topk = select_tokens(scores, vis, kb, budget, select)
+    topk = selection_mask(scores, vis, kb, sink, recent, select == "group")
     cfg = lp.default_config(dtype)
     passes = torch.empty((batch * (HKV if select == "group" else HQ), triton.cdiv(rows, cfg.block_m)),
                          device=device, dtype=torch.int32)
@@ -209,13 +212,13 @@ def model_checks(model64, model16, basis, device: str, smoke: bool) -> dict:
     pad[1, : ids.shape[1] // 4] = 0  # left padding of the second row
     with torch.inference_mode():
         full64 = eval_step(model64, ids)
-        patch_loki(model64, basis, 1.0, 1.0, mode="all")
+        patch_all(model64, basis, 1.0, 1.0, device)
         exact64 = eval_step(model64, ids)
-        patch_loki(model64, basis, 0.25, 0.25, mode="all")
+        patch_all(model64, basis, 0.25, 0.25, device)
         loki64 = eval_step(model64, ids)
         unpatch(model64)
         full16 = eval_step(model16, ids)
-        patch_loki(model16, basis, 0.25, 0.25, mode="all")
+        patch_all(model16, basis, 0.25, 0.25, device)
         loki16 = eval_step(model16, ids)
         calls, real = [], glue.loki_prefill_attention
         glue.loki_prefill_attention = lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs)
@@ -310,8 +313,6 @@ def main() -> None:
     import transformers
 
     device, shapes = ("cpu", [(2, 64)]) if args.smoke else ("cuda", SHAPES)
-    if args.smoke:
-        la.PREFILL_KERNELS_ON_CPU = True  # the kernels through Triton's interpreter
 
     def bench(fn) -> float:
         if args.smoke:
@@ -347,7 +348,7 @@ def main() -> None:
         ids = torch.randint(0, config.vocab_size, (batch, tokens), device=device)
         with torch.inference_mode():
             full = bench(lambda: eval_step(model16, ids))
-            patch_loki(model16, basis, 0.25, 0.25, mode="all")
+            patch_all(model16, basis, 0.25, 0.25, device)
             loki = bench(lambda: eval_step(model16, ids))
             unpatch(model16)
         sweep = CONFIGS if (batch, tokens) in SWEEP_SHAPES else {"64x64 w4": CONFIGS["64x64 w4"]}

@@ -25,7 +25,7 @@ import triton
 from triton.testing import do_bench
 
 from hf_patch.kernels import lightning_attn, lightning_attn_chunked
-from hf_patch.kernels import lightning as lightning_mod
+from hf_patch.kernels.lightning import LightningConfig, lightning_attn_triton
 
 TOKENS = 131072
 HEADS = 16
@@ -230,9 +230,9 @@ def kernel_profile(make, fn, ns) -> dict:
     return result
 
 
-def sweep(impls, ns, deadline):
+def sweep(impls, decay, ns, deadline):
     """Try launch settings of our kernels at a few lengths (fwd/fwd+bwd ms); stops past the deadline."""
-    base = dict(lightning_mod.CONFIG)
+    lam = decay.cuda()
     settings = [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
     settings += [dict(segmented_num_stages=s) for s in (2, 4)]
     settings += [dict(programs_per_sm=pps) for pps in (1, 2, 8)]
@@ -241,13 +241,16 @@ def sweep(impls, ns, deadline):
     for setting in settings:
         if time.time() > deadline:
             break
-        lightning_mod.CONFIG.update(base, **setting)
+        config = LightningConfig(**setting)
+
+        def ours(q, k, v, config=config):
+            return lightning_attn_triton(q, k, v, lam, config=config)[0]
+
         row = []
         for n in ns:
-            t = time_impl(*impls["ours"], n)
+            t = time_impl(impls["ours"][0], ours, n)
             row.append("fail" if t is None else f"{t[0]:.2f}/{t[1]:.2f}")
         print(f"sweep {setting} (fwd/fwd+bwd ms): " + "  ".join(f"n={n}: {r}" for n, r in zip(ns, row)), flush=True)
-    lightning_mod.CONFIG.update(base)
 
 
 def main():
@@ -268,7 +271,7 @@ def main():
     deadline = start + args.budget
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()
-    print(f"device {dev}; torch {torch.__version__}; triton {triton.__version__}; config {lightning_mod.CONFIG}",
+    print(f"device {dev}; torch {torch.__version__}; triton {triton.__version__}; config {LightningConfig()}",
           flush=True)
     report = dict(device=dev, torch=torch.__version__, triton=triton.__version__, date=time.strftime("%Y-%m-%d"))
     out_json = os.path.join(args.out, "bench_lightning.json")
@@ -332,7 +335,7 @@ def main():
     if args.profile_ns:
         report["kernel_profile_us"] = kernel_profile(*impls["ours"], [int(x) for x in args.profile_ns.split(",")])
     if args.sweep:
-        sweep(impls, [int(x) for x in args.sweep_ns.split(",")], deadline)
+        sweep(impls, decay, [int(x) for x in args.sweep_ns.split(",")], deadline)
     print("\n".join(lines))
     save()
     if not ok:

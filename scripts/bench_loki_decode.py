@@ -37,7 +37,19 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
-from hf_patch.kernels import loki_decode as ld
+from hf_patch.kernels.loki import (
+    DecodeWorkspace,
+    LokiKernelConfig,
+    dense_decode_attention_torch,
+    dense_decode_attention_triton,
+    loki_decode_attention,
+    loki_decode_attention_torch,
+    loki_decode_attention_triton,
+)
+from hf_patch.kernels.loki.attention import triton_attend
+from hf_patch.kernels.loki.problem import check_decode
+from hf_patch.kernels.loki.scores import triton_scores
+from hf_patch.kernels.loki.select import one_program_select, select_tokens
 from hf_patch.loki.budget import Budget, num_dims
 
 HQ, HKV, D = 32, 8, 128
@@ -130,11 +142,12 @@ FULL_CHECK = (2, 4099)  # (B, S) of the d = D, k_frac = 1 check against SDPA
 PER_HEAD_D = [16, 24, 32, 40, 48, 32, 16, 8]  # d per KV head in the "per-head" case
 HOST_SEQS, HOST_REPS = (4096, 8192, 16384), 200  # host-cost measurement: cache lengths (one per form), calls
 FORMS = {  # the three forms of the Triton path, forced whatever the length
-    "fused": ld.LokiKernelConfig(fused_max_seq=1 << 30),
-    "one-program select": ld.LokiKernelConfig(fused_max_seq=0, select_kernel_max_seq=1 << 30,
-                                              select_kernel_min_rows_per_sm=0),
-    "multi-program select": ld.LokiKernelConfig(fused_max_seq=0, select_kernel_max_seq=0),
+    "fused": LokiKernelConfig(fused_max_seq=1 << 30),
+    "one-program select": LokiKernelConfig(fused_max_seq=0, select_kernel_max_seq=1 << 30,
+                                           select_kernel_min_rows_per_sm=0),
+    "multi-program select": LokiKernelConfig(fused_max_seq=0, select_kernel_max_seq=0),
 }
+WORKSPACE = DecodeWorkspace()  # the scratch buffers that every Triton call here keeps between calls
 
 
 def check_correctness() -> bool:
@@ -151,20 +164,22 @@ def check_correctness() -> bool:
         kv_start = torch.tensor(start, device=DEVICE, dtype=torch.int32) if start else None
         args = dict(d=d, scaling=D**-0.5, gqa_select=select, **budget_args(k_frac, s, kv_start, sink, recent))
         ref = dense_reference(q, k, v, **args) if s * b <= 200_000 else None
-        err_p = rel_err(ld.loki_decode_attention_torch(q, k, v, **args), ref) if ref is not None else float("nan")
+        err_p = rel_err(loki_decode_attention_torch(q, k, v, **args), ref) if ref is not None else float("nan")
         for form in forms:
             cfg = FORMS.get(form)
             errs, outs = [], []
             for narrow in (None, k_approx):
-                ld.loki_decode_attention_triton(q, k, v, k_approx=narrow, config=cfg, **args)  # compile first
+                loki_decode_attention_triton(q, k, v, k_approx=narrow, config=cfg, workspace=WORKSPACE,
+                                             **args)  # compile first
                 out = torch.full_like(q, float("nan"))
-                ld.loki_decode_attention_triton(q, k, v, k_approx=narrow, config=cfg, out=out, **args)
+                loki_decode_attention_triton(q, k, v, k_approx=narrow, config=cfg, out=out, workspace=WORKSPACE,
+                                             **args)
                 torch.cuda.synchronize()
                 outs.append(out)
             if ref is None:  # too large for the float64 dense reference: against the PyTorch path in float32
-                ref = ld.loki_decode_attention_torch(q.float(), k.float(), v.float(), **args).double()
+                ref = loki_decode_attention_torch(q.float(), k.float(), v.float(), **args).double()
             errs = [rel_err(out, ref) for out in outs]
-            again = ld.loki_decode_attention_triton(q, k, v, k_approx=k_approx, config=cfg, **args)
+            again = loki_decode_attention_triton(q, k, v, k_approx=k_approx, config=cfg, workspace=WORKSPACE, **args)
             same = bool(torch.equal(again, outs[1]) and torch.equal(outs[0], outs[1]))
             nan = bool(any(out.isnan().any() for out in outs))
             tol = 1e-4 if dtype == torch.float32 else 1e-2
@@ -176,7 +191,8 @@ def check_correctness() -> bool:
     q, k, v = random_cache(*FULL_CHECK, torch.bfloat16)
     sdpa = F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
     for form, cfg in FORMS.items():
-        full = ld.loki_decode_attention_triton(q, k, v, d=D, k=k.shape[2], scaling=D**-0.5, config=cfg)
+        full = loki_decode_attention_triton(q, k, v, d=D, k=k.shape[2], scaling=D**-0.5, config=cfg,
+                                            workspace=WORKSPACE)
         err = rel_err(full, sdpa.double())
         ok &= err < 5e-3  # two bf16 roundings give 2-3e-3; 3 of 4099 keys dropped gave 8.6e-3
         print(f"d = D, k_frac = 1 vs SDPA (bf16, B, S = {FULL_CHECK}, {form}): rel err {err:.2e}")
@@ -205,9 +221,10 @@ def check_dense() -> bool:
             k, v = k.clone(), v.clone()
             for row, e in enumerate(end):
                 v[row, :, e:] = float("nan")
-        ref = ld.dense_decode_attention_torch(q.double(), k.double(), v.double(), scaling=D**-0.5,
-                                              kv_start=kv_start, kv_end=kv_end)
-        out = ld.dense_decode_attention_triton(q, k, v, scaling=D**-0.5, kv_start=kv_start, kv_end=kv_end)
+        ref = dense_decode_attention_torch(q.double(), k.double(), v.double(), scaling=D**-0.5,
+                                           kv_start=kv_start, kv_end=kv_end)
+        out = dense_decode_attention_triton(q, k, v, scaling=D**-0.5, kv_start=kv_start, kv_end=kv_end,
+                                            workspace=WORKSPACE)
         err, nan = rel_err(out, ref), bool(out.isnan().any())
         good = err < {torch.float32: 1e-5}.get(dtype, 5e-3) and not nan
         ok &= good
@@ -242,7 +259,7 @@ def check_selection() -> bool:
             order = torch.sort(-scores.double(), dim=-1, stable=True).indices
             for multi in (False, True):
                 cfg = FORMS["multi-program select" if multi else "one-program select"]
-                idx = ld.select_tokens(scores, max(k, max(budgets)), k_b, 1, cfg)
+                idx = select_tokens(scores, max(k, max(budgets)), k_b, 1, cfg, WORKSPACE)
                 good = all(torch.equal(idx[r, : budgets[r]].long(), order[r, : budgets[r]].sort().values)
                            for r in range(rows))
                 ok &= good
@@ -341,8 +358,8 @@ def loki_fns(sets, d, k_frac, narrow=True, cfg=None, sink=0, recent=0):
     """One Loki step per input set (reading the narrow key copy unless `narrow` is False), keeping the first
     `sink` and last `recent` keys (counted inside k)."""
     args = budget_args(k_frac, sets[0][1].shape[2], sink=sink, recent=recent)  # plain ints: no host work per call
-    return [lambda q=q, k=k, v=v, ka=ka: ld.loki_decode_attention_triton(
-        q, k, v, d=d, scaling=D**-0.5, k_approx=ka[d] if narrow else None, config=cfg, **args)
+    return [lambda q=q, k=k, v=v, ka=ka: loki_decode_attention_triton(
+        q, k, v, d=d, scaling=D**-0.5, k_approx=ka[d] if narrow else None, config=cfg, workspace=WORKSPACE, **args)
         for q, k, v, ka in sets]
 
 
@@ -350,13 +367,13 @@ def loki_stages(q, k, v, k_approx, d, k_frac, cfg):
     """Callables for the stages of the split form of one step on fixed inputs: scores (from the narrow copy),
     selection, gather-attention (+ merge), and torch.topk on the same scores for comparison."""
     kk = Budget(k_frac).max_tokens(k.shape[2])
-    p = ld._check(q, k, v, d, kk, None, 0, 0, None, None, "group", k_approx)
-    scores = ld.triton_scores(p, q, k_approx, None, None, cfg)
-    idx = ld.select_tokens(scores, kk, None, HKV, cfg)
+    p = check_decode(q, k, v, d, kk, None, 0, 0, None, None, "group", k_approx)
+    scores = triton_scores(p, q, k_approx, None, None, cfg, WORKSPACE)
+    idx = select_tokens(scores, kk, None, HKV, cfg, WORKSPACE)
     out = torch.empty_like(q)
-    return (lambda: ld.triton_scores(p, q, k_approx, None, None, cfg),
-            lambda: ld.select_tokens(scores, kk, None, HKV, cfg),
-            lambda: ld.triton_attend(p, q, k, v, idx, D**-0.5, cfg, out),
+    return (lambda: triton_scores(p, q, k_approx, None, None, cfg, WORKSPACE),
+            lambda: select_tokens(scores, kk, None, HKV, cfg, WORKSPACE),
+            lambda: triton_attend(p, q, k, v, idx, D**-0.5, cfg, out, WORKSPACE),
             lambda: scores.topk(kk, dim=-1, sorted=False))
 
 
@@ -371,7 +388,7 @@ SWEEP_SHAPES = [(1, 4096), (16, 4096), (1, 16384), (16, 16384), (8, 65536), (1, 
 
 
 def sweep_configs() -> dict:
-    c = ld.LokiKernelConfig
+    c = LokiKernelConfig
     return {
         "default": c(),
         "no fused kernel": c(fused_max_seq=0),
@@ -420,12 +437,12 @@ def host_costs(cfg) -> dict:
     for s in HOST_SEQS:
         q, k, v = random_cache(1, s, torch.bfloat16)
         ka = narrow_copy(k, d)
-        items[f"Loki step S={s}"] = lambda q=q, k=k, v=v, ka=ka, args=budget_args(0.25, s): ld.loki_decode_attention(
-            q, k, v, d=d, scaling=D**-0.5, k_approx=ka, **args)
+        items[f"Loki step S={s}"] = lambda q=q, k=k, v=v, ka=ka, args=budget_args(0.25, s): loki_decode_attention(
+            q, k, v, d=d, scaling=D**-0.5, k_approx=ka, workspace=WORKSPACE, **args)
         if s == HOST_SEQS[0]:
             items["SDPA flash (packed)"] = sdpa_forms(q, k, v)["flash-packed"]
-            items["argument checks"] = lambda q=q, k=k, v=v, ka=ka: ld._check(q, k, v, d, 1024, None, 0, 0, None, None,
-                                                                              "group", ka)
+            items["argument checks"] = lambda q=q, k=k, v=v, ka=ka: check_decode(q, k, v, d, 1024, None, 0, 0, None,
+                                                                                 None, "group", ka)
             items["torch.empty"] = lambda: torch.empty(8, 4096, device=DEVICE)
         if s == HOST_SEQS[-1]:
             stages = loki_stages(q, k, v, ka, d, 0.25, cfg)
@@ -476,7 +493,8 @@ def table(cfg, bandwidth, batches, seqs, settings, sink=0, recent=0):
         sets = make_sets(b, s)
         form, t_sdpa, sdpa_fns = best_sdpa(sets)
         b2b_sdpa, graph_sdpa = time_back_to_back(sdpa_fns), guarded(time_graph, sdpa_fns)
-        dense_fns = [lambda q=q, k=k, v=v: ld.dense_decode_attention_triton(q, k, v, scaling=D**-0.5)
+        dense_fns = [lambda q=q, k=k, v=v: dense_decode_attention_triton(q, k, v, scaling=D**-0.5,
+                                                                         workspace=WORKSPACE)
                      for q, k, v, _ in sets]  # the step where the budget keeps every key (e.g. under min_tokens)
         t_dense, graph_dense = time_rotated(dense_fns), guarded(time_graph, dense_fns)
         full_bytes = 2 * b * HKV * s * D * 2
@@ -491,7 +509,7 @@ def table(cfg, bandwidth, batches, seqs, settings, sink=0, recent=0):
             graph_prot = guarded(time_graph, guarded_fns) if protect else float("nan")
             b2b_loki, graph_loki = time_back_to_back(fns), guarded(time_graph, fns)
             stages = stage_times(sets, d, k_frac, cfg)
-            split = "1-prog select" if ld.one_program_select(b * HKV, s, cfg, torch.device(DEVICE)) else "multi select"
+            split = "1-prog select" if one_program_select(b * HKV, s, cfg, torch.device(DEVICE)) else "multi select"
             eager, graph = ("fused" if s <= limit else split for limit in (cfg.fused_max_seq, cfg.graph_fused_max_seq))
             path = eager if eager == graph else f"{eager} (graph: {graph})"
             loki_bytes = b * HKV * (s * d + 2 * k * D) * 2
@@ -543,7 +561,7 @@ def main() -> None:
     result = dict(device=props.name, torch=torch.__version__, triton=triton.__version__,
                   copy_tbs=bandwidth / 1e12, correct=ok)
     print(f"(checks: {time.time() - t0:.0f} s)\n")
-    cfg = ld.LokiKernelConfig()
+    cfg = LokiKernelConfig()
     if args.sweep:
         t0 = time.time()
         result["sweep"] = sweep(sweep_configs(), SWEEP_SHAPES)

@@ -31,7 +31,8 @@ from torch.utils.checkpoint import checkpoint
 from hf_patch import kernels
 from hf_patch.config import load_config
 from hf_patch.kernels.cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference
-from hf_patch.transnormer import CausalLMWithFusedLoss, TransNormerConfig, TransNormerForCausalLM, srmsnorm
+from hf_patch.transnormer import CausalLMWithFusedLoss, TransNormerConfig, TransNormerForCausalLM
+from hf_patch.transnormer.modeling_transnormer import set_norm_backend
 from hf_patch.transnormer.baseline import matching_llama_config
 
 VOCAB = 49152  # SmolLM2's tokenizer
@@ -161,12 +162,12 @@ def check_cuda_path(model_cfg: dict) -> dict:
     bf16 = {}
     for backend in ("auto", "torch"):  # the SRMSNorm kernels (bf16 outputs) vs F.rms_norm, under bf16 autocast
         model.zero_grad(set_to_none=True)
-        srmsnorm.DEFAULT_BACKEND = backend
+        set_norm_backend(model, backend)
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 bf16[backend] = run(model, kernels.lightning_attn)[1]
         finally:
-            srmsnorm.DEFAULT_BACKEND = "auto"
+            set_norm_backend(model, "auto")
     model.eval()
     model.generation_config.eos_token_id = None
     prompt = torch.randint(0, VOCAB, (2, 300), device="cuda")

@@ -1,7 +1,7 @@
 """The whole-step greedy loop (`hf_patch.decode_loop`, `DecodeGraphs.greedy_generate`): the sequences of
 Transformers' `generate`, bit for bit, with no read of the device per token; the calls it does not take fall back.
 
-Without a GPU the step's body runs eagerly on the CPU (`RUN_ON_CPU`); on a GPU the same tests capture and replay
+Without a GPU the step's body runs eagerly on the CPU (the runner's `run_on_cpu`); on a GPU the same tests capture and replay
 real graphs. The reference is the same patched model with `whole_step` off: Transformers' own loop over the same
 graphed forward, so the logits of every step are the same and the tokens must be too.
 """
@@ -15,7 +15,6 @@ from loki_helpers import PLAIN, random_basis, tiny_model, with_cache
 
 from hf_patch import LokiCache, patch_loki
 from hf_patch.decode_loop import greedy_call
-from hf_patch.loki import cuda_graph
 from hf_patch.loki.cuda_graph import DecodeGraphs, decode_graphs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,8 +25,7 @@ NEW = 30  # not a multiple of the ring (16, 5)
 
 @pytest.fixture
 def loops(monkeypatch) -> list:
-    """The CPU runs the graph body eagerly; every whole-step loop run is recorded."""
-    monkeypatch.setattr(cuda_graph, "RUN_ON_CPU", DEVICE == "cpu")
+    """Every whole-step loop run (`patched` has the CPU run the graph body eagerly)."""
     calls = []
     original = DecodeGraphs.greedy_generate
 
@@ -47,8 +45,10 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def patched(budget: dict) -> torch.nn.Module:
-    model = tiny_model("llama", seed=4).to(DEVICE)  # GQA: 4 query heads, 2 KV heads
-    return patch_loki(model, random_basis(seed=5), cuda_graph=True, **budget)
+    """A tiny Llama with GQA (4 query heads, 2 KV heads), patched with graphed steps (run eagerly on the CPU)."""
+    model = patch_loki(tiny_model("llama", seed=4).to(DEVICE), random_basis(seed=5), cuda_graph=True, **budget)
+    decode_graphs(model).run_on_cpu = DEVICE == "cpu"
+    return model
 
 
 def reference(model, x, **kwargs) -> torch.Tensor:
@@ -227,3 +227,14 @@ def test_generate_from_a_cache_holding_the_prompt_but_its_last_token(loops):
             cache.crop(-new)
     assert len(loops) == 2 and all(torch.equal(a, b) for a, b in zip(outs[:2], outs[2:]))
     assert torch.equal(outs[1], outs[0][:, :27])
+
+
+def test_a_cache_that_grows_mid_loop_gets_a_new_graph_and_the_same_tokens(loops):
+    """A generation past the cache's capacity (256 tokens here) grows it in place inside the loop."""
+    model = patched(DENSE)
+    x, mask = batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=240, do_sample=False, pad_token_id=0)
+    caches = [LokiCache(model), LokiCache(model)]
+    want = reference(model, x, **kwargs, **with_cache(caches[0]))
+    got = model.generate(x, **kwargs, **with_cache(caches[1]))
+    assert len(loops) == 1 and torch.equal(got, want) and caches[1].capacity() == caches[0].capacity() == 384

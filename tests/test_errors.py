@@ -12,10 +12,10 @@ import torch
 
 import hf_patch
 from hf_patch import PCABasis, calibrate_pca, patch_loki
-from hf_patch.cli import main
+from hf_patch.app.cli import main
 from hf_patch.config import ConfigError
 from hf_patch.kernels import lightning_attn_step
-from hf_patch.loki.calibrate_cli import CalibrateConfig
+from hf_patch.app.calibrate import CalibrateConfig
 from hf_patch.loki.settings import LokiSettings
 from hf_patch.transnormer import TransNormerConfig
 
@@ -276,7 +276,7 @@ def test_perplexity_cli_checks_flags_and_basis_before_loading(tmp_path, capsys, 
 
 
 def test_compare_checks_every_setting_before_any_evaluation(tmp_path, capsys, no_model, monkeypatch):
-    from hf_patch.eval import compare
+    from hf_patch.app import compare
 
     monkeypatch.setattr(compare, "_needs_prepared_tasks", lambda tasks: pytest.fail("tasks prepared first"))
     config = write_yaml(tmp_path / "e.yaml", "tasks: {hfp_books_ppl: 4}\nsettings:\n  - {d_frac: 0.25, k_frac: 0.25}\n"

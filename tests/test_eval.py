@@ -280,7 +280,7 @@ def test_hf_loki_scores_transnormer_models(tiny_model_dir, tiny_basis, tmp_path)
 
 
 def test_eval_cli_runs_lm_eval_with_local_tasks(tiny_model_dir, tiny_basis, local_tasks, tmp_path):
-    from hf_patch.cli import main
+    from hf_patch.app.cli import main
 
     out = tmp_path / "lm_eval_out"
     rc = main(["eval", "run", "--model", "hf-loki",
@@ -298,7 +298,7 @@ def test_eval_cli_runs_lm_eval_with_local_tasks(tiny_model_dir, tiny_basis, loca
 
 
 def test_eval_cli_help_is_lm_evals(capsys):
-    from hf_patch.cli import main
+    from hf_patch.app.cli import main
 
     with pytest.raises(SystemExit):
         main(["eval", "run", "--help"])
@@ -308,7 +308,7 @@ def test_eval_cli_help_is_lm_evals(capsys):
 def test_include_path_merges_a_user_task_dir(tmp_path, monkeypatch):
     from lm_eval.tasks import TaskManager
 
-    from hf_patch.eval.cli import with_include_path
+    from hf_patch.app.evaluate import with_include_path
     from hf_patch.eval.prepare import TASKS_DIR
 
     monkeypatch.setenv("HF_PATCH_CACHE", str(tmp_path / "cache"))  # no standard tasks prepared
@@ -351,7 +351,7 @@ def test_missing_task_data_says_what_to_run(tmp_path, monkeypatch):
 def test_compare_tables_plots_and_resumes(tiny_model_dir, local_tasks, tmp_path, monkeypatch):
     import lm_eval
 
-    from hf_patch.eval import compare
+    from hf_patch.app import compare
 
     text = tmp_path / "calibration.txt"
     text.write_text("\n\n".join([STORY] * 6))
@@ -397,7 +397,7 @@ def test_smollm2_quick_compare(tmp_path, monkeypatch):
     (the real sdist is a download some indexes withhold: `test_real_bigbench_extraction` covers it).
     (Loki with d = D, k = S equalling full attention is checked on the tiny model above.)"""
     from hf_patch.config import load_config
-    from hf_patch.eval import compare
+    from hf_patch.app import compare
 
     monkeypatch.setattr(prepare, "tasks_dir", lambda: tmp_path / "tasks")  # the real model and corpus stay cached
     prepare.write_tasks({"bigbench_winowhy": _winowhy_records(tmp_path)})

@@ -198,3 +198,20 @@ def test_triton_segments_without_states_match_naive():
     assert rel(o, ref_o) < 2e-6
     for x, ref in zip(xs, refs):
         assert rel(x.grad, ref.grad) < 2e-6
+
+
+def test_launch_config_plans_the_segments():
+    """`config` is the call's launch settings: more programs per SM cut a sequence that the defaults keep whole
+    into segments (gradients included), with the same result."""
+    from hf_patch.kernels.lightning import LightningConfig, _plan
+
+    cut = LightningConfig(programs_per_sm=64, min_segment=64)
+    device = torch.device(DEVICE)
+    assert not _plan(None, 1, 150, 2, 16, 16, device, None, LightningConfig()).multi
+    assert _plan(None, 1, 150, 2, 16, 16, device, None, cut).multi
+    inputs = to(DEVICE, *make_inputs(1, 150, 2, 16, 16, [0.9, 0.99], torch.float32))
+    whole = outputs_and_grads(lightning_attn_triton, *inputs)
+    segmented = outputs_and_grads(lightning_attn_triton, *inputs, config=cut)
+    for name, a, b in zip(["o", "final", "dq", "dk", "dv", "ds0"], segmented, whole):
+        assert rel(a, b) < 2e-6, name
+    assert not all(torch.equal(a, b) for a, b in zip(segmented, whole))  # the segments ran: sums in another order

@@ -9,7 +9,8 @@ from loki_helpers import PLAIN, random_basis, tiny_model, with_cache
 
 import hf_patch
 from hf_patch import LokiCache, decode_rows, loki_settings, patch_loki, unpatch
-from hf_patch.loki.attention import protected_keys, select_tokens, visible_keys
+from hf_patch.kernels.loki.prefill_naive import protected_keys, selection_mask
+from hf_patch.loki.attention import visible_keys
 from hf_patch.loki.budget import Budget, read_cost
 
 
@@ -53,7 +54,8 @@ def test_protected_keys_are_kept_whatever_their_scores():
     scores = torch.arange(s, dtype=torch.float32).flip(0).expand(b, 1, 1, t, s).clone()  # early keys score high
     budget = Budget(0.5, sink_tokens=1, recent_tokens=2)
     budgets = budget.tokens(visible[:, 0].sum(-1))
-    kept = select_tokens(-scores, visible, budgets, budget, "query")  # protected keys score lowest
+    # protected keys score lowest
+    kept = selection_mask(-scores, visible, budgets, budget.sink_tokens, budget.recent_tokens, group=False)
     protected = protected_keys(visible, 1, 2)
     assert torch.equal(kept.sum(-1)[:, 0, 0], budgets)
     assert (kept[:, 0, 0] >= protected[:, 0]).all()  # every protected key kept
@@ -139,7 +141,7 @@ def test_decode_rows_equal_a_real_decode_loop(gqa_select, settings):
 
 
 def test_decode_perplexity_matches_one_pass_per_setting():
-    from hf_patch.loki.perplexity import decode_perplexity
+    from hf_patch.eval.perplexity import decode_perplexity
 
     model, basis = tiny_model(), random_basis()
     windows = list(_ids(b=2, t=41))

@@ -111,7 +111,7 @@ def test_basis_shape_errors():
 
 
 def test_plot_explained_variance_writes_png(tmp_path):
-    from hf_patch.loki.plots import plot_explained_variance
+    from hf_patch.app.plots import plot_explained_variance
 
     path = plot_explained_variance({"pre": random_basis(), "post": random_basis(seed=2)}, tmp_path / "ev.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

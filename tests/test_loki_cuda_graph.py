@@ -1,7 +1,7 @@
 """Loki decode steps as CUDA graphs: the device-steps step against the eager one, which calls it serves, errors.
 
-Without a GPU the step's body runs eagerly on the CPU (`RUN_ON_CPU`): the same cache mode, bounds and host logic,
-no capture. On a GPU the same tests capture and replay real graphs.
+Without a GPU the step's body runs eagerly on the CPU (the runner's `run_on_cpu`): the same cache mode, bounds and
+host logic, no capture. On a GPU the same tests capture and replay real graphs.
 """
 from __future__ import annotations
 
@@ -10,17 +10,26 @@ import torch
 from loki_helpers import PLAIN, output_cache, random_basis, tiny_model, with_cache
 
 from hf_patch import LokiCache, is_patched, patch_loki, unpatch
-from hf_patch.loki import cuda_graph
+from hf_patch.kernels import loki as loki_kernels
+from hf_patch.kernels.loki import DecodeWorkspace
 from hf_patch.loki.cache import APPROX_KEYS, DeviceSteps
 from hf_patch.loki.cuda_graph import DecodeGraphs, decode_graphs, left_padding_start
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def patch_graphed(model, *args, **kwargs) -> None:
+    """`patch_loki`; with cuda_graph=True, its graph runner serves CPU steps too, running their body eagerly
+    (without a GPU)."""
+    patch_loki(model, *args, **kwargs)
+    runner = decode_graphs(model)
+    if runner is not None:
+        runner.run_on_cpu = DEVICE == "cpu"
+
+
 @pytest.fixture
 def steps(monkeypatch) -> list:
     """Every graphed step taken (the CPU runs the graph body eagerly)."""
-    monkeypatch.setattr(cuda_graph, "RUN_ON_CPU", DEVICE == "cpu")
     calls = []
     original = DecodeGraphs.step
 
@@ -49,7 +58,7 @@ def test_graphed_generate_equals_eager(steps, gqa_select, budget):
                   return_dict_in_generate=True)
     patch_loki(model, random_basis(seed=5), d_frac=0.5, k_frac=0.3, gqa_select=gqa_select, **budget)
     ref = model.generate(x, **kwargs)
-    patch_loki(model, random_basis(seed=5), d_frac=0.5, k_frac=0.3, gqa_select=gqa_select, cuda_graph=True, **budget)
+    patch_graphed(model, random_basis(seed=5), d_frac=0.5, k_frac=0.3, gqa_select=gqa_select, cuda_graph=True, **budget)
     out = model.generate(x, **kwargs)
     assert len(steps) == 11 and all(shape == (3, 1) for shape in steps)  # every decode step, not the prefill
     assert torch.equal(out.sequences, ref.sequences)
@@ -64,21 +73,19 @@ def test_steps_whose_budget_keeps_every_key_attend_densely(steps, monkeypatch):
     """Decode steps over at most `min_tokens` keys keep every key: they run the dense step (nothing scored), the
     later ones Loki, graphed as eager; a graph captured for dense steps is not replayed for sparse ones; with
     every step under min_tokens the patched model generates what the unpatched one does."""
-    from hf_patch.kernels import loki_decode
-
     model = tiny_model("llama", seed=4).to(DEVICE)
     x, mask = padded_batch()  # 30 tokens: the 11 decode steps hold 31 .. 41 keys
     kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, output_scores=True,
                   return_dict_in_generate=True)
     full = model.generate(x, **kwargs)
     dense = []
-    original = loki_decode.dense_decode_attention
-    monkeypatch.setattr(loki_decode, "dense_decode_attention", lambda q, k, *a, **kw: dense.append(k.shape[2]) or
+    original = loki_kernels.dense_decode_attention
+    monkeypatch.setattr(loki_kernels, "dense_decode_attention", lambda q, k, *a, **kw: dense.append(k.shape[2]) or
                         original(q, k, *a, **kw))
     runs = {}
     for graph in (False, True):
         dense.clear()
-        patch_loki(model, random_basis(seed=5), d_frac=0.25, k_frac=0.25, cuda_graph=graph, min_tokens=36, **PLAIN)
+        patch_graphed(model, random_basis(seed=5), d_frac=0.25, k_frac=0.25, cuda_graph=graph, min_tokens=36, **PLAIN)
         runs[graph] = model.generate(x, **kwargs)
         if graph and DEVICE == "cuda":  # replays run no Python: the dense step ran at warm-up and capture only
             assert len(dense) == 2 * 2 and decode_graphs(model).captures == 2  # the dense steps' graph, the sparse
@@ -88,7 +95,7 @@ def test_steps_whose_budget_keeps_every_key_attend_densely(steps, monkeypatch):
     for got, want in zip(runs[True].scores, runs[False].scores):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(runs[False].scores, full.scores))
-    patch_loki(model, random_basis(seed=5), d_frac=0.25, k_frac=0.25, cuda_graph=True, min_tokens=64, **PLAIN)
+    patch_graphed(model, random_basis(seed=5), d_frac=0.25, k_frac=0.25, cuda_graph=True, min_tokens=64, **PLAIN)
     dense.clear()
     out = model.generate(x, **kwargs)
     assert len(dense) == (2 if DEVICE == "cuda" else 11) * 2 and torch.equal(out.sequences, full.sequences)
@@ -105,7 +112,7 @@ def test_growing_cache_captures_again_and_matches_eager_loop(steps):
     nxt = torch.randint(3, 97, (300, 2, 1), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     logits, capacities, caches = {}, set(), {}
     for graph in (False, True):
-        patch_loki(model, random_basis(seed=6), d_frac=0.25, k_frac=0.25, cuda_graph=graph, **PLAIN)
+        patch_graphed(model, random_basis(seed=6), d_frac=0.25, k_frac=0.25, cuda_graph=graph, **PLAIN)
         cache = LokiCache(model)
         with torch.no_grad():
             model(prompt, **with_cache(cache))
@@ -128,7 +135,7 @@ def test_growing_cache_captures_again_and_matches_eager_loop(steps):
 def test_a_cast_model_gets_a_new_graph(steps):
     """Casting replaces the weights a captured graph reads: they are part of what a graph is captured for."""
     model = tiny_model("llama").to(DEVICE)
-    patch_loki(model, random_basis(), cuda_graph=True)
+    patch_graphed(model, random_basis(), cuda_graph=True)
     graphs = decode_graphs(model)
     before = graphs.weights_key()
     cache = LokiCache(model)
@@ -146,7 +153,7 @@ def test_a_cast_model_gets_a_new_graph(steps):
 
 def test_calls_a_graph_cannot_serve_run_the_ordinary_forward(steps):
     model = tiny_model("llama").to(DEVICE)
-    patch_loki(model, random_basis(), cuda_graph=True)
+    patch_graphed(model, random_basis(), cuda_graph=True)
     cache = LokiCache(model)
     token = torch.tensor([[5]], device=DEVICE)
     with torch.no_grad():
@@ -162,7 +169,7 @@ def test_calls_a_graph_cannot_serve_run_the_ordinary_forward(steps):
 
 def test_mask_that_is_not_left_padding_is_refused(steps):
     model = tiny_model("llama").to(DEVICE)
-    patch_loki(model, random_basis(), cuda_graph=True)
+    patch_graphed(model, random_basis(), cuda_graph=True)
     cache = LokiCache(model)
     with torch.no_grad():
         model(torch.tensor([[4, 5, 6, 7]], device=DEVICE), **with_cache(cache))
@@ -171,6 +178,36 @@ def test_mask_that_is_not_left_padding_is_refused(steps):
             model(torch.tensor([[5]], device=DEVICE), **with_cache(cache), attention_mask=holes)
         with pytest.raises(ValueError, match="cache length \\+ 1 = 5"):
             model(torch.tensor([[5]], device=DEVICE), **with_cache(cache), attention_mask=holes[:, :4])
+
+
+def test_decode_kernels_use_their_owners_workspace(steps, monkeypatch):
+    """Eager steps run the decode kernels on the cache's workspace; graphed steps on their captured step's own (its
+    graph replays into those buffers, which live with it), a new capture on a new one; no call goes without."""
+    model = tiny_model("llama").to(DEVICE)
+    used = []
+    original = loki_kernels.loki_decode_attention
+    monkeypatch.setattr(loki_kernels, "loki_decode_attention",
+                        lambda *a, **kw: used.append(kw["workspace"]) or original(*a, **kw))
+    prompt, token = torch.tensor([[4, 5, 6, 7, 8]], device=DEVICE), torch.tensor([[9]], device=DEVICE)
+    patch_graphed(model, random_basis(), **PLAIN)
+    cache = LokiCache(model)
+    with torch.no_grad():
+        model(prompt, **with_cache(cache))
+        model(token, **with_cache(cache))
+        assert len(used) == 2 and all(w is cache.workspace for w in used)  # one call per layer
+        patch_graphed(model, random_basis(), cuda_graph=True, **PLAIN)
+        used.clear()
+        model(token, **with_cache(cache))
+        model(token, **with_cache(cache))
+        first = decode_graphs(model).captured
+        other = LokiCache(model, capacity=512)  # another capacity: another capture
+        model(prompt, **with_cache(other))
+        model(token, **with_cache(other))
+    second = decode_graphs(model).captured
+    assert len(steps) == 3 and second is not first
+    owners = {id(first.steps.workspace), id(second.steps.workspace)}
+    assert len(owners) == 2 and id(cache.workspace) not in owners and id(other.workspace) not in owners
+    assert used and {id(w) for w in used} == owners
 
 
 def test_left_padding_start():
@@ -187,7 +224,7 @@ def test_device_steps_take_one_token():
     with torch.no_grad():
         model(torch.tensor([[4, 5, 6]]), **with_cache(cache))
     zero = torch.zeros(1, dtype=torch.int32)
-    cache.set_device_steps(DeviceSteps(torch.tensor([3]), zero, zero))
+    cache.set_device_steps(DeviceSteps(torch.tensor([3]), zero, zero, DecodeWorkspace()))
     with pytest.raises(ValueError, match="one token per sequence"):
         cache.layers[0].update(torch.zeros(1, 2, 2, 16), torch.zeros(1, 2, 2, 16))
 

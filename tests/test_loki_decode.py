@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from hf_patch.kernels import loki_decode as ld
-from hf_patch.kernels.loki_decode import (
+from hf_patch.kernels.loki import (
+    DecodeWorkspace,
     LokiKernelConfig,
     dense_decode_attention,
     dense_decode_attention_torch,
@@ -16,6 +16,7 @@ from hf_patch.kernels.loki_decode import (
     loki_decode_attention_torch,
     loki_decode_attention_triton,
 )
+from hf_patch.kernels.loki.select import rows_padded, select_tokens
 from hf_patch.loki.budget import Budget
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU, the interpreter elsewhere
@@ -272,17 +273,19 @@ def test_poisoned_buffers_are_overwritten(monkeypatch, form):
 
     q, k, v = make_inputs(2, 2, 4, 45, 32, torch.bfloat16)
     out = torch.full_like(q, float("nan"))
-    ld.clear_workspaces()
-    monkeypatch.setattr(ld.torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
-    monkeypatch.setattr(ld.torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
+    workspace = DecodeWorkspace()
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
     kv_start = torch.tensor([0, 13], dtype=torch.int32, device=DEVICE)
     for select in ("query", "group"):  # the second call reuses (smaller parts of) the first one's buffers
         args = dict(d=8, scaling=0.2, gqa_select=select, **budget(0.25, 45, kv_start))
-        res = triton_form(form)(q, k, v, out=out, **args)
+        res = triton_form(form)(q, k, v, out=out, workspace=workspace, **args)
         assert res.data_ptr() == out.data_ptr() and not out.isnan().any()
         assert rel_err(out, reference(q, k, v, **args)) < TOL[torch.bfloat16]
         out.fill_(float("nan"))
-    counters = [ld._workspace(q.device).buffers.get(name) for name in ("select_meta", "select_hist", "attend_done")]
+    buffers = workspace.on(q.device).buffers
+    assert "scores" in buffers  # the calls kept their scratch buffers in the workspace they were given
+    counters = [buffers.get(name) for name in ("select_meta", "select_hist", "attend_done")]
     assert all(c is None or not c[:, 1:3].any() if i == 0 else c is None or not c.any()
                for i, c in enumerate(counters))  # the kernels reset the counters they use
 
@@ -419,13 +422,14 @@ def test_select_tokens_is_exact_top_k(kind, multi):
     else:
         cfg = LokiKernelConfig(select_block=block, select_sample=sample, select_kernel_min_rows_per_sm=0)
     scores = scores.to(DEVICE)[:, :s]
-    assert ld._rows_padded(scores) == (kind != "unpadded-rows")
+    assert rows_padded(scores) == (kind != "unpadded-rows")
     budgets = k_b if k_b is not None else torch.full((scores.shape[0],), k)
     k_b = k_b.to(DEVICE) if k_b is not None else None
-    idx = ld.select_tokens(scores, k, k_b, 1, cfg).cpu()
+    workspace = DecodeWorkspace()
+    idx = select_tokens(scores, k, k_b, 1, cfg, workspace).cpu()
     for r, want in enumerate(expected_positions(scores.cpu(), budgets)):
         assert torch.equal(idx[r, : len(want)].long(), want)
-    assert torch.equal(ld.select_tokens(scores, k, k_b, 1, cfg).cpu(), idx)  # counters were reset
+    assert torch.equal(select_tokens(scores, k, k_b, 1, cfg, workspace).cpu(), idx)  # counters were reset
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="counts compilations of the CUDA kernels")
@@ -486,7 +490,7 @@ def test_select_tokens_random_rows_match_stable_sort(seed):
                              programs_per_sm=rng.choice([1, 4, 16]))
     one = LokiKernelConfig(select_block=block, select_sample=sample, select_kernel_min_rows_per_sm=0)
     for cfg in (multi, one):
-        idx = ld.select_tokens(scores.to(DEVICE), max(1, int(k_b.max())), k_b.to(DEVICE), 1, cfg).cpu()
+        idx = select_tokens(scores.to(DEVICE), max(1, int(k_b.max())), k_b.to(DEVICE), 1, cfg, DecodeWorkspace()).cpu()
         for r, want in enumerate(expected_positions(scores, k_b)):
             assert torch.equal(idx[r, : len(want)].long(), want), (kind, r, int(k_b[r]), cfg == multi)
 

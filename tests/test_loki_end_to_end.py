@@ -8,8 +8,8 @@ import torch
 from loki_helpers import TEXTS
 
 import hf_patch
-from hf_patch.cli import main as cli
-from hf_patch.loki.perplexity import perplexity
+from hf_patch.app.cli import main as cli
+from hf_patch.eval.perplexity import perplexity
 
 
 @pytest.fixture

@@ -1,14 +1,16 @@
-"""Loki prefill kernels (mode "all": hf_patch/kernels/loki_prefill.py) and their glue (hf_patch/loki/prefill.py):
-Triton (interpreter on the CPU) against the PyTorch dense path and a float64 reference with the earliest-position
-tie rule, protected sink/recent keys included."""
+"""Loki prefill kernels (mode "all": hf_patch/kernels/loki/prefill.py) and their glue (hf_patch/loki/prefill.py):
+Triton (interpreter on the CPU) against their PyTorch reference (hf_patch/kernels/loki/prefill_naive.py, the
+library's dense path) and a float64 reference with the earliest-position tie rule, protected sink/recent keys
+included."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hf_patch.kernels.loki_prefill import LokiPrefillConfig, approx_width, loki_prefill_attention, prefill_thresholds
-from hf_patch.loki import attention as la
+from hf_patch.kernels.loki.prefill import LokiPrefillConfig, approx_width, loki_prefill_attention, prefill_thresholds
+from hf_patch.kernels.loki.prefill_naive import loki_prefill_attention_torch
 from hf_patch.loki import prefill as glue
+from hf_patch.loki.arch import loki_layers
 from hf_patch.loki.attention import LokiLayer, loki_attention_dense, visible_keys
 from hf_patch.loki.budget import Budget
 from hf_patch.loki.prefill import key_ranges, prepare, row_budgets, visible_counts
@@ -62,17 +64,23 @@ def make_qkv(b, hkv, g, t, s, dh, dtype, quantized=False, seed=0):
     return tuple(x.to(DEVICE, dtype) for x in (q, k, v))
 
 
-def run_kernels(layer, q, k, v, mask, scaling, keys_rotated=False, cfg=SMALL):
-    """(out [B, T, Hq, D], kept keys per row [B, Hq, T], kb [B, T]) through the glue and the op."""
-    b, hq, t, _ = q.shape
+def op_inputs(layer, q, k, mask, keys_rotated=False):
+    """The op's prepared inputs (q, qa, ka, kb, ranges) and keyword arguments, through the glue."""
+    b, _, t, _ = q.shape
     ranges = key_ranges(mask, t, k.shape[2], b)
     assert ranges is not False
     kb = row_budgets(layer, mask, ranges, b, t, k.shape[2], q.device)
-    count = torch.full((b, hq, t), -7, dtype=torch.int32, device=q.device)
     qe, qa, ka = prepare(layer, q, k, keys_rotated)
-    out = loki_prefill_attention(qe, k, v, qa, ka, kb, ranges, group=layer.gqa_select == "group", scaling=scaling,
-                                 sink=layer.budget.sink_tokens, recent=layer.budget.recent_tokens, config=cfg,
-                                 count=count)
+    kwargs = dict(group=layer.gqa_select == "group", sink=layer.budget.sink_tokens, recent=layer.budget.recent_tokens)
+    return (qe, qa, ka, kb, ranges), kwargs
+
+
+def run_kernels(layer, q, k, v, mask, scaling, keys_rotated=False, cfg=SMALL):
+    """(out [B, T, Hq, D], kept keys per row [B, Hq, T], kb [B, T]) through the glue and the op."""
+    b, hq, t, _ = q.shape
+    (qe, qa, ka, kb, ranges), kwargs = op_inputs(layer, q, k, mask, keys_rotated)
+    count = torch.full((b, hq, t), -7, dtype=torch.int32, device=q.device)
+    out = loki_prefill_attention(qe, k, v, qa, ka, kb, ranges, scaling=scaling, config=cfg, count=count, **kwargs)
     return out, count, kb
 
 
@@ -105,6 +113,9 @@ def test_kernels_match_dense_path(case):
     assert torch.equal(kb, layer.row_budgets(vis.sum(-1), torch.arange(t, device=DEVICE) + s - t).int())
     assert torch.equal(count, kb[:, None].expand(b, hkv * g, t))
     assert rel_err(out, ref) < TOL[dtype]
+    (qe, qa, ka, kb, _), kwargs = op_inputs(layer, q, k, mask)  # the op's reference on the op's own inputs
+    naive = loki_prefill_attention_torch(qe, k, v, qa, ka, kb, vis[:, None], scaling=dh**-0.5, **kwargs)
+    assert naive.dtype == dtype and rel_err(out, naive) < TOL[dtype]
 
 
 def test_keys_rotated_and_bisection():
@@ -370,7 +381,8 @@ def test_patched_model_uses_kernels_with_padding(monkeypatch, select, budget):
         with decode_rows(model, [12, 15]):
             dense_rows = model(ids, attention_mask=attn).logits
         monkeypatch.undo()
-        monkeypatch.setattr(la, "PREFILL_KERNELS_ON_CPU", True)
+        for layer in loki_layers(model):
+            layer.prefill_kernels_on_cpu = True  # the kernels on CPU tensors too (Triton's interpreter)
         monkeypatch.setattr(glue, "loki_prefill_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
         fast = model(ids, attention_mask=attn).logits
         with decode_rows(model, [12, 15]):
@@ -386,7 +398,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hf_patch.kernels import loki_prefill as lp
+from hf_patch.kernels.loki import prefill as lp
 
 for dt, g_sel, protect, cfg in (("bf16", 1, False, lp.LokiPrefillConfig()), ("fp16", 3, True, lp.LokiPrefillConfig())):
     common = dict(G_SEL=g_sel, HAS_RANGE=True, PROTECT=protect, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,

@@ -243,7 +243,7 @@ def test_needle_documents_hide_one_token_words_at_each_depth(prepared, tokenizer
 
 
 def test_ruler_tasks_asked_for_before_prepare_tasks_say_what_to_run(cache, monkeypatch):
-    from hf_patch.cli import main
+    from hf_patch.app.cli import main
     from hf_patch.eval import lm_eval_model
 
     monkeypatch.setattr(lm_eval_model.LokiHFLM, "__init__", lambda *a, **k: pytest.fail("model loaded"))
@@ -285,7 +285,7 @@ def test_ruler_wheel_checksum_mismatch_says_what_to_do(cache, fake_wheels, monke
 
 def test_compare_reports_long_tasks_per_length(tmp_path):
     from hf_patch.config import load_config
-    from hf_patch.eval import compare
+    from hf_patch.app import compare
 
     cfg = compare.CompareConfig.from_dict({"tasks": {"hfp_copa": 4}, "long_tasks": {"hfp_needle": 3, "hfp_ruler_vt": 2},
                                            "lengths": [1024, 2048], "output_dir": str(tmp_path)}, "test").as_dict()
@@ -321,13 +321,13 @@ def test_compare_reports_long_tasks_per_length(tmp_path):
 def test_sample_stats_give_lm_evals_stderr_and_depths():
     from lm_eval.api.metrics import mean_stderr
 
-    from hf_patch.eval import compare
+    from hf_patch.app import task_runner
 
     samples = [{"doc": {"depth": d}, "acc": a} for d, a in [(0.0, 1.0), (0.5, 0.0), (0.0, 1.0), (0.5, 1.0)]]
-    stats = compare.sample_stats(samples, "acc")
+    stats = task_runner.sample_stats(samples, "acc")
     assert stats["acc_stderr,none"] == pytest.approx(mean_stderr([1.0, 0.0, 1.0, 1.0]))
     assert stats["by_depth"] == {"0.0": {"n": 2, "acc": 1.0}, "0.5": {"n": 2, "acc": 0.5}}
-    assert compare.sample_stats([{"doc": {}, "4096": 0.5}], "4096") == {"4096_stderr,none": None}
+    assert task_runner.sample_stats([{"doc": {}, "4096": 0.5}], "4096") == {"4096_stderr,none": None}
 
 
 # ---------------------------------------------------------------- the real wheels

@@ -84,7 +84,7 @@ def test_data_parallel_compare_equals_one_process(tiny_model_dir, tiny_basis, lo
     """`hf-patch compare` with `launch: {num_processes: 2}`: the Loki setting's tasks run under `accelerate launch`
     in two CPU processes, each loading and patching its own replica, lm-eval splitting the requests; every metric
     equals the one-process run's. (Full attention is taken from the one-process run's cache: one launch only.)"""
-    from hf_patch.eval import compare
+    from hf_patch.app import compare
 
     cfg = {"model": str(tiny_model_dir), "device": "cpu", "batch_size": 2, "basis": {"pre": str(tiny_basis)},
            "tasks": {"hfp_bigbench_winowhy": 8, "hfp_books_ppl": 2, "hfp_book_cloze": 2},
@@ -113,7 +113,7 @@ def test_data_parallel_compare_equals_one_process(tiny_model_dir, tiny_basis, lo
 
 
 def test_two_process_calibration_equals_one(tiny_model_dir, tmp_path):
-    """`accelerate launch -m hf_patch.cli calibrate` in two processes deals the windows out and all-reduces the
+    """`accelerate launch -m hf_patch calibrate` in two processes deals the windows out and all-reduces the
     float64 sums: the same basis as one process (float64 model, so the keys are the same to the last bits)."""
     import yaml
 
@@ -128,7 +128,7 @@ def test_two_process_calibration_equals_one(tiny_model_dir, tmp_path):
     config = tmp_path / "calibrate.yaml"
     config.write_text(yaml.safe_dump({"model": str(tiny_model_dir), "dtype": "float64", "device": "auto",
                                       "output": str(tmp_path / "basis"), **cal}))
-    launch(["-m", "hf_patch.cli", "calibrate", "--config", str(config)])
+    launch(["-m", "hf_patch", "calibrate", "--config", str(config)])
     two = PCABasis.load(tmp_path / "basis")
     assert two.metadata["processes"] == 2 and one.metadata["processes"] == 1
     assert two.metadata["tokens"] == one.metadata["tokens"] == 1600 - 1600 % 64

@@ -230,7 +230,7 @@ def test_prepare_unpacks_only_what_the_tasks_read_and_keeps_other_tasks(prepared
 
 
 def test_a_task_asked_for_before_prepare_tasks_says_what_to_run(cache, monkeypatch, capsys):
-    from hf_patch.cli import main
+    from hf_patch.app.cli import main
     from hf_patch.eval import lm_eval_model
 
     monkeypatch.setattr(lm_eval_model.LokiHFLM, "__init__", lambda *a, **k: pytest.fail("model loaded"))
@@ -286,7 +286,7 @@ def test_a_checksum_mismatch_keeps_nothing_and_says_what_to_do(cache, tmp_path, 
     ({"long_tasks": {"hfp_needle": 2, "hfp_ruler_vt": 1}, "lengths": [1024]}, ["ruler"]),
 ])
 def test_compare_prepares_what_its_config_needs_before_loading_a_model(cache, monkeypatch, config, groups):
-    from hf_patch.eval import compare
+    from hf_patch.app import compare
 
     class Stop(Exception):
         pass
@@ -310,7 +310,7 @@ def test_task_names_map_to_their_prepare_group():
 
 def test_quick_config_uses_prepared_core_tasks():
     from hf_patch.config import load_config
-    from hf_patch.eval import compare
+    from hf_patch.app import compare
 
     for name in ("smollm2_quick", "smollm2", "smollm2_large"):
         cfg = compare.CompareConfig.from_dict(load_config(f"configs/eval/{name}.yaml"), name).as_dict()

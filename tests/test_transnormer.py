@@ -20,9 +20,9 @@ from hf_patch.transnormer import (
     convert_official_checkpoint,
 )
 from hf_patch.generation import CACHE_KWARG
-from hf_patch.transnormer import srmsnorm
+from hf_patch.kernels.srmsnorm import _SRMSNormFunction, srms_norm
 from hf_patch.transnormer.decay import alibi_slopes, layer_decays
-from hf_patch.transnormer.srmsnorm import srms_norm
+from hf_patch.transnormer.modeling_transnormer import set_norm_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton norm tests: compiled on a GPU, interpreted here
 
@@ -164,12 +164,18 @@ def test_model_on_triton_norms_equals_torch_norms(monkeypatch, autocast):
         out.loss.backward()
         return out.logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
-    monkeypatch.setattr(srmsnorm, "DEFAULT_BACKEND", "torch")  # "auto" picks Triton for large CUDA inputs
+    kernel_calls, apply = [], _SRMSNormFunction.apply
+    monkeypatch.setattr(_SRMSNormFunction, "apply", lambda *args: kernel_calls.append(1) or apply(*args))
+    set_norm_backend(model, "torch")  # "auto" picks Triton for large CUDA inputs
     reference = step()
-    monkeypatch.setattr(srmsnorm, "DEFAULT_BACKEND", "triton")
+    assert kernel_calls == []
+    set_norm_backend(model, "triton")
     fused = step()
+    assert len(kernel_calls) == 3 * TINY["num_hidden_layers"] + 1  # every norm of the forward
     tol = 3e-2 if autocast else 1e-5  # bf16: the interpreter rounds to bf16 by truncation
     assert _rel(fused[0], reference[0]) < tol and _rel(fused[1], reference[1]) < tol
+    with pytest.raises(ValueError, match="backend must be one of"):
+        set_norm_backend(model, "cuda")
 
 
 def test_loss_hidden_states_tuple_and_tied_head():

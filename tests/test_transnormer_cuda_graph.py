@@ -1,7 +1,7 @@
 """TransNormer decode steps as CUDA graphs: graphed generation against eager generation, which calls the graph
 serves, and states kept per cache.
 
-Without a GPU the step's body runs eagerly on the CPU (`RUN_ON_CPU`): the same device position, in-place states
+Without a GPU the step's body runs eagerly on the CPU (`run_on_cpu`): the same device position, in-place states
 and host logic, no capture. On a GPU the same tests capture and replay real graphs.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hf_patch.generation import CACHE_KWARG
-from hf_patch.transnormer import TransNormerCache, TransNormerConfig, TransNormerForCausalLM, cuda_graph
+from hf_patch.transnormer import TransNormerCache, TransNormerConfig, TransNormerForCausalLM
 from hf_patch.transnormer.cuda_graph import (
     TransNormerGraphs,
     decode_graphs,
@@ -19,6 +19,7 @@ from hf_patch.transnormer.cuda_graph import (
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_CPU = DEVICE == "cpu"  # graphed steps run their body eagerly (`enable_graph_decoding(..., run_on_cpu=True)`)
 TINY = dict(vocab_size=61, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
             initializer_range=0.3, lrpe_layers=[0, 2])
 
@@ -34,7 +35,6 @@ def tiny_model(seed: int = 0) -> TransNormerForCausalLM:
 @pytest.fixture
 def steps(monkeypatch) -> list:
     """The batch shape of every graphed step taken (the CPU runs the graph body eagerly)."""
-    monkeypatch.setattr(cuda_graph, "RUN_ON_CPU", DEVICE == "cpu")
     calls = []
     original = TransNormerGraphs.step
 
@@ -63,7 +63,7 @@ def test_graphed_generation_equals_eager(steps):
     kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, output_scores=True,
                   return_dict_in_generate=True)
     ref = model.generate(ids, **kwargs)
-    enable_graph_decoding(model)
+    enable_graph_decoding(model, run_on_cpu=ON_CPU)
     outs = [model.generate(ids, **kwargs) for _ in range(2)]
     assert steps == [(3, 1)] * 18  # 9 decode steps per generation, the prefills not
     for out in outs:
@@ -90,7 +90,7 @@ def test_manual_loop_matches_eager_and_full_forward(steps):
         rows, caches = {}, {}
         for graph in (False, True):
             if graph:
-                enable_graph_decoding(model)
+                enable_graph_decoding(model, run_on_cpu=ON_CPU)
             cache = TransNormerCache(TINY["num_hidden_layers"])
             model(ids[:, :10], past_key_values=cache, use_cache=True)
             rows[graph] = torch.cat([model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(10, 30)], 1)
@@ -105,7 +105,7 @@ def test_manual_loop_matches_eager_and_full_forward(steps):
 
 def test_calls_a_graph_cannot_serve_run_the_ordinary_forward(steps):
     """Prefill, several tokens, hidden states asked for, gradients, no cache: the ordinary forward."""
-    model = enable_graph_decoding(tiny_model())
+    model = enable_graph_decoding(tiny_model(), run_on_cpu=ON_CPU)
     ids = torch.randint(1, TINY["vocab_size"], (2, 8)).to(DEVICE)
     with torch.no_grad():
         cache = getattr(model(ids, use_cache=True), CACHE_KWARG)

@@ -6,7 +6,6 @@ evaluation holds the two remaining novels (`EVALUATION_BOOKS`). `hf-patch prepar
 """
 from __future__ import annotations
 
-import argparse
 import configparser
 import itertools
 import json
@@ -245,14 +244,3 @@ def summary(paths: dict[str, Path]) -> str:
     return "\n".join(
         f"{split}: {len(info['sources'])} books, {info['passages']} passages, {info['characters']:,} characters"
         f" -> {paths[split]}" for split, info in readme["splits"].items())
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", help="directory for the jsonl files (default $HF_PATCH_CACHE/data/books)")
-    parser.add_argument("--force", action="store_true", help="download and rebuild even if the files exist")
-
-
-def run(args: argparse.Namespace) -> int:
-    paths = prepare_books(args.output, force=args.force)
-    print(summary(paths))
-    return 0

@@ -12,7 +12,7 @@ the Loki cache; default "all"), `d_policy`, `gqa_select`, the other settings of 
 `pretrained="smollm2"` is the embedded SmolLM2-135M-Instruct.
 Importing hf_patch registers its TransNormer models with the Auto classes, so they load like any `hf` model.
 
-Beyond one device, as HFLM does it: `accelerate launch -m hf_patch.eval run --model hf-loki ...` runs one replica per
+Beyond one device, as HFLM does it: `accelerate launch -m hf_patch eval run --model hf-loki ...` runs one replica per
 process, each loaded on its process's device and patched there, with the requests split over the processes (also
 on CPU processes and with one GPU, where HFLM alone would have every process score every request);
 `parallelize=True` spreads the layers over the GPUs (accelerate's `device_map`), each layer's basis on its device.
@@ -39,7 +39,7 @@ class LokiHFLM(HFLM):
         device: str | None = None,
         **kwargs: Any,
     ) -> None:
-        import hf_patch  # noqa: F401  (registers TransNormer with AutoModelForCausalLM)
+        import hf_patch.transnormer  # noqa: F401  (registers TransNormer with AutoModelForCausalLM)
         from hf_patch.loki.settings import LmEvalLoki
         from hf_patch.models.smollm2 import resolve_model
         from hf_patch.parallel import use_cpu_processes
@@ -90,7 +90,7 @@ class LokiHFLM(HFLM):
             return super()._model_call(inps, *args, **kwargs)
         import contextlib
 
-        from hf_patch import decode_rows
+        from hf_patch.loki.patch import decode_rows
 
         found = [_request_of(row, inputs) for row in inps.tolist()]
         lengths = [length for length, _ in found]
@@ -124,7 +124,8 @@ def _request_of(row: list[int], inputs: dict[tuple[int, ...], int]) -> tuple[int
 
 def apply_loki(model: torch.nn.Module, basis: str, rotary: str | None = None, **settings: Any) -> torch.nn.Module:
     """Load the basis at `basis`, check `rotary` against its metadata and patch `model` (in place)."""
-    from hf_patch import PCABasis, patch_loki
+    from hf_patch.loki.basis import PCABasis
+    from hf_patch.loki.patch import patch_loki
 
     loaded = PCABasis.load(basis)
     if rotary is not None and rotary != loaded.rotary:

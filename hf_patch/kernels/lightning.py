@@ -22,6 +22,7 @@ or per-chunk state buffer is kept; the only extra memory is one ``[K, V]`` float
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -33,12 +34,6 @@ from .lightning_torch import check_lightning_inputs, lightning_attn_chunked
 
 CHUNK = 64
 MAX_HEAD_DIM = 256
-# Launch settings; scripts/bench_lightning.py sweeps them. The chunk-scan kernel of segmented bf16/fp16 calls (long
-# sequences, one wave of programs) pipelines deeper: 3 stages took 4.42 / 4.55 / 4.68 ms fwd+bwd at 32k / 64k /
-# 128k against 4.62 / 4.70 / 4.76 with 2, which stay best for whole sequences (3.69 ms at 1k, 4.04 with 3; H100,
-# BENCHMARKS.md).
-CONFIG = {"num_warps": 4, "num_stages": 2, "segmented_num_stages": 3, "programs_per_sm": 4, "min_segment": 512,
-          "state_num_warps": 8}
 STATE_ELEMS = 128 * 128  # float32 [K, BV] accumulator of a segment-state program: all 128 columns at K = 128
 
 
@@ -203,6 +198,24 @@ def _segment_scan_kernel(
         state = state * tl.exp(n * log_lam) + local
 
 
+@dataclass(frozen=True)
+class LightningConfig:
+    """Launch settings of the Triton path; scripts/bench_lightning.py sweeps them. The chunk-scan kernel of
+    segmented bf16/fp16 calls (long sequences, one wave of programs) pipelines deeper: 3 stages took 4.42 / 4.55 /
+    4.68 ms fwd+bwd at 32k / 64k / 128k against 4.62 / 4.70 / 4.76 with 2, which stay best for whole sequences
+    (3.69 ms at 1k, 4.04 with 3; H100, BENCHMARKS.md)."""
+
+    num_warps: int = 4  # chunk-scan kernel
+    num_stages: int = 2  # chunk-scan kernel of whole sequences and float32 calls; segment-state kernel
+    segmented_num_stages: int = 3  # chunk-scan kernel of segmented bf16/fp16 calls
+    programs_per_sm: int = 4  # segments aim at one wave of this many programs per SM
+    min_segment: int = 512  # tokens per segment at least
+    state_num_warps: int = 8  # segment-state kernel
+
+
+DEFAULT_CONFIG = LightningConfig()
+
+
 class _Plan(NamedTuple):
     """How sequences are cut into segments: ``seg_seq [S]`` and ``seg_off [N + 1]`` (int32, on the device)."""
 
@@ -220,12 +233,12 @@ def _block_v(dim_k: int, dim_v: int) -> int:
 
 
 def _plan(lengths: tuple[int, ...] | None, num_seqs: int, seq_len: int, heads: int, dim_k: int, dim_v: int,
-          device: torch.device, seg_len: int | None) -> _Plan:
+          device: torch.device, seg_len: int | None, cfg: LightningConfig) -> _Plan:
     """Segments: how a call is spread over programs (value block, head, segment). Cached per shape and launch
     setting, so a call with equal-length sequences makes no host-to-device copy (a copy from pageable memory
     waits for the GPU)."""
-    return _cached_plan(lengths, num_seqs, seq_len, heads, dim_k, dim_v, device, seg_len,
-                        CONFIG["programs_per_sm"], CONFIG["min_segment"])
+    return _cached_plan(lengths, num_seqs, seq_len, heads, dim_k, dim_v, device, seg_len, cfg.programs_per_sm,
+                        cfg.min_segment)
 
 
 @functools.lru_cache(maxsize=64)
@@ -272,7 +285,8 @@ def _dot_consts(x: torch.Tensor) -> dict:
                 PRECISION="tf32x3" if x.dtype == torch.float32 else "tf32")
 
 
-def _segment_entries(b, c, log_decay, cu, plan: _Plan, num_seqs: int, init, reverse: bool) -> torch.Tensor:
+def _segment_entries(b, c, log_decay, cu, plan: _Plan, num_seqs: int, init, reverse: bool,
+                     cfg: LightningConfig) -> torch.Tensor:
     """State entering each segment, ``[segments, H, K, V]`` float32 (b: [total, H, K], c: [total, H, V]).
 
     The local-state programs take all value columns up to ``STATE_ELEMS`` (b read once); the scan runs over
@@ -286,7 +300,7 @@ def _segment_entries(b, c, log_decay, cu, plan: _Plan, num_seqs: int, init, reve
     _segment_state_kernel[(triton.cdiv(dim_v, bv), heads, n_segs)](
         b, c, states, log_decay, plan.seg_seq, plan.seg_off, cu, plan.seg_len,
         H=heads, K=dim_k, V=dim_v, KP=kp, BV=bv, CHUNK=CHUNK, REVERSE=reverse, **_dot_consts(b),
-        num_warps=CONFIG["state_num_warps"], num_stages=CONFIG["num_stages"])
+        num_warps=cfg.state_num_warps, num_stages=cfg.num_stages)
     blk = 32
     _segment_scan_kernel[(triton.cdiv(dim_k, blk) * triton.cdiv(dim_v, blk), heads, num_seqs)](
         states, init if init is not None else states, log_decay, plan.seg_off, cu, plan.seg_len,
@@ -294,15 +308,16 @@ def _segment_entries(b, c, log_decay, cu, plan: _Plan, num_seqs: int, init, reve
     return states
 
 
-def _chunk_stages(plan: _Plan, dtype: torch.dtype) -> int:
+def _chunk_stages(plan: _Plan, dtype: torch.dtype, cfg: LightningConfig) -> int:
     """Pipeline stages of the chunk-scan kernel: deeper for segmented half-precision calls (float32 tiles would
     exceed the shared memory)."""
     deep = plan.multi and dtype != torch.float32
-    return CONFIG["segmented_num_stages"] if deep else CONFIG["num_stages"]
+    return cfg.segmented_num_stages if deep else cfg.num_stages
 
 
 def _chunk_scan(a, b, c, log_decay, cu, plan: _Plan, num_seqs: int, entry, reverse: bool, want_final: bool,
-                out_dtype: torch.dtype, entry_t: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                out_dtype: torch.dtype, cfg: LightningConfig,
+                entry_t: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``out_i = a_i @ S_i`` over each sequence (read backwards if ``reverse``); see the module docstring.
 
     a, b: [total, H, K]; c: [total, H, V] (contiguous); cu: int32 [N + 1]; entry: [segments, H, K, V] float32
@@ -319,33 +334,36 @@ def _chunk_scan(a, b, c, log_decay, cu, plan: _Plan, num_seqs: int, entry, rever
         plan.seg_seq, plan.seg_off, cu, plan.seg_len,
         H=heads, K=dim_k, V=dim_v, KP=dot_block(dim_k), BV=bv, CHUNK=CHUNK, REVERSE=reverse,
         HAS_ENTRY=entry is not None, ENTRY_T=entry_t, HAS_FINAL=want_final, **_dot_consts(b),
-        num_warps=CONFIG["num_warps"], num_stages=_chunk_stages(plan, b.dtype))
+        num_warps=cfg.num_warps, num_stages=_chunk_stages(plan, b.dtype, cfg))
     return out, final
 
 
 class _LightningAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, initial_state, cu, plan, num_seqs, output_final_state):
+    def forward(ctx, q, k, v, log_decay, initial_state, cu, plan, num_seqs, output_final_state, cfg):
         init = None if initial_state is None else initial_state.float().contiguous()
-        entry = _segment_entries(k, v, log_decay, cu, plan, num_seqs, init, False) if plan.multi else init
-        o, final = _chunk_scan(q, k, v, log_decay, cu, plan, num_seqs, entry, False, output_final_state, q.dtype)
+        entry = _segment_entries(k, v, log_decay, cu, plan, num_seqs, init, False, cfg) if plan.multi else init
+        o, final = _chunk_scan(q, k, v, log_decay, cu, plan, num_seqs, entry, False, output_final_state, q.dtype,
+                               cfg)
         ctx.save_for_backward(q, k, v, log_decay, entry, cu)
-        ctx.meta = (plan, num_seqs)
+        ctx.meta = (plan, num_seqs, cfg)
         return o, final
 
     @staticmethod
     def backward(ctx, do, d_final):
         q, k, v, log_decay, entry, cu = ctx.saved_tensors
-        plan, num_seqs = ctx.meta
+        plan, num_seqs, cfg = ctx.meta
         do = do.contiguous()
         d_final = None if d_final is None else d_final.float().contiguous()
         # dq runs forwards over S^T: the forward's entry states, read transposed; dk likewise from dv's.
-        dq, _ = _chunk_scan(do, v, k, log_decay, cu, plan, num_seqs, entry, False, False, q.dtype, entry_t=True)
-        rev_entry = _segment_entries(q, do, log_decay, cu, plan, num_seqs, d_final, True) if plan.multi else d_final
+        dq, _ = _chunk_scan(do, v, k, log_decay, cu, plan, num_seqs, entry, False, False, q.dtype, cfg, entry_t=True)
+        rev_entry = (_segment_entries(q, do, log_decay, cu, plan, num_seqs, d_final, True, cfg) if plan.multi
+                     else d_final)
         want_d_init = ctx.needs_input_grad[4]
-        dv, d_init = _chunk_scan(k, q, do, log_decay, cu, plan, num_seqs, rev_entry, True, want_d_init, v.dtype)
-        dk, _ = _chunk_scan(v, do, q, log_decay, cu, plan, num_seqs, rev_entry, True, False, k.dtype, entry_t=True)
-        return dq, dk, dv, None, d_init, None, None, None, None
+        dv, d_init = _chunk_scan(k, q, do, log_decay, cu, plan, num_seqs, rev_entry, True, want_d_init, v.dtype, cfg)
+        dk, _ = _chunk_scan(v, do, q, log_decay, cu, plan, num_seqs, rev_entry, True, False, k.dtype, cfg,
+                            entry_t=True)
+        return dq, dk, dv, None, d_init, None, None, None, None, None
 
 
 def lightning_attn_triton(
@@ -357,11 +375,12 @@ def lightning_attn_triton(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     seg_len: int | None = None,
+    config: LightningConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The Triton path of ``lightning_attn`` (any device Triton runs on; tests use its CPU interpreter).
 
     ``seg_len`` (tokens, a multiple of 64) forces how sequences are cut into parallel segments; default: enough
-    segments to fill the GPU.
+    segments to fill the GPU. ``config``: launch settings (default ``LightningConfig()``).
     """
     num_seqs, bounds = check_lightning_inputs(q, k, v, decay, initial_state, cu_seqlens)
     if q.dtype == torch.float64:
@@ -380,8 +399,10 @@ def lightning_attn_triton(
         lengths = tuple(e - s for s, e in zip(bounds[:-1], bounds[1:]))
     flat = [x.reshape(batch * seq_len, heads, x.shape[-1]).contiguous() for x in (q, k, v)]
     log_decay = torch.log(decay.detach().to(device=q.device, dtype=torch.float32)).contiguous()
-    plan = _plan(lengths, num_seqs, seq_len, heads, dim_k, dim_v, q.device, seg_len)
-    o, final = _LightningAttnFunction.apply(*flat, log_decay, initial_state, cu, plan, num_seqs, output_final_state)
+    cfg = config or DEFAULT_CONFIG
+    plan = _plan(lengths, num_seqs, seq_len, heads, dim_k, dim_v, q.device, seg_len, cfg)
+    o, final = _LightningAttnFunction.apply(*flat, log_decay, initial_state, cu, plan, num_seqs, output_final_state,
+                                            cfg)
     return o.view(batch, seq_len, heads, dim_v), final
 
 

@@ -11,50 +11,13 @@ import torch
 import torch.nn as nn
 import transformers
 
-from .budget import Budget
-from .layer import APPROX_KEYS, KV_BOUNDS, KV_HOST_LEN, ROTATED_FLAG, LokiLayer, on_mask, visible_keys
+from ..kernels.loki.prefill_naive import loki_prefill_attention_torch, masked_attention
+from .layer import (APPROX_KEYS, DECODE_WORKSPACE, KV_BOUNDS, KV_HOST_LEN, ROTATED_FLAG, LokiLayer, on_mask,
+                    visible_keys)
 
 ATTENTION_NAME = "hf_patch_loki"
 MODES = ("decode", "all")
 GQA_SELECT = ("query", "group")
-PREFILL_KERNELS_ON_CPU = False  # tests: send CPU tensors of mode "all" to the Triton kernels (interpreter) too
-
-
-def protected_keys(visible: torch.Tensor, sink: int, recent: int) -> torch.Tensor | None:
-    """bool like `visible` [..., S]: each row's first `sink` and last `recent` visible keys (None if both are 0)."""
-    if not (sink or recent):
-        return None
-    seen = visible.to(torch.int32).cumsum(-1)  # how many visible keys up to and including each position
-    total = seen[..., -1:]
-    return visible & ((seen <= sink) | (seen > total - recent))
-
-
-def select_tokens(scores: torch.Tensor, visible: torch.Tensor, budgets: torch.Tensor, budget: Budget,
-                  gqa_select: str) -> torch.Tensor:
-    """Top-k selection mask from approximate scores.
-
-    scores: [B, H_kv, G, T_q, S] approximate scores; visible: [B or 1, 1, T_q, S]; budgets: int [B, T_q] keys
-    each row keeps (`LokiLayer.row_budgets`); budget: its sink/recent tokens are kept whatever their scores.
-    Returns bool [B, H_kv, G or 1, T_q, S]: per row, its protected keys and the best other visible keys.
-    """
-    vis = visible[:, :, None]  # [B, 1, 1, T_q, S]
-    scores = scores.float().masked_fill(~vis, float("-inf"))
-    if gqa_select == "group":
-        scores = scores.amax(dim=2, keepdim=True)
-    protected = protected_keys(vis, budget.sink_tokens, budget.recent_tokens)
-    if protected is not None:
-        scores = scores.masked_fill(protected, float("inf"))
-    k_max = int(budgets.max()) if budgets.numel() else 0
-    if k_max == 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
-    # each row keeping min(k_max, what it sees) (the paper rule): the k_max best of every row, unsorted, and no
-    # more than its visible keys; else rank them and keep each row's own count
-    uniform = torch.equal(budgets, torch.minimum(vis.sum(-1)[:, 0, 0], torch.tensor(k_max)))
-    idx = scores.topk(k_max, dim=-1, sorted=not uniform).indices
-    if uniform:
-        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True) & vis
-    keep = torch.arange(k_max, device=scores.device) < budgets[:, None, None, :, None]
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, keep.expand_as(idx))
 
 
 def loki_attention_dense(
@@ -72,36 +35,24 @@ def loki_attention_dense(
     Returns [B, T, H_q, D]. The leading rows that `loki.sparse_from` leaves dense in every sequence (the prefix of
     a decode-equivalent pass) run as plain attention: only the rows after them pay for Loki.
     """
-    b, hq, t, d = query.shape
+    b, _, t, _ = query.shape
     s = key.shape[2]
     first = 0 if loki.sparse_from is None else min(t, max(0, int(loki.sparse_from.min()) - (s - t)))
     if first > 0:
         q = loki.rotate_queries(query).flatten(1, 2) if keys_rotated else query
-        head = _masked_attention(q[:, :, :first], key, value, visible[:, :, :first], scaling)
+        head = masked_attention(q[:, :, :first], key, value, visible[:, :, :first], scaling)
         tail = loki_attention_dense(loki, query[:, :, first:], key, value, visible[:, :, first:], scaling,
                                     keys_rotated)
         return torch.cat([head, tail], dim=1)
     q_rot = loki.rotate_queries(query)  # [B, H_kv, G, T, D]
     d_max = int(loki.dims.max())
     k_approx = key[..., :d_max] if keys_rotated else loki.rotate_keys(key, d_max)
-    # float32 scores from the same bf16/fp16 operands as the CUDA kernels (hf_patch/kernels/loki_prefill.py)
-    scores = torch.matmul(loki.approx_query(q_rot).flatten(2, 3).float(), k_approx.float().transpose(-1, -2))
-    vis = visible.expand(b, -1, -1, -1)
-    budgets = loki.row_budgets(vis[:, 0].sum(-1), torch.arange(t, device=query.device) + (s - t))
-    selected = select_tokens(scores.unflatten(2, (hq // key.shape[1], t)), vis, budgets, loki.budget,
-                             loki.gqa_select)
+    budgets = loki.row_budgets(visible.expand(b, -1, -1, -1)[:, 0].sum(-1),
+                               torch.arange(t, device=query.device) + (s - t))
     q_exact = q_rot.flatten(1, 2) if keys_rotated else query
-    mask = selected.expand(-1, -1, hq // key.shape[1], -1, -1).flatten(1, 2)  # [B, H_q, T, S]
-    return _masked_attention(q_exact, key, value, mask, scaling)
-
-
-def _masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                      scaling: float) -> torch.Tensor:
-    """Exact attention of query [B, H_q, T, D] over the keys `mask` [B|1, 1|H_q, T, S] allows -> [B, T, H_q, D];
-    rows that see no key (padding) attend to nothing."""
-    out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
-                                                     enable_gqa=True)
-    return out.masked_fill(~mask.any(-1, keepdim=True), 0.0).transpose(1, 2)
+    return loki_prefill_attention_torch(q_exact, key, value, loki.approx_query(q_rot).flatten(1, 2), k_approx,
+                                        budgets, visible, group=loki.gqa_select == "group", scaling=scaling,
+                                        sink=loki.budget.sink_tokens, recent=loki.budget.recent_tokens)
 
 
 def decode_kv_start(attention_mask: torch.Tensor | None, kv_len: int) -> torch.Tensor | None | bool:
@@ -125,8 +76,9 @@ def loki_decode_step(loki: LokiLayer, query: torch.Tensor, key: torch.Tensor, va
     """One decode step through the decode op: query [B, H_q, 1, D], rotated key / value [B, H_kv, S, D] whose
     valid keys are [kv_start, kv_end) (int [B] on the device, None: 0 / S) -> [B, H_q, D]. The budget is the
     layer's: with bounds, each sequence's k_b (computed on the device: no host sync, CUDA graphs replay it) under
-    the bound k = max_tokens(S); without, k = what a row that sees all S keys keeps."""
-    from ..kernels.loki_decode import loki_decode_attention
+    the bound k = max_tokens(S); without, k = what a row that sees all S keys keeps. The kernel's scratch buffers
+    are the cache's (`DECODE_WORKSPACE` on the keys)."""
+    from ..kernels.loki import loki_decode_attention
 
     s = key.shape[2]
     k, k_b = int(loki.budget.tokens(torch.tensor(s))), None
@@ -136,7 +88,8 @@ def loki_decode_step(loki: LokiLayer, query: torch.Tensor, key: torch.Tensor, va
     return loki_decode_attention(loki.rotate_queries(query).flatten(1, 3), key, value, d=loki.kernel_dims,
                                  k=k, k_b=k_b, sink=loki.budget.sink_tokens,
                                  recent=loki.budget.recent_tokens, scaling=scaling, kv_start=kv_start, kv_end=kv_end,
-                                 gqa_select=loki.gqa_select, k_approx=getattr(key, APPROX_KEYS, None))
+                                 gqa_select=loki.gqa_select, k_approx=getattr(key, APPROX_KEYS, None),
+                                 workspace=getattr(key, DECODE_WORKSPACE, None))
 
 
 def _warn_dense_multirow(loki: LokiLayer) -> None:
@@ -172,6 +125,11 @@ def loki_attention_forward(
             "release in hf-patch's tested range (README, 'Supported Transformers releases').")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     t = query.shape[2]
+    if attention_mask is None and 1 < t < key.shape[2]:
+        # no mask for several rows over more keys: a prefill into an empty preallocated cache (StaticCache), where
+        # the mask is left to SDPA's is_causal (upper-left: row i sees keys 0..i); the slots past the rows hold no
+        # token yet. Dropping them leaves plain causal attention over the T keys, as every path below reads None.
+        key, value = key[:, :, :t], value[:, :, :t]
     multirow_dense = loki.mode == "decode" and t > 1 and loki.sparse_from is None
     bounds = getattr(key, KV_BOUNDS, None)  # device steps (CUDA graphs): the cache gives the valid range
     if t == 1 and keys_rotated and bounds is None:
@@ -179,18 +137,18 @@ def loki_attention_forward(
         bounds = None if start is False else (start, None)
     if t == 1 and keys_rotated and bounds is not None:  # a decode step over each sequence's valid keys
         if loki.dense_step(getattr(key, KV_HOST_LEN, key.shape[2])):  # every key kept: exact attention
-            from ..kernels.loki_decode import dense_decode_attention
+            from ..kernels.loki import dense_decode_attention
 
             q = loki.rotate_queries(query).flatten(1, 3)  # [B, H_q, D]
-            return dense_decode_attention(q, key, value, scaling=scaling, kv_start=bounds[0],
-                                          kv_end=bounds[1])[:, None], None
+            return dense_decode_attention(q, key, value, scaling=scaling, kv_start=bounds[0], kv_end=bounds[1],
+                                          workspace=getattr(key, DECODE_WORKSPACE, None))[:, None], None
         return loki_decode_step(loki, query, key, value, *bounds, scaling)[:, None], None
     if loki.dense or multirow_dense:  # exact attention; rotated keys need rotated queries
         if multirow_dense and not keys_rotated and not loki.dense:
             _warn_dense_multirow(loki)
         q = loki.rotate_queries(query).flatten(1, 2) if keys_rotated else query
         return sdpa_attention_forward(module, q, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if query.is_cuda or PREFILL_KERNELS_ON_CPU:  # every row (mode "all"): kernels where the mask is causal + padding
+    if query.is_cuda or loki.prefill_kernels_on_cpu:  # mode "all": kernels where the mask is causal + padding
         from .prefill import loki_prefill_forward
 
         out = loki_prefill_forward(loki, query, key, value, attention_mask, scaling, keys_rotated)

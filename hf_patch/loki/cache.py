@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..kernels.loki import DecodeWorkspace
 from .arch import loki_layers
-from .layer import APPROX_KEYS, KV_BOUNDS, KV_HOST_LEN, ROTATED_FLAG, LokiLayer
+from .layer import APPROX_KEYS, DECODE_WORKSPACE, KV_BOUNDS, KV_HOST_LEN, ROTATED_FLAG, LokiLayer
 
 GROWTH = 256  # capacity is kept a multiple of this many tokens
 
@@ -29,25 +30,29 @@ class DeviceSteps:
     """Device-side state of one-token steps on a fixed-capacity cache (what a CUDA graph reads each replay).
 
     position: int64 [1], where the step's token is written; kv_start / kv_end: int32 [B], the valid keys
-    [kv_start[b], kv_end[b]) of each sequence once the token is in (kv_end = position + 1).
+    [kv_start[b], kv_end[b]) of each sequence once the token is in (kv_end = position + 1); workspace: the decode
+    kernels' scratch buffers for these steps (the graph runner's: its graph replays into them).
     """
 
     position: torch.Tensor
     kv_start: torch.Tensor
     kv_end: torch.Tensor
+    workspace: DecodeWorkspace
 
 
 class LokiCacheLayer(CacheLayerMixin):
     """One layer: rotated keys and values in [B, H_kv, capacity, D] buffers, and (approx_keys) a copy of the first
     d' rotated dims in a [B, H_kv, capacity, d'] buffer; `keys`/`values` view [:, :, :length], and
-    `getattr(keys, APPROX_KEYS)` the narrow copy's [:, :, :length] (absent without one)."""
+    `getattr(keys, APPROX_KEYS)` the narrow copy's [:, :, :length] (absent without one); `getattr(keys,
+    DECODE_WORKSPACE)` is the cache's `workspace`, the decode kernels' scratch buffers (shared by its layers)."""
 
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, loki: LokiLayer, capacity: int = 0, approx_keys: bool = True):
+    def __init__(self, loki: LokiLayer, workspace: DecodeWorkspace, capacity: int = 0, approx_keys: bool = True):
         super().__init__()
         self.loki = loki
+        self.workspace = workspace
         self.capacity_hint = capacity
         self.approx_keys = approx_keys
         self.length = 0
@@ -87,6 +92,7 @@ class LokiCacheLayer(CacheLayerMixin):
     def _publish(self) -> tuple[torch.Tensor, torch.Tensor]:
         keys = self._k[:, :, : self.length]
         setattr(keys, ROTATED_FLAG, True)
+        setattr(keys, DECODE_WORKSPACE, self.workspace)
         if self._ka is not None:
             setattr(keys, APPROX_KEYS, self._ka[:, :, : self.length])
         self._keys, self._values, self._views_at = keys, self._v[:, :, : self.length], self.length
@@ -147,6 +153,7 @@ class LokiCacheLayer(CacheLayerMixin):
         setattr(keys, ROTATED_FLAG, True)
         setattr(keys, KV_BOUNDS, (self.steps.kv_start, self.steps.kv_end))
         setattr(keys, KV_HOST_LEN, self.length + 1)  # a graph replays only while `dense_steps` gives the same
+        setattr(keys, DECODE_WORKSPACE, self.steps.workspace)
         if self._ka is not None:
             setattr(keys, APPROX_KEYS, self._ka)
         return keys, values
@@ -199,11 +206,15 @@ class LokiCache(Cache):
     A patched model's `generate` runs on one it builds (`hf_patch.loki.generate`); pass one yourself as
     `cache=LokiCache(model)` (`past_key_values=` before transformers 5.25) for manual decoding loops. `capacity`
     preallocates that many tokens per layer. `approx_keys` keeps the narrow copy of the first d' rotated key dims
-    that the decode kernel scores from (+d'/D of the key memory).
+    that the decode kernel scores from (+d'/D of the key memory). `workspace` holds the decode kernels' scratch
+    buffers between steps (every layer's calls share it).
     """
 
     def __init__(self, model: torch.nn.Module, capacity: int = 0, approx_keys: bool = True):
-        super().__init__(layers=[LokiCacheLayer(layer, capacity, approx_keys) for layer in loki_layers(model)])
+        workspace = DecodeWorkspace()
+        super().__init__(layers=[LokiCacheLayer(layer, workspace, capacity, approx_keys)
+                                 for layer in loki_layers(model)])
+        self.workspace = workspace
 
     def buffers_key(self) -> tuple[int, ...]:
         """Addresses of every layer's storage: a CUDA graph captured on this cache is valid while they hold."""

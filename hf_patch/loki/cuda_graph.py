@@ -27,9 +27,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import decode_loop, step_graphs
 from ..generation import CACHE_KWARG, find_cache
+from ..kernels.loki import DecodeWorkspace
 from .cache import DeviceSteps, LokiCache
-
-RUN_ON_CPU = False  # tests: run the device-steps body eagerly on the CPU (no graph), same host logic
 
 
 def left_padding_start(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
@@ -48,7 +47,8 @@ def left_padding_start(attention_mask: torch.Tensor | None, batch: int, length: 
 
 @dataclass
 class _Captured:
-    """One captured step: its static inputs and output, and what it was captured for."""
+    """One captured step: its static inputs and output, and what it was captured for. Its steps' workspace holds
+    the scratch buffers the graph writes (their addresses are baked into its launches): it lives with the graph."""
 
     key: tuple  # (batch, capacity, cache and weight addresses, logits_to_keep, dense layers): baked into the launches
     steps: DeviceSteps
@@ -56,7 +56,6 @@ class _Captured:
     position_ids: torch.Tensor  # [B, 1]
     logits: torch.Tensor | None = None
     graph: torch.cuda.CUDAGraph | None = None
-    kept: tuple = ()  # scratch buffers the graph writes: kept alive with it
     next_position: int = -1  # the cache length that steps.position holds (host copy)
     greedy: decode_loop.GreedyState | None = None  # a whole greedy step: the token chosen in the graph too
 
@@ -68,18 +67,18 @@ class DecodeGraphs(step_graphs.StepRunner):
     whole_step = True  # greedy generate calls that `decode_loop.greedy_call` accepts run `greedy_generate`
     check_every = 16  # steps between the whole-step loop's reads of the device (finished.all())
 
-    def __init__(self, forward: Callable):
-        super().__init__(forward)
+    def __init__(self, forward: Callable, run_on_cpu: bool = False):
+        super().__init__(forward, run_on_cpu)
         self.greedy: tuple[decode_loop.GreedyState, DeviceSteps] | None = None  # the loop's state, kept for reuse
         self.greedy_captured: _Captured | None = None  # the loop's step, beside `captured` (the one-token forward's)
 
     def serves(self, device: torch.device) -> bool:
-        """Whether steps on this device run the device-steps body (CUDA, or the CPU under `RUN_ON_CPU`)."""
-        return device.type == "cuda" or RUN_ON_CPU
+        """Whether steps on this device run the device-steps body (CUDA, or the CPU under `run_on_cpu`)."""
+        return device.type == "cuda" or self.run_on_cpu
 
     def eligible(self, kwargs: dict) -> bool:
         """Whether a forward call with these arguments can replay a graph."""
-        cache = step_graphs.one_token_cache(kwargs, LokiCache, RUN_ON_CPU)
+        cache = step_graphs.one_token_cache(kwargs, LokiCache, self.run_on_cpu)
         if cache is None:
             return False
         lengths = {layer.length for layer in cache.layers}
@@ -110,7 +109,7 @@ class DecodeGraphs(step_graphs.StepRunner):
             cap.steps.kv_start.zero_()
         else:
             cap.steps.kv_start.copy_(start)
-        if not input_ids.is_cuda or RUN_ON_CPU:
+        if not input_ids.is_cuda or self.run_on_cpu:
             logits = self._run(cap, cache, logits_to_keep, capture=False)
         else:
             if cap.graph is None:
@@ -125,7 +124,7 @@ class DecodeGraphs(step_graphs.StepRunner):
         self.captured = None  # free the previous graph first
         steps = DeviceSteps(position=torch.zeros(1, dtype=torch.int64, device=device),
                             kv_start=torch.zeros(batch, dtype=torch.int32, device=device),
-                            kv_end=torch.zeros(batch, dtype=torch.int32, device=device))
+                            kv_end=torch.zeros(batch, dtype=torch.int32, device=device), workspace=DecodeWorkspace())
         return _Captured(key, steps,
                          input_ids=torch.zeros(batch, 1, dtype=torch.int64, device=device),
                          position_ids=torch.zeros(batch, 1, dtype=torch.int64, device=device))
@@ -143,17 +142,26 @@ class DecodeGraphs(step_graphs.StepRunner):
             self.greedy = (decode_loop.GreedyState.allocate(batch, self.check_every, n_eos, device),
                            DeviceSteps(position=torch.zeros(1, dtype=torch.int64, device=device),
                                        kv_start=torch.zeros(batch, dtype=torch.int32, device=device),
-                                       kv_end=torch.zeros(batch, dtype=torch.int32, device=device)))
+                                       kv_end=torch.zeros(batch, dtype=torch.int32, device=device),
+                                       workspace=DecodeWorkspace()))
         state, steps = self.greedy
         state.start(call, first)
         if start is None:
             steps.kv_start.zero_()
         else:
             steps.kv_start.copy_(start)
-        cache.reserve(length + call.max_new_tokens)  # no reallocation inside the loop: one key for every step
-        key = (batch, cache.capacity(), cache.buffers_key(), self.weights_key(), 1, state.key(),
-               tuple(t.data_ptr() for t in (steps.position, steps.kv_start, steps.kv_end)))
-        sequences, extra = decode_loop.run_greedy(call, first, state, lambda: self._greedy_step(cache, key))
+        key = None  # what the step's graph is captured for, but the dense layers: the same until the cache grows
+
+        def step() -> None:
+            nonlocal key
+            length = cache.get_seq_length()
+            if key is None or key[1] < length + 1:  # no room for this step's token: grow in place (a new graph)
+                cache.reserve(length + 1)
+                key = (batch, cache.capacity(), cache.buffers_key(), self.weights_key(), 1, state.key(),
+                       tuple(t.data_ptr() for t in (steps.position, steps.kv_start, steps.kv_end)))
+            self._greedy_step(cache, key)
+
+        sequences, extra = decode_loop.run_greedy(call, first, state, step)
         cache.crop(-extra)
         return sequences
 
@@ -168,7 +176,7 @@ class DecodeGraphs(step_graphs.StepRunner):
             cap = self.greedy_captured = _Captured(key, steps, state.input_ids, state.position_ids, greedy=state)
         if cap.next_position != length:
             cap.steps.position.fill_(length)
-        if cap.input_ids.device.type != "cuda":  # the CPU, which `serves` under RUN_ON_CPU only
+        if cap.input_ids.device.type != "cuda":  # the CPU, which `serves` under run_on_cpu only
             self._run(cap, cache, 1, capture=False)
         else:
             if cap.graph is None:
@@ -195,8 +203,6 @@ class DecodeGraphs(step_graphs.StepRunner):
         try:
             if not capture:
                 return self._body(cap, cache, logits_to_keep)
-            from ..kernels.loki_decode import workspace_buffers
-
             restore = cap.greedy.saved() if cap.greedy is not None else None
 
             def rewind() -> None:
@@ -204,10 +210,8 @@ class DecodeGraphs(step_graphs.StepRunner):
                 if restore is not None:
                     restore()
 
-            graph, logits = self.capture(lambda: self._body(cap, cache, logits_to_keep), rewind=rewind,
-                                         device=cap.input_ids.device)
-            with torch.cuda.stream(self.stream):  # the capture stream's scratch buffers
-                cap.graph, cap.kept = graph, workspace_buffers(cap.input_ids.device)
+            cap.graph, logits = self.capture(lambda: self._body(cap, cache, logits_to_keep), rewind=rewind,
+                                             device=cap.input_ids.device)
             return logits
         finally:
             cache.set_device_steps(None)

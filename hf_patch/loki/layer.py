@@ -16,6 +16,7 @@ ROTATED_FLAG = "_loki_rotated"  # set on key tensors that the Loki cache already
 KV_BOUNDS = "_loki_kv_bounds"  # (kv_start, kv_end) int32 [B] on the device: keys of a fixed-capacity cache
 KV_HOST_LEN = "_loki_kv_host_len"  # int: keys a fixed-capacity cache holds after this step, as the host counts them
 APPROX_KEYS = "_loki_approx_keys"  # the published keys' narrow copy [B, H_kv, length, d'] (`LokiCache`)
+DECODE_WORKSPACE = "_loki_decode_workspace"  # the decode kernels' scratch buffers (`DecodeWorkspace`) for these keys
 
 
 @dataclass
@@ -31,6 +32,8 @@ class LokiLayer:
     index is below sparse_from[b] attend densely and the others with Loki, as if each were a generated token.
     require_loki_cache: set while a patched model's `generate` runs in mode "decode" (`hf_patch.loki.generate`):
     keys that did not come from a `LokiCache` are then an error, not a silent fall-back to the slow path.
+    prefill_kernels_on_cpu: mode "all" runs the Triton prefill kernels on CPU tensors too (Triton's interpreter:
+    tests and the smoke benchmark), not only on CUDA.
     """
 
     components: torch.Tensor
@@ -41,6 +44,7 @@ class LokiLayer:
     dense: bool = False
     sparse_from: torch.Tensor | None = None
     require_loki_cache: bool = False
+    prefill_kernels_on_cpu: bool = False
     warned: bool = field(default=False, repr=False)
     _on_device: dict = field(default_factory=dict, repr=False)
 

@@ -1,4 +1,4 @@
-"""Loki on many query rows at once through the Triton prefill kernels (`hf_patch.kernels.loki_prefill`): the glue
+"""Loki on many query rows at once through the Triton prefill kernels (`hf_patch.kernels.loki.prefill`): the glue
 between one attention call of a model and the op, which takes prepared tensors only.
 
 Per call: the key range each sequence sees (from Transformers' mask; kept on the mask object, which every layer
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.loki_prefill import MAX_HEAD_DIM, TRITON_DTYPES, Ranges, approx_width, loki_prefill_attention
+from ..kernels.loki.prefill import MAX_HEAD_DIM, TRITON_DTYPES, Ranges, approx_width, loki_prefill_attention
 from .layer import LokiLayer, on_mask, visible_keys
 
 def _ranges_of(attention_mask: torch.Tensor, q_len: int, kv_len: int, batch: int) -> Ranges | bool:

@@ -6,7 +6,6 @@ float) with the `gguf` package, which is slow, so `convert_model` saves a safete
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 from pathlib import Path
 
@@ -116,14 +115,3 @@ def load_model(name_or_path: str | None = None, dtype: torch.dtype | str = "floa
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.to(device).eval(), tokenizer
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", help=f"directory for the safetensors copy (default {default_output()})")
-    parser.add_argument("--force", action="store_true", help="convert again even if the output exists")
-
-
-def run(args: argparse.Namespace) -> int:
-    output = convert_model(args.output, force=args.force)
-    print(f"SmolLM2-135M-Instruct ({HUB_ID}) as safetensors: {output}")
-    return 0

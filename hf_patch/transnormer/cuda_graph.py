@@ -11,6 +11,7 @@ several tokens, extra outputs, gradients) run the model's ordinary forward.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +21,6 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .. import step_graphs
 from ..generation import CACHE_KWARG, find_cache
 from .cache import TransNormerCache
-
-RUN_ON_CPU = False  # tests: run the step body eagerly on the CPU (no graph), same buffers and host logic
 
 
 @dataclass
@@ -41,7 +40,7 @@ class TransNormerGraphs(step_graphs.StepRunner):
 
     def eligible(self, kwargs: dict) -> bool:
         """Whether a forward call with these arguments can replay a graph."""
-        cache = step_graphs.one_token_cache(kwargs, TransNormerCache, RUN_ON_CPU)
+        cache = step_graphs.one_token_cache(kwargs, TransNormerCache, self.run_on_cpu)
         if cache is None:
             return False
         return cache.seen_tokens > 0 and all(state is not None for state in cache.states)
@@ -68,7 +67,7 @@ class TransNormerGraphs(step_graphs.StepRunner):
         cap.position.fill_(cache.seen_tokens)
         cache.device_position = cap.position
         try:
-            if not input_ids.is_cuda or RUN_ON_CPU:
+            if not input_ids.is_cuda or self.run_on_cpu:
                 logits = self._body(cap, cache, logits_to_keep)
             else:
                 if cap.graph is None:
@@ -97,15 +96,16 @@ class TransNormerGraphs(step_graphs.StepRunner):
                                              cap.input_ids.device)
 
 
-def enable_graph_decoding(model: nn.Module) -> nn.Module:
+def enable_graph_decoding(model: nn.Module, *, run_on_cpu: bool = False) -> nn.Module:
     """Make each one-token step of a `TransNormerForCausalLM` (as `generate` and manual loops with a
     `TransNormerCache` take them) replay a CUDA graph on CUDA (idempotent; returns the model). Weights moved or cast
-    afterwards get a new graph; `disable_graph_decoding` undoes it."""
+    afterwards get a new graph; `disable_graph_decoding` undoes it. run_on_cpu: CPU steps take the same path, their
+    body run eagerly (no graph: tests)."""
     from .modeling_transnormer import TransNormerForCausalLM
 
     if not isinstance(model, TransNormerForCausalLM):
         raise TypeError(f"graph decoding takes a TransNormerForCausalLM, got {type(model).__name__}")
-    step_graphs.wrap_forward(model, TransNormerGraphs)
+    step_graphs.wrap_forward(model, functools.partial(TransNormerGraphs, run_on_cpu=run_on_cpu))
     return model
 
 

@@ -16,10 +16,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .. import kernels
 from ..generation import CACHE_KWARG, CACHE_NAMES, find_cache, generate_kwargs
+from ..kernels.srmsnorm import BACKENDS, srms_norm
 from .cache import TransNormerCache
 from .configuration_transnormer import TransNormerConfig
 from .decay import layer_decays
-from .srmsnorm import srms_norm
 
 
 def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
@@ -29,18 +29,30 @@ def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
 class TransNormerSimpleRMSNorm(nn.Module):
     """Parameter-free SRMSNorm `x / (||x||_2 / sqrt(d))` over the last dim, optionally gated: `gate * norm(x)`.
 
-    float32 maths inside (`srmsnorm.srms_norm`: fused Triton kernels on CUDA, `F.rms_norm` elsewhere). With
-    `autocast_output` the result comes in the autocast dtype when autocast is on: for a norm that only feeds linear
-    layers, which would cast it to that dtype anyway (the same numbers, without the float32 round trip).
+    float32 maths inside (`kernels.srmsnorm.srms_norm`: fused Triton kernels on CUDA, `F.rms_norm` elsewhere).
+    With `autocast_output` the result comes in the autocast dtype when autocast is on: for a norm that only feeds
+    linear layers, which would cast it to that dtype anyway (the same numbers, without the float32 round trip).
+    `backend`: which implementation runs (`srms_norm`'s; `set_norm_backend` sets it for a whole model).
     """
 
-    def __init__(self, eps: float = 1e-6, autocast_output: bool = False):
+    def __init__(self, eps: float = 1e-6, autocast_output: bool = False, backend: str = "auto"):
         super().__init__()
         self.eps = eps
         self.autocast_output = autocast_output
+        self.backend = backend
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        return srms_norm(x, self.eps, gate=gate, autocast_output=self.autocast_output)
+        return srms_norm(x, self.eps, gate=gate, autocast_output=self.autocast_output, backend=self.backend)
+
+
+def set_norm_backend(model: nn.Module, backend: str) -> None:
+    """Run every SRMSNorm of `model` on `backend`: "auto" (the default: Triton for large CUDA inputs), "triton"
+    (any device Triton runs on, its CPU interpreter included) or "torch" (`F.rms_norm`)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for module in model.modules():
+        if isinstance(module, TransNormerSimpleRMSNorm):
+            module.backend = backend
 
 
 class TransNormerLrpe(nn.Module):

@@ -14,14 +14,14 @@ import warnings
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "prepare-data": ("hf_patch.data.books", "download the public-domain book corpus and write calibration/eval splits"),
-    "convert-model": ("hf_patch.models.smollm2", "convert the embedded SmolLM2-135M GGUF to a cached safetensors model"),
-    "calibrate": ("hf_patch.loki.calibrate_cli", "calibrate a Loki PCA basis over a dataset; save it and plot variance"),
-    "perplexity": ("hf_patch.loki.perplexity", "perplexity of a model, full attention or Loki, on held-out text"),
-    "main": ("hf_patch.loki.experiment", "the main job: calibrate, patch and compare perplexity over Loki settings"),
-    "eval": ("hf_patch.eval.cli", "run lm-eval with the hf-loki model and local tasks registered (lm-eval's own args)"),
-    "prepare-tasks": ("hf_patch.eval.prepare", "build the local lm-eval tasks offline (hfp_core, hfp_mmlu, books, cloze; BIG-bench from a local sdist)"),
-    "compare": ("hf_patch.eval.compare", "full attention vs Loki settings on lm-eval tasks: table, JSON and plot"),
+    "prepare-data": ("hf_patch.app.prepare_data", "download the public-domain book corpus and write calibration/eval splits"),
+    "convert-model": ("hf_patch.app.convert_model", "convert the embedded SmolLM2-135M GGUF to a cached safetensors model"),
+    "calibrate": ("hf_patch.app.calibrate", "calibrate a Loki PCA basis over a dataset; save it and plot variance"),
+    "perplexity": ("hf_patch.app.perplexity", "perplexity of a model, full attention or Loki, on held-out text"),
+    "main": ("hf_patch.app.experiment", "the main job: calibrate, patch and compare perplexity over Loki settings"),
+    "eval": ("hf_patch.app.evaluate", "run lm-eval with the hf-loki model and local tasks registered (lm-eval's own args)"),
+    "prepare-tasks": ("hf_patch.app.prepare_tasks", "build the local lm-eval tasks offline (hfp_core, hfp_mmlu, books, cloze; BIG-bench from a local sdist)"),
+    "compare": ("hf_patch.app.compare", "full attention vs Loki settings on lm-eval tasks: table, JSON and plot"),
 }
 
 

@@ -1,6 +1,6 @@
 """`hf-patch calibrate --config configs/loki/calibrate_smollm2.yaml`: calibrate, save, report and plot a basis.
 
-Under `accelerate launch -m hf_patch.cli calibrate ...` each process loads the model on its own device (with
+Under `accelerate launch -m hf_patch calibrate ...` each process loads the model on its own device (with
 `device: auto`), reads its share of the windows, and the first process writes the basis."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import DTYPES, directory, integer, one_of, optional, setting, text
-from ..parallel import end_processes, launched, process_split, process_state
-from .basis import CONFIG_NAME, PCABasis
-from .calibrate import Calibration, calibrate_pca
+from ..parallel import end_processes, launched, process_split, process_state, resolve_device
+from ..loki.basis import CONFIG_NAME, PCABasis
+from ..loki.calibrate import Calibration, calibrate_pca
 from .plots import plot_explained_variance
 
 
@@ -94,7 +94,6 @@ def config_from_args(args: argparse.Namespace) -> CalibrateConfig:
 
 def run(args: argparse.Namespace) -> int:
     from ..models.smollm2 import load_model
-    from .perplexity import resolve_device
 
     cfg = config_from_args(args)
     output = Path(cfg.output)

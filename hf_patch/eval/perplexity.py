@@ -1,10 +1,8 @@
 """Perplexity on held-out text (teacher-forced, non-overlapping windows), and the `hf-patch perplexity` command."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -14,10 +12,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..config import DTYPES, ConfigError, Schema, integer, list_of, optional, setting
+from ..config import ConfigError, Schema, integer, list_of, optional, setting
 from ..data.packing import batched, token_windows
 from ..generation import CACHE_KWARG
-from .calibrate import check_dataset
+from ..loki.calibrate import check_dataset
 
 
 @dataclass
@@ -69,7 +67,7 @@ def perplexity(
     """Mean next-token NLL and perplexity over `seq_len` windows of `dataset` (texts packed with EOS)."""
     from tqdm.auto import tqdm
 
-    from .calibrate import _texts
+    from ..loki.calibrate import _texts
 
     texts, _ = _texts(dataset)
     device = next(model.parameters()).device
@@ -95,7 +93,7 @@ def perplexity(
 
 def decode_windows(tokenizer, dataset: Any, length: int, windows: int, skip_windows: int = 0) -> list[torch.Tensor]:
     """`windows` int64 [length] token windows of `dataset`, after skipping the first `skip_windows`."""
-    from .calibrate import _texts
+    from ..loki.calibrate import _texts
 
     texts, _ = _texts(dataset)
     found = list(itertools.islice(token_windows(texts, tokenizer, length), skip_windows, skip_windows + windows))
@@ -122,7 +120,7 @@ def decode_perplexity(
     from tqdm.auto import tqdm
     from transformers import DynamicCache
 
-    from .patch import decode_rows, is_patched, unpatch
+    from ..loki.patch import decode_rows, is_patched, unpatch
 
     if is_patched(model):
         raise ValueError("decode_perplexity patches the model itself: pass an unpatched model")
@@ -151,69 +149,3 @@ def decode_perplexity(
             sums[name][2] += time.perf_counter() - start
     return {name: {"nll": s / n, "ppl": math.exp(s / n), "tokens": n, "seconds": round(t, 2)}
             for name, (s, n, t) in sums.items()}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="'smollm2' (default, embedded), a local dir or a hub id")
-    parser.add_argument("--basis", default=None, help="Loki basis dir; omit for full attention")
-    for flag in ("d-frac", "k-frac", "k-rule", "min-tokens", "sink-tokens", "recent-tokens", "d-policy", "gqa-select"):
-        parser.add_argument(f"--{flag}", help="a patch_loki setting (default: patch_loki's)")
-    parser.add_argument("--dense-layers", help="layers with full attention: a count from the bottom, or i,j,...")
-    parser.add_argument("--dataset", help="default: books:evaluation (mode all), books:evaluation:by-book (--prefix)")
-    parser.add_argument("--seq-len", default=1024, help="window length (mode all)")
-    parser.add_argument("--max-tokens", default=32_768)
-    parser.add_argument("--batch-size", default=1)
-    parser.add_argument("--prefix", default=None,
-                        help="decode-equivalent: prefill this many tokens densely, score the next --new-tokens as "
-                             "generated tokens (Loki decode steps), in --windows windows; without it: mode all")
-    parser.add_argument("--new-tokens", default=512)
-    parser.add_argument("--windows", default=4)
-    parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--device", default="auto")
-
-
-def _dense_layers_flag(value: str | None) -> Any:
-    """`--dense-layers 2` (a count) or `--dense-layers 0,5` (indices); checked by `LokiSettings`."""
-    return value if value is None or "," not in value else [v.strip() for v in value.split(",") if v.strip()]
-
-
-def run(args: argparse.Namespace) -> int:
-    from ..models.smollm2 import load_model
-    from .basis import PCABasis
-    from .patch import patch_loki
-    from .settings import LokiSettings
-
-    # every flag and the basis are checked before the model loads
-    source = "hf-patch perplexity"
-    dataset = {"dataset": args.dataset} if args.dataset is not None else {}  # else each evaluation's default
-    data = Evaluation.from_dict(dict(seq_len=args.seq_len, max_tokens=args.max_tokens, batch_size=args.batch_size,
-                                     **dataset), source)
-    flags = {name: getattr(args, name) for name in ("d_frac", "k_frac", "k_rule", "min_tokens", "sink_tokens",
-                                                     "recent_tokens", "d_policy", "gqa_select")}
-    flags["dense_layers"] = _dense_layers_flag(args.dense_layers)
-    decode = args.prefix is not None
-    given = {k: v for k, v in flags.items() if v is not None}
-    loki = LokiSettings.from_dict({**given, "mode": "decode" if decode else "all"}, source)
-    windows = None
-    if decode:
-        windows = DecodeEvaluation.from_dict(dict(prefix=args.prefix, new_tokens=args.new_tokens,
-                                                  windows=args.windows, **dataset), source)
-    basis = PCABasis.load(args.basis) if args.basis else None
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))
-    if windows is not None:
-        setting = ("loki", lambda m: patch_loki(m, basis, **loki.patch_args())) if basis else ("full", None)
-        tokens = decode_windows(tokenizer, windows.dataset, windows.prefix + windows.new_tokens + 1, windows.windows)
-        result = decode_perplexity(model, tokens, windows.prefix, [setting])[setting[0]]
-    else:
-        if basis is not None:
-            patch_loki(model, basis, **loki.patch_args())
-        result = perplexity(model, tokenizer, data.dataset, data.seq_len, data.max_tokens, data.batch_size)
-    settings = {**loki.patch_args(), "basis": args.basis} if basis is not None else None
-    print(json.dumps({**result, "loki": settings}, indent=2))
-    return 0
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device

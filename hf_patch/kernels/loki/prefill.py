@@ -38,12 +38,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import dot_block, dot_options
-from .loki_decode import _order_key, online_softmax_step
+from ..launch import dot_block, dot_options
+from .common import LOG2E, online_softmax_step, order_key
 
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_HEAD_DIM = 256  # larger heads stay on the PyTorch path (one tile of D per row block)
-_LOG2E = 1.4426950408889634
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ def default_config(dtype: torch.dtype) -> LokiPrefillConfig:
 
 @triton.jit
 def _from_key(key):
-    """Inverse of `_order_key`: int32 order key -> float32."""
+    """Inverse of `order_key`: int32 order key -> float32."""
     return (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
 
 
@@ -194,9 +193,9 @@ def _trial_threshold(it, L, U, cL, cU, kb, n, mean, sd, MAX_INTERP: tl.constexpr
         f = tl.minimum(tl.maximum(f, 1.0 / 64), 63.0 / 64)
         m = L + (U - L) * f
     else:  # bisection on the order keys: at most 32 passes
-        mid = (_order_key(L).to(tl.int64) + _order_key(U).to(tl.int64) + 1) >> 1
+        mid = (order_key(L).to(tl.int64) + order_key(U).to(tl.int64) + 1) >> 1
         m = _from_key(mid.to(tl.int32))
-    next_up = _from_key(_order_key(tl.where(L == 0.0, 0.0, L)) + 1)  # smallest float above L (+0 for -0)
+    next_up = _from_key(order_key(tl.where(L == 0.0, 0.0, L)) + 1)  # smallest float above L (+0 for -0)
     return tl.minimum(tl.maximum(m, next_up), U)
 
 
@@ -473,11 +472,11 @@ def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qa: torch.
     tensors = (q, k, v, qa, ka)
     if len({x.dtype for x in tensors}) != 1 or q.dtype not in TRITON_DTYPES:
         raise TypeError(f"q, k, v, qa and ka must share one dtype of {TRITON_DTYPES}, got "
-                        f"{[x.dtype for x in tensors]}: use the PyTorch path (hf_patch.loki.attention)")
+                        f"{[x.dtype for x in tensors]}: use loki_prefill_attention_torch")
     if len({x.device for x in tensors}) != 1:
         raise ValueError("q, k, v, qa and ka must be on one device")
     if dh > MAX_HEAD_DIM:
-        raise ValueError(f"head dim {dh} > {MAX_HEAD_DIM}: use the PyTorch path (hf_patch.loki.attention)")
+        raise ValueError(f"head dim {dh} > {MAX_HEAD_DIM}: use loki_prefill_attention_torch")
     if any(x.stride(-1) != 1 for x in tensors):
         raise ValueError("q, k, v, qa and ka need a contiguous last dim (stride(-1) == 1)")
 
@@ -547,7 +546,7 @@ def prefill_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qa: torch.
     start, end = ranges if ranges is not None else (pos, pos)
     _attention_kernel[(triton.cdiv(t, cfg.block_m), b * hq)](
         q, k, v, qa, ka, thr, pos, start, end, out, count if count is not None else pos,
-        t, s, s - t, hq, g, sel_div, scaling * _LOG2E, sink, recent,
+        t, s, s - t, hq, g, sel_div, scaling * LOG2E, sink, recent,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), qa.stride(0), qa.stride(1), qa.stride(2),
         ka.stride(0), ka.stride(1), ka.stride(2), out.stride(0), out.stride(1), out.stride(2),

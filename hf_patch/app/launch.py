@@ -3,8 +3,8 @@
     launch: {num_processes: 2}                                  # data-parallel: one model replica per process
     launch: {num_processes: 8, config_file: my_accelerate.yaml} # any accelerate config (machines, GPU ids, ...)
 
-Each setting's missing tasks run in `accelerate launch ... -m hf_patch.eval.launch JOB`, where JOB is a JSON file
-holding the checked config and what to run; every process runs `compare.run_tasks` (lm-eval splits the requests
+Each setting's missing tasks run in `accelerate launch ... -m hf_patch.app.launch JOB`, where JOB is a JSON file
+holding the checked config and what to run; every process runs `task_runner.run_tasks` (lm-eval splits the requests
 between them) and the first one adds the results to the setting's cache file, which `compare` then reads as if it
 had run the tasks itself. Without GPUs the processes run on the CPU and talk over gloo.
 """
@@ -39,7 +39,7 @@ class Launch(Schema):
 
 
 def run_launched(launch: dict[str, Any], job: dict[str, Any]) -> None:
-    """Run `compare.run_tasks(**job)` in the processes `launch` asks for; the job is written beside its cache file."""
+    """Run `task_runner.run_tasks(**job)` in the processes `launch` asks for; the job is written beside its cache file."""
     from ..parallel import launch_command
 
     settings = Launch.from_dict(launch, "launch")
@@ -59,7 +59,7 @@ def main(job_file: str) -> int:
     from lm_eval.utils import setup_logging
 
     from ..parallel import end_processes
-    from .compare import run_tasks
+    from .task_runner import run_tasks
 
     setup_logging()
     run_tasks(**json.loads(Path(job_file).read_text()))

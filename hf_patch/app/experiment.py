@@ -18,13 +18,14 @@ from typing import Any
 
 from ..config import (DTYPES, Schema, directory, given, integer, list_of, load_config, one_of, optional, override,
                       setting, text)
-from .budget import read_cost
-from .calibrate import Calibration
-from .calibrate_cli import calibrate_to, describe
-from .patch import loki_settings, patch_loki, unpatch
-from .perplexity import DecodeEvaluation, Evaluation, decode_perplexity, decode_windows, perplexity, resolve_device
+from ..loki.budget import read_cost
+from ..loki.calibrate import Calibration
+from ..loki.patch import loki_settings, patch_loki, unpatch
+from ..eval.perplexity import DecodeEvaluation, Evaluation, decode_perplexity, decode_windows, perplexity
+from ..loki.settings import LokiSettings, SweepSetting
+from ..parallel import resolve_device
+from .calibrate import calibrate_to, describe
 from .plots import plot_explained_variance, plot_perplexity
-from .settings import LokiSettings, SweepSetting
 
 
 @dataclass

@@ -38,7 +38,7 @@ def with_include_path(argv: list[str], tasks_dirs: list[Path] | None = None) -> 
 
     lm-eval's CLI takes a single include path, so several are joined in a temporary directory of symlinks."""
     if tasks_dirs is None:
-        from .prepare import include_paths
+        from ..eval.prepare import include_paths
 
         tasks_dirs = include_paths()
     user_path = None
@@ -78,7 +78,7 @@ def _joined_dirs(dirs: list[Path]) -> Path:
 
 def _check_tasks_prepared(argv: list[str]) -> None:
     """Fail before lm-eval loads a model if a `--tasks` entry is an hf-patch task whose data is not prepared."""
-    from .prepare import check_prepared
+    from ..eval.prepare import check_prepared
 
     for i, arg in enumerate(argv):
         value = argv[i + 1] if arg in ("--tasks", "-t") and i + 1 < len(argv) else (
@@ -90,7 +90,7 @@ def _check_tasks_prepared(argv: list[str]) -> None:
 def run(args: argparse.Namespace) -> int:
     from lm_eval.__main__ import cli_evaluate
 
-    from .lm_eval_model import register
+    from ..eval.lm_eval_model import register
 
     register()
     argv = list(args.extra)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from .basis import PCABasis
+from ..loki.basis import PCABasis
 
 
 def _pyplot():

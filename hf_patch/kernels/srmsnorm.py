@@ -19,7 +19,7 @@ import triton.language as tl
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 MIN_TRITON_NUMEL = 1 << 16  # below this (decoding steps) the PyTorch ops launch faster than a Triton kernel
-DEFAULT_BACKEND = "auto"  # what `backend=None` means (tests set "triton" to run a whole model on the kernels)
+BACKENDS = ("auto", "triton", "torch")
 
 
 @triton.jit
@@ -104,19 +104,17 @@ def srms_norm_out_dtype(x: torch.Tensor, gate: torch.Tensor | None, autocast_out
 
 
 def srms_norm(x: torch.Tensor, eps: float, gate: torch.Tensor | None = None, autocast_output: bool = False,
-              backend: str | None = None) -> torch.Tensor:
+              backend: str = "auto") -> torch.Tensor:
     """``(gate *) x / sqrt(mean(x^2, -1) + eps)``; ``backend``: "auto" (Triton for large CUDA float16/bfloat16/float32
-    inputs, else PyTorch), "triton" (any device Triton runs on: the tests use its CPU interpreter), "torch", or
-    None: ``DEFAULT_BACKEND``."""
+    inputs, else PyTorch), "triton" (any device Triton runs on: the tests use its CPU interpreter) or "torch"."""
     out_dtype = srms_norm_out_dtype(x, gate, autocast_output)
-    backend = backend or DEFAULT_BACKEND
     if backend == "auto":
         dtypes_ok = x.dtype in _FLOATS and (gate is None or gate.dtype in _FLOATS)
         backend = "triton" if x.is_cuda and dtypes_ok and x.numel() >= MIN_TRITON_NUMEL else "torch"
     if backend == "triton":
         return _SRMSNormFunction.apply(x, gate, eps, out_dtype)
     if backend != "torch":
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     y = F.rms_norm(x, (x.shape[-1],), eps=eps)
     if gate is not None:
         y = gate * y

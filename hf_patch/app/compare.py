@@ -8,13 +8,11 @@ per context length in `lengths` and are drawn in `accuracy_vs_length.png` (each 
 length, one line per setting). Every (setting, task[, length]) result is cached in `cache/<setting>.json` as soon
 as it is done, and reused by later runs with the same model, basis, setting and example count: an interrupted
 comparison resumes where it stopped. With a `launch` key
-(`launch: {num_processes: 2}`) each setting runs data-parallel under `accelerate launch` (`hf_patch.eval.launch`).
+(`launch: {num_processes: 2}`) each setting runs data-parallel under `accelerate launch` (`hf_patch.app.launch`).
 """
 from __future__ import annotations
 
 import argparse
-import functools
-import json
 import math
 import re
 import textwrap
@@ -28,6 +26,7 @@ from ..loki.attention import MODES
 from ..loki.calibrate import Calibration
 from ..loki.settings import SweepSetting
 from .launch import Launch
+from .task_runner import long_metric, read_cache, run_tasks, runs, write_json
 
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte")
 FULL = "full"
@@ -86,7 +85,7 @@ class CompareConfig(Schema):
 
 def setting_label(setting: dict[str, Any] | None) -> str:
     """'full' or e.g. 'loki d=0.25 k=0.25' (the names of `hf-patch main`), plus the mode if the setting sets one."""
-    from ..loki.experiment import setting_name
+    from .experiment import setting_name
 
     if setting is None:
         return FULL
@@ -119,21 +118,6 @@ def metric_value(results: dict[str, Any], metric: str) -> tuple[float, float | N
     return float(value), (float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None)
 
 
-def _read_cache(path: Path, key: dict[str, Any]) -> dict[str, Any]:
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            return cached
-    return {"key": key, "tasks": {}}
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
 # ---------------------------------------------------------------- running
 
 
@@ -146,9 +130,9 @@ def ensure_bases(cfg: dict[str, Any], settings: list[dict[str, Any]]) -> dict[st
 
     missing = [r for r in rotaries if not (paths[r] / CONFIG_NAME).is_file()]
     if missing:
-        from ..loki.calibrate_cli import calibrate_to
-        from ..loki.perplexity import resolve_device
         from ..models.smollm2 import load_model
+        from ..parallel import resolve_device
+        from .calibrate import calibrate_to
 
         model, tokenizer = load_model(cfg["model"], dtype=cfg["dtype"], device=resolve_device(cfg["device"]))
         for r in missing:
@@ -169,47 +153,6 @@ def applied_setting(cfg: dict[str, Any], setting: dict[str, Any]) -> SweepSettin
     return SweepSetting(**{"mode": cfg["mode"], **setting})
 
 
-@dataclass(frozen=True)
-class Run:
-    """One lm-eval run of a comparison: `task` on its first `limit` documents, at context `length` for a long task
-    (None otherwise); `key` names its result in the caches and outputs ("task" or "task@length")."""
-
-    task: str
-    limit: int | None
-    length: int | None = None
-
-    @property
-    def key(self) -> str:
-        return self.task if self.length is None else f"{self.task}@{self.length}"
-
-
-def runs(cfg: dict[str, Any]) -> list[Run]:
-    """The config's runs: `tasks`, then each of `long_tasks` at each of `lengths`."""
-    return [Run(t, n) for t, n in cfg["tasks"].items()] + [
-        Run(t, n, length) for t, n in cfg["long_tasks"].items() for length in cfg["lengths"]]
-
-
-def long_metric(results: dict[str, Any], length: int) -> str:
-    """The metric of a long task at `length`: lm-eval's RULER names it by the length; others report acc."""
-    return str(length) if f"{length},none" in results else "acc"
-
-
-def sample_stats(samples: list[dict[str, Any]], metric: str) -> dict[str, Any]:
-    """From lm-eval's per-document samples: the standard error of `metric`'s mean (lm-eval's `mean_stderr`; its
-    RULER aggregation reports none) and, where documents carry a `depth`, the mean per depth."""
-    from lm_eval.api.metrics import mean_stderr
-
-    scores = [float(s[metric]) for s in samples]
-    stats: dict[str, Any] = {f"{metric}_stderr,none": mean_stderr(scores) if len(scores) > 1 else None}
-    by_depth: dict[float, list[float]] = {}
-    for sample, score in zip(samples, scores):
-        if "depth" in sample["doc"]:
-            by_depth.setdefault(float(sample["doc"]["depth"]), []).append(score)
-    if by_depth:
-        stats["by_depth"] = {str(d): {"n": len(v), metric: sum(v) / len(v)} for d, v in sorted(by_depth.items())}
-    return stats
-
-
 def evaluate_setting(cfg: dict[str, Any], setting: dict[str, Any] | None, basis: Path | None) -> dict:
     """{run key: {"limit", "n", "results"}} for one setting, running only the runs its cache lacks (in this
     process, or in the processes the config's `launch` starts)."""
@@ -219,7 +162,7 @@ def evaluate_setting(cfg: dict[str, Any], setting: dict[str, Any] | None, basis:
     key = {"model": str(cfg["model"]), "dtype": cfg["dtype"], "num_fewshot": cfg["num_fewshot"],
            "seed": cfg["seed"], "loki": loki, "basis": None if basis is None else _basis_key(basis)}
     path = Path(cfg["output_dir"]) / "cache" / f"{_slug(label)}.json"
-    cache = _read_cache(path, key)
+    cache = read_cache(path, key)
     todo = [r.key for r in runs(cfg) if r.key not in cache["tasks"] or cache["tasks"][r.key]["limit"] != r.limit]
     if not todo:
         print(f"{label}: all {len(runs(cfg))} runs cached in {path}")
@@ -228,71 +171,16 @@ def evaluate_setting(cfg: dict[str, Any], setting: dict[str, Any] | None, basis:
 
         job = {"cfg": cfg, "label": label, "loki": loki, "todo": todo, "path": str(path), "key": key}
         run_launched(cfg["launch"], job)
-        cache = _read_cache(path, key)
+        cache = read_cache(path, key)
     else:
         run_tasks(cfg, label, loki, todo, str(path), key)
-        cache = _read_cache(path, key)
+        cache = read_cache(path, key)
     return {r.key: cache["tasks"][r.key] for r in runs(cfg)}
-
-
-def run_tasks(cfg: dict[str, Any], label: str, loki: dict[str, Any] | None, todo: list[str], path: str,
-              key: dict[str, Any]) -> None:
-    """Evaluate the runs `todo` (their keys) with one `hf-loki` model, adding each result to the cache file at
-    `path` as soon as it is done. Under `accelerate launch` every process runs this (the requests are split
-    between them) and the first one writes. A long task sizes its documents to its length with the model's
-    tokenizer (lm-eval's RULER metadata), and its samples give the stderr and per-depth means (`sample_stats`)."""
-    from lm_eval import simple_evaluate
-    from tqdm.auto import tqdm
-
-    from ..loki.perplexity import resolve_device
-    from ..models.smollm2 import resolve_model
-    from .lm_eval_model import LokiHFLM
-
-    cache = _read_cache(Path(path), key)
-    by_key = {r.key: r for r in runs(cfg)}
-    local_only = all(r.task.startswith("hfp_") for r in by_key.values())
-    lm = LokiHFLM(pretrained=str(cfg["model"]), dtype=cfg["dtype"], device=resolve_device(cfg["device"]),
-                  batch_size=cfg["batch_size"], **(loki or {}))
-    for run in tqdm([by_key[k] for k in todo], desc=label, unit="task", disable=lm.rank > 0):
-        metadata = None if run.length is None else {"max_seq_lengths": [run.length],
-                                                    "tokenizer": resolve_model(str(cfg["model"]))}
-        out = simple_evaluate(model=lm, tasks=[run.task], limit=run.limit, num_fewshot=cfg["num_fewshot"],
-                              bootstrap_iters=cfg["bootstrap_iters"], task_manager=task_manager(local_only, metadata),
-                              log_samples=run.length is not None, random_seed=cfg["seed"],
-                              numpy_random_seed=cfg["seed"], torch_random_seed=cfg["seed"],
-                              fewshot_random_seed=cfg["seed"])
-        if out is None:  # not the first of the launched processes
-            continue
-        if run.task not in out["results"]:
-            raise ValueError(f"{run.task} is a group or tag: list its tasks one by one in the config")
-        results = out["results"][run.task]
-        if run.length is not None:
-            results.update(sample_stats(out["samples"][run.task], long_metric(results, run.length)))
-        cache["tasks"][run.key] = {"limit": run.limit, "n": out["n-samples"][run.task]["effective"],
-                                   "results": results}
-        _write_json(Path(path), cache)
-
-
-def task_manager(local_only: bool = False, metadata: dict[str, Any] | None = None):
-    """lm-eval's task index with the hf-patch tasks (the packaged ones and the prepared standard ones), built once
-    per process, set of task directories and `metadata` (handed to every task, as lm-eval's `--metadata`).
-    Indexing lm-eval's own tasks scans thousands of YAML files: `local_only` skips them when every task is one
-    of ours (ours include lm-eval's YAMLs by path)."""
-    from .prepare import include_paths
-
-    return _task_manager(local_only, tuple(str(p) for p in include_paths()), json.dumps(metadata, sort_keys=True))
-
-
-@functools.cache
-def _task_manager(local_only: bool, paths: tuple[str, ...], metadata: str):
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager(include_path=list(paths), include_defaults=not local_only, metadata=json.loads(metadata))
 
 
 def _needs_prepared_tasks(tasks: list[str]) -> None:
     """Build the local task data the run needs (once; offline afterwards), before any model is loaded."""
-    from .prepare import ensure_prepared
+    from ..eval.prepare import ensure_prepared
 
     ensure_prepared(tasks)
 
@@ -443,7 +331,7 @@ def write_outputs(cfg: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, 
     labels = [r["setting"] for r in rows]
     md = table(summary, labels)
     payload = {"config": cfg, "summary": summary, "results": rows}
-    _write_json(out / "results.json", payload)
+    write_json(out / "results.json", payload)
     (out / "results.md").write_text(
         f"lm-eval, model {cfg['model']} ({cfg['dtype']}), Loki mode {cfg['mode']}, {cfg['num_fewshot']}-shot; "
         "accuracies in %, Δ in points (perplexity: Δ in %); task@N: at a context of N tokens\n\n" + md + "\n")

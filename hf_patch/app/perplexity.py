@@ -1,0 +1,70 @@
+"""`hf-patch perplexity`: perplexity of a model, full attention or Loki, on held-out text (`hf_patch.eval.perplexity`)."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ..config import DTYPES
+from ..eval.perplexity import DecodeEvaluation, Evaluation, decode_perplexity, decode_windows, perplexity
+from ..parallel import resolve_device
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="'smollm2' (default, embedded), a local dir or a hub id")
+    parser.add_argument("--basis", default=None, help="Loki basis dir; omit for full attention")
+    for flag in ("d-frac", "k-frac", "k-rule", "min-tokens", "sink-tokens", "recent-tokens", "d-policy", "gqa-select"):
+        parser.add_argument(f"--{flag}", help="a patch_loki setting (default: patch_loki's)")
+    parser.add_argument("--dense-layers", help="layers with full attention: a count from the bottom, or i,j,...")
+    parser.add_argument("--dataset", help="default: books:evaluation (mode all), books:evaluation:by-book (--prefix)")
+    parser.add_argument("--seq-len", default=1024, help="window length (mode all)")
+    parser.add_argument("--max-tokens", default=32_768)
+    parser.add_argument("--batch-size", default=1)
+    parser.add_argument("--prefix", default=None,
+                        help="decode-equivalent: prefill this many tokens densely, score the next --new-tokens as "
+                             "generated tokens (Loki decode steps), in --windows windows; without it: mode all")
+    parser.add_argument("--new-tokens", default=512)
+    parser.add_argument("--windows", default=4)
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--device", default="auto")
+
+
+def _dense_layers_flag(value: str | None) -> Any:
+    """`--dense-layers 2` (a count) or `--dense-layers 0,5` (indices); checked by `LokiSettings`."""
+    return value if value is None or "," not in value else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..loki.basis import PCABasis
+    from ..loki.patch import patch_loki
+    from ..loki.settings import LokiSettings
+    from ..models.smollm2 import load_model
+
+    # every flag and the basis are checked before the model loads
+    source = "hf-patch perplexity"
+    dataset = {"dataset": args.dataset} if args.dataset is not None else {}  # else each evaluation's default
+    data = Evaluation.from_dict(dict(seq_len=args.seq_len, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                                     **dataset), source)
+    flags = {name: getattr(args, name) for name in ("d_frac", "k_frac", "k_rule", "min_tokens", "sink_tokens",
+                                                     "recent_tokens", "d_policy", "gqa_select")}
+    flags["dense_layers"] = _dense_layers_flag(args.dense_layers)
+    decode = args.prefix is not None
+    given = {k: v for k, v in flags.items() if v is not None}
+    loki = LokiSettings.from_dict({**given, "mode": "decode" if decode else "all"}, source)
+    windows = None
+    if decode:
+        windows = DecodeEvaluation.from_dict(dict(prefix=args.prefix, new_tokens=args.new_tokens,
+                                                  windows=args.windows, **dataset), source)
+    basis = PCABasis.load(args.basis) if args.basis else None
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))
+    if windows is not None:
+        setting = ("loki", lambda m: patch_loki(m, basis, **loki.patch_args())) if basis else ("full", None)
+        tokens = decode_windows(tokenizer, windows.dataset, windows.prefix + windows.new_tokens + 1, windows.windows)
+        result = decode_perplexity(model, tokens, windows.prefix, [setting])[setting[0]]
+    else:
+        if basis is not None:
+            patch_loki(model, basis, **loki.patch_args())
+        result = perplexity(model, tokenizer, data.dataset, data.seq_len, data.max_tokens, data.batch_size)
+    settings = {**loki.patch_args(), "basis": args.basis} if basis is not None else None
+    print(json.dumps({**result, "loki": settings}, indent=2))
+    return 0
