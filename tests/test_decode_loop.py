@@ -199,6 +199,17 @@ def test_calls_the_loop_does_not_reproduce_fall_back(change):
     assert call is not None and call.max_new_tokens == 8 and call.first_kwargs["max_new_tokens"] == 1
 
 
+def test_mode_all_on_another_cache_runs_transformers_generate(loops):
+    """Mode "all" generates on any cache; the loop steps a LokiCache only."""
+    from transformers import DynamicCache
+
+    model = patched({**LOKI, "mode": "all"})
+    x, mask = batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    out = model.generate(x, **kwargs, **with_cache(DynamicCache(config=model.config)))
+    assert loops == [] and out.shape == (2, 28)
+
+
 def test_sampling_and_scores_still_run_transformers_generate(loops):
     model = patched(LOKI)
     x, mask = batch()

@@ -34,7 +34,7 @@ def _generate(model: nn.Module, *args, **kwargs):
                                     strict=decode)
     runner = cuda_graph.decode_graphs(model)
     call = None
-    if runner is not None and runner.whole_step and cache is not None and runner.serves(model.device):
+    if runner is not None and runner.whole_step and isinstance(cache, LokiCache) and runner.serves(model.device):
         call = decode_loop.greedy_call(model, args, kwargs)
         if call is not None and cache.get_seq_length() >= call.input_ids.shape[1]:
             call = None  # a cache holding more than the prompt's prefix: generate sorts the inputs out
