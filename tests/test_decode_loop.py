@@ -248,4 +248,4 @@ def test_a_cache_that_grows_mid_loop_gets_a_new_graph_and_the_same_tokens(loops)
     caches = [LokiCache(model), LokiCache(model)]
     want = reference(model, x, **kwargs, **with_cache(caches[0]))
     got = model.generate(x, **kwargs, **with_cache(caches[1]))
-    assert len(loops) == 1 and torch.equal(got, want) and caches[1].capacity() == caches[0].capacity() == 384
+    assert len(loops) == 1 and torch.equal(got, want) and caches[1].capacity() == caches[0].capacity() > 256
