@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import reprlib
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -23,6 +26,19 @@ class ConfigError(ValueError):
     """A value a user gave is wrong; the message names the field (and file) and what to give instead."""
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxlong, _REPR.maxother = 2, 60, 40, 60
+_REPR.maxtuple = _REPR.maxlist = _REPR.maxarray = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 4
+SHOWN_LENGTH = 80
+
+
+def shown(value: Any) -> str:
+    """`value` as a message shows it: its repr, abridged (nested and long values elided) to at most 80 characters,
+    so that no value a user gave, however large, makes a long message or a slow one."""
+    text = _REPR.repr(value)
+    return text if len(text) <= SHOWN_LENGTH else text[:SHOWN_LENGTH - 3] + "..."
+
+
 # ---------------------------------------------------------------- value parsers: (name, value) -> value
 
 
@@ -30,9 +46,9 @@ def as_int(name: str, value: Any, minimum: int | None = None) -> int:
     """An integer (``3``, ``3.0``, ``'3'``, ``'1e5'``), not a bool, at least `minimum`."""
     number = _number(name, value, "an integer")
     if not float(number).is_integer():
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
+        raise ConfigError(f"{name} must be an integer, got {shown(value)}")
     if minimum is not None and number < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {shown(value)}")
     return int(number)
 
 
@@ -46,9 +62,9 @@ def _number(name: str, value: Any, kind: str) -> numbers.Real:
         try:
             value = float(value) if any(c in value.lower() for c in ".en") else int(value)
         except ValueError:
-            raise ConfigError(f"{name} must be {kind}, got {value!r}") from None
+            raise ConfigError(f"{name} must be {kind}, got {shown(value)}") from None
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be {kind}, got {value!r}")
+        raise ConfigError(f"{name} must be {kind}, got {shown(value)}")
     return value
 
 
@@ -61,7 +77,7 @@ def positive(name: str, value: Any) -> float:
     """A finite number > 0."""
     number = as_float(name, value)
     if number <= 0:
-        raise ConfigError(f"{name} must be a number > 0, got {value!r}")
+        raise ConfigError(f"{name} must be a number > 0, got {shown(value)}")
     return number
 
 
@@ -69,7 +85,7 @@ def one_of(*choices: Any) -> Parse:
     """Parser for a field that takes one of `choices`."""
     def parse(name: str, value: Any) -> Any:
         if value not in choices:
-            raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+            raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}; got {shown(value)}")
         return value
     return parse
 
@@ -82,7 +98,7 @@ def text(name: str, value: Any) -> str:
     if isinstance(value, Path):
         value = str(value)
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
+        raise ConfigError(f"{name} must be a non-empty string, got {shown(value)}")
     return value
 
 
@@ -94,15 +110,28 @@ def optional(parse: Parse) -> Parse:
 def flag(name: str, value: Any) -> bool:
     """A bool (YAML true/false)."""
     if not isinstance(value, bool):
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
+        raise ConfigError(f"{name} must be true or false, got {shown(value)}")
     return value
 
 
 def directory(name: str, value: Any) -> str:
-    """A directory to write into: it may not exist yet, but must not be a file."""
+    """A directory to write into: it may not exist yet, but must not be a file, and the directory itself or, when
+    it does not exist yet, the nearest one above it that does must take a new file (tried, not inferred from its
+    permission bits: a read-only file system, or root's writes to sysfs, fail too)."""
     path = Path(text(name, value))
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{name}: {path} is a file; name a directory (new or existing) to write into")
+    existing = path.absolute()
+    while not existing.is_dir():
+        if existing.exists():  # a file above it: the directory cannot be made
+            raise ConfigError(f"{name}: {existing} is a file, so {path} cannot be made; name another directory")
+        existing = existing.parent
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{name}: cannot write into {existing} ({os.strerror(err.errno) if err.errno else err}); "
+                          f"name a directory you can write to") from None
     return str(path)
 
 
@@ -171,7 +200,8 @@ class Schema:
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source} must be a mapping of {', '.join(cls.keys())}; got {type(data).__name__}")
         if unknown := sorted(set(map(str, data)) - set(cls.keys())):
-            raise ConfigError(f"{source}: unknown keys {unknown}; allowed: {sorted(cls.keys())}")
+            raise ConfigError(f"{source}: unknown keys [{', '.join(map(shown, unknown))}]; allowed: "
+                              f"{sorted(cls.keys())}")
         missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
                    and f.name not in data]
         if missing:
@@ -191,21 +221,41 @@ class Schema:
 # ---------------------------------------------------------------- YAML
 
 
+def _plain_loader():
+    """PyYAML's safe loader without anchors and aliases (``&name``, ``*name``, ``<<: *name``): a config never needs
+    them, and nested aliases expand a few hundred bytes into billions of values."""
+    import yaml
+
+    class PlainLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise ConfigError(f"line {event.start_mark.line + 1}: YAML anchors and aliases (&{event.anchor}, "
+                                  f"*{event.anchor}) are not allowed in a config; write each value out")
+            return super().compose_node(parent, index)
+
+    return PlainLoader
+
+
 def load_config(path: str | Path, allowed: set[str] | None = None) -> dict[str, Any]:
-    """Read a YAML mapping; with `allowed`, unknown top-level keys are an error (typos fail loudly)."""
+    """Read a YAML mapping (anchors and aliases refused); with `allowed`, unknown top-level keys are an error (typos
+    fail loudly)."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_plain_loader()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a YAML mapping, got {type(data).__name__}")
     if allowed is not None and (unknown := set(data) - allowed):
-        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        raise ConfigError(f"{path}: unknown keys [{', '.join(map(shown, sorted(map(str, unknown))))}]; allowed: "
+                          f"{sorted(allowed)}")
     return data
 
 

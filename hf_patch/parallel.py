@@ -7,8 +7,11 @@ HFLM, the training script) shares one process group. Without a launcher there is
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
+
+from .config import ConfigError, shown, text
 
 
 def launched() -> bool:
@@ -83,7 +86,32 @@ def _free_port() -> int:
 
 
 def resolve_device(device: str) -> str:
-    """A device name: "auto" is "cuda" where a GPU is present, else "cpu"; anything else as given."""
-    if device == "auto":
+    """A device name: "auto" is "cuda" where a GPU is present, else "cpu"; anything else as given, once
+    `check_device` found it on this machine."""
+    if check_device("device", device) == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def check_device(name: str, value: Any) -> str:
+    """A device this machine has (the parser of the configs' `device` fields): "auto", "cpu", or an accelerator
+    such as "cuda" or "cuda:1" that torch finds here; else a ConfigError, before any model is loaded."""
+    value = text(name, value)
+    if value == "auto":
+        return value
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{name} must be 'auto', 'cpu' or an accelerator torch knows, such as 'cuda' or "
+                          f"'cuda:1'; got {shown(value)}") from None
+    if device.type in ("cpu", "meta"):
+        return value
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise ConfigError(f"{name} is {value!r} but torch finds no {device.type} device on this machine: use "
+                          "'auto' (a GPU where there is one, else the CPU) or 'cpu'")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise ConfigError(f"{name} is {value!r} but this machine has {count()} {device.type} device(s), numbered "
+                          "from 0")
+    return value

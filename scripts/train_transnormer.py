@@ -59,7 +59,7 @@ def _texts(split: str):
 
         yield from iter_texts(f"books:{split}")
     except ImportError:
-        from hf_patch.data.books import cache_root
+        from hf_patch.data.paths import cache_root
 
         path = cache_root() / "data" / "books" / f"{split}.jsonl"
         with open(path) as f:

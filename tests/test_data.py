@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from hf_patch.data import books
-from hf_patch.data.books import atomic_directory, interleave, prepare_books, read_r_lazyload, split_passages, strip_gutenberg
+from hf_patch.data.books import interleave, prepare_books, read_r_lazyload, split_passages, strip_gutenberg
+from hf_patch.data.store import MARKER, NotOurs, atomic_directory
 from hf_patch.data.text import iter_texts, load_text_dataset
 
 datasets = pytest.importorskip("datasets")
@@ -73,12 +74,18 @@ def test_atomic_directory_replaces_or_leaves_nothing(tmp_path):
             (tmp / "half.txt").write_text("partial")
             raise RuntimeError("crash")
     assert list(tmp_path.iterdir()) == []  # neither the target nor the temporary directory
-    target.mkdir()
-    (target / "old.txt").write_text("old")
     with atomic_directory(target) as tmp:
+        (tmp / "old.txt").write_text("old")
+    with atomic_directory(target) as tmp:  # ours (it carries our marker): replaced
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in target.iterdir()) == [MARKER, "new.txt"]
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("mine")
+    with pytest.raises(NotOurs, match=r"theirs holds files hf-patch did not write \(notes.txt\)"):
+        with atomic_directory(tmp_path / "theirs") as tmp:
+            pytest.fail("refused before the block")
+    assert (tmp_path / "theirs" / "notes.txt").read_text() == "mine"
 
 
 # ---------------------------------------------------------------- prepare_books offline
@@ -180,9 +187,9 @@ def test_iter_texts_errors(text_files):
         list(iter_texts(str(text_files / "nope.jsonl")))
     with pytest.raises(FileNotFoundError, match="no such file"):
         list(iter_texts("./missing_dir"))
-    with pytest.raises(KeyError, match=r"no column 'text'.*\['n', 'body'\]"):
+    with pytest.raises(ValueError, match=r"no column 'text'.*\['n', 'body'\]"):
         list(iter_texts(text_files / "rows.csv"))
-    with pytest.raises(KeyError, match=r"no column 'body'.*'text'"):
+    with pytest.raises(ValueError, match=r"no column 'body'.*'text'"):
         list(iter_texts(text_files / "rows.jsonl", text_column="body"))
     with pytest.raises(TypeError, match="holds int"):
         list(iter_texts(text_files / "rows.jsonl", text_column="n"))

@@ -408,8 +408,8 @@ def test_smollm2_quick_compare(tmp_path, monkeypatch):
                settings=[{"name": "bare", "d_frac": 0.25, "k_frac": 0.25, "sink_tokens": 0, "recent_tokens": 0,
                           "dense_layers": 0}])
     summary = {e["task"]: e["settings"] for e in compare.run_compare(cfg)["summary"]}
-    assert {p.name for p in (tmp_path / "tasks").iterdir()} == {"books_ppl.jsonl", "book_cloze.jsonl",
-                                                               "bigbench_winowhy.jsonl"}
+    assert {str(p.relative_to(tmp_path / "tasks")) for p in (tmp_path / "tasks").rglob("*.jsonl")} == {
+        "books/books_ppl.jsonl", "books/book_cloze.jsonl", "bigbench/bigbench_winowhy.jsonl"}
     ppl = summary["hfp_books_ppl"]
     assert 5 < ppl["full"]["value"] < 500
     assert ppl["bare"]["value"] > 1.01 * ppl["full"]["value"]

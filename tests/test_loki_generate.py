@@ -14,7 +14,7 @@ from transformers.utils import is_optimum_quanto_available
 from hf_patch import LokiCache, patch_loki, unpatch
 from hf_patch import generation as hf_generation
 from hf_patch.generation import CACHE_KWARG, PREALLOCATED_NEW_TOKENS
-from hf_patch.loki import attention as loki_attention
+from hf_patch.loki.arch import loki_layers
 from hf_patch.loki import generate as loki_generate
 from hf_patch.loki.cache import GROWTH
 
@@ -153,11 +153,12 @@ def test_a_static_cache_under_a_budget_is_the_default_cache(padded, kernels, mon
     """Mode "all" at (0.5, 0.5), nothing protected: every static cache kind gives what the default LokiCache gives
     (the PyTorch path; the prefill kernels under the Triton interpreter, slow, on "static" only, which the
     deprecated static kinds build too): its empty slots are never selected."""
-    monkeypatch.setattr(loki_attention, "PREFILL_KERNELS_ON_CPU", kernels)
     x, mask = prompts(padded)
     model = tiny_model("llama", seed=3)
     patch_loki(model, random_basis(seed=2), d_frac=0.5, k_frac=0.5, mode="all", sink_tokens=0, recent_tokens=0,
                dense_layers=0)
+    for layer in loki_layers(model):
+        layer.prefill_kernels_on_cpu = kernels  # the prefill kernels on CPU tensors too (Triton's interpreter)
     ref_tokens, ref_scores = greedy(model, x, mask)
     full_tokens, full_scores = greedy(tiny_model("llama", seed=3), x, mask)
     assert (ref_scores - full_scores).abs().max() > 0.1  # the budget drops keys that matter

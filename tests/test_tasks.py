@@ -20,6 +20,7 @@ pytest.importorskip("lm_eval")
 import datasets  # noqa: E402
 from datasets import ClassLabel, Features, Sequence, Value  # noqa: E402
 
+from hf_patch.data.store import MARKER  # noqa: E402
 from hf_patch.eval import prepare  # noqa: E402
 
 datasets.disable_progress_bars()
@@ -217,13 +218,16 @@ def test_prepare_unpacks_only_what_the_tasks_read_and_keeps_other_tasks(prepared
     assert "core/data/hellaswag/validation.arrow" in files and "core/data/lambada_openai/test.jsonl" in files
     assert not any("rte" in f or "validation" in f and f.startswith("mmlu/") for f in files)
     assert len([f for f in files if f.startswith("yaml/hfp_mmlu_")]) == 57 and "yaml/hfp_mmlu.yaml" in files
-    # the book tasks' atomic rewrite of the tasks dir keeps the standard tasks
+    # the book tasks' atomic rewrite of their own directory keeps the standard tasks
     prepare.write_tasks({"book_cloze": [{"context": "a", "target": " b", "source": "s"}]})
     assert (prepare.standard_dir() / "core" / "manifest.json").is_file() and prepare.is_prepared("hfp_hellaswag")
-    # the YAMLs name lm-eval's files by path: a changed lm-eval gets them rewritten
-    stamp = prepare.standard_yaml_dir() / "stamp.json"
-    stamp.write_text("{}")
-    assert prepare.write_standard_yamls() == prepare.standard_yaml_dir() and stamp.read_text() != "{}"
+    # the YAMLs name lm-eval's files by path: written for another lm-eval (their fingerprint), they are rewritten
+    marker, yaml_file = prepare.standard_yaml_dir() / MARKER, prepare.standard_yaml_dir() / "hfp_mmlu.yaml"
+    written, text = json.loads(marker.read_text()), yaml_file.read_text()
+    marker.write_text(json.dumps({**written, "fingerprint": {**written["fingerprint"], "lm_eval": "/elsewhere"}}))
+    yaml_file.write_text("stale")
+    assert prepare.write_standard_yamls() == prepare.standard_yaml_dir()
+    assert json.loads(marker.read_text()) == written and yaml_file.read_text() == text
 
 
 # ---------------------------------------------------------------- errors, before any model
@@ -297,6 +301,7 @@ def test_compare_prepares_what_its_config_needs_before_loading_a_model(cache, mo
     asked = []
     monkeypatch.setattr(prepare, "prepare_tasks", lambda groups: asked.append(groups))
     monkeypatch.setattr(compare, "ensure_bases", model_step)
+    monkeypatch.setattr(compare, "check_tasks", lambda tasks, source: None)  # nothing was prepared
     with pytest.raises(Stop):
         compare.run_compare({**config, "settings": []})
     assert asked == [groups]

@@ -6,13 +6,16 @@ Writes under the config's `output_dir`: `results.md` (task x setting, value ± s
 (`long_tasks`: `hfp_needle`, `hfp_ruler_*` or any task that reads lm-eval's `max_seq_lengths` metadata) run once
 per context length in `lengths` and are drawn in `accuracy_vs_length.png` (each task's metric against the
 length, one line per setting). Every (setting, task[, length]) result is cached in `cache/<setting>.json` as soon
-as it is done, and reused by later runs with the same model, basis, setting and example count: an interrupted
-comparison resumes where it stopped. With a `launch` key
-(`launch: {num_processes: 2}`) each setting runs data-parallel under `accelerate launch` (`hf_patch.app.launch`).
+as it is done, and reused only by later runs with the same fingerprint (`results_key`: model files, dtype, lm-eval
+version, evaluation settings, Loki arguments, the basis's own fingerprint; per run the example count and the
+prepared data's fingerprint): an interrupted comparison resumes where it stopped, a changed one recomputes. With a
+`launch` key (`launch: {num_processes: 2}`) each setting runs data-parallel under `accelerate launch`
+(`hf_patch.app.launch`).
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import re
 import textwrap
@@ -21,15 +24,18 @@ from pathlib import Path
 from typing import Any
 
 from ..config import (DTYPES, ConfigError, Schema, directory, given, integer, list_of, load_config, mapping_of,
-                      one_of, optional, override, setting, text)
+                      one_of, optional, override, setting, shown, text)
+from ..data.store import digest, write_json, write_text
 from ..loki.attention import MODES
 from ..loki.calibrate import Calibration
 from ..loki.settings import SweepSetting
+from ..parallel import check_device
+from .experiment import FULL, check_names, setting_name
 from .launch import Launch
-from .task_runner import long_metric, read_cache, run_tasks, runs, write_json
+from .task_runner import long_metric, read_cache, run_fingerprint, run_tasks, runs
 
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte")
-FULL = "full"
+RESULTS_FORMAT = 1  # of the per-setting cache files; a change recomputes them
 
 
 def _batch_size(name: str, value: Any) -> int | str:
@@ -58,7 +64,7 @@ class CompareConfig(Schema):
     lengths: list[int] = setting(parse=list_of(integer(64)), factory=lambda: [4096])
     model: str = setting("smollm2", text)
     dtype: str = setting("float32", one_of(*DTYPES))
-    device: str = setting("auto", text)
+    device: str = setting("auto", check_device)
     batch_size: int | str = setting(8, _batch_size)
     output_dir: str = setting("outputs/eval", directory)
     metrics: dict[str, str] = setting(parse=mapping_of(text), factory=dict)
@@ -78,6 +84,7 @@ class CompareConfig(Schema):
                               "all), or long_tasks with lengths")
         if self.long_tasks and not self.lengths:
             raise ConfigError("long_tasks need lengths: a list of context lengths in tokens, e.g. [4096, 8192]")
+        check_names(self.settings, [setting_label(s) for s in self.settings], lambda label: _slug(label).casefold())
 
 
 # ---------------------------------------------------------------- settings and caching
@@ -85,8 +92,6 @@ class CompareConfig(Schema):
 
 def setting_label(setting: dict[str, Any] | None) -> str:
     """'full' or e.g. 'loki d=0.25 k=0.25' (the names of `hf-patch main`), plus the mode if the setting sets one."""
-    from .experiment import setting_name
-
     if setting is None:
         return FULL
     return setting_name(setting) + (f" {setting['mode']}-mode" if "mode" in setting else "")
@@ -122,21 +127,27 @@ def metric_value(results: dict[str, Any], metric: str) -> tuple[float, float | N
 
 
 def ensure_bases(cfg: dict[str, Any], settings: list[dict[str, Any]]) -> dict[str, Path]:
-    """{rotary: basis dir} for the rotary variants the settings use; missing bases are calibrated and saved."""
+    """{rotary: basis dir} for the rotary variants the settings use. A basis is reused only when calibrated from
+    the config's model, dtype and `calibration` (its fingerprint); compare's own (`output_dir/basis-<rotary>`)
+    is calibrated when missing or calibrated from other inputs, one the config names (`basis`) is refused then."""
+    from .calibrate import basis_fingerprint, calibrate_to, stored_basis
+
     rotaries = sorted({s.get("rotary", "pre") for s in settings})
     out = Path(cfg["output_dir"])
     paths = {r: Path(cfg["basis"].get(r, out / f"basis-{r}")) for r in rotaries}
-    from ..loki.basis import CONFIG_NAME
-
-    missing = [r for r in rotaries if not (paths[r] / CONFIG_NAME).is_file()]
+    cals = {r: Calibration(**{**cfg["calibration"], "rotary": r}) for r in rotaries}
+    fixes = {r: f"leave basis.{r} out of the config to calibrate one under output_dir, or recalibrate it with the "
+                f"config's model and calibration settings (`hf-patch calibrate --force --output {paths[r]}`)"
+             for r in rotaries}
+    missing = [r for r in rotaries if stored_basis(paths[r], basis_fingerprint(cfg["model"], cfg["dtype"], cals[r]),
+                                                   r not in cfg["basis"], fixes[r]) is None]
     if missing:
         from ..models.smollm2 import load_model
         from ..parallel import resolve_device
-        from .calibrate import calibrate_to
 
         model, tokenizer = load_model(cfg["model"], dtype=cfg["dtype"], device=resolve_device(cfg["device"]))
         for r in missing:
-            calibrate_to(model, tokenizer, Calibration(**{**cfg["calibration"], "rotary": r}), paths[r], cfg["model"])
+            calibrate_to(model, tokenizer, cals[r], paths[r], cfg["model"], force=True, dtype=cfg["dtype"])
         del model
     return paths
 
@@ -145,7 +156,21 @@ def _basis_key(path: Path) -> dict[str, Any]:
     from ..loki.basis import PCABasis
 
     meta = PCABasis.load(path).metadata
-    return {"path": str(path), **{k: meta.get(k) for k in ("model_id", "rotary", "tokens", "dataset", "seq_len")}}
+    return {"path": str(path), "fingerprint": digest(meta.get("fingerprint")), "tokens": meta.get("tokens")}
+
+
+def results_key(cfg: dict[str, Any], loki: dict[str, Any] | None, basis: Path | None) -> dict[str, Any]:
+    """Everything one setting's results are computed from, apart from each run's own (`run_fingerprint`): the
+    model (`model_identity`), the evaluation settings, lm-eval's version, the Loki arguments and the basis (by its
+    fingerprint). A cache file with another key is recomputed."""
+    from importlib.metadata import version
+
+    from ..models.smollm2 import model_identity
+
+    return {"format": RESULTS_FORMAT, "model": model_identity(cfg["model"], cfg["dtype"]),
+            "lm_eval": version("lm_eval"),
+            "num_fewshot": cfg["num_fewshot"], "seed": cfg["seed"], "bootstrap_iters": cfg["bootstrap_iters"],
+            "loki": loki, "basis": None if basis is None else _basis_key(basis)}
 
 
 def applied_setting(cfg: dict[str, Any], setting: dict[str, Any]) -> SweepSetting:
@@ -159,11 +184,10 @@ def evaluate_setting(cfg: dict[str, Any], setting: dict[str, Any] | None, basis:
     label = setting_label(setting)
     applied = None if setting is None else applied_setting(cfg, setting)
     loki = None if applied is None else {**applied.patch_args(), "rotary": applied.rotary, "basis": str(basis)}
-    key = {"model": str(cfg["model"]), "dtype": cfg["dtype"], "num_fewshot": cfg["num_fewshot"],
-           "seed": cfg["seed"], "loki": loki, "basis": None if basis is None else _basis_key(basis)}
+    key = results_key(cfg, loki, basis)
     path = Path(cfg["output_dir"]) / "cache" / f"{_slug(label)}.json"
     cache = read_cache(path, key)
-    todo = [r.key for r in runs(cfg) if r.key not in cache["tasks"] or cache["tasks"][r.key]["limit"] != r.limit]
+    todo = [r.key for r in runs(cfg) if cache["tasks"].get(r.key, {}).get("run") != run_fingerprint(r)]
     if not todo:
         print(f"{label}: all {len(runs(cfg))} runs cached in {path}")
     elif cfg["launch"]:
@@ -185,12 +209,26 @@ def _needs_prepared_tasks(tasks: list[str]) -> None:
     ensure_prepared(tasks)
 
 
+def check_tasks(tasks: list[str], source: str) -> None:
+    """Fail before any model loads for a task that lm-eval's task index (with ours, prepared) lacks, naming the
+    closest one there is."""
+    from .task_runner import task_manager
+
+    known = task_manager(all(t.startswith("hfp_") for t in tasks)).all_tasks
+    for task in tasks:
+        if task not in known:
+            close = difflib.get_close_matches(task, known, n=1)
+            raise ConfigError(f"{source}: unknown task {shown(task)}" + (f"; did you mean {close[0]!r}?" if close
+                              else "") + " (`hf-patch eval ls tasks` lists the tasks there are)")
+
+
 def run_compare(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """Check `config` (a `CompareConfig` mapping; `source` names it in errors), run every setting (full first)
     and write the table, JSON and plot; return the JSON payload."""
     cfg = CompareConfig.from_dict(config, source).as_dict()
     settings = cfg["settings"]
     _needs_prepared_tasks([*cfg["tasks"], *cfg["long_tasks"]])
+    check_tasks([*cfg["tasks"], *cfg["long_tasks"]], source)
     bases = ensure_bases(cfg, settings)
     rows = [{"setting": FULL, "params": None, "tasks": evaluate_setting(cfg, None, None)}]
     for s in settings:
@@ -278,11 +316,12 @@ def plot(summary: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) 
         scale = 1 if e["metric"].endswith(LOWER_IS_BETTER) else 100
         ax.axhline(scale * e["settings"][FULL]["value"], color="black", linestyle="--", label="full")
         lines: dict[str, list[tuple[float, float]]] = {}
+        modes = {row["params"]["mode"] for row in rows[1:]}
         for row in rows[1:]:
             p = row["params"]
             name = f"d_f={p['d_frac']:g}" + "".join(
                 f" {p[k]}" for k, default in (("rotary", "pre"), ("d_policy", "uniform"), ("gqa_select", "query"))
-                if p.get(k, default) != default)
+                if p.get(k, default) != default) + (f" {p['mode']}-mode" if len(modes) > 1 else "")
             lines.setdefault(name, []).append((p["k_frac"], scale * e["settings"][row["setting"]]["value"]))
         for name, points in sorted(lines.items()):
             xs, ys = zip(*sorted(points))
@@ -332,9 +371,9 @@ def write_outputs(cfg: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, 
     md = table(summary, labels)
     payload = {"config": cfg, "summary": summary, "results": rows}
     write_json(out / "results.json", payload)
-    (out / "results.md").write_text(
+    write_text(out / "results.md", (
         f"lm-eval, model {cfg['model']} ({cfg['dtype']}), Loki mode {cfg['mode']}, {cfg['num_fewshot']}-shot; "
-        "accuracies in %, Δ in points (perplexity: Δ in %); task@N: at a context of N tokens\n\n" + md + "\n")
+        "accuracies in %, Δ in points (perplexity: Δ in %); task@N: at a context of N tokens\n\n" + md + "\n"))
     written = [out / "results.md", out / "results.json"]
     if short := [e for e in summary if e["length"] is None]:
         plot(short, rows, out / "accuracy_vs_k.png")

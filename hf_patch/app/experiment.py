@@ -11,19 +11,21 @@ under the config's `output_dir`, plus one basis directory per rotary variant (re
 from __future__ import annotations
 
 import argparse
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import (DTYPES, Schema, directory, given, integer, list_of, load_config, one_of, optional, override,
-                      setting, text)
+from ..config import (DTYPES, ConfigError, Schema, directory, given, integer, list_of, load_config, one_of, optional,
+                      override, setting, shown, text)
+from ..data.store import write_json, write_text
+from ..loki.arch import check_positions, check_weights
 from ..loki.budget import read_cost
 from ..loki.calibrate import Calibration
 from ..loki.patch import loki_settings, patch_loki, unpatch
 from ..eval.perplexity import DecodeEvaluation, Evaluation, decode_perplexity, decode_windows, perplexity
 from ..loki.settings import LokiSettings, SweepSetting
-from ..parallel import resolve_device
+from ..parallel import check_device, resolve_device
 from .calibrate import calibrate_to, describe
 from .plots import plot_explained_variance, plot_perplexity
 
@@ -44,12 +46,39 @@ class ExperimentConfig(Schema):
 
     model: str | None = setting(None, optional(text))
     dtype: str = setting("float32", one_of(*DTYPES))
-    device: str = setting("auto", text)
+    device: str = setting("auto", check_device)
     threads: int | None = setting(None, optional(integer(1)))
     output_dir: str = setting("outputs/main", directory)
     calibration: dict[str, Any] = setting(parse=given(Calibration), factory=dict)
     evaluation: dict[str, Any] = setting(parse=given(Evaluations), factory=lambda: {"all": {}})
     settings: list[dict[str, Any]] = setting(parse=list_of(given(SweepSetting)), factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_names(self.settings, [setting_name(s) for s in self.settings])
+
+
+FULL = "full"  # the row (column) of full attention
+NAME_LENGTH = 120  # characters of a setting's name: it labels a table row or column, and names a cache file
+
+
+def check_names(settings: list[dict[str, Any]], names: list[str], key: Callable[[str], str] = str.casefold) -> None:
+    """Refuse settings whose `names` (what their rows, columns and caches are keyed by: the `name` given or the
+    one derived) would be confused: two with one name (equal under `key`), a `name` that is "full" (full
+    attention's), a name longer than `NAME_LENGTH` or with no letter or digit. The message names both settings."""
+    seen: dict[str, int] = {}
+    for i, (s, name) in enumerate(zip(settings, names)):
+        if str(s.get("name") or "").casefold() == FULL or key(name) == key(FULL):
+            raise ConfigError(f"settings[{i}] is named {shown(s.get('name') or name)}, the name of the full-attention "
+                              "row: give it another name")
+        if len(name) > NAME_LENGTH or not any(c.isalnum() for c in name):
+            raise ConfigError(f"settings[{i}]: its name {shown(name)} ({len(name)} characters) must be at most "
+                              f"{NAME_LENGTH} characters with a letter or digit (it labels the results and names a "
+                              "cache file): give it a short `name`")
+        if (j := seen.setdefault(key(name), i)) != i:
+            named = (f"both named {shown(name)}" if names[j] == name else
+                     f"named {shown(names[j])} and {shown(name)}, which share a cache file")
+            raise ConfigError(f"settings[{j}] and settings[{i}] are {named}: give each setting a distinct `name`")
 
 
 def setting_name(s: dict[str, Any]) -> str:
@@ -72,6 +101,9 @@ def run_experiment(config: dict[str, Any], source: str = "config") -> list[dict[
 
     from ..models.smollm2 import load_model
 
+    if not config:
+        raise ConfigError(f"{source} is empty: give at least the Loki settings to compare with full attention "
+                          "(`settings`, a list), as configs/loki/smollm2.yaml does")
     cfg = ExperimentConfig.from_dict(config, source).as_dict()
     out = Path(cfg["output_dir"])
     evaluations = {k: v for k, v in cfg["evaluation"].items() if v is not None}
@@ -79,10 +111,12 @@ def run_experiment(config: dict[str, Any], source: str = "config") -> list[dict[
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     model, tokenizer = load_model(cfg["model"], dtype=cfg["dtype"], device=resolve_device(cfg["device"]))
+    check_model(model, cfg, evaluations)
     bases = {}
     for rotary in sorted({s.get("rotary", "pre") for s in settings}):
         calibration = Calibration(**{**cfg["calibration"], "rotary": rotary})
-        bases[rotary] = calibrate_to(model, tokenizer, calibration, out / f"basis-{rotary}", cfg["model"])
+        bases[rotary] = calibrate_to(model, tokenizer, calibration, out / f"basis-{rotary}", cfg["model"],
+                                     dtype=cfg["dtype"], owned=True)
         print(describe(bases[rotary]))
     if bases:
         plot_explained_variance({f"{r}-RoPE": b for r, b in bases.items()}, out / "explained_variance.png")
@@ -91,7 +125,7 @@ def run_experiment(config: dict[str, Any], source: str = "config") -> list[dict[
         args = {**SweepSetting(**s).patch_args(), "mode": mode}
         return lambda m: patch_loki(m, bases[s.get("rotary", "pre")], **args)
 
-    rows = [{"setting": "full", "cost": 1.0}]
+    rows = [{"setting": FULL, "cost": 1.0}]
     for s in settings:  # record each setting as patch_loki resolves it (defaults included) and what it reads
         patcher(s, "all")(model)
         applied = loki_settings(model)
@@ -103,11 +137,12 @@ def run_experiment(config: dict[str, Any], source: str = "config") -> list[dict[
 
     if "decode" in evaluations:
         e = DecodeEvaluation(**evaluations["decode"])
-        named = [("full", None)] + [(r["setting"], patcher(s, "decode")) for r, s in zip(rows[1:], settings)]
+        named = [(FULL, None)] + [(r["setting"], patcher(s, "decode")) for r, s in zip(rows[1:], settings)]
         prefixes = e.prefix if isinstance(e.prefix, list) else [e.prefix]
         for prefix in prefixes:
             key = "decode" if len(prefixes) == 1 else f"decode@{prefix}"
-            windows = decode_windows(tokenizer, e.dataset, prefix + e.new_tokens + 1, e.windows, e.skip_windows)
+            windows = decode_windows(tokenizer, e.dataset, prefix + e.new_tokens + 1, e.windows, e.skip_windows,
+                                     e.text_column)
             results = decode_perplexity(model, windows, prefix, named)
             for row in rows:
                 row[key] = results[row["setting"]]
@@ -118,12 +153,27 @@ def run_experiment(config: dict[str, Any], source: str = "config") -> list[dict[
             if s is not None:
                 patcher(s, "all")(model)
             row["all"] = perplexity(model, tokenizer, e.dataset, e.seq_len, e.max_tokens, e.batch_size,
-                                    desc=row["setting"])
+                                    desc=row["setting"], text_column=e.text_column)
             if s is not None:
                 unpatch(model)
             print(f"{row['setting']}: mode-all ppl {row['all']['ppl']:.3f}")
     write_results(rows, cfg, out)
     return rows
+
+
+def check_model(model, cfg: dict[str, Any], evaluations: dict[str, Any]) -> None:
+    """Before any calibration or evaluation: the model's weights are finite, and every window the config reads fits
+    in its positions."""
+    lengths = {"calibration: seq_len": Calibration(**cfg["calibration"]).seq_len} if cfg["settings"] else {}
+    if "decode" in evaluations:
+        e = DecodeEvaluation(**evaluations["decode"])
+        for prefix in e.prefix if isinstance(e.prefix, list) else [e.prefix]:
+            lengths[f"evaluation: decode: prefix + new_tokens ({prefix} + {e.new_tokens})"] = prefix + e.new_tokens
+    if "all" in evaluations:
+        lengths["evaluation: all: seq_len"] = Evaluation(**evaluations["all"]).seq_len
+    for what, length in lengths.items():
+        check_positions(model, length, what)
+    check_weights(model)
 
 
 def column_title(key: str) -> str:
@@ -149,10 +199,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def write_results(rows: list[dict[str, Any]], cfg: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"config": cfg, "results": rows}, indent=2, default=str) + "\n")
+    write_json(out / "results.json", {"config": cfg, "results": rows})
     what = [f"{column_title(e)}: {rows[0][e]['tokens']} scored tokens" for e in evaluation_keys(rows[0])]
-    (out / "results.md").write_text("Perplexity on held-out text; " + "; ".join(what) + "\n\n" + table(rows) + "\n")
+    write_text(out / "results.md", "Perplexity on held-out text; " + "; ".join(what) + "\n\n" + table(rows) + "\n")
     plot_perplexity(rows, {e: column_title(e) for e in evaluation_keys(rows[0])}, out / "perplexity.png")
     print(f"\n{table(rows)}\n\nwrote {out / 'results.json'}, {out / 'results.md'}, {out / 'perplexity.png'}")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, Schema, integer, optional, setting, text
+from ..data.store import write_json
 
 
 def _existing_file(name: str, value: Any) -> str:
@@ -44,8 +45,7 @@ def run_launched(launch: dict[str, Any], job: dict[str, Any]) -> None:
 
     settings = Launch.from_dict(launch, "launch")
     path = Path(job["path"]).with_suffix(".job.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(job, indent=1, default=str))
+    write_json(path, job, indent=1)
     cmd = [*launch_command(settings.num_processes, settings.config_file), "-m", __name__, str(path)]
     print(f"{job['label']}: {' '.join(cmd)}", flush=True)
     if subprocess.run(cmd, check=False).returncode != 0:

@@ -17,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{flag}", help="a patch_loki setting (default: patch_loki's)")
     parser.add_argument("--dense-layers", help="layers with full attention: a count from the bottom, or i,j,...")
     parser.add_argument("--dataset", help="default: books:evaluation (mode all), books:evaluation:by-book (--prefix)")
+    parser.add_argument("--text-column", help="the dataset's column holding the text (default: text)")
     parser.add_argument("--seq-len", default=1024, help="window length (mode all)")
     parser.add_argument("--max-tokens", default=32_768)
     parser.add_argument("--batch-size", default=1)
@@ -42,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
     # every flag and the basis are checked before the model loads
     source = "hf-patch perplexity"
-    dataset = {"dataset": args.dataset} if args.dataset is not None else {}  # else each evaluation's default
+    dataset = {k: v for k, v in (("dataset", args.dataset), ("text_column", args.text_column))
+               if v is not None}  # else each evaluation's default
     data = Evaluation.from_dict(dict(seq_len=args.seq_len, max_tokens=args.max_tokens, batch_size=args.batch_size,
                                      **dataset), source)
     flags = {name: getattr(args, name) for name in ("d_frac", "k_frac", "k_rule", "min_tokens", "sink_tokens",
@@ -55,16 +57,19 @@ def run(args: argparse.Namespace) -> int:
     if decode:
         windows = DecodeEvaluation.from_dict(dict(prefix=args.prefix, new_tokens=args.new_tokens,
                                                   windows=args.windows, **dataset), source)
+    device = resolve_device(args.device)
     basis = PCABasis.load(args.basis) if args.basis else None
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     if windows is not None:
         setting = ("loki", lambda m: patch_loki(m, basis, **loki.patch_args())) if basis else ("full", None)
-        tokens = decode_windows(tokenizer, windows.dataset, windows.prefix + windows.new_tokens + 1, windows.windows)
+        tokens = decode_windows(tokenizer, windows.dataset, windows.prefix + windows.new_tokens + 1, windows.windows,
+                                text_column=windows.text_column)
         result = decode_perplexity(model, tokens, windows.prefix, [setting])[setting[0]]
     else:
         if basis is not None:
             patch_loki(model, basis, **loki.patch_args())
-        result = perplexity(model, tokenizer, data.dataset, data.seq_len, data.max_tokens, data.batch_size)
+        result = perplexity(model, tokenizer, data.dataset, data.seq_len, data.max_tokens, data.batch_size,
+                            text_column=data.text_column)
     settings = {**loki.patch_args(), "basis": args.basis} if basis is not None else None
     print(json.dumps({**result, "loki": settings}, indent=2))
     return 0

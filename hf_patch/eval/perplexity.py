@@ -12,21 +12,29 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..config import ConfigError, Schema, integer, list_of, optional, setting
+from ..config import ConfigError, Schema, integer, list_of, optional, setting, text
 from ..data.packing import batched, token_windows
 from ..generation import CACHE_KWARG
+from ..loki.arch import check_positions, check_weights
 from ..loki.calibrate import check_dataset
 
 
 @dataclass
 class Evaluation(Schema):
-    """The held-out text perplexity is measured on: up to `max_tokens` tokens of `dataset` (None: all of it) in
-    `seq_len` windows, `batch_size` windows per forward."""
+    """The held-out text perplexity is measured on: up to `max_tokens` tokens of `dataset` (None: all of it; its
+    column `text_column`, for tables) in `seq_len` windows, `batch_size` windows per forward."""
 
     dataset: Any = setting("books:evaluation", check_dataset)
     seq_len: int = setting(1024, integer(2))
     max_tokens: int | None = setting(32_768, optional(integer(1)))
     batch_size: int = setting(1, integer(1))
+    text_column: str = setting("text", text)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_tokens is not None and self.max_tokens < self.seq_len:
+            raise ConfigError(f"max_tokens ({self.max_tokens}) must be at least seq_len ({self.seq_len}): no window "
+                              "would be scored")
 
 
 def one_or_list(parse: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
@@ -44,13 +52,14 @@ def one_or_list(parse: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
 class DecodeEvaluation(Schema):
     """Decode-equivalent perplexity: `windows` windows of `dataset` (after `skip_windows`), each `prefix` tokens
     prefilled densely and the next `new_tokens` scored as generated tokens. `prefix` may list several lengths
-    (long-context reading: one measurement per length)."""
+    (long-context reading: one measurement per length). `text_column`: the dataset's column holding the text."""
 
     dataset: Any = setting("books:evaluation:by-book", check_dataset)
     prefix: int | list[int] = setting(3072, one_or_list(integer(1)))
     new_tokens: int = setting(512, integer(1))
     windows: int = setting(2, integer(1))
     skip_windows: int = setting(0, integer(0))
+    text_column: str = setting("text", text)
 
 
 @torch.inference_mode()
@@ -63,13 +72,17 @@ def perplexity(
     batch_size: int = 1,
     progress: bool = True,
     desc: str = "perplexity",
+    text_column: str = "text",
 ) -> dict[str, float]:
-    """Mean next-token NLL and perplexity over `seq_len` windows of `dataset` (texts packed with EOS)."""
+    """Mean next-token NLL and perplexity over `seq_len` windows of `dataset` (texts packed with EOS; a table's
+    column `text_column`)."""
     from tqdm.auto import tqdm
 
     from ..loki.calibrate import _texts
 
-    texts, _ = _texts(dataset)
+    check_positions(model, seq_len, "seq_len")
+    check_weights(model)
+    texts, _ = _texts(dataset, text_column)
     device = next(model.parameters()).device
     model.eval()
     nll, count, start = 0.0, 0, time.perf_counter()
@@ -91,11 +104,13 @@ def perplexity(
     }
 
 
-def decode_windows(tokenizer, dataset: Any, length: int, windows: int, skip_windows: int = 0) -> list[torch.Tensor]:
-    """`windows` int64 [length] token windows of `dataset`, after skipping the first `skip_windows`."""
+def decode_windows(tokenizer, dataset: Any, length: int, windows: int, skip_windows: int = 0,
+                   text_column: str = "text") -> list[torch.Tensor]:
+    """`windows` int64 [length] token windows of `dataset` (a table's column `text_column`), after skipping the
+    first `skip_windows`."""
     from ..loki.calibrate import _texts
 
-    texts, _ = _texts(dataset)
+    texts, _ = _texts(dataset, text_column)
     found = list(itertools.islice(token_windows(texts, tokenizer, length), skip_windows, skip_windows + windows))
     if len(found) < windows:
         raise ValueError(f"the text holds {len(found)} windows of {length} tokens after skipping {skip_windows}, "
@@ -124,13 +139,16 @@ def decode_perplexity(
 
     if is_patched(model):
         raise ValueError("decode_perplexity patches the model itself: pass an unpatched model")
+    for window in windows:
+        if not 0 < prefix < len(window) - 1:
+            raise ValueError(f"prefix={prefix} must leave at least one scored token in windows of {len(window)}")
+    check_positions(model, max(map(len, windows), default=1) - 1, "prefix + new_tokens")
+    check_weights(model)
     device = next(model.parameters()).device
     model.eval()
     sums = {name: [0.0, 0, 0.0] for name, _ in settings}
     for window in tqdm(windows, desc=f"decode perplexity (prefix {prefix})", disable=not progress):
         ids = window.to(device)[None]
-        if not 0 < prefix < ids.shape[1] - 1:
-            raise ValueError(f"prefix={prefix} must leave at least one scored token in windows of {ids.shape[1]}")
         cache = DynamicCache()
         model(input_ids=ids[:, :prefix], **{CACHE_KWARG: cache}, use_cache=True)
         for name, patch in settings:

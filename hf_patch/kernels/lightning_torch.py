@@ -244,6 +244,9 @@ def lightning_attn_step(
     q, k: ``[B, H, D]``; v: ``[B, H, E]``; decay: ``[H]``; state: ``[B, H, D, E]`` (float32, or float64).
     Returns ``o [B, H, E]`` in ``q.dtype`` and the new state in the state's dtype.
     """
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        raise TypeError(f"lightning_attn_step expects tensors q, k, v; got "
+                        f"{', '.join(type(t).__name__ for t in (q, k, v))}")
     if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
         raise ValueError(
             f"lightning_attn_step expects q, k: [B, H, D] and v: [B, H, E]; got q {tuple(q.shape)}, "
@@ -251,9 +254,13 @@ def lightning_attn_step(
         )
     check_float_qkv(q, k, v)
     batch, heads, dim_k = q.shape
-    if state.shape != (batch, heads, dim_k, v.shape[-1]) or state.dtype not in (torch.float32, torch.float64):
+    want = [batch, heads, dim_k, v.shape[-1]]
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"state must be a float32 (or float64) tensor [B, H, D, E] = {want}, got "
+                        f"{type(state).__name__}: the first step starts from torch.zeros({', '.join(map(str, want))})")
+    if state.shape != tuple(want) or state.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"state must be a float32 (or float64) tensor [B, H, D, E] = "
-                         f"{[batch, heads, dim_k, v.shape[-1]]}; got {state.dtype} {list(state.shape)}")
+                         f"{want}; got {state.dtype} {list(state.shape)}")
     check_decay(decay, heads)
     ctype = state.dtype
     new_state = decay.to(ctype)[None, :, None, None] * state + k.to(ctype)[..., :, None] * v.to(ctype)[..., None, :]

@@ -1,6 +1,7 @@
 """Which models Loki can patch, and where their attention layers are."""
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -34,6 +35,23 @@ def key_shape(model: nn.Module) -> tuple[int, int, int]:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return len(attention_layers(model)), getattr(config, "num_key_value_heads", None) or heads, head_dim
+
+
+def check_positions(model: nn.Module, length: int, what: str) -> None:
+    """Refuse forwards of `length` tokens beyond the positions the model was trained on (its config's
+    `max_position_embeddings`, where it has one): what it computes there says little, and a long run is wasted."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and length > limit:
+        raise ValueError(f"{what} is {length} tokens, past the model's {limit} positions (max_position_embeddings): "
+                         f"use at most {limit}")
+
+
+def check_weights(model: nn.Module) -> None:
+    """Refuse a model with a NaN or infinite weight, naming the first such tensor (one pass over the weights)."""
+    for name, weight in model.named_parameters():
+        if weight.is_floating_point() and weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
+            raise ValueError(f"the model's weight {name} holds NaN or infinite values: its checkpoint is damaged or "
+                             "was loaded in a dtype too narrow for it; reload or re-convert it")
 
 
 PREVIOUS_ATTN = "_hf_patch_previous_attn_implementation"  # set on a patched model: the attention it had before

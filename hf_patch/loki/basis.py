@@ -48,6 +48,7 @@ class PCABasis:
         for name in ("components", "eigenvalues", "mean"):
             _check_values(name, getattr(self, name))
         _check_orthonormal(self.components)
+        _check_variances(self.eigenvalues)
 
     @property
     def num_layers(self) -> int:
@@ -77,17 +78,19 @@ class PCABasis:
         return (self.explained_variance() < threshold - 1e-6).sum(-1) + 1
 
     def save(self, path: str | Path) -> Path:
-        """Write ``path/`` with the tensors (safetensors) and the metadata (JSON)."""
+        """Write ``path/`` with the tensors (safetensors) and the metadata (JSON), atomically: both are written into
+        a directory beside ``path`` that is then renamed into place, so an interruption leaves the old basis or the
+        new one, never the new weights with the old JSON. Other files in ``path`` are kept."""
         from safetensors.torch import save_file
 
+        from ..data.store import atomic_directory
+
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         tensors = {
             "components": self.components.float().contiguous(),
             "eigenvalues": self.eigenvalues.double().contiguous(),
             "mean": self.mean.float().contiguous(),
         }
-        save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "hf_patch.loki"})
         meta = {
             "format_version": FORMAT_VERSION,
             "num_layers": self.num_layers,
@@ -96,7 +99,9 @@ class PCABasis:
             "rank_at_90": self.rank_at(0.9).tolist(),
             **self.metadata,
         }
-        (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        with atomic_directory(path, self.metadata.get("fingerprint"), exclusive=False) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "hf_patch.loki"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         return path
 
     @classmethod
@@ -140,6 +145,21 @@ def _check_values(name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got {kind}")
     if not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{name} holds NaN or infinite values")
+
+
+def _check_variances(eigenvalues: torch.Tensor, rtol: float = 1e-6) -> None:
+    """Eigenvalues are key variances: none below zero (beyond rounding: -rtol times the head's largest), and not
+    all zero in any (layer, KV head), whose explained variance would be undefined."""
+    ev = eigenvalues.double()
+    top = ev.abs().amax(-1)
+    if bool((negative := ev < -rtol * top[..., None]).any()):
+        layer, head, j = (int(i) for i in torch.nonzero(negative)[0])
+        raise ValueError(f"eigenvalues must be >= 0 (key variances), but layer {layer}, KV head {head} has "
+                         f"{float(ev[layer, head, j]):.3g} at component {j}")
+    if bool((top == 0).any()):
+        layer, head = (int(i) for i in torch.nonzero(top == 0)[0])
+        raise ValueError(f"eigenvalues of layer {layer}, KV head {head} are all zero: its keys never varied in "
+                         "calibration; calibrate on more (and varied) text")
 
 
 def _check_orthonormal(components: torch.Tensor, atol: float = 1e-3) -> None:

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..config import ConfigError, Schema, integer, one_of, setting
+from ..config import ConfigError, Schema, integer, one_of, setting, shown, text
+from ..data.text import check_source
 from ..data.packing import batched, token_windows
 from ..parallel import process_split, sum_over_processes
-from .arch import attention_layers, is_patched, key_shape
+from .arch import attention_layers, check_positions, check_weights, is_patched, key_shape
 from .basis import PCABasis
 
 ROTARY = ("pre", "post")
@@ -24,18 +25,24 @@ _COLLECT_NAME = "hf_patch_collect_keys"
 
 
 def check_dataset(name: str, value: Any) -> Any:
-    """A dataset name or path, a `datasets` object or an iterable of strings (checked as it is read)."""
+    """A dataset name or path (its kind checked now: a built-in name, an existing file or directory, or a hub id),
+    a `datasets` object or an iterable of strings (checked as it is read)."""
     if value is None or isinstance(value, (bool, int, float)) or not isinstance(value, (Iterable, os.PathLike)):
         raise ConfigError(f"{name} must be a dataset name, a file or directory, or an iterable of strings; "
-                          f"got {value!r}")
+                          f"got {shown(value)}")
+    if isinstance(value, (str, os.PathLike)):
+        try:
+            check_source(str(value))
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"{name}: {err}") from None
     return value
 
 
 @dataclass
 class Calibration(Schema):
-    """What `calibrate_pca` reads: `num_tokens` tokens of `dataset` in `seq_len` windows, `batch_size` windows
-    per forward. A dataset that runs out first gives a warning, or a ConfigError when fewer than `min_tokens`
-    were read."""
+    """What `calibrate_pca` reads: `num_tokens` tokens of `dataset` (its column `text_column`, for tables) in
+    `seq_len` windows, `batch_size` windows per forward. A dataset that runs out first gives a warning, or a
+    ConfigError when fewer than `min_tokens` were read."""
 
     dataset: Any = setting("books:calibration", check_dataset)
     num_tokens: int = setting(262_144, integer(1))
@@ -43,6 +50,7 @@ class Calibration(Schema):
     batch_size: int = setting(4, integer(1))
     rotary: str = setting("pre", one_of(*ROTARY))
     min_tokens: int = setting(0, integer(0))
+    text_column: str = setting("text", text)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -147,10 +155,11 @@ def calibrate_pca(
     progress: bool = True,
     model_id: str | None = None,
     min_tokens: int = 0,
+    text_column: str = "text",
 ) -> PCABasis:
     """Calibrate a Loki basis: stream `dataset` through `model` and PCA its keys per layer and KV head.
 
-    dataset: an iterable of strings, a `datasets` Dataset/IterableDataset with a "text" column, a hub name
+    dataset: an iterable of strings, a `datasets` Dataset/IterableDataset with a `text_column` column, a hub name
     ("wikitext:wikitext-2-raw-v1"), local text/json/parquet files, or "books:calibration". Texts are packed
     into `seq_len` windows (EOS between texts) until `num_tokens`; a dataset that runs out first gives a warning
     with the count used, or an error when fewer than `min_tokens` were read. rotary: "pre" collects keys before
@@ -161,13 +170,15 @@ def calibrate_pca(
     on its own device) the windows are dealt out in turn to the processes and the float64 sums are all-reduced at
     the end: every process returns the basis one process would compute (within float64 rounding).
     """
-    cal = Calibration(dataset, num_tokens, seq_len, batch_size, rotary, min_tokens)
+    cal = Calibration(dataset, num_tokens, seq_len, batch_size, rotary, min_tokens, text_column)
     if is_patched(model):
         raise ValueError("calibrate the original model: call hf_patch.unpatch(model) first")
+    check_positions(model, cal.seq_len, "seq_len")
+    check_weights(model)
     layers, heads, dim = key_shape(model)
     device = next(model.parameters()).device
     stats = KeyCovariance(layers, heads, dim, device=device)
-    texts, source = _texts(cal.dataset)
+    texts, source = _texts(cal.dataset, cal.text_column)
     rank, processes = process_split()
     windows = islice(token_windows(texts, tokenizer, cal.seq_len, max_tokens=cal.num_tokens), rank, None, processes)
     seen, start = 0, time.perf_counter()
@@ -194,30 +205,31 @@ def calibrate_pca(
         "num_tokens": cal.num_tokens,
         "seq_len": cal.seq_len,
         "dataset": source,
+        "text_column": cal.text_column,
         "seconds": round(time.perf_counter() - start, 2),
         "processes": processes,
     }
     return stats.basis(metadata)
 
 
-def _texts(dataset: Any) -> tuple[Iterable[str], str]:
+def _texts(dataset: Any, text_column: str = "text") -> tuple[Iterable[str], str]:
     """An iterable of texts and a description of where they come from. Names, paths, `datasets` objects (and
-    dicts of them) go through `iter_texts`; any other iterable must yield strings."""
+    dicts of them) go through `iter_texts` (their column `text_column`); any other iterable must yield strings."""
     from ..data.text import iter_texts
 
     if isinstance(dataset, (str, os.PathLike, Mapping)) or hasattr(dataset, "column_names"):
         name = dataset if isinstance(dataset, (str, os.PathLike)) else type(dataset).__name__
-        return iter_texts(dataset), str(name)
+        return iter_texts(dataset, text_column=text_column), str(name)
     if isinstance(dataset, Iterable):
         size = f"{len(dataset)} " if hasattr(dataset, "__len__") else ""
         return _strings(dataset), f"{size}texts ({type(dataset).__name__})"
-    return iter_texts(dataset), type(dataset).__name__  # iter_texts says what it accepts
+    return iter_texts(dataset, text_column=text_column), type(dataset).__name__  # iter_texts says what it accepts
 
 
 def _strings(texts: Iterable[Any]) -> Iterator[str]:
     """The items of `texts`, which must be strings."""
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"dataset item {i} is a {type(text).__name__}, expected str: pass an iterable of "
+    for i, item in enumerate(texts):
+        if not isinstance(item, str):
+            raise TypeError(f"dataset item {i} is a {type(item).__name__}, expected str: pass an iterable of "
                             "strings, a `datasets` dataset with a text column, or a dataset name or path")
-        yield text
+        yield item

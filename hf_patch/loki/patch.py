@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -42,6 +43,17 @@ def dense_layer_set(dense_layers: int | Sequence[int], num_layers: int) -> froze
 _DEFAULT = LokiSettings()
 
 
+def _check_calibrated_on(basis: PCABasis, model: nn.Module) -> None:
+    """Warn when the basis was calibrated on another model than `model` (both ids known): shapes alike, keys not."""
+    from ..models.smollm2 import model_id
+
+    calibrated, here = basis.metadata.get("model_id"), getattr(model.config, "_name_or_path", None)
+    if calibrated and here and model_id(calibrated) != model_id(here):
+        warnings.warn(f"the basis was calibrated on {model_id(calibrated)} but the model is {model_id(here)}: its "
+                      "principal directions need not fit this model's keys; calibrate a basis on this model "
+                      "(`hf-patch calibrate --model ...`)", UserWarning, stacklevel=3)
+
+
 def patch_loki(
     model: nn.Module,
     basis: PCABasis | str | Path,
@@ -79,10 +91,14 @@ def patch_loki(
     settings = LokiSettings(d_frac, k_frac, mode, d_policy, gqa_select, cuda_graph, k_rule, min_tokens, sink_tokens,
                             recent_tokens, dense_layers)
     d_frac, mode, d_policy, gqa_select = settings.d_frac, settings.mode, settings.d_policy, settings.gqa_select
+    if not isinstance(basis, (PCABasis, str, os.PathLike)):
+        raise TypeError(f"basis must be a PCABasis or the directory a basis was saved to, got "
+                        f"{type(basis).__name__}: load one with PCABasis.load(path) or make one with calibrate_pca")
     if not isinstance(basis, PCABasis):
         basis = PCABasis.load(basis)
     modules = attention_layers(model)
     basis.check_compatible(*key_shape(model))
+    _check_calibrated_on(basis, model)
     budget = settings.budget()
     dense = dense_layer_set(settings.dense_layers, len(modules))
     if len(dense) == len(modules):

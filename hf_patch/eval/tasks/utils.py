@@ -5,7 +5,7 @@ from typing import Any
 
 
 def load(hf_patch_task: str, **_: Any) -> dict[str, Any]:
-    """{"test": Dataset} of the prepared task file `$HF_PATCH_CACHE/tasks/<hf_patch_task>.jsonl`.
+    """{"test": Dataset} of the prepared task file `$HF_PATCH_CACHE/tasks/<group>/<hf_patch_task>.jsonl`.
 
     lm-eval also passes the run's metadata (model_args, ...) as keyword arguments: they are ignored.
     """
