@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "hf_patch"
 # bottom to top; modules of one rank may import each other (no circle), never a higher rank
 RANKS = {
     "kernels": 0, "data": 0, "models": 0,
-    "config": 1, "parallel": 1, "generation": 1, "step_graphs": 1,
+    "config": 1, "parallel": 1, "generation": 1, "step_graphs": 1, "decode_loop": 1,
     "loki": 2, "transnormer": 2,
     "eval": 3,
     "app": 4,

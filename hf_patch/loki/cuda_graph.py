@@ -10,16 +10,22 @@ captured for a cache's storage and batch size, serves every step until the cache
 when full; `generate` sizes it for the whole generation). Whatever the graph cannot serve (several tokens per
 sequence, gradients, attentions or hidden states asked for, another cache, a mask that is not left padding)
 runs the model's ordinary forward.
+
+Greedy `generate` calls go further by default (`DecodeGraphs.whole_step`): the graph of each step also chooses the
+token and checks the stop (`hf_patch.decode_loop`), and the host reads the device once every `check_every` steps
+instead of every token. Set `decode_graphs(model).whole_step = False` for one graph per forward under
+Transformers' own loop (the same tokens; e.g. to measure the difference).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .. import step_graphs
+from .. import decode_loop, step_graphs
 from ..generation import CACHE_KWARG, find_cache
 from ..kernels.loki import DecodeWorkspace
 from .cache import DeviceSteps, LokiCache
@@ -51,10 +57,24 @@ class _Captured:
     logits: torch.Tensor | None = None
     graph: torch.cuda.CUDAGraph | None = None
     next_position: int = -1  # the cache length that steps.position holds (host copy)
+    greedy: decode_loop.GreedyState | None = None  # a whole greedy step: the token chosen in the graph too
 
 
 class DecodeGraphs(step_graphs.StepRunner):
-    """Runs eligible one-token forward calls of a patched model through a captured CUDA graph."""
+    """Runs eligible one-token forward calls of a patched model through a captured CUDA graph, and greedy
+    `generate` loops (`greedy_generate`) with the token choice and stop check in the graph when `whole_step`."""
+
+    whole_step = True  # greedy generate calls that `decode_loop.greedy_call` accepts run `greedy_generate`
+    check_every = 16  # steps between the whole-step loop's reads of the device (finished.all())
+
+    def __init__(self, forward: Callable, run_on_cpu: bool = False):
+        super().__init__(forward, run_on_cpu)
+        self.greedy: tuple[decode_loop.GreedyState, DeviceSteps] | None = None  # the loop's state, kept for reuse
+        self.greedy_captured: _Captured | None = None  # the loop's step, beside `captured` (the one-token forward's)
+
+    def serves(self, device: torch.device) -> bool:
+        """Whether steps on this device run the device-steps body (CUDA, or the CPU under `run_on_cpu`)."""
+        return device.type == "cuda" or self.run_on_cpu
 
     def eligible(self, kwargs: dict) -> bool:
         """Whether a forward call with these arguments can replay a graph."""
@@ -109,13 +129,71 @@ class DecodeGraphs(step_graphs.StepRunner):
                          input_ids=torch.zeros(batch, 1, dtype=torch.int64, device=device),
                          position_ids=torch.zeros(batch, 1, dtype=torch.int64, device=device))
 
+    @torch.no_grad()
+    def greedy_generate(self, cache: LokiCache, call: decode_loop.GreedyCall, first: torch.Tensor) -> torch.Tensor:
+        """The rest of a greedy `generate` call after its first new token (`first`: [B, L + 1], `cache` holding
+        the prompt): the whole-step loop of `hf_patch.decode_loop`, each step replayed as one CUDA graph. Returns
+        the sequences `generate` returns; the cache ends where `generate` leaves it."""
+        batch, device, length = first.shape[0], first.device, first.shape[1] - 1
+        start = left_padding_start(call.attention_mask.to(device), batch, length)  # raises as a graphed step does
+        n_eos = len(call.eos or ())
+        if self.greedy is None or not self.greedy[0].fits(batch, self.check_every, n_eos, device):
+            self.greedy_captured = self.greedy = None  # a graph on the old state must not outlive it
+            self.greedy = (decode_loop.GreedyState.allocate(batch, self.check_every, n_eos, device),
+                           DeviceSteps(position=torch.zeros(1, dtype=torch.int64, device=device),
+                                       kv_start=torch.zeros(batch, dtype=torch.int32, device=device),
+                                       kv_end=torch.zeros(batch, dtype=torch.int32, device=device),
+                                       workspace=DecodeWorkspace()))
+        state, steps = self.greedy
+        state.start(call, first)
+        if start is None:
+            steps.kv_start.zero_()
+        else:
+            steps.kv_start.copy_(start)
+        key = None  # what the step's graph is captured for, but the dense layers: the same until the cache grows
+
+        def step() -> None:
+            nonlocal key
+            length = cache.get_seq_length()
+            if key is None or key[1] < length + 1:  # no room for this step's token: grow in place (a new graph)
+                cache.reserve(length + 1)
+                key = (batch, cache.capacity(), cache.buffers_key(), self.weights_key(), 1, state.key(),
+                       tuple(t.data_ptr() for t in (steps.position, steps.kv_start, steps.kv_end)))
+            self._greedy_step(cache, key)
+
+        sequences, extra = decode_loop.run_greedy(call, first, state, step)
+        cache.crop(-extra)
+        return sequences
+
+    def _greedy_step(self, cache: LokiCache, key: tuple) -> None:
+        """One step of the whole-step loop: a graph per `key` (+ which layers attend densely at this length)."""
+        length = cache.get_seq_length()
+        key = key + (cache.dense_steps(length + 1),)
+        cap = self.greedy_captured
+        if cap is None or cap.key != key:
+            self.greedy_captured = None  # free the previous graph first
+            state, steps = self.greedy
+            cap = self.greedy_captured = _Captured(key, steps, state.input_ids, state.position_ids, greedy=state)
+        if cap.next_position != length:
+            cap.steps.position.fill_(length)
+        if cap.input_ids.device.type != "cuda":  # the CPU, which `serves` under run_on_cpu only
+            self._run(cap, cache, 1, capture=False)
+        else:
+            if cap.graph is None:
+                cap.logits = self._run(cap, cache, 1, capture=True)
+            cap.graph.replay()
+        cap.next_position = length + 1
+        cache.advance(1)
+
     def _body(self, cap: _Captured, cache: LokiCache, logits_to_keep) -> torch.Tensor:
         """The step as device work only: the valid range ends after this token; the model's forward with the
-        cache in device-steps mode; the write position moves on."""
+        cache in device-steps mode; the write position moves on; for a whole greedy step, the token is chosen."""
         cap.steps.kv_end.copy_(cap.steps.position.expand_as(cap.steps.kv_end)).add_(1)
         out = self.forward(input_ids=cap.input_ids, position_ids=cap.position_ids, **{CACHE_KWARG: cache},
                            cache_position=cap.steps.position, use_cache=True, logits_to_keep=logits_to_keep)
         cap.steps.position.add_(1)
+        if cap.greedy is not None:
+            cap.greedy.choose(out.logits)
         return out.logits
 
     def _run(self, cap: _Captured, cache: LokiCache, logits_to_keep, capture: bool) -> torch.Tensor:
@@ -125,8 +203,15 @@ class DecodeGraphs(step_graphs.StepRunner):
         try:
             if not capture:
                 return self._body(cap, cache, logits_to_keep)
-            cap.graph, logits = self.capture(lambda: self._body(cap, cache, logits_to_keep),
-                                             rewind=lambda: cap.steps.position.sub_(1), device=cap.input_ids.device)
+            restore = cap.greedy.saved() if cap.greedy is not None else None
+
+            def rewind() -> None:
+                cap.steps.position.sub_(1)
+                if restore is not None:
+                    restore()
+
+            cap.graph, logits = self.capture(lambda: self._body(cap, cache, logits_to_keep), rewind=rewind,
+                                             device=cap.input_ids.device)
             return logits
         finally:
             cache.set_device_steps(None)

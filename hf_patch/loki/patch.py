@@ -83,7 +83,9 @@ def patch_loki(
     d_policy: "uniform" or "variance" (same average d, spent where key variance needs it). gqa_select: "query"
     (each query head selects its tokens) or "group" (one selection per KV head). cuda_graph: replay each
     one-token step on CUDA (with a `LokiCache`, as `generate` builds) as a CUDA graph, one launch for the whole
-    step instead of hundreds (`hf_patch.loki.cuda_graph`). Patching again replaces the settings; `unpatch`
+    step instead of hundreds (`hf_patch.loki.cuda_graph`); greedy `generate` calls then also choose each token
+    and check the stop inside the graph, reading the device once every 16 steps, not every token (the same
+    tokens; `decode_graphs(model).whole_step = False` turns it off). Patching again replaces the settings; `unpatch`
     restores the original attention.
     """
     settings = LokiSettings(d_frac, k_frac, mode, d_policy, gqa_select, cuda_graph, k_rule, min_tokens, sink_tokens,
