@@ -5,7 +5,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 from loki_helpers import random_basis, tiny_model
 
 from hf_patch import patch_loki
