@@ -13,7 +13,7 @@ from hf_patch.loki import prefill as glue
 from hf_patch.loki.arch import loki_layers
 from hf_patch.loki.attention import LokiLayer, loki_attention_dense, visible_keys
 from hf_patch.loki.budget import Budget
-from hf_patch.loki.prefill import key_ranges, prepare, row_budgets, visible_counts
+from hf_patch.loki.prefill import key_ranges, keys_per_row, prepare, visible_counts
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU, the interpreter elsewhere
 SMALL = LokiPrefillConfig(block_m=16, block_n=16)  # several row blocks and key tiles at interpreter sizes
@@ -69,7 +69,7 @@ def op_inputs(layer, q, k, mask, keys_rotated=False):
     b, _, t, _ = q.shape
     ranges = key_ranges(mask, t, k.shape[2], b)
     assert ranges is not False
-    kb = row_budgets(layer, mask, ranges, b, t, k.shape[2], q.device)
+    kb = keys_per_row(layer, mask, ranges, b, t, k.shape[2], q.device)
     qe, qa, ka = prepare(layer, q, k, keys_rotated)
     kwargs = dict(group=layer.gqa_select == "group", sink=layer.budget.sink_tokens, recent=layer.budget.recent_tokens)
     return (qe, qa, ka, kb, ranges), kwargs
@@ -110,7 +110,7 @@ def test_kernels_match_dense_path(case):
     ref = dense_path(layer, q, k, v, mask, dh**-0.5)
     assert out.dtype == dtype and out.shape == ref.shape
     vis = visible_keys(mask, t, s, q.device).expand(b, 1, t, s)[:, 0]
-    assert torch.equal(kb, layer.row_budgets(vis.sum(-1), torch.arange(t, device=DEVICE) + s - t).int())
+    assert torch.equal(kb, layer.keys_per_row(vis.sum(-1), torch.arange(t, device=DEVICE) + s - t).int())
     assert torch.equal(count, kb[:, None].expand(b, hkv * g, t))
     assert rel_err(out, ref) < TOL[dtype]
     (qe, qa, ka, kb, _), kwargs = op_inputs(layer, q, k, mask)  # the op's reference on the op's own inputs
@@ -271,7 +271,7 @@ def test_poisoned_output_is_overwritten_and_blind_rows_are_zero():
     q, k, v = make_qkv(b, hkv, g, t, t, dh, torch.bfloat16, seed=5)
     mask, _ = make_mask(b, t, t, "left")
     ranges = key_ranges(mask, t, t, b)
-    kb = row_budgets(layer, mask, ranges, b, t, t, q.device)
+    kb = keys_per_row(layer, mask, ranges, b, t, t, q.device)
     qe, qa, ka = prepare(layer, q, k, False)
     out = torch.full((b, t, hkv * g, dh), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     loki_prefill_attention(qe, k, v, qa, ka, kb, ranges, group=True, scaling=0.2, config=SMALL, out=out)
@@ -337,16 +337,16 @@ def test_key_ranges_are_kept_on_the_mask():
     assert key_ranges(holes, t, s, b) is False
 
 
-def test_row_budgets_are_kept_on_the_mask_per_budget_and_start():
+def test_keys_per_row_are_kept_on_the_mask_per_budget_and_start():
     b, t = 2, 20
     mask, _ = make_mask(b, t, t, "left")
     ranges = key_ranges(mask, t, t, b)
     layer = make_layer(1, 16, 4, 0.25, "query")
-    kb = row_budgets(layer, mask, ranges, b, t, t, mask.device)
-    assert row_budgets(make_layer(1, 16, 4, 0.25, "group"), mask, ranges, b, t, t, mask.device) is kb
-    assert not torch.equal(row_budgets(make_layer(1, 16, 4, 0.5, "query"), mask, ranges, b, t, t, mask.device), kb)
+    kb = keys_per_row(layer, mask, ranges, b, t, t, mask.device)
+    assert keys_per_row(make_layer(1, 16, 4, 0.25, "group"), mask, ranges, b, t, t, mask.device) is kb
+    assert not torch.equal(keys_per_row(make_layer(1, 16, 4, 0.5, "query"), mask, ranges, b, t, t, mask.device), kb)
     layer.sparse_from = torch.tensor([10, 10], device=DEVICE)
-    dense_first = row_budgets(layer, mask, ranges, b, t, t, mask.device)
+    dense_first = keys_per_row(layer, mask, ranges, b, t, t, mask.device)
     assert torch.equal(dense_first[:, :10], visible_counts(ranges, b, t, t, mask.device)[:, :10].int())
     assert not torch.equal(dense_first, kb)
 
