@@ -95,6 +95,9 @@ CASES = [  # (B, Hkv, G, T, S, D, dims, budget, select, dtype, pad)
     (2, 1, 3, 45, 45, 16, 4, Budget(0.5, "paper", recent_tokens=4), "group", torch.float32, "right"),
     (1, 2, 4, 29, 61, 32, [3, 11], Budget(0.25, sink_tokens=1), "group", torch.bfloat16, "none"),  # 32 keys cached
     (2, 2, 2, 33, 33, 64, [5, 16], Budget(0.125, "paper", 6), "query", torch.float32, "left"),
+    # token budgets: k_frac = 1 capped at 9 keys (SparQ's / Quest's form); the paper rule's share or 12 keys
+    (2, 2, 1, 37, 37, 32, 8, Budget(1.0, k_tokens=9), "query", torch.float32, "left"),
+    (2, 1, 3, 45, 45, 16, 4, Budget(0.5, "paper", recent_tokens=4, k_tokens=12), "group", torch.bfloat16, "right"),
 ]
 
 
@@ -116,6 +119,8 @@ def test_kernels_match_dense_path(case):
     (qe, qa, ka, kb, _), kwargs = op_inputs(layer, q, k, mask)  # the op's reference on the op's own inputs
     naive = loki_prefill_attention_torch(qe, k, v, qa, ka, kb, vis[:, None], scaling=dh**-0.5, **kwargs)
     assert naive.dtype == dtype and rel_err(out, naive) < TOL[dtype]
+    if budget.k_tokens is not None:  # the cap binds on the later rows
+        assert int(kb.max()) == budget.k_tokens and bool((kb < vis.sum(-1)).any())
 
 
 def test_keys_rotated_and_bisection():
@@ -361,15 +366,17 @@ def test_forward_falls_back_where_kernels_do_not_apply():
 
 
 @pytest.mark.parametrize("select, budget", [("query", {}), ("group", dict(k_rule="paper", sink_tokens=2,
-                                                                            recent_tokens=3, dense_layers=[1]))])
+                                                                            recent_tokens=3, dense_layers=[1])),
+                                            ("query", dict(k_frac=1.0, k_tokens=4))])
 def test_patched_model_uses_kernels_with_padding(monkeypatch, select, budget):
     """A patched tiny Llama in mode "all" with left padding: kernel path (interpreter on the CPU) = dense path;
-    under decode_rows too (rows before the start dense)."""
+    under decode_rows too (rows before the start dense); with a fixed budget of 4 keys (k_frac = 1, k_tokens = 4)."""
     from hf_patch import decode_rows, patch_loki
     from loki_helpers import PLAIN, random_basis, tiny_model
 
     model = tiny_model().to(DEVICE)
-    patch_loki(model, random_basis(), d_frac=0.25, k_frac=0.25, mode="all", gqa_select=select, **{**PLAIN, **budget})
+    patch_loki(model, random_basis(), mode="all", gqa_select=select, **{**PLAIN, "d_frac": 0.25, "k_frac": 0.25,
+                                                                       **budget})
     ids = torch.randint(3, 90, (2, 21), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     attn = torch.ones_like(ids)
     attn[1, :6] = 0
@@ -387,7 +394,7 @@ def test_patched_model_uses_kernels_with_padding(monkeypatch, select, budget):
         fast = model(ids, attention_mask=attn).logits
         with decode_rows(model, [12, 15]):
             fast_rows = model(ids, attention_mask=attn).logits
-    assert len(calls) == (4 if not budget else 2)  # the sparse layers, two forwards
+    assert len(calls) == (2 if "dense_layers" in budget else 4)  # the sparse layers, two forwards
     keep = attn.bool()
     assert rel_err(fast[keep], dense[keep]) < 1e-5
     assert rel_err(fast_rows[keep], dense_rows[keep]) < 1e-5
