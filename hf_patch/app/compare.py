@@ -328,7 +328,8 @@ def plot(summary: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) 
             p = row["params"]
             name = f"d_f={p['d_frac']:g}" + "".join(
                 f" {p[k]}" for k, default in (("rotary", "pre"), ("d_policy", "uniform"), ("gqa_select", "query"))
-                if p.get(k, default) != default) + (f" {p['mode']}-mode" if len(modes) > 1 else "")
+                if p.get(k, default) != default) + (f" {p['mode']}-mode" if len(modes) > 1 else "") + (
+                f" k_tokens={p['k_tokens']}" if p.get("k_tokens") else "")
             lines.setdefault(name, []).append((p["k_frac"], scale * e["settings"][row["setting"]]["value"]))
         for name, points in sorted(lines.items()):
             xs, ys = zip(*sorted(points))
