@@ -2,8 +2,10 @@
 flags and the settings lists of `hf-patch main` / `compare` accept, checked field by field with
 `hf_patch.loki.budget`'s checks. A knob is one field of `LokiSettings` (default, parser, help): `patch_loki`'s
 keywords, the command-line flags (`hf_patch.app.cli.add_schema_flags`), hf-loki's model args and the config keys
-all come from the fields. Dicts only at the JSON/YAML boundary: a `LokiSettings` travels whole from the config or
-the flags to `patch_loki`, which hands its `Budget` to every layer.
+all come from the fields; a budget knob is also the `Budget` field of the same name that gives it its meaning
+(`LokiSettings.budget` passes every shared field). Dicts only at the JSON/YAML boundary: a `LokiSettings` travels
+whole from the config or the flags to `patch_loki`, which hands its `Budget` to every layer, whose numbers and
+tensors the kernels take.
 
 `mode` when a setting leaves it out, per consumer (one default each, for one reason each):
 
@@ -88,8 +90,9 @@ class LokiSettings(Schema):
         self.budget()  # the checks across fields (k_tokens against the protected keys)
 
     def budget(self) -> Budget:
-        """Keys kept per query row."""
-        return Budget(self.k_frac, self.k_rule, self.min_tokens, self.sink_tokens, self.recent_tokens, self.k_tokens)
+        """Keys kept per query row: the `Budget` of the fields it shares with these settings (a budget knob is a
+        field of both)."""
+        return Budget(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Budget)})
 
     def replace(self, **overrides: Any) -> LokiSettings:
         """A copy with `overrides` set (checked); the same object when there are none."""
