@@ -67,8 +67,8 @@ class LokiSettings(Schema):
 
     d_frac: float = setting(0.25, fraction, help="share of the head dim scored by the approximate scores, in (0, 1]")
     k_frac: float = setting(0.2, fraction, help="share of the keys each query row keeps, in (0, 1], by k_rule")
-    k_tokens: int | None = setting(None, token_budget, help="at most this many keys per row (a fixed budget, as "
-                                   "SparQ/Quest; k_frac=1 for that alone), else only k_frac")
+    k_tokens: int | None = setting(None, token_budget, help="at most this many keys per row: the budget is the "
+                                   "smaller of this and k_frac's (k_frac=1: a fixed budget, as SparQ/Quest spend)")
     mode: str = setting("decode", one_of(*MODES), help="decode: exact prefill, Loki for each generated token; all: "
                         "Loki on every query row")
     d_policy: str = setting("uniform", one_of(*D_POLICIES), help="uniform, or variance: the same average d spent "
