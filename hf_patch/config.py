@@ -169,11 +169,14 @@ def list_of(parse: Parse) -> Parse:
 # ---------------------------------------------------------------- schemas
 
 
-def setting(default: Any = MISSING, parse: Parse | None = None, factory: Callable[[], Any] | None = None) -> Any:
-    """A schema field: its default (or `factory` for mutable ones) and the parser that checks it."""
+def setting(default: Any = MISSING, parse: Parse | None = None, factory: Callable[[], Any] | None = None,
+            help: str | None = None) -> Any:
+    """A schema field: its default (or `factory` for mutable ones), the parser that checks it and an optional
+    one-line `help` (what command-line flags generated from the schema show)."""
+    metadata = {"parse": parse, "help": help}
     if factory is not None:
-        return field(default_factory=factory, metadata={"parse": parse})
-    return field(default=default, metadata={"parse": parse})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass

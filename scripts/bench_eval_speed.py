@@ -105,7 +105,7 @@ def dense_path():
 def patch_all(model, basis: PCABasis, d_frac: float, k_frac: float, device: str) -> None:
     """patch_loki in mode "all"; on the CPU (--smoke) its layers run the prefill kernels too (Triton's
     interpreter)."""
-    patch_loki(model, basis, d_frac, k_frac, mode="all")
+    patch_loki(model, basis, d_frac=d_frac, k_frac=k_frac, mode="all")
     for layer in loki_layers(model):
         layer.prefill_kernels_on_cpu = device == "cpu"
 
@@ -159,7 +159,7 @@ def kernel_check(batch: int, rows: int, keys: int, dtype, select: str, pad: str,
     vis = visible_keys(mask, rows, keys, q.device)
     ranges = glue.key_ranges(mask, rows, keys, batch)
     assert ranges is not False
-    kb = glue.row_budgets(layer, mask, ranges, batch, rows, keys, q.device)
+    kb = glue.keys_per_row(layer, mask, ranges, batch, rows, keys, q.device)
     qe, qa, ka = glue.prepare(layer, q, k, False)
     out = torch.full((batch, rows, HQ, D), float("nan"), device=device, dtype=dtype)  # poisoned
     count = torch.full((batch, HQ, rows), -1, device=device, dtype=torch.int32)
@@ -255,7 +255,7 @@ def attention_breakdown(batch: int, tokens: int, bench, device: str, configs: di
     layer, q, k, v, _ = layer_inputs(batch, tokens, tokens, torch.bfloat16, device)
     scale = D**-0.5
     prepared = glue.prepare(layer, q, k, False)
-    kb = glue.row_budgets(layer, None, None, batch, tokens, tokens, q.device)
+    kb = glue.keys_per_row(layer, None, None, batch, tokens, tokens, q.device)
     out = torch.empty((batch, tokens, HQ, D), device=device, dtype=torch.bfloat16)
     result = {}
     with torch.inference_mode():
@@ -270,8 +270,8 @@ def attention_breakdown(batch: int, tokens: int, bench, device: str, configs: di
             check(result[name]["exact k_b"], f"{batch} x {tokens} {name}: kept another number of keys than k_b")
         # the same k per row with the first 4 and last 64 keys always kept: what protection costs the kernels
         protected = Budget(K_FRAC, sink_tokens=4, recent_tokens=64)
-        kb_protected = glue.row_budgets(dataclasses.replace(layer, budget=protected), None, None, batch, tokens,
-                                        tokens, q.device)
+        kb_protected = glue.keys_per_row(dataclasses.replace(layer, budget=protected), None, None, batch, tokens,
+                                         tokens, q.device)
         result["protected"] = time_config(prepared, k, v, kb_protected, out, configs["64x64 w4"], bench, protected)
         check(result["protected"]["exact k_b"], f"{batch} x {tokens} protected: kept another number of keys than k_b")
         vis = visible_keys(None, tokens, tokens, q.device)

@@ -176,6 +176,9 @@ def test_numpy_fractions_are_accepted_and_bools_refused():
     ({"mode": "prefill"}, "mode must be one of 'decode', 'all'"),
     ({"k_frac": "abc"}, "k_frac must be a number, got 'abc'"),
     ({"d_frac": 2}, r"d_frac must be a fraction in \(0, 1\], got 2.0"),
+    ({"k_tokens": "lots"}, "k_tokens must be an integer, got 'lots'"),
+    ({"k_tokens": 0}, r"k_tokens must be None or an int >= 1 \(keys kept per row at most\), got 0"),
+    ({"k_tokens": 32}, r"k_tokens=32 is below the protected keys \(sink_tokens \+ recent_tokens = 68\)"),
 ])
 def test_loki_settings_schema_names_the_field(values, message):
     with pytest.raises(ConfigError, match="settings: " + message):
@@ -196,6 +199,8 @@ def test_hf_loki_model_args_are_checked_before_loading(monkeypatch):
         LokiHFLM(**simple_parse_args_string("basis=somewhere,d_frac=true"))
     with pytest.raises(ConfigError, match="hf-loki model args: k_rule must be one of 'row', 'paper'"):
         LokiHFLM(basis="somewhere", k_rule="rows")
+    with pytest.raises(ConfigError, match="hf-loki model args: k_tokens=32 is below the protected keys"):
+        LokiHFLM(**simple_parse_args_string("basis=somewhere,k_tokens=32"))
 
 
 # ---------------------------------------------------------------- kernels and TransNormer
@@ -274,6 +279,33 @@ def test_perplexity_cli_checks_flags_and_basis_before_loading(tmp_path, capsys, 
     line = cli_error(capsys, "perplexity", "--basis", str(tmp_path / "none"))
     assert "no Loki basis at" in line and "hf-patch calibrate" in line
     assert "seq_len must be an integer >= 2" in cli_error(capsys, "perplexity", "--seq-len", "1")
+    line = cli_error(capsys, "perplexity", "--basis", str(tmp_path), "--k-tokens", "32")
+    assert line.endswith("hf-patch perplexity: k_tokens=32 is below the protected keys (sink_tokens + recent_tokens "
+                         "= 68), which every row keeps: pass k_tokens >= 68 or fewer sink/recent tokens")
+
+
+def test_perplexity_cli_flags_reach_the_layers(tmp_path, capsys, tiny_loader, monkeypatch):
+    """Every `LokiSettings` field but mode and cuda_graph is a flag of `hf-patch perplexity` (generated from the
+    fields): --k-tokens and the others reach each layer's budget and the printed settings."""
+    from hf_patch.loki import patch as loki_patch
+    from hf_patch.loki.arch import loki_layers
+
+    random_basis().save(tmp_path / "basis")
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(TEXTS))
+    applied, real = [], loki_patch.patch_loki
+    monkeypatch.setattr(loki_patch, "patch_loki", lambda model, *a, **kw: applied.append(real(model, *a, **kw)))
+    assert main(["perplexity", "--basis", str(tmp_path / "basis"), "--dataset", str(text), "--seq-len", "32",
+                 "--max-tokens", "64", "--device", "cpu", "--k-frac", "1", "--k-tokens", "5", "--sink-tokens", "1",
+                 "--recent-tokens", "2", "--dense-layers", "1", "--k-rule", "row"]) == 0
+    settings = hf_patch.loki_settings(applied[0])
+    assert (settings["k_frac"], settings["k_tokens"], settings["sink_tokens"], settings["recent_tokens"],
+            settings["dense_layers"], settings["k_rule"], settings["mode"]) == (1.0, 5, 1, 2, [0], "row", "all")
+    assert [layer.budget.k_tokens for layer in loki_layers(applied[0])] == [5, 5]
+    assert json.loads(capsys.readouterr().out)["loki"]["k_tokens"] == 5
+    with pytest.raises(SystemExit):
+        main(["perplexity", "--cuda-graph", "true"])  # perplexity generates nothing to graph: not a flag
+    assert "unrecognized arguments: --cuda-graph" in capsys.readouterr().err
 
 
 def test_compare_checks_every_setting_before_any_evaluation(tmp_path, capsys, no_model, monkeypatch):

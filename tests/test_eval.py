@@ -216,6 +216,45 @@ def test_hf_loki_patches_and_checks_arguments(tiny_model_dir, tiny_basis):
         LokiHFLM(**args, rotary="pre")
 
 
+def test_hf_loki_model_args_reach_the_layers(tiny_model_dir, tiny_basis):
+    """Every `LokiSettings` field is a model arg, parsed from lm-eval's `--model_args` string: k_tokens reaches each
+    layer's budget and the recorded settings; with k_frac = 1 and k_tokens above every request's length the
+    scores are full attention's, below it they are not."""
+    from lm_eval.utils import simple_parse_args_string
+
+    from hf_patch import loki_settings
+    from hf_patch.eval.lm_eval_model import LokiHFLM
+    from hf_patch.loki.arch import loki_layers
+
+    args = dict(pretrained=str(tiny_model_dir), dtype="float32", device="cpu", batch_size=2)
+    full = torch.tensor([ll for ll, _ in LokiHFLM(**args).loglikelihood(_requests(PAIRS))])
+    scores = {}
+    for n in (1024, 8):
+        model_args = simple_parse_args_string(f"basis={tiny_basis},d_frac=0.25,k_frac=1,k_tokens={n},k_rule=row,"
+                                              "sink_tokens=0,recent_tokens=0,dense_layers=0")
+        lm = LokiHFLM(**args, **model_args)
+        assert loki_settings(lm.model)["k_tokens"] == n and lm.get_model_info()["loki"]["k_tokens"] == n
+        assert [layer.budget.k_tokens for layer in loki_layers(lm.model)] == [n, n]
+        scores[n] = torch.tensor([ll for ll, _ in lm.loglikelihood(_requests(PAIRS))])
+    torch.testing.assert_close(scores[1024], full, rtol=0, atol=1e-4)
+    assert (scores[8] - full).abs().max() > 1e-3
+
+
+def test_compare_hands_hf_loki_the_whole_setting():
+    """A compare setting becomes hf-loki model args with patch_loki's defaults and the config's mode filled in,
+    rotary and basis; k_tokens only when set, so that the cache keys of earlier settings stay what they were."""
+    from hf_patch.app import compare
+    from hf_patch.loki.settings import LmEvalLoki
+
+    plain = compare.model_args(compare.applied_setting({"mode": "all"}, {"k_frac": 0.25}), Path("b"))
+    assert plain == {"d_frac": 0.25, "k_frac": 0.25, "mode": "all", "d_policy": "uniform", "gqa_select": "query",
+                     "cuda_graph": False, "k_rule": "paper", "min_tokens": 0, "sink_tokens": 4, "recent_tokens": 64,
+                     "dense_layers": 2, "rotary": "pre", "basis": "b"}
+    capped = compare.model_args(compare.applied_setting({"mode": "decode"}, {"k_frac": 1, "k_tokens": 256}), Path("b"))
+    assert capped == {**plain, "k_frac": 1.0, "k_tokens": 256, "mode": "decode"}
+    assert LmEvalLoki.from_dict(capped).patch_settings().budget().k_tokens == 256  # what hf-loki rebuilds
+
+
 def test_hf_loki_decode_mode_scores_continuations_as_generation_would(tiny_model_dir, tiny_basis):
     """mode=decode: context rows exact (a prefill), continuation rows after the first under Loki (decode steps):
     equal to a direct `decode_rows` pass per request, whatever the batch size; single-token answers equal full."""

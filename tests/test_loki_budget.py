@@ -1,6 +1,7 @@
 """The budget (k rule, min_tokens, protected sink/recent keys, dense layers) and decode-equivalent evaluation."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -10,8 +11,9 @@ from loki_helpers import PLAIN, random_basis, tiny_model, with_cache
 import hf_patch
 from hf_patch import LokiCache, decode_rows, loki_settings, patch_loki, unpatch
 from hf_patch.kernels.loki.prefill_naive import protected_keys, selection_mask
-from hf_patch.loki.attention import visible_keys
+from hf_patch.loki.attention import loki_attention_dense, loki_decode_step, visible_keys
 from hf_patch.loki.budget import Budget, read_cost
+from hf_patch.loki.layer import LokiLayer
 
 
 def test_budget_rules_by_number():
@@ -27,7 +29,40 @@ def test_budget_rules_by_number():
     assert read_cost(0.25, 0.25, dense_layers=2, num_layers=4) == pytest.approx((2 + 2 * 0.375) / 4)
 
 
+def test_token_budget_by_number():
+    """k_tokens caps every row's k (k_frac the smaller of the two), after the rule and before the protected keys'
+    floor, min_tokens and n; dense_up_to is then finite even at k_frac = 1; max_tokens bounds it."""
+    n = torch.tensor([1, 2, 5, 8, 9, 100])
+    assert Budget(1.0, k_tokens=8).tokens(n).tolist() == [1, 2, 5, 8, 8, 8]  # SparQ's / Quest's fixed budget
+    assert Budget(0.25, k_tokens=8).tokens(n).tolist() == [1, 1, 2, 2, 3, 8]  # k_frac where it is smaller
+    assert Budget(0.25, "paper", k_tokens=8).tokens(n, torch.tensor(100)).tolist() == [1, 2, 5, 8, 8, 8]
+    assert Budget(0.25, "paper", k_tokens=30).tokens(n, torch.tensor(100)).tolist() == [1, 2, 5, 8, 9, 25]
+    assert Budget(1.0, k_tokens=5, sink_tokens=2, recent_tokens=3).tokens(n).tolist() == [1, 2, 5, 5, 5, 5]
+    assert Budget(1.0, k_tokens=8, min_tokens=20).tokens(torch.tensor([9, 20, 21, 100])).tolist() == [9, 20, 8, 8]
+    assert Budget(1.0).dense_up_to == math.inf and Budget(1.0, k_tokens=8).dense_up_to == 8
+    assert Budget(1.0, k_tokens=8, min_tokens=20).dense_up_to == 20
+    assert Budget(0.9).dense_up_to == 9 and Budget(0.9, k_tokens=8).dense_up_to == 8  # ceil(0.9 * 9) = 9 > 8
+    assert Budget(0.5, k_tokens=8, sink_tokens=2, recent_tokens=3).dense_up_to == 5  # the rule binds first
+    assert Budget(1.0, k_tokens=8).max_tokens(100) == 8 and Budget(1.0, k_tokens=8).max_tokens(5) == 5
+    assert Budget(1.0, k_tokens=8, min_tokens=20).max_tokens(100) == 20
+    assert Budget(0.25, "paper", k_tokens=8).describe()["k_tokens"] == 8
+
+
+def test_read_cost_of_a_token_budget_needs_the_context():
+    assert read_cost(0.25, 1.0, k_tokens=256, context=1024) == 0.375  # 256 of 1,024 keys: the paper's (0.25, 0.25)
+    assert read_cost(0.25, 0.2, k_tokens=2048, context=4096) == read_cost(0.25, 0.2)  # k_frac the smaller
+    assert read_cost(0.25, 1.0, 2, 4, k_tokens=512, context=4096) == pytest.approx((2 + 2 * 0.25) / 4)
+    with pytest.raises(ValueError, match="read_cost with k_tokens=256 needs context"):
+        read_cost(0.25, 1.0, k_tokens=256)
+
+
 @pytest.mark.parametrize("kwargs, message", [
+    ({"k_tokens": 0}, r"k_tokens must be None or an int >= 1 \(keys kept per row at most\), got 0"),
+    ({"k_tokens": True}, "k_tokens must be None or an int >= 1"),
+    ({"k_tokens": 2.0}, "k_tokens must be None or an int >= 1"),
+    ({"k_tokens": 4, "sink_tokens": 2, "recent_tokens": 3},
+     r"k_tokens=4 is below the protected keys \(sink_tokens \+ recent_tokens = 5\), which every row keeps: pass "
+     "k_tokens >= 5 or fewer sink/recent tokens"),
     ({"k_rule": "rows"}, "k_rule must be one of"),
     ({"sink_tokens": -1}, "sink_tokens must be an int >= 0"),
     ({"recent_tokens": 1.5}, "recent_tokens must be an int >= 0"),
@@ -102,8 +137,8 @@ def test_dense_layers_keep_full_attention_and_are_recorded():
                                                                                 "sink_tokens": 2})
     assert (model(ids).logits - full).abs().max() > 1e-3
     assert loki_settings(model) == {"d_frac": 0.25, "k_frac": 0.25, "k_rule": "row", "min_tokens": 0,
-                                    "sink_tokens": 2, "recent_tokens": 0, "mode": "all", "d_policy": "uniform",
-                                    "gqa_select": "query", "dense_layers": [1]}
+                                    "sink_tokens": 2, "recent_tokens": 0, "k_tokens": None, "mode": "all",
+                                    "d_policy": "uniform", "gqa_select": "query", "dense_layers": [1]}
     with pytest.raises(ValueError, match="dense_layers"):
         patch_loki(model, random_basis(), dense_layers=[2])
 
@@ -159,3 +194,59 @@ def test_decode_perplexity_matches_one_pass_per_setting():
             if patch is not None:
                 unpatch(model)
         assert result[name]["nll"] == pytest.approx(nll / 32, rel=1e-5)
+
+
+def exact_top_n(q, k, v, visible, n, scaling):
+    """Float64 oracle: each query row attends to its n visible keys of largest exact score q . k (all of them when
+    it sees at most n). q [B, Hq, T, D], k/v [B, Hkv, S, D] (not rotated), visible [B, 1, T, S] -> [B, T, Hq, D]."""
+    g = q.shape[1] // k.shape[1]
+    q, k, v = q.double(), k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    logits = (q @ k.transpose(-1, -2)) * scaling
+    vis = visible.expand(-1, q.shape[1], -1, -1)
+    top = logits.masked_fill(~vis, float("-inf")).topk(min(n, k.shape[2]), -1).indices
+    keep = torch.zeros_like(vis).scatter_(-1, top, True) & vis
+    probs = torch.softmax(logits.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
+    return (probs @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("n", [1, 6, 11])
+def test_token_budget_with_all_dims_is_exact_top_n(n):
+    """k_frac = 1, k_tokens = n and d = D (the approximate scores are then the exact ones, in a rotated basis): every
+    row, of a teacher-forced pass and of a decode step, attends to the n keys of largest exact score, as an
+    exact-top-n oracle selects them (left padding included)."""
+    b, hq, hkv, t, d = 2, 4, 2, 24, 16
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(b, h, t, d, generator=gen) for h in (hq, hkv, hkv))
+    layer = LokiLayer(random_basis(1, hkv, d, seed=3).components[0], torch.full((hkv,), d), Budget(1.0, k_tokens=n),
+                      "all", "query")
+    visible = visible_keys(None, t, t, q.device).expand(b, 1, t, t).clone()
+    visible[1, ..., :5] = False  # left padding of 5 in the second sequence
+    want = exact_top_n(q, k, v, visible, n, d**-0.5)
+    got = loki_attention_dense(layer, q, k, v, visible, d**-0.5, False)
+    torch.testing.assert_close(got[0].double(), want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1, 5:].double(), want[1, 5:], atol=1e-5, rtol=1e-5)
+    start = torch.tensor([0, 5], dtype=torch.int32)  # the last row as a decode step over the rotated cache
+    step = loki_decode_step(layer, q[:, :, -1:], layer.rotate_keys(k), v, start, None, d**-0.5)
+    torch.testing.assert_close(step.double(), want[:, -1], atol=1e-5, rtol=1e-5)
+    if n < t - 5:  # the cap binds: the oracle is not full attention
+        assert (want - exact_top_n(q, k, v, visible, t, d**-0.5)).abs().max() > 1e-2
+
+
+def test_token_budget_config_loads_and_gives_its_read_cost_at_a_context():
+    """configs/loki/smollm2_tokens.yaml loads (k_frac = 1, k_tokens 256 ... 2,048; prefixes whose windows fit
+    SmolLM2's 8,192 positions); the main job's table gives a token budget's read cost at the context it names."""
+    from pathlib import Path
+
+    from hf_patch.app.experiment import ExperimentConfig, longest_context, table
+    from hf_patch.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "loki" / "smollm2_tokens.yaml"
+    cfg = ExperimentConfig.from_dict(load_config(path), str(path)).as_dict()
+    assert [(s.get("k_frac"), s.get("k_tokens")) for s in cfg["settings"]] == [
+        (1.0, 256), (1.0, 512), (1.0, 1024), (1.0, 2048), (None, None)]
+    decode = cfg["evaluation"]["decode"]
+    assert decode["prefix"] == [4096, 7680] and longest_context(cfg["evaluation"]) == 7680 + 512 == 8192
+    rows = [{"setting": "full", "cost": 1.0, "decode": {"ppl": 10.0}},
+            {"setting": "k_tokens 512", "cost": round(read_cost(0.25, 1.0, 2, 30, 512, 8192), 4),
+             "cost_context": 8192, "decode": {"ppl": 11.0}}]
+    assert table(rows).splitlines()[-1] == "| k_tokens 512 | 0.242 at 8192 keys | 11.000 | +10.0% |"

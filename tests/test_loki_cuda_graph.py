@@ -104,6 +104,37 @@ def test_steps_whose_budget_keeps_every_key_attend_densely(steps, monkeypatch):
     unpatch(model)
 
 
+def test_token_budget_in_graphed_steps(steps, monkeypatch):
+    """k_frac = 1, k_tokens = 34 on the padded batch (its 11 decode steps hold 31 .. 41 keys; sequences 1 and 2 see
+    11 and 29 fewer): steps over at most 34 cached keys attend densely (`dense_up_to` = 34), the later ones keep at
+    most 34 keys per sequence, counted from kv_end - kv_start (the device-steps bounds) with the cap applied there
+    (k_b = [34, 30, 12] at the last step); graphed = eager, and the cap changed sequence 0's generation."""
+    model = tiny_model("llama", seed=4).to(DEVICE)
+    x, mask = padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, output_scores=True,
+                  return_dict_in_generate=True)
+    full = model.generate(x, **kwargs)
+    dense, kept = [], []
+    original_dense, original_loki = loki_kernels.dense_decode_attention, loki_kernels.loki_decode_attention
+    monkeypatch.setattr(loki_kernels, "dense_decode_attention", lambda q, k, *a, **kw: dense.append(k.shape[2]) or
+                        original_dense(q, k, *a, **kw))
+    monkeypatch.setattr(loki_kernels, "loki_decode_attention", lambda *a, **kw: kept.append((kw["k"], kw["k_b"])) or
+                        original_loki(*a, **kw))
+    runs = {}
+    for graph in (False, True):
+        dense.clear()
+        kept.clear()
+        patch_graphed(model, random_basis(seed=5), d_frac=0.25, k_frac=1.0, k_tokens=34, cuda_graph=graph, **PLAIN)
+        runs[graph] = model.generate(x, **kwargs)
+        if not graph or DEVICE == "cpu":  # (replays run no Python)
+            assert len(dense) == 4 * 2  # steps holding 31 .. 34 keys, 2 layers
+            assert kept[-1][0] == 34 and kept[-1][1].tolist() == [34, 30, 12]
+    assert torch.equal(runs[True].sequences, runs[False].sequences)
+    for got, want in zip(runs[True].scores, runs[False].scores):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert max(float((a[0] - b[0]).abs().max()) for a, b in zip(runs[True].scores, full.scores)) > 1e-3
+
+
 def test_growing_cache_captures_again_and_matches_eager_loop(steps):
     """A manual loop on a LokiCache that starts small: each reallocation needs a new graph; the logits equal
     those of the same loop without graphs at every step."""

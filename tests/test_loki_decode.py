@@ -32,11 +32,11 @@ CONFIGS = {"fused": SMALL, "split": SPLIT, "multi-select": MULTI}
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float64: 1e-10}
 
 
-def budget(k_frac, s, kv_start=None, kv_end=None, sink=0, recent=0):
+def budget(k_frac, s, kv_start=None, kv_end=None, sink=0, recent=0, k_tokens=None):
     """The budget arguments of the op as `Budget` computes them: k for every row (no bounds: what a row seeing S
     keys keeps), else the bound k = max_tokens(S) and k_b [B] on the device; with the bounds and the protection
     counts."""
-    rule = Budget(k_frac, sink_tokens=sink, recent_tokens=recent)
+    rule = Budget(k_frac, sink_tokens=sink, recent_tokens=recent, k_tokens=k_tokens)
     args = dict(k=int(rule.tokens(torch.tensor(s))), sink=sink, recent=recent, kv_start=kv_start, kv_end=kv_end)
     if kv_start is not None or kv_end is not None:
         n = (s if kv_end is None else kv_end.long()) - (0 if kv_start is None else kv_start.long())
@@ -216,6 +216,27 @@ def test_protection_without_bounds_and_only_protected_kept(form):
         assert rel_err(triton_form(form)(q, k, v, **args), ref) < TOL[torch.bfloat16]
         if form == "fused":
             assert rel_err(loki_decode_attention_torch(q, k, v, **args), ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("form", CONFIGS)
+def test_token_budget_is_applied_unchanged(form):
+    """A token budget (k_frac = 1, k_tokens = 20; sink 2, recent 3) on a fixed-capacity cache with left padding: Budget
+    caps each sequence's k_b at 20 (and the bound k, the index buffers' width), the kernels take the counts as
+    they are: Triton (each form), PyTorch and the float64 reference agree. Without bounds every row keeps 20."""
+    b, hkv, g, s, dh = 3, 2, 2, 70, 32
+    q, k, v = make_inputs(b, hkv, g, s, dh, torch.float32, seed=7)
+    kv_start = torch.tensor([0, 9, 40], dtype=torch.int32, device=DEVICE)
+    kv_end = torch.tensor([70, 64, 52], dtype=torch.int32, device=DEVICE)
+    args = dict(d=8, scaling=dh**-0.5, gqa_select="group",
+                **budget(1.0, s, kv_start, kv_end, sink=2, recent=3, k_tokens=20))
+    assert args["k"] == 20 and args["k_b"].tolist() == [20, 20, 12]
+    ref = reference(q, k, v, **args)
+    assert rel_err(triton_form(form)(q, k, v, **args), ref) < TOL[torch.float32]
+    unbounded = dict(d=8, scaling=dh**-0.5, gqa_select="query", **budget(1.0, s, k_tokens=20))
+    assert unbounded["k"] == 20
+    assert rel_err(triton_form(form)(q, k, v, **unbounded), reference(q, k, v, **unbounded)) < TOL[torch.float32]
+    if form == "fused":
+        assert rel_err(loki_decode_attention_torch(q, k, v, **args), ref) < TOL[torch.float32]
 
 
 def test_min_tokens_bound_covers_shorter_rows():

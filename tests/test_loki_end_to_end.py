@@ -136,9 +136,15 @@ def test_real_smollm2_calibrate_patch_generate(smollm2_model):
 def test_main_job_reads_at_several_prefix_lengths(byte_checkpoint, tmp_path):
     out = tmp_path / "long"
     run_main_job(byte_checkpoint, out, "  decode: {dataset: {corpus}, prefix: [32, 80], new_tokens: 15, windows: 1}\n",
-                 "  - {name: plain, k_frac: 0.25, sink_tokens: 0, recent_tokens: 0, dense_layers: 0}\n")
-    full, plain = json.loads((out / "results.json").read_text())["results"]
+                 "  - {name: plain, k_frac: 0.25, sink_tokens: 0, recent_tokens: 0, dense_layers: 0}\n"
+                 "  - {name: capped, k_frac: 1, k_tokens: 40, sink_tokens: 0, recent_tokens: 0, dense_layers: 0}\n")
+    full, plain, capped = json.loads((out / "results.json").read_text())["results"]
     assert [k for k in full if k.startswith("decode")] == ["decode@32", "decode@80"]
     assert full["decode@80"]["tokens"] == plain["decode@32"]["tokens"] == 15
     assert plain["decode@80"]["ppl"] != pytest.approx(full["decode@80"]["ppl"], rel=1e-4)
-    assert "decode-equivalent ppl (prefix 80) | vs full |" in (out / "results.md").read_text()
+    # a token budget of 40 keys: the rows after a prefix of 32 see at most 47 keys, after 80 at least 81
+    assert capped["k_tokens"] == 40 and capped["cost_context"] == 80 + 15
+    assert capped["decode@80"]["ppl"] != pytest.approx(full["decode@80"]["ppl"], rel=1e-4)
+    table = (out / "results.md").read_text()
+    assert "decode-equivalent ppl (prefix 80) | vs full |" in table
+    assert f"| capped | {0.125 + 40 / 95:.3f} at 95 keys |" in table

@@ -107,6 +107,24 @@ def test_generate_full_budget_equals_original(arch):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("mode", ["decode", "all"])
+def test_generate_with_a_token_budget_covering_the_context_equals_original(mode):
+    """k_frac = 1 with k_tokens at least the longest context (12 prompt tokens + 10 new: at most 21 keys) keeps every
+    key, d_frac 0.25 or not: the patched model generates what the unpatched one does; a smaller cap changes it."""
+    model = tiny_model("llama")
+    x = tokens(batch=1, length=12)
+    kwargs = dict(max_new_tokens=10, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    ref = model.generate(x, **kwargs)
+    patch_loki(model, random_basis(), d_frac=0.25, k_frac=1.0, k_tokens=21, mode=mode, **PLAIN)
+    out = model.generate(x, **kwargs)
+    assert torch.equal(out.sequences, ref.sequences)
+    for got, want in zip(out.scores, ref.scores):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    patch_loki(model, random_basis(), d_frac=0.25, k_frac=1.0, k_tokens=6, mode=mode, **PLAIN)
+    capped = model.generate(x, **kwargs)
+    assert max(float((a - b).abs().max()) for a, b in zip(capped.scores, ref.scores)) > 1e-3
+
+
 def test_generate_uses_loki_cache_and_sparse_steps_differ():
     model = tiny_model("llama")
     x = tokens(batch=1, length=64)

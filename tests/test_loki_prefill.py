@@ -13,7 +13,7 @@ from hf_patch.loki import prefill as glue
 from hf_patch.loki.arch import loki_layers
 from hf_patch.loki.attention import LokiLayer, loki_attention_dense, visible_keys
 from hf_patch.loki.budget import Budget
-from hf_patch.loki.prefill import key_ranges, prepare, row_budgets, visible_counts
+from hf_patch.loki.prefill import key_ranges, keys_per_row, prepare, visible_counts
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU, the interpreter elsewhere
 SMALL = LokiPrefillConfig(block_m=16, block_n=16)  # several row blocks and key tiles at interpreter sizes
@@ -69,7 +69,7 @@ def op_inputs(layer, q, k, mask, keys_rotated=False):
     b, _, t, _ = q.shape
     ranges = key_ranges(mask, t, k.shape[2], b)
     assert ranges is not False
-    kb = row_budgets(layer, mask, ranges, b, t, k.shape[2], q.device)
+    kb = keys_per_row(layer, mask, ranges, b, t, k.shape[2], q.device)
     qe, qa, ka = prepare(layer, q, k, keys_rotated)
     kwargs = dict(group=layer.gqa_select == "group", sink=layer.budget.sink_tokens, recent=layer.budget.recent_tokens)
     return (qe, qa, ka, kb, ranges), kwargs
@@ -95,6 +95,9 @@ CASES = [  # (B, Hkv, G, T, S, D, dims, budget, select, dtype, pad)
     (2, 1, 3, 45, 45, 16, 4, Budget(0.5, "paper", recent_tokens=4), "group", torch.float32, "right"),
     (1, 2, 4, 29, 61, 32, [3, 11], Budget(0.25, sink_tokens=1), "group", torch.bfloat16, "none"),  # 32 keys cached
     (2, 2, 2, 33, 33, 64, [5, 16], Budget(0.125, "paper", 6), "query", torch.float32, "left"),
+    # token budgets: k_frac = 1 capped at 9 keys (SparQ's / Quest's form); the paper rule's share or 12 keys
+    (2, 2, 1, 37, 37, 32, 8, Budget(1.0, k_tokens=9), "query", torch.float32, "left"),
+    (2, 1, 3, 45, 45, 16, 4, Budget(0.5, "paper", recent_tokens=4, k_tokens=12), "group", torch.bfloat16, "right"),
 ]
 
 
@@ -110,12 +113,14 @@ def test_kernels_match_dense_path(case):
     ref = dense_path(layer, q, k, v, mask, dh**-0.5)
     assert out.dtype == dtype and out.shape == ref.shape
     vis = visible_keys(mask, t, s, q.device).expand(b, 1, t, s)[:, 0]
-    assert torch.equal(kb, layer.row_budgets(vis.sum(-1), torch.arange(t, device=DEVICE) + s - t).int())
+    assert torch.equal(kb, layer.keys_per_row(vis.sum(-1), torch.arange(t, device=DEVICE) + s - t).int())
     assert torch.equal(count, kb[:, None].expand(b, hkv * g, t))
     assert rel_err(out, ref) < TOL[dtype]
     (qe, qa, ka, kb, _), kwargs = op_inputs(layer, q, k, mask)  # the op's reference on the op's own inputs
     naive = loki_prefill_attention_torch(qe, k, v, qa, ka, kb, vis[:, None], scaling=dh**-0.5, **kwargs)
     assert naive.dtype == dtype and rel_err(out, naive) < TOL[dtype]
+    if budget.k_tokens is not None:  # the cap binds on the later rows
+        assert int(kb.max()) == budget.k_tokens and bool((kb < vis.sum(-1)).any())
 
 
 def test_keys_rotated_and_bisection():
@@ -271,7 +276,7 @@ def test_poisoned_output_is_overwritten_and_blind_rows_are_zero():
     q, k, v = make_qkv(b, hkv, g, t, t, dh, torch.bfloat16, seed=5)
     mask, _ = make_mask(b, t, t, "left")
     ranges = key_ranges(mask, t, t, b)
-    kb = row_budgets(layer, mask, ranges, b, t, t, q.device)
+    kb = keys_per_row(layer, mask, ranges, b, t, t, q.device)
     qe, qa, ka = prepare(layer, q, k, False)
     out = torch.full((b, t, hkv * g, dh), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     loki_prefill_attention(qe, k, v, qa, ka, kb, ranges, group=True, scaling=0.2, config=SMALL, out=out)
@@ -337,16 +342,16 @@ def test_key_ranges_are_kept_on_the_mask():
     assert key_ranges(holes, t, s, b) is False
 
 
-def test_row_budgets_are_kept_on_the_mask_per_budget_and_start():
+def test_keys_per_row_are_kept_on_the_mask_per_budget_and_start():
     b, t = 2, 20
     mask, _ = make_mask(b, t, t, "left")
     ranges = key_ranges(mask, t, t, b)
     layer = make_layer(1, 16, 4, 0.25, "query")
-    kb = row_budgets(layer, mask, ranges, b, t, t, mask.device)
-    assert row_budgets(make_layer(1, 16, 4, 0.25, "group"), mask, ranges, b, t, t, mask.device) is kb
-    assert not torch.equal(row_budgets(make_layer(1, 16, 4, 0.5, "query"), mask, ranges, b, t, t, mask.device), kb)
+    kb = keys_per_row(layer, mask, ranges, b, t, t, mask.device)
+    assert keys_per_row(make_layer(1, 16, 4, 0.25, "group"), mask, ranges, b, t, t, mask.device) is kb
+    assert not torch.equal(keys_per_row(make_layer(1, 16, 4, 0.5, "query"), mask, ranges, b, t, t, mask.device), kb)
     layer.sparse_from = torch.tensor([10, 10], device=DEVICE)
-    dense_first = row_budgets(layer, mask, ranges, b, t, t, mask.device)
+    dense_first = keys_per_row(layer, mask, ranges, b, t, t, mask.device)
     assert torch.equal(dense_first[:, :10], visible_counts(ranges, b, t, t, mask.device)[:, :10].int())
     assert not torch.equal(dense_first, kb)
 
@@ -361,15 +366,17 @@ def test_forward_falls_back_where_kernels_do_not_apply():
 
 
 @pytest.mark.parametrize("select, budget", [("query", {}), ("group", dict(k_rule="paper", sink_tokens=2,
-                                                                            recent_tokens=3, dense_layers=[1]))])
+                                                                            recent_tokens=3, dense_layers=[1])),
+                                            ("query", dict(k_frac=1.0, k_tokens=4))])
 def test_patched_model_uses_kernels_with_padding(monkeypatch, select, budget):
     """A patched tiny Llama in mode "all" with left padding: kernel path (interpreter on the CPU) = dense path;
-    under decode_rows too (rows before the start dense)."""
+    under decode_rows too (rows before the start dense); with a fixed budget of 4 keys (k_frac = 1, k_tokens = 4)."""
     from hf_patch import decode_rows, patch_loki
     from loki_helpers import PLAIN, random_basis, tiny_model
 
     model = tiny_model().to(DEVICE)
-    patch_loki(model, random_basis(), d_frac=0.25, k_frac=0.25, mode="all", gqa_select=select, **{**PLAIN, **budget})
+    patch_loki(model, random_basis(), mode="all", gqa_select=select, **{**PLAIN, "d_frac": 0.25, "k_frac": 0.25,
+                                                                       **budget})
     ids = torch.randint(3, 90, (2, 21), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     attn = torch.ones_like(ids)
     attn[1, :6] = 0
@@ -387,7 +394,7 @@ def test_patched_model_uses_kernels_with_padding(monkeypatch, select, budget):
         fast = model(ids, attention_mask=attn).logits
         with decode_rows(model, [12, 15]):
             fast_rows = model(ids, attention_mask=attn).logits
-    assert len(calls) == (4 if not budget else 2)  # the sparse layers, two forwards
+    assert len(calls) == (2 if "dense_layers" in budget else 4)  # the sparse layers, two forwards
     keep = attn.bool()
     assert rel_err(fast[keep], dense[keep]) < 1e-5
     assert rel_err(fast_rows[keep], dense_rows[keep]) < 1e-5

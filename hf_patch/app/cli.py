@@ -11,6 +11,11 @@ import argparse
 import importlib
 import sys
 import warnings
+from collections.abc import Collection
+from dataclasses import MISSING, fields
+from typing import Any
+
+from ..config import Schema
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -23,6 +28,21 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare-tasks": ("hf_patch.app.prepare_tasks", "build the local lm-eval tasks offline (hfp_core, hfp_mmlu, books, cloze; BIG-bench from a local sdist)"),
     "compare": ("hf_patch.app.compare", "full attention vs Loki settings on lm-eval tasks: table, JSON and plot"),
 }
+
+
+def add_schema_flags(parser: argparse.ArgumentParser, schema: type[Schema], exclude: Collection[str] = ()) -> None:
+    """One `--field-name` flag per field of `schema` (except `exclude`), with the field's help and default. The
+    values stay as typed (None when not given): the schema's own parsers check them (`schema_flags`)."""
+    for f in fields(schema):
+        if f.name not in exclude:
+            default = "" if f.default is MISSING else f" (default: {f.default})"
+            parser.add_argument(f"--{f.name.replace('_', '-')}", help=f"{f.metadata.get('help') or ''}{default}")
+
+
+def schema_flags(args: argparse.Namespace, schema: type[Schema], exclude: Collection[str] = ()) -> dict[str, Any]:
+    """The flags of `add_schema_flags` that were given: {field name: value as typed}."""
+    return {name: value for name in schema.keys()
+            if name not in exclude and (value := getattr(args, name, None)) is not None}
 
 
 USER_ERRORS = (ValueError, OSError)

@@ -28,7 +28,7 @@ from ..config import (DTYPES, ConfigError, Schema, directory, given, integer, li
 from ..data.store import digest, write_json, write_text
 from ..loki.attention import MODES
 from ..loki.calibrate import Calibration
-from ..loki.settings import SweepSetting
+from ..loki.settings import LmEvalLoki, SweepSetting
 from ..parallel import check_device
 from .experiment import FULL, check_names, setting_name
 from .launch import Launch
@@ -71,7 +71,7 @@ class CompareConfig(Schema):
     settings: list[dict[str, Any]] = setting(parse=list_of(given(SweepSetting)), factory=list)
     basis: dict[str, str] = setting(parse=given(BasisPaths), factory=dict)
     calibration: dict[str, Any] = setting(parse=given(Calibration), factory=dict)
-    mode: str = setting("all", one_of(*MODES))
+    mode: str = setting(LmEvalLoki.mode, one_of(*MODES))  # hf-loki's default (hf_patch.loki.settings)
     num_fewshot: int = setting(0, integer(0))
     bootstrap_iters: int = setting(1000, integer(0))
     seed: int = setting(1234, integer(0))
@@ -178,12 +178,19 @@ def applied_setting(cfg: dict[str, Any], setting: dict[str, Any]) -> SweepSettin
     return SweepSetting(**{"mode": cfg["mode"], **setting})
 
 
+def model_args(setting: SweepSetting, basis: Path) -> dict[str, Any]:
+    """A setting as `hf-loki` model args, plain values (JSON: the cache key, a launched job): its `patch_loki`
+    settings, rotary and basis. A setting left at None is left out, so that caches written before it existed stay
+    valid."""
+    given = {k: v for k, v in setting.patch_settings().as_dict().items() if v is not None}
+    return {**given, "rotary": setting.rotary, "basis": str(basis)}
+
+
 def evaluate_setting(cfg: dict[str, Any], setting: dict[str, Any] | None, basis: Path | None) -> dict:
     """{run key: {"limit", "n", "results"}} for one setting, running only the runs its cache lacks (in this
     process, or in the processes the config's `launch` starts)."""
     label = setting_label(setting)
-    applied = None if setting is None else applied_setting(cfg, setting)
-    loki = None if applied is None else {**applied.patch_args(), "rotary": applied.rotary, "basis": str(basis)}
+    loki = None if setting is None else model_args(applied_setting(cfg, setting), basis)
     key = results_key(cfg, loki, basis)
     path = Path(cfg["output_dir"]) / "cache" / f"{_slug(label)}.json"
     cache = read_cache(path, key)
@@ -321,7 +328,8 @@ def plot(summary: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) 
             p = row["params"]
             name = f"d_f={p['d_frac']:g}" + "".join(
                 f" {p[k]}" for k, default in (("rotary", "pre"), ("d_policy", "uniform"), ("gqa_select", "query"))
-                if p.get(k, default) != default) + (f" {p['mode']}-mode" if len(modes) > 1 else "")
+                if p.get(k, default) != default) + (f" {p['mode']}-mode" if len(modes) > 1 else "") + (
+                f" k_tokens={p['k_tokens']}" if p.get("k_tokens") else "")
             lines.setdefault(name, []).append((p["k_frac"], scale * e["settings"][row["setting"]]["value"]))
         for name, points in sorted(lines.items()):
             xs, ys = zip(*sorted(points))

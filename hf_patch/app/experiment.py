@@ -122,17 +122,19 @@ def run_experiment(config: dict[str, Any], source: str = "config") -> list[dict[
         plot_explained_variance({f"{r}-RoPE": b for r, b in bases.items()}, out / "explained_variance.png")
 
     def patcher(s: dict[str, Any], mode: str):
-        args = {**SweepSetting(**s).patch_args(), "mode": mode}
-        return lambda m: patch_loki(m, bases[s.get("rotary", "pre")], **args)
+        setting = SweepSetting(**s)
+        return lambda m: patch_loki(m, bases[setting.rotary], setting, mode=mode)
 
+    context = longest_context(evaluations)
     rows = [{"setting": FULL, "cost": 1.0}]
     for s in settings:  # record each setting as patch_loki resolves it (defaults included) and what it reads
         patcher(s, "all")(model)
         applied = loki_settings(model)
         unpatch(model)
         cost = read_cost(applied["d_frac"], applied["k_frac"], len(applied["dense_layers"]),
-                         model.config.num_hidden_layers)
-        rows.append({"setting": setting_name(s), "cost": round(cost, 4), "rotary": s.get("rotary", "pre"),
+                         model.config.num_hidden_layers, applied["k_tokens"], context)
+        at = {} if applied["k_tokens"] is None else {"cost_context": context}  # a token cap's cost depends on it
+        rows.append({"setting": setting_name(s), "cost": round(cost, 4), **at, "rotary": s.get("rotary", "pre"),
                      **{k: v for k, v in applied.items() if k != "mode"}})
 
     if "decode" in evaluations:
@@ -176,6 +178,18 @@ def check_model(model, cfg: dict[str, Any], evaluations: dict[str, Any]) -> None
     check_weights(model)
 
 
+def longest_context(evaluations: dict[str, Any]) -> int:
+    """Keys the longest step of the evaluations reads: the longest prefix plus the new tokens (decode), or the
+    window (all); the context at which a k_tokens setting's read cost is given."""
+    lengths = []
+    if "decode" in evaluations:
+        e = DecodeEvaluation(**evaluations["decode"])
+        lengths.append(max(e.prefix if isinstance(e.prefix, list) else [e.prefix]) + e.new_tokens)
+    if "all" in evaluations:
+        lengths.append(Evaluation(**evaluations["all"]).seq_len)
+    return max(lengths, default=1)
+
+
 def column_title(key: str) -> str:
     """"decode" / "decode@P" / "all" -> the table's column title."""
     if key == "all":
@@ -194,7 +208,8 @@ def table(rows: list[dict[str, Any]]) -> str:
              "|---|---|" + "---|---|" * len(evals)]
     for r in rows:
         cells = [f"{r[e]['ppl']:.3f} | {100 * (r[e]['ppl'] / rows[0][e]['ppl'] - 1):+.1f}%" for e in evals]
-        lines.append(f"| {r['setting']} | {r['cost']:.3f} | " + " | ".join(cells) + " |")
+        at = f" at {r['cost_context']} keys" if "cost_context" in r else ""
+        lines.append(f"| {r['setting']} | {r['cost']:.3f}{at} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

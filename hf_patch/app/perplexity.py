@@ -3,19 +3,19 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
-
 from ..config import DTYPES
 from ..eval.perplexity import DecodeEvaluation, Evaluation, decode_perplexity, decode_windows, perplexity
+from ..loki.settings import LokiSettings
 from ..parallel import resolve_device
+from .cli import add_schema_flags, schema_flags
+
+SET_HERE = ("mode", "cuda_graph")  # mode: by --prefix; perplexity generates nothing to graph
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="'smollm2' (default, embedded), a local dir or a hub id")
     parser.add_argument("--basis", default=None, help="Loki basis dir; omit for full attention")
-    for flag in ("d-frac", "k-frac", "k-rule", "min-tokens", "sink-tokens", "recent-tokens", "d-policy", "gqa-select"):
-        parser.add_argument(f"--{flag}", help="a patch_loki setting (default: patch_loki's)")
-    parser.add_argument("--dense-layers", help="layers with full attention: a count from the bottom, or i,j,...")
+    add_schema_flags(parser, LokiSettings, exclude=SET_HERE)  # patch_loki's settings, one flag each
     parser.add_argument("--dataset", help="default: books:evaluation (mode all), books:evaluation:by-book (--prefix)")
     parser.add_argument("--text-column", help="the dataset's column holding the text (default: text)")
     parser.add_argument("--seq-len", default=1024, help="window length (mode all)")
@@ -30,15 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
 
 
-def _dense_layers_flag(value: str | None) -> Any:
-    """`--dense-layers 2` (a count) or `--dense-layers 0,5` (indices); checked by `LokiSettings`."""
-    return value if value is None or "," not in value else [v.strip() for v in value.split(",") if v.strip()]
-
-
 def run(args: argparse.Namespace) -> int:
     from ..loki.basis import PCABasis
     from ..loki.patch import patch_loki
-    from ..loki.settings import LokiSettings
     from ..models.smollm2 import load_model
 
     # every flag and the basis are checked before the model loads
@@ -47,11 +41,8 @@ def run(args: argparse.Namespace) -> int:
                if v is not None}  # else each evaluation's default
     data = Evaluation.from_dict(dict(seq_len=args.seq_len, max_tokens=args.max_tokens, batch_size=args.batch_size,
                                      **dataset), source)
-    flags = {name: getattr(args, name) for name in ("d_frac", "k_frac", "k_rule", "min_tokens", "sink_tokens",
-                                                     "recent_tokens", "d_policy", "gqa_select")}
-    flags["dense_layers"] = _dense_layers_flag(args.dense_layers)
     decode = args.prefix is not None
-    given = {k: v for k, v in flags.items() if v is not None}
+    given = schema_flags(args, LokiSettings, exclude=SET_HERE)
     loki = LokiSettings.from_dict({**given, "mode": "decode" if decode else "all"}, source)
     windows = None
     if decode:
@@ -61,15 +52,15 @@ def run(args: argparse.Namespace) -> int:
     basis = PCABasis.load(args.basis) if args.basis else None
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     if windows is not None:
-        setting = ("loki", lambda m: patch_loki(m, basis, **loki.patch_args())) if basis else ("full", None)
+        setting = ("loki", lambda m: patch_loki(m, basis, loki)) if basis else ("full", None)
         tokens = decode_windows(tokenizer, windows.dataset, windows.prefix + windows.new_tokens + 1, windows.windows,
                                 text_column=windows.text_column)
         result = decode_perplexity(model, tokens, windows.prefix, [setting])[setting[0]]
     else:
         if basis is not None:
-            patch_loki(model, basis, **loki.patch_args())
+            patch_loki(model, basis, loki)
         result = perplexity(model, tokenizer, data.dataset, data.seq_len, data.max_tokens, data.batch_size,
                             text_column=data.text_column)
-    settings = {**loki.patch_args(), "basis": args.basis} if basis is not None else None
+    settings = {**loki.as_dict(), "basis": args.basis} if basis is not None else None
     print(json.dumps({**result, "loki": settings}, indent=2))
     return 0

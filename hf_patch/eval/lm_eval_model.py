@@ -3,12 +3,12 @@
     lm-eval run --model hf-loki --model_args pretrained=smollm2,basis=outputs/smollm2/basis-pre,d_frac=0.25 ...
 
 Model args beyond HFLM's own: `basis` (a saved `PCABasis` directory; without it the model runs full attention),
-`d_frac`, `k_frac`, `mode` ("all": Loki on every query row of teacher-forced scoring; "decode": what
-generation computes: each request's context is scored with exact attention, as a prefill, and every continuation
-token after the first attends with Loki over the keys before it, as a decode step; `generate_until` decodes with
-the Loki cache; default "all"), `d_policy`, `gqa_select`, the other settings of `patch_loki` (`k_rule`,
-`min_tokens`, `sink_tokens`, `recent_tokens`, `dense_layers`; patch_loki's defaults where not given) and `rotary`
-(optional check: "pre"/"post" must match the basis); all are checked (`LmEvalLoki`) before the model loads.
+every setting of `patch_loki` by its name (the fields of `LokiSettings`: `d_frac`, `k_frac`, `k_tokens`, ...;
+patch_loki's defaults where not given) except that `mode` defaults to "all" (Loki on every query row of
+teacher-forced scoring; "decode": what generation computes: each request's context is scored with exact attention,
+as a prefill, and every continuation token after the first attends with Loki over the keys before it, as a decode
+step; `generate_until` decodes with the Loki cache), and `rotary` (optional check: "pre"/"post" must match the
+basis); all are checked (`LmEvalLoki`) before the model loads.
 `pretrained="smollm2"` is the embedded SmolLM2-135M-Instruct.
 Importing hf_patch registers its TransNormer models with the Auto classes, so they load like any `hf` model.
 
@@ -71,10 +71,9 @@ class LokiHFLM(HFLM):
             raise ConfigError(f"{source}: unknown arg {name[1]!r}: not a Loki setting ({', '.join(LmEvalLoki.keys())})"
                               ", nor an argument of lm-eval's HFLM or of the model's from_pretrained") from None
         self._split_over_processes()
-        self.loki = None
-        if basis is not None:
-            self.loki = {"basis": settings.basis, **settings.patch_args()}
-            patch_loki(self.model, basis, **settings.patch_args())
+        self.loki = settings if basis is not None else None  # the settings patched, or None: full attention
+        if self.loki is not None:
+            patch_loki(self.model, basis, self.loki.patch_settings())
 
     def _split_over_processes(self) -> None:
         """HFLM splits the requests over launched processes only when it counts more than one GPU; with one or none
@@ -116,7 +115,7 @@ class LokiHFLM(HFLM):
         if min(lengths) < inps.shape[1]:
             ends = torch.tensor(lengths, device=inps.device)[:, None]
             mask = (torch.arange(inps.shape[1], device=inps.device)[None] < ends).long()
-        rows = (decode_rows(self.model, [start for _, start in found]) if self.loki["mode"] == "decode"
+        rows = (decode_rows(self.model, [start for _, start in found]) if self.loki.mode == "decode"
                 else contextlib.nullcontext())
         autocast = torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                   enabled=self.mixed_precision_dtype is not None)  # as HFLM's own call
@@ -125,7 +124,8 @@ class LokiHFLM(HFLM):
 
     def get_model_info(self) -> dict[str, Any]:
         """HFLM's model info plus the Loki settings (None for full attention), recorded in lm-eval's results."""
-        return {**super().get_model_info(), "loki": self.loki}
+        loki = None if self.loki is None else {"basis": self.loki.basis, **self.loki.patch_settings().as_dict()}
+        return {**super().get_model_info(), "loki": loki}
 
 
 def _request_of(row: list[int], inputs: dict[tuple[int, ...], int]) -> tuple[int, int]:

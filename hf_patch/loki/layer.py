@@ -48,7 +48,7 @@ class LokiLayer:
     warned: bool = field(default=False, repr=False)
     _on_device: dict = field(default_factory=dict, repr=False)
 
-    def row_budgets(self, n_visible: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def keys_per_row(self, n_visible: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """int64 [B, T] keys kept by each query row. n_visible: int [B, T] keys each row sees; rows: int [T], each
         row's key index (its own position in the cache). Mode "all" reads the paper rule's window S per sequence
         as the keys its last row sees; under `decode_rows` each sparse row is a decode step (S = what it sees)

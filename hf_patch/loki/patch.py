@@ -22,7 +22,7 @@ from .dims import allocate_dims
 from .layer import LokiLayer
 from .settings import LokiSettings
 
-SETTINGS = "hf_patch_loki_settings"  # set on a patched model: the settings it was patched with (a dict)
+SETTINGS = "hf_patch_loki_settings"  # set on a patched model: the `LokiSettings` it was patched with
 
 def _register() -> None:
     AttentionInterface.register(ATTENTION_NAME, loki_attention_forward)
@@ -40,9 +40,6 @@ def dense_layer_set(dense_layers: int | Sequence[int], num_layers: int) -> froze
     return frozenset(dense_layers)
 
 
-_DEFAULT = LokiSettings()
-
-
 def _check_calibrated_on(basis: PCABasis, model: nn.Module) -> None:
     """Warn when the basis was calibrated on another model than `model` (both ids known): shapes alike, keys not."""
     from ..models.smollm2 import model_id
@@ -54,28 +51,18 @@ def _check_calibrated_on(basis: PCABasis, model: nn.Module) -> None:
                       "(`hf-patch calibrate --model ...`)", UserWarning, stacklevel=3)
 
 
-def patch_loki(
-    model: nn.Module,
-    basis: PCABasis | str | Path,
-    d_frac: float = _DEFAULT.d_frac,
-    k_frac: float = _DEFAULT.k_frac,
-    mode: str = _DEFAULT.mode,
-    d_policy: str = _DEFAULT.d_policy,
-    gqa_select: str = _DEFAULT.gqa_select,
-    cuda_graph: bool = _DEFAULT.cuda_graph,
-    *,
-    k_rule: str = _DEFAULT.k_rule,
-    min_tokens: int = _DEFAULT.min_tokens,
-    sink_tokens: int = _DEFAULT.sink_tokens,
-    recent_tokens: int = _DEFAULT.recent_tokens,
-    dense_layers: int | Sequence[int] = _DEFAULT.dense_layers,
-) -> nn.Module:
-    """Make `model` attend with Loki (in place; returns the model). The defaults (`LokiSettings`) are the best
-    setting measured at the paper's cost: (0.25, 0.2) by the paper's rule, 4 sink + 64 recent keys, 2 dense layers.
+def patch_loki(model: nn.Module, basis: PCABasis | str | Path, settings: LokiSettings | None = None,
+               **overrides: Any) -> nn.Module:
+    """Make `model` attend with Loki (in place; returns the model). `settings`: a `LokiSettings` (default: its
+    defaults, the best setting measured at the paper's cost: (0.25, 0.2) by the paper's rule, 4 sink + 64 recent
+    keys, 2 dense layers); `overrides`: any of its fields by keyword, set on top (`patch_loki(model, basis,
+    k_frac=0.25)`).
 
     basis: a `PCABasis` or the directory it was saved to. d_frac: share of the head dim used for approximate
     scores; k_frac: share of the keys each query attends to, counted by `k_rule` ("row": of the keys the row
-    sees; "paper": of the whole window, as the official Loki evaluation does; see `hf_patch.loki.budget`).
+    sees; "paper": of the whole window, as the official Loki evaluation does; see `hf_patch.loki.budget`);
+    k_tokens: at most this many keys per row whatever the context (None: no cap), so the budget is the smaller of
+    k_frac and k_tokens (`k_frac=1, k_tokens=2048`: a fixed budget of 2,048 keys, as SparQ and Quest spend).
     min_tokens: a row that sees at most this many keys attends to all of them. sink_tokens / recent_tokens: the
     first / last keys a row sees (its own included) are always kept, counted inside k. dense_layers: layers that
     keep full attention, a count from the bottom or a list of indices. mode: "decode" (exact attention at
@@ -88,9 +75,12 @@ def patch_loki(
     tokens; `decode_graphs(model).whole_step = False` turns it off). Patching again replaces the settings; `unpatch`
     restores the original attention.
     """
-    settings = LokiSettings(d_frac, k_frac, mode, d_policy, gqa_select, cuda_graph, k_rule, min_tokens, sink_tokens,
-                            recent_tokens, dense_layers)
-    d_frac, mode, d_policy, gqa_select = settings.d_frac, settings.mode, settings.d_policy, settings.gqa_select
+    if settings is not None and not isinstance(settings, LokiSettings):
+        raise TypeError(f"patch_loki's third argument is a LokiSettings, got {type(settings).__name__}: pass the "
+                        "settings by keyword (d_frac=..., k_frac=...)")
+    if unknown := sorted(set(overrides) - set(LokiSettings.keys())):
+        raise TypeError(f"patch_loki got unknown settings {unknown}; the settings are {LokiSettings.keys()}")
+    settings = LokiSettings(**overrides) if settings is None else settings.patch_settings().replace(**overrides)
     if not isinstance(basis, (PCABasis, str, os.PathLike)):
         raise TypeError(f"basis must be a PCABasis or the directory a basis was saved to, got "
                         f"{type(basis).__name__}: load one with PCABasis.load(path) or make one with calibrate_pca")
@@ -104,22 +94,21 @@ def patch_loki(
     if len(dense) == len(modules):
         warnings.warn(f"dense_layers={settings.dense_layers} covers all {len(modules)} layers: every layer keeps "
                       "full attention and Loki changes nothing; pass dense_layers=0 (or fewer) to use it", stacklevel=2)
-    if cuda_graph:
+    if settings.cuda_graph:
         graphs.check_graphable(model)
-    dims = allocate_dims(basis, d_frac, d_policy)
+    dims = allocate_dims(basis, settings.d_frac, settings.d_policy)
 
     previous = getattr(model, PREVIOUS_ATTN, model.config._attn_implementation)
     _register()
     for i, module in enumerate(modules):
         components = _on_layer_device(basis.components[i].float(), module)
-        module.hf_patch_loki = LokiLayer(components, dims[i], budget, mode, gqa_select, i in dense)
+        module.hf_patch_loki = LokiLayer(components, dims[i], budget, settings.mode, settings.gqa_select, i in dense)
     setattr(model, PREVIOUS_ATTN, previous)
-    setattr(model, SETTINGS, {"d_frac": float(d_frac), **budget.describe(), "mode": mode, "d_policy": d_policy,
-                              "gqa_select": gqa_select, "dense_layers": sorted(dense)})
+    setattr(model, SETTINGS, settings)
     model.set_attn_implementation(ATTENTION_NAME)
     generate.install(model)
     graphs.remove(model)  # a graph captured under the previous settings must not replay
-    if cuda_graph:
+    if settings.cuda_graph:
         graphs.install(model)
     return model
 
@@ -135,9 +124,13 @@ def _on_layer_device(components: torch.Tensor, module: nn.Module) -> torch.Tenso
 
 
 def loki_settings(model: nn.Module) -> dict[str, Any]:
-    """The settings a patched model was patched with (d_frac, the budget, mode, ..., dense layer indices)."""
-    loki_layers(model)  # raises for a model that is not patched
-    return dict(getattr(model, SETTINGS))
+    """The settings a patched model was patched with, as plain values for results files: d_frac, the budget
+    (`Budget.describe`), mode, d_policy, gqa_select and the dense layers' indices."""
+    layers = loki_layers(model)  # raises for a model that is not patched
+    settings: LokiSettings = getattr(model, SETTINGS)
+    return {"d_frac": settings.d_frac, **layers[0].budget.describe(), "mode": settings.mode,
+            "d_policy": settings.d_policy, "gqa_select": settings.gqa_select,
+            "dense_layers": [i for i, layer in enumerate(layers) if layer.dense]}
 
 
 def unpatch(model: nn.Module) -> nn.Module:

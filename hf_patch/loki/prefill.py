@@ -2,7 +2,7 @@
 between one attention call of a model and the op, which takes prepared tensors only.
 
 Per call: the key range each sequence sees (from Transformers' mask; kept on the mask object, which every layer
-of a forward shares), the keys each row keeps (`LokiLayer.row_budgets`, the one budget formula), the approximate
+of a forward shares), the keys each row keeps (`LokiLayer.keys_per_row`, the one budget formula), the approximate
 queries and keys (the same tensors `loki_attention_dense` scores with, hence the same kept sets), then the op.
 """
 from __future__ import annotations
@@ -48,17 +48,17 @@ def visible_counts(ranges: Ranges, batch: int, q_len: int, kv_len: int, device: 
     return (torch.minimum(last, end - 1) - start + 1).clamp_min(0)
 
 
-def row_budgets(loki: LokiLayer, attention_mask: torch.Tensor | None, ranges: Ranges, batch: int, q_len: int,
-                kv_len: int, device: torch.device) -> torch.Tensor:
-    """int32 [B, T] keys kept by each query row (`LokiLayer.row_budgets` of the keys it sees); kept on the mask for
+def keys_per_row(loki: LokiLayer, attention_mask: torch.Tensor | None, ranges: Ranges, batch: int, q_len: int,
+                 kv_len: int, device: torch.device) -> torch.Tensor:
+    """int32 [B, T] keys kept by each query row (`LokiLayer.keys_per_row` of the keys it sees); kept on the mask for
     the layers of the forward that share the budget and `decode_rows`' start."""
     def compute() -> tuple[torch.Tensor | None, torch.Tensor]:
         n = visible_counts(ranges, batch, q_len, kv_len, device)
         rows = torch.arange(q_len, device=device) + (kv_len - q_len)
-        return loki.sparse_from, loki.row_budgets(n, rows).to(torch.int32).contiguous()
+        return loki.sparse_from, loki.keys_per_row(n, rows).to(torch.int32).contiguous()
 
     # the entry holds sparse_from itself: its id cannot name another tensor while the entry lives
-    key = ("budgets", q_len, kv_len, batch, loki.budget, id(loki.sparse_from))
+    key = ("keys_per_row", q_len, kv_len, batch, loki.budget, id(loki.sparse_from))
     return on_mask(attention_mask, key, compute)[1]
 
 
@@ -95,8 +95,8 @@ def loki_prefill_forward(loki: LokiLayer, query: torch.Tensor, key: torch.Tensor
     ranges = key_ranges(attention_mask, t, s, b)
     if ranges is False:
         return None
-    kb = row_budgets(loki, attention_mask, ranges, b, t, s, query.device)
+    kept = keys_per_row(loki, attention_mask, ranges, b, t, s, query.device)
     q, qa, ka = prepare(loki, query, key, keys_rotated)
     key, value = (x if x.stride(-1) == 1 else x.contiguous() for x in (key, value))
-    return loki_prefill_attention(q, key, value, qa, ka, kb, ranges, group=loki.gqa_select == "group",
+    return loki_prefill_attention(q, key, value, qa, ka, kept, ranges, group=loki.gqa_select == "group",
                                   scaling=scaling, sink=loki.budget.sink_tokens, recent=loki.budget.recent_tokens)
