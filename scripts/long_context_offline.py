@@ -20,8 +20,8 @@ early stop (greedy tokens before a stop do not depend on what follows).
     python scripts/long_context_offline.py export --tasks hfp_ruler_niah_single_1 --lengths 4096 8192 --limit 100 \
         --out .gpu/ruler
     python scripts/long_context_offline.py generate --payload .gpu/ruler/payload.npz.xz --gguf DIR/model.gguf \
-        --basis .gpu/basis-pre --settings '[{"name": "default"}]' --out $OUT/generations.json
-    python scripts/long_context_offline.py score --docs .gpu/ruler/docs.json.xz --generations generations.json
+        --basis .gpu/basis-pre --settings '[{"name": "default"}]' --out $OUT/generations.json.xz
+    python scripts/long_context_offline.py score --docs .gpu/ruler/docs.json.xz --generations generations.json.xz
 """
 from __future__ import annotations
 
@@ -141,7 +141,10 @@ def generate(args: argparse.Namespace) -> None:
                     gen = model.generate(ids.to(args.device), attention_mask=mask.to(args.device), max_new_tokens=new,
                                          do_sample=False, pad_token_id=pad)
                 for row, i in enumerate(batch):
-                    out[i] = gen[row, width:width + meta[i]["max_gen_toks"]].tolist()
+                    tokens = gen[row, width:width + meta[i]["max_gen_toks"]].tolist()
+                    while tokens and tokens[-1] == pad:  # generate's padding after a finished row (special: no text)
+                        tokens.pop()
+                    out[i] = tokens
             sync()
             results["seconds"][name] = round(time.perf_counter() - start, 2)
             results["generations"][name] = [out[i] for i in range(len(meta))]
@@ -153,7 +156,7 @@ def generate(args: argparse.Namespace) -> None:
             if patched:
                 unpatch(model)
         tmp = out_path.with_name(out_path.name + ".partial")
-        tmp.write_text(json.dumps(results))
+        tmp.write_bytes(lzma.compress(json.dumps(results).encode()))  # small enough to come back from the GPU
         tmp.replace(out_path)
 
 
@@ -167,7 +170,7 @@ def score(args: argparse.Namespace) -> None:
     from hf_patch.models.smollm2 import resolve_model
 
     saved = json.loads(lzma.decompress(Path(args.docs).read_bytes()))
-    gens = json.loads(Path(args.generations).read_text())
+    gens = json.loads(lzma.decompress(Path(args.generations).read_bytes()))
     meta, docs = saved["meta"], saved["docs"]
     if [m["tokens"] for m in gens["meta"]] != [m["tokens"] for m in meta]:
         raise SystemExit("the generations were made from another export: their request lengths differ")
