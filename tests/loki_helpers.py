@@ -87,3 +87,21 @@ def byte_level_tokenizer(texts: list[str], vocab_size: int):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def assert_explained_variance_figure(fig, bases: dict[str, PCABasis], threshold: float = 0.9) -> None:
+    """`fig` draws `bases` as `plot_explained_variance` says: left, each basis's rank@threshold per layer (mean over
+    KV heads, labelled with the basis's name); right, the first basis's cumulative explained variance per layer."""
+    left, right = fig.axes
+    assert [line.get_label().split(" (")[0] for line in left.get_lines()] == list(bases)
+    for line, basis in zip(left.get_lines(), bases.values()):
+        assert list(line.get_xdata()) == list(range(basis.num_layers))
+        torch.testing.assert_close(torch.as_tensor(line.get_ydata()), basis.rank_at(threshold).float().mean(1))
+    assert [text.get_text().split(" (")[0] for text in left.get_legend().get_texts()] == list(bases)
+    assert left.get_xlabel() == "layer" and right.get_xlabel() == "principal components"
+    first = next(iter(bases.values()))
+    *curves, rule = right.get_lines()
+    assert len(curves) == first.num_layers and list(rule.get_ydata()) == [threshold, threshold]
+    for curve, expected in zip(curves, first.explained_variance().mean(1)):
+        assert list(curve.get_xdata()) == list(range(1, first.head_dim + 1))
+        torch.testing.assert_close(torch.as_tensor(curve.get_ydata()), expected)
