@@ -348,7 +348,7 @@ def test_missing_task_data_says_what_to_run(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- compare
 
 
-def test_compare_tables_plots_and_resumes(tiny_model_dir, local_tasks, tmp_path, monkeypatch):
+def test_compare_tables_plots_and_resumes(tiny_model_dir, local_tasks, tmp_path, monkeypatch, saved_figures):
     import lm_eval
 
     from hf_patch.app import compare
@@ -369,7 +369,17 @@ def test_compare_tables_plots_and_resumes(tiny_model_dir, local_tasks, tmp_path,
     md = (out / "results.md").read_text()
     assert "| task | metric | n | full | loki d=0.25 k=0.25 | Δ |" in md
     assert "| hfp_bigbench_winowhy | acc (%) | 4 |" in md and "| hfp_books_ppl | word_perplexity | 1 |" in md
-    assert (out / "accuracy_vs_k.png").stat().st_size > 1000
+    fig = saved_figures(out / "accuracy_vs_k.png")  # one panel per task: full dashed, the setting at its k_f
+    assert len(fig.axes) == len(payload["summary"]) == 3
+    for ax, e in zip(fig.axes, payload["summary"]):
+        scale = 1 if e["metric"] == "word_perplexity" else 100
+        full, loki = ax.get_lines()
+        assert ax.get_title() == f"{e['task']} (n={e['n']})" and ax.get_xlabel() == "k_f"
+        assert ax.get_ylabel() == e["metric"] + ("" if scale == 1 else " (%)")
+        assert list(full.get_ydata()) == [scale * e["settings"]["full"]["value"]] * 2 and full.get_linestyle() == "--"
+        assert list(loki.get_xdata()) == [0.25]
+        assert list(loki.get_ydata()) == [scale * e["settings"]["loki d=0.25 k=0.25"]["value"]]
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["full", "d_f=0.25"]
     summary = {e["task"]: e for e in json.loads((out / "results.json").read_text())["summary"]}
     wino = summary["hfp_bigbench_winowhy"]["settings"]
     assert wino["full"]["delta"] == 0 and wino["full"]["stderr"] is not None
