@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import re
 import tarfile
 from pathlib import Path
 
@@ -283,8 +285,8 @@ def test_eval_cli_runs_lm_eval_with_local_tasks(tiny_model_dir, tiny_basis, loca
     from hf_patch.app.cli import main
 
     out = tmp_path / "lm_eval_out"
-    rc = main(["eval", "run", "--model", "hf-loki",
-               "--model_args", f"pretrained={tiny_model_dir},dtype=float32,basis={tiny_basis},k_frac=0.5",
+    args = dict(pretrained=str(tiny_model_dir), dtype="float32", basis=str(tiny_basis), k_frac=0.5, dense_layers=0)
+    rc = main(["eval", "run", "--model", "hf-loki", "--model_args", ",".join(f"{k}={v}" for k, v in args.items()),
                "--tasks", "hfp_book_cloze,hfp_bigbench_winowhy,hfp_books_ppl", "--limit", "3", "--batch_size", "2",
                "--device", "cpu", "--output_path", str(out)])
     assert rc == 0
@@ -294,7 +296,24 @@ def test_eval_cli_runs_lm_eval_with_local_tasks(tiny_model_dir, tiny_basis, loca
     assert results["config"]["model_args"]["basis"] == str(tiny_basis)
     assert 0.0 <= results["results"]["hfp_bigbench_winowhy"]["acc,none"] <= 1.0
     assert results["n-samples"]["hfp_book_cloze"]["effective"] == 2  # all there are
-    assert results["results"]["hfp_books_ppl"]["word_perplexity,none"] > 1.0
+    # word perplexity as lm-eval defines it, from the rolling log-likelihoods of the same documents under the same
+    # Loki settings; full attention scores them differently (the settings reached the model)
+    from lm_eval.api.instance import Instance
+
+    from hf_patch import unpatch
+    from hf_patch.eval.lm_eval_model import LokiHFLM
+
+    docs = [r["text"] for r in prepare.read_jsonl(local_tasks / "books_ppl.jsonl")][:3]
+    requests = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(d,), idx=i)
+                for i, d in enumerate(docs)]
+    words = sum(len(re.split(r"\s+", d)) for d in docs)
+    lm = LokiHFLM(**args, device="cpu")
+    loki = sum(lm.loglikelihood_rolling(requests))
+    unpatch(lm.model)
+    full = sum(lm.loglikelihood_rolling(requests))
+    ppl = results["results"]["hfp_books_ppl"]["word_perplexity,none"]
+    assert ppl == pytest.approx(math.exp(-loki / words), rel=1e-7)
+    assert abs(math.log(ppl) + full / words) > 1e-5  # about 8e-5: random weights attend almost uniformly
 
 
 def test_eval_cli_help_is_lm_evals(capsys):
