@@ -440,7 +440,18 @@ def test_smollm2_quick_compare(tmp_path, monkeypatch):
     assert {p.name for p in (tmp_path / "tasks").iterdir()} == {"books_ppl.jsonl", "book_cloze.jsonl",
                                                                "bigbench_winowhy.jsonl"}
     ppl = summary["hfp_books_ppl"]
-    assert 5 < ppl["full"]["value"] < 500
+    # full attention's word perplexity equals lm-eval's definition computed here from the model's own logits: the
+    # document after a BOS token (one window: it is shorter than the model's 8192 positions), over its words
+    from hf_patch.models.smollm2 import load_model
+
+    model, tokenizer = load_model()
+    (doc,) = [r["text"] for r in prepare.read_jsonl(tmp_path / "tasks" / "books_ppl.jsonl")][:1]
+    ids = tokenizer(doc)["input_ids"]
+    assert ids[0] != tokenizer.bos_token_id and len(ids) < 8192
+    with torch.no_grad():
+        logp = model(torch.tensor([[tokenizer.bos_token_id] + ids[:-1]])).logits[0].double().log_softmax(-1)
+    loglikelihood = logp[torch.arange(len(ids)), ids].sum().item()
+    assert ppl["full"]["value"] == pytest.approx(math.exp(-loglikelihood / len(re.split(r"\s+", doc))), rel=1e-4)
     assert ppl["bare"]["value"] > 1.01 * ppl["full"]["value"]
     for task in ("hfp_book_cloze", "hfp_bigbench_winowhy"):
         assert all(0 <= s["value"] <= 1 for s in summary[task].values()), task
