@@ -419,7 +419,7 @@ def test_compare_tables_plots_and_resumes(tiny_model_dir, local_tasks, tmp_path,
 
 
 @pytest.mark.slow
-def test_smollm2_quick_compare(tmp_path, monkeypatch):
+def test_smollm2_quick_compare(tmp_path, monkeypatch, smollm2_model):
     """The real SmolLM2-135M through `compare` on a few examples (a basis calibrated on the way): held-out
     perplexity is that of a trained model, the paper's bare Loki at (0.25, 0.25) changes it, every metric is a number.
     The book tasks are built from the real corpus on the way; the multiple-choice task is the synthetic winowhy
@@ -442,9 +442,7 @@ def test_smollm2_quick_compare(tmp_path, monkeypatch):
     ppl = summary["hfp_books_ppl"]
     # full attention's word perplexity equals lm-eval's definition computed here from the model's own logits: the
     # document after a BOS token (one window: it is shorter than the model's 8192 positions), over its words
-    from hf_patch.models.smollm2 import load_model
-
-    model, tokenizer = load_model()
+    model, tokenizer = smollm2_model
     (doc,) = [r["text"] for r in prepare.read_jsonl(tmp_path / "tasks" / "books_ppl.jsonl")][:1]
     ids = tokenizer(doc)["input_ids"]
     assert ids[0] != tokenizer.bos_token_id and len(ids) < 8192
