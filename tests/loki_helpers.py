@@ -87,3 +87,56 @@ def byte_level_tokenizer(texts: list[str], vocab_size: int):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def assert_explained_variance_figure(fig, bases: dict[str, PCABasis], threshold: float = 0.9) -> None:
+    """`fig` draws `bases` as `plot_explained_variance` says: left, each basis's rank@threshold per layer (mean over
+    KV heads, labelled with the basis's name); right, the first basis's cumulative explained variance per layer."""
+    left, right = fig.axes
+    assert [line.get_label().split(" (")[0] for line in left.get_lines()] == list(bases)
+    for line, basis in zip(left.get_lines(), bases.values()):
+        assert list(line.get_xdata()) == list(range(basis.num_layers))
+        torch.testing.assert_close(torch.as_tensor(line.get_ydata()), basis.rank_at(threshold).float().mean(1))
+    assert [text.get_text().split(" (")[0] for text in left.get_legend().get_texts()] == list(bases)
+    assert left.get_xlabel() == "layer" and right.get_xlabel() == "principal components"
+    first = next(iter(bases.values()))
+    *curves, rule = right.get_lines()
+    assert len(curves) == first.num_layers and list(rule.get_ydata()) == [threshold, threshold]
+    for curve, expected in zip(curves, first.explained_variance().mean(1)):
+        assert list(curve.get_xdata()) == list(range(1, first.head_dim + 1))
+        torch.testing.assert_close(torch.as_tensor(curve.get_ydata()), expected)
+
+
+def reference_loki(model: torch.nn.Module, basis: PCABasis, d_frac: float, k_frac: float, loki_from: int = 0) -> None:
+    """Give the (unpatched) `model` a float64 Loki by the paper's definition as its attention: uniform d, the row
+    rule, nothing protected, every layer. A query row at sequence index >= `loki_from` keeps the ceil(k_frac * n)
+    of its n visible keys with the highest approximate scores (first d dims of query and key rotated by the layer's
+    basis), ties to earlier keys; earlier rows attend to every key they see. `model.set_attn_implementation("sdpa")`
+    restores it."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    from hf_patch.loki.dims import allocate_dims
+    from hf_patch.loki.layer import visible_keys
+
+    d = int(allocate_dims(basis, d_frac)[0, 0])
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        b, hq, t, dh = query.shape  # key, value: [B, H_kv, S, D]
+        g, s = hq // key.shape[1], key.shape[2]
+        p = basis.components[module.layer_idx].double().repeat_interleave(g, 0)  # [H_q, D, D]
+        q, k, v = query.double(), key.double().repeat_interleave(g, 1), value.double().repeat_interleave(g, 1)
+        approx = (q @ p)[..., :d] @ (k @ p)[..., :d].transpose(-1, -2)  # [B, H_q, T, S]
+        visible = visible_keys(attention_mask, t, s, query.device).expand(b, 1, t, s)
+        order = torch.sort(approx.masked_fill(~visible, float("-inf")), dim=-1, descending=True, stable=True).indices
+        rank = order.argsort(-1)  # [B, H_q, T, S]: each key's place in its row's ranking
+        budget = torch.ceil(visible.sum(-1, keepdim=True) * k_frac - 1e-9)
+        rows = torch.arange(t, device=query.device)[:, None] + s - t
+        keep = visible & ((rank < budget) | (rows < loki_from))
+        logits = (q @ k.transpose(-1, -2) * (scaling or dh**-0.5)).masked_fill(~keep, float("-inf"))
+        out = torch.softmax(logits, -1).nan_to_num(0.0) @ v
+        return out.transpose(1, 2).to(query.dtype).contiguous(), None
+
+    AttentionInterface.register("hf_patch_test_reference_loki", attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("hf_patch_test_reference_loki", sdpa_mask)
+    model.set_attn_implementation("hf_patch_test_reference_loki")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import re
 import tarfile
 from pathlib import Path
 
@@ -322,8 +324,8 @@ def test_eval_cli_runs_lm_eval_with_local_tasks(tiny_model_dir, tiny_basis, loca
     from hf_patch.app.cli import main
 
     out = tmp_path / "lm_eval_out"
-    rc = main(["eval", "run", "--model", "hf-loki",
-               "--model_args", f"pretrained={tiny_model_dir},dtype=float32,basis={tiny_basis},k_frac=0.5",
+    args = dict(pretrained=str(tiny_model_dir), dtype="float32", basis=str(tiny_basis), k_frac=0.5, dense_layers=0)
+    rc = main(["eval", "run", "--model", "hf-loki", "--model_args", ",".join(f"{k}={v}" for k, v in args.items()),
                "--tasks", "hfp_book_cloze,hfp_bigbench_winowhy,hfp_books_ppl", "--limit", "3", "--batch_size", "2",
                "--device", "cpu", "--output_path", str(out)])
     assert rc == 0
@@ -333,7 +335,24 @@ def test_eval_cli_runs_lm_eval_with_local_tasks(tiny_model_dir, tiny_basis, loca
     assert results["config"]["model_args"]["basis"] == str(tiny_basis)
     assert 0.0 <= results["results"]["hfp_bigbench_winowhy"]["acc,none"] <= 1.0
     assert results["n-samples"]["hfp_book_cloze"]["effective"] == 2  # all there are
-    assert results["results"]["hfp_books_ppl"]["word_perplexity,none"] > 1.0
+    # word perplexity as lm-eval defines it, from the rolling log-likelihoods of the same documents under the same
+    # Loki settings; full attention scores them differently (the settings reached the model)
+    from lm_eval.api.instance import Instance
+
+    from hf_patch import unpatch
+    from hf_patch.eval.lm_eval_model import LokiHFLM
+
+    docs = [r["text"] for r in prepare.read_jsonl(local_tasks / "books_ppl.jsonl")][:3]
+    requests = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(d,), idx=i)
+                for i, d in enumerate(docs)]
+    words = sum(len(re.split(r"\s+", d)) for d in docs)
+    lm = LokiHFLM(**args, device="cpu")
+    loki = sum(lm.loglikelihood_rolling(requests))
+    unpatch(lm.model)
+    full = sum(lm.loglikelihood_rolling(requests))
+    ppl = results["results"]["hfp_books_ppl"]["word_perplexity,none"]
+    assert ppl == pytest.approx(math.exp(-loki / words), rel=1e-7)
+    assert abs(math.log(ppl) + full / words) > 1e-5  # about 8e-5: random weights attend almost uniformly
 
 
 def test_eval_cli_help_is_lm_evals(capsys):
@@ -387,7 +406,7 @@ def test_missing_task_data_says_what_to_run(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- compare
 
 
-def test_compare_tables_plots_and_resumes(tiny_model_dir, local_tasks, tmp_path, monkeypatch):
+def test_compare_tables_plots_and_resumes(tiny_model_dir, local_tasks, tmp_path, monkeypatch, saved_figures):
     import lm_eval
 
     from hf_patch.app import compare
@@ -408,7 +427,17 @@ def test_compare_tables_plots_and_resumes(tiny_model_dir, local_tasks, tmp_path,
     md = (out / "results.md").read_text()
     assert "| task | metric | n | full | loki d=0.25 k=0.25 | Δ |" in md
     assert "| hfp_bigbench_winowhy | acc (%) | 4 |" in md and "| hfp_books_ppl | word_perplexity | 1 |" in md
-    assert (out / "accuracy_vs_k.png").stat().st_size > 1000
+    fig = saved_figures(out / "accuracy_vs_k.png")  # one panel per task: full dashed, the setting at its k_f
+    assert len(fig.axes) == len(payload["summary"]) == 3
+    for ax, e in zip(fig.axes, payload["summary"]):
+        scale = 1 if e["metric"] == "word_perplexity" else 100
+        full, loki = ax.get_lines()
+        assert ax.get_title() == f"{e['task']} (n={e['n']})" and ax.get_xlabel() == "k_f"
+        assert ax.get_ylabel() == e["metric"] + ("" if scale == 1 else " (%)")
+        assert list(full.get_ydata()) == [scale * e["settings"]["full"]["value"]] * 2 and full.get_linestyle() == "--"
+        assert list(loki.get_xdata()) == [0.25]
+        assert list(loki.get_ydata()) == [scale * e["settings"]["loki d=0.25 k=0.25"]["value"]]
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["full", "d_f=0.25"]
     summary = {e["task"]: e for e in json.loads((out / "results.json").read_text())["summary"]}
     wino = summary["hfp_bigbench_winowhy"]["settings"]
     assert wino["full"]["delta"] == 0 and wino["full"]["stderr"] is not None
@@ -429,7 +458,7 @@ def test_compare_tables_plots_and_resumes(tiny_model_dir, local_tasks, tmp_path,
 
 
 @pytest.mark.slow
-def test_smollm2_quick_compare(tmp_path, monkeypatch):
+def test_smollm2_quick_compare(tmp_path, monkeypatch, smollm2_model):
     """The real SmolLM2-135M through `compare` on a few examples (a basis calibrated on the way): held-out
     perplexity is that of a trained model, the paper's bare Loki at (0.25, 0.25) changes it, every metric is a number.
     The book tasks are built from the real corpus on the way; the multiple-choice task is the synthetic winowhy
@@ -450,7 +479,16 @@ def test_smollm2_quick_compare(tmp_path, monkeypatch):
     assert {str(p.relative_to(tmp_path / "tasks")) for p in (tmp_path / "tasks").rglob("*.jsonl")} == {
         "books/books_ppl.jsonl", "books/book_cloze.jsonl", "bigbench/bigbench_winowhy.jsonl"}
     ppl = summary["hfp_books_ppl"]
-    assert 5 < ppl["full"]["value"] < 500
+    # full attention's word perplexity equals lm-eval's definition computed here from the model's own logits: the
+    # document after a BOS token (one window: it is shorter than the model's 8192 positions), over its words
+    model, tokenizer = smollm2_model
+    (doc,) = [r["text"] for r in prepare.read_jsonl(tmp_path / "tasks" / "books_ppl.jsonl")][:1]
+    ids = tokenizer(doc)["input_ids"]
+    assert ids[0] != tokenizer.bos_token_id and len(ids) < 8192
+    with torch.no_grad():
+        logp = model(torch.tensor([[tokenizer.bos_token_id] + ids[:-1]])).logits[0].double().log_softmax(-1)
+    loglikelihood = logp[torch.arange(len(ids)), ids].sum().item()
+    assert ppl["full"]["value"] == pytest.approx(math.exp(-loglikelihood / len(re.split(r"\s+", doc))), rel=1e-4)
     assert ppl["bare"]["value"] > 1.01 * ppl["full"]["value"]
     for task in ("hfp_book_cloze", "hfp_bigbench_winowhy"):
         assert all(0 <= s["value"] <= 1 for s in summary[task].values()), task

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from loki_helpers import TEXTS, CharTokenizer, random_basis, tiny_model
+from loki_helpers import TEXTS, CharTokenizer, assert_explained_variance_figure, random_basis, tiny_model
 
 from hf_patch import PCABasis, calibrate_pca, patch_loki
 from hf_patch.data.packing import token_windows
@@ -110,8 +110,10 @@ def test_basis_shape_errors():
         PCABasis(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), {"rotary": "sideways"})
 
 
-def test_plot_explained_variance_writes_png(tmp_path):
+def test_plot_explained_variance_draws_the_bases(tmp_path, saved_figures):
     from hf_patch.app.plots import plot_explained_variance
 
-    path = plot_explained_variance({"pre": random_basis(), "post": random_basis(seed=2)}, tmp_path / "ev.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bases = {"pre": random_basis(layers=3), "post": random_basis(layers=3, seed=2)}
+    path = plot_explained_variance(bases, tmp_path / "ev.png")
+    assert path == tmp_path / "ev.png"
+    assert_explained_variance_figure(saved_figures(path), bases)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from loki_helpers import TEXTS
+from loki_helpers import TEXTS, assert_explained_variance_figure, reference_loki
 
 import hf_patch
 from hf_patch.app.cli import main as cli
@@ -35,7 +35,7 @@ def byte_checkpoint(tmp_path):
     return model_dir, corpus
 
 
-def test_calibrate_and_perplexity_commands(byte_checkpoint, tmp_path, capsys):
+def test_calibrate_and_perplexity_commands(byte_checkpoint, tmp_path, capsys, saved_figures):
     model_dir, corpus = byte_checkpoint
     config = tmp_path / "calibrate.yaml"
     config.write_text(f"model: {model_dir}\ndataset: {corpus}\nnum_tokens: 1024\nseq_len: 128\nbatch_size: 2\n"
@@ -44,7 +44,7 @@ def test_calibrate_and_perplexity_commands(byte_checkpoint, tmp_path, capsys):
     assert "post-RoPE basis, 1024 tokens: rank@90%" in capsys.readouterr().out
     basis = hf_patch.PCABasis.load(tmp_path / "basis")
     assert basis.components.shape == (2, 2, 16, 16) and basis.rotary == "post"
-    assert (tmp_path / "basis" / "explained_variance.png").stat().st_size > 1000
+    assert_explained_variance_figure(saved_figures(tmp_path / "basis" / "explained_variance.png"), {"post-RoPE": basis})
 
     common = ["--model", str(model_dir), "--dataset", str(corpus), "--seq-len", "128", "--max-tokens", "1024",
               "--device", "cpu"]
@@ -68,7 +68,7 @@ def run_main_job(checkpoint, out, evaluation: str, settings: str) -> None:
     assert cli(["main", "--config", str(config)]) == 0
 
 
-def test_main_job_writes_table_json_and_plot(byte_checkpoint, tmp_path):
+def test_main_job_writes_table_json_and_plot(byte_checkpoint, tmp_path, saved_figures):
     out = tmp_path / "main"
     run_main_job(byte_checkpoint, out,
                  "  all: {dataset: {corpus}, seq_len: 128, max_tokens: 512}\n"
@@ -90,8 +90,19 @@ def test_main_job_writes_table_json_and_plot(byte_checkpoint, tmp_path):
     table = (out / "results.md").read_text()
     assert "| setting | read cost | decode-equivalent ppl | vs full | mode-all ppl | vs full |" in table
     assert "| loki d=0.25 k=0.25 d_policy=variance sink_tokens=0 recent_tokens=0 dense_layers=0 post-RoPE | 0.375 |" in table
-    for png in ("perplexity.png", "explained_variance.png", "basis-pre/explained_variance.png"):
-        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    ax, = saved_figures(out / "perplexity.png").axes  # one bar group per setting, one bar per evaluation
+    assert [c.get_label() for c in ax.containers] == [
+        f"{title} (full {results[0][key]['ppl']:.2f})" for key, title in (("decode", "decode-equivalent ppl"),
+                                                                         ("all", "mode-all ppl"))]
+    for bars, key in zip(ax.containers, ("decode", "all")):
+        assert [bar.get_height() for bar in bars] == pytest.approx(
+            [100 * (r[key]["ppl"] / results[0][key]["ppl"] - 1) for r in results[1:]], rel=1e-12)
+    assert [t.get_text().replace("\n", " ") for t in ax.get_xticklabels()] == [
+        f"{r['setting']} cost {r['cost']:.3f}" for r in results[1:]]
+    bases = {f"{r}-RoPE": hf_patch.PCABasis.load(out / f"basis-{r}") for r in ("post", "pre")}
+    assert_explained_variance_figure(saved_figures(out / "explained_variance.png"), bases)
+    assert_explained_variance_figure(saved_figures(out / "basis-pre" / "explained_variance.png"),
+                                     {"pre-RoPE": bases["pre-RoPE"]})
 
 
 def test_unknown_config_keys_fail_loudly(tmp_path, capsys):
@@ -110,27 +121,40 @@ def test_real_smollm2_calibrate_patch_generate(smollm2_model):
 
     prompts = ["The capital of France is", "Once upon a time, in a small village,"]
     inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    prompt = inputs.input_ids.shape[1]
     kwargs = dict(max_new_tokens=12, do_sample=False)
     try:
         reference = model.generate(**inputs, **kwargs)
         hf_patch.patch_loki(model, basis, d_frac=1.0, k_frac=1.0, mode="decode")
         assert torch.equal(model.generate(**inputs, **kwargs), reference)
-        hf_patch.patch_loki(model, basis, d_frac=0.5, k_frac=0.5, mode="decode")
-        sparse = tokenizer.batch_decode(model.generate(**inputs, **kwargs)[:, inputs.input_ids.shape[1]:])
-        assert "Paris" in sparse[0]
-        assert all(len(text.split()) >= 5 for text in sparse)
-
-        text = TEXTS
+        # the bare algorithm (row rule, nothing protected, every layer): the prompt's keys number below the default
+        # protection (4 sink + 64 recent), which would keep them all
+        bare = dict(k_rule="row", sink_tokens=0, recent_tokens=0, dense_layers=0)
+        hf_patch.patch_loki(model, basis, d_frac=0.5, k_frac=0.5, mode="decode", **bare)
+        sparse = model.generate(**inputs, **kwargs, return_dict_in_generate=True, output_logits=True)
+        assert not torch.equal(sparse.sequences, reference)
+        # each step's logits equal a float64 Loki by definition run teacher-forced on the generated sequence:
+        # the prompt's rows exact (mode "decode" prefills exactly), each generated token's row Loki
         hf_patch.unpatch(model)
-        full = perplexity(model, tokenizer, text, seq_len=128, max_tokens=512, progress=False)["ppl"]
-        # the bare algorithm: in 128-token windows the default's 68 protected keys would fill every row's budget
-        hf_patch.patch_loki(model, basis, d_frac=0.5, k_frac=0.5, mode="all", k_rule="row", sink_tokens=0,
-                            recent_tokens=0, dense_layers=0)
-        loki = perplexity(model, tokenizer, text, seq_len=128, max_tokens=512, progress=False)["ppl"]
-        assert loki == pytest.approx(full, rel=0.5) and loki != pytest.approx(full, rel=1e-3)
+        mask = torch.cat([inputs.attention_mask, torch.ones(2, 12, dtype=torch.int64)], 1)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as generate numbers a left-padded row
+        reference_loki(model, basis, 0.5, 0.5, loki_from=prompt)
+        with torch.no_grad():
+            expected = model(sparse.sequences, attention_mask=mask, position_ids=positions).logits[:, prompt - 1: -1]
+        reference_loki(model, basis, 0.5, 0.5)
+        # (|logits| reach 34; a float32 run of the model gives them within 1e-4, a position off changes them by 2)
+        torch.testing.assert_close(torch.stack(sparse.logits, 1), expected, atol=1e-3, rtol=0)
+
+        # mode "all": every row of 128-token windows by Loki, the same reference on every row
+        expected = perplexity(model, tokenizer, TEXTS, seq_len=128, max_tokens=512, progress=False)["ppl"]
+        model.set_attn_implementation("sdpa")
+        hf_patch.patch_loki(model, basis, d_frac=0.5, k_frac=0.5, mode="all", **bare)
+        loki = perplexity(model, tokenizer, TEXTS, seq_len=128, max_tokens=512, progress=False)["ppl"]
+        assert loki == pytest.approx(expected, rel=1e-4)
     finally:
         if hf_patch.is_patched(model):
             hf_patch.unpatch(model)
+        model.set_attn_implementation("sdpa")
 
 
 def test_main_job_reads_at_several_prefix_lengths(byte_checkpoint, tmp_path):

@@ -211,12 +211,35 @@ def test_variance_policy_spends_same_budget_where_variance_is():
     assert torch.equal(allocate_dims(basis, 0.25, "uniform"), torch.full((1, 2), 4))
 
 
-def test_variance_policy_runs_end_to_end():
-    model = tiny_model("qwen2")
-    x = tokens()
-    patch_loki(model, random_basis(), d_frac=0.25, k_frac=0.5, mode="all", d_policy="variance")
+def test_variance_policy_end_to_end_matches_rowwise_reference():
+    """A model patched with d_policy="variance" equals the same model with `naive_loki` as its attention on the
+    dims the policy allocates (several differ from the uniform 4 here), layer by layer."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    model, basis, x = tiny_model("qwen2"), random_basis(), tokens()
+    dims = allocate_dims(basis, 0.25, "variance")
+    assert dims.sum() == 2 * 2 * 4 and not (dims == 4).all()
+
+    def reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        visible = visible_keys(attention_mask, query.shape[2], key.shape[2], query.device)
+        visible = visible.expand(query.shape[0], 1, *visible.shape[2:])
+        i = module.layer_idx
+        return naive_loki(query, key, value, visible, basis.components[i], dims[i].tolist(), 0.5, scaling,
+                          "query").to(query.dtype), None
+
+    AttentionInterface.register("naive_loki_reference", reference)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("naive_loki_reference", sdpa_mask)
     with torch.no_grad():
-        assert torch.isfinite(model(x).logits).all()
+        model.set_attn_implementation("naive_loki_reference")
+        ref = model(x).logits
+        model.set_attn_implementation("sdpa")
+        patch_loki(model, basis, d_frac=0.25, k_frac=0.5, mode="all", d_policy="variance", **PLAIN)
+        out = model(x).logits
+        patch_loki(model, basis, d_frac=0.25, k_frac=0.5, mode="all", **PLAIN)
+        uniform = model(x).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert (uniform - ref).abs().max() > 1e-3  # the allocated dims are what made them equal
 
 
 @pytest.mark.parametrize(
@@ -273,9 +296,11 @@ def test_half_precision_full_budget_close_to_full_attention(dtype):
     assert (out - ref).norm() / ref.norm() < 2e-2
 
 
+@pytest.mark.filterwarnings("ignore:Loki mode 'decode' attends densely")  # the DynamicCache's prefill: dense
 @pytest.mark.parametrize("gqa_select", ["query", "group"])
-@pytest.mark.parametrize("d_policy, budget", [("uniform", {}), ("variance", {}),
-                                              ("uniform", dict(k_rule="paper", sink_tokens=2, recent_tokens=3))])
+@pytest.mark.parametrize("d_policy, budget", [("uniform", PLAIN), ("variance", PLAIN),
+                                              ("uniform", dict(k_rule="paper", sink_tokens=2, recent_tokens=3,
+                                                               dense_layers=0))])
 def test_decode_kernel_path_equals_dense_path(gqa_select, d_policy, budget):
     """One-token steps over the Loki cache (decode kernel, gathered tokens) equal the dense masked path over a
     plain DynamicCache (keys rotated on the fly), with left padding; with protected sink / recent keys too."""

@@ -283,7 +283,7 @@ def test_ruler_wheel_checksum_mismatch_says_what_to_do(cache, fake_wheels, monke
 # ---------------------------------------------------------------- compare: accuracy against the context length
 
 
-def test_compare_reports_long_tasks_per_length(tmp_path):
+def test_compare_reports_long_tasks_per_length(tmp_path, saved_figures):
     from hf_patch.config import load_config
     from hf_patch.app import compare
 
@@ -311,8 +311,28 @@ def test_compare_reports_long_tasks_per_length(tmp_path):
     assert "| hfp_ruler_vt@1024 | 1024 (%) | 2 | 50.0 ± 50.0 | 0.0 ± 50.0 | -50.0 |" in md
     assert "| mean of accuracies |  |  | 50.0 | 40.0 | -10.0 |" not in md  # one short task: no mean row
     assert payload["summary"][1]["settings"]["full"]["by_depth"] == {"0.0": {"n": 3, "acc": 1.0}}
-    for png in ("accuracy_vs_length.png", "accuracy_vs_k.png"):
-        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    # the lengths figure: one panel per long task, the metric (%) ± stderr against the length, one line per setting
+    needle, vt = saved_figures(tmp_path / "accuracy_vs_length.png").axes
+    drawn = {}
+    for ax in (needle, vt):
+        for bars in ax.containers:
+            line, _, (ranges,) = bars.lines
+            assert list(line.get_xdata()) == [1024, 2048] and ax.get_xscale() == "log"
+            drawn[ax.get_title(), bars.get_label()] = (
+                list(line.get_ydata()), [(segment[1, 1] - segment[0, 1]) / 2 for segment in ranges.get_segments()])
+    expected = {("hfp_needle (n=3 per length)", "full"): ([100, 200 / 3], [10, 30]),
+                ("hfp_needle (n=3 per length)", "loki d=0.25 k=0.2"): ([200 / 3, 200 / 3], [10, 30]),
+                ("hfp_ruler_vt (n=2 per length)", "full"): ([50, 0], [50, 0]),
+                ("hfp_ruler_vt (n=2 per length)", "loki d=0.25 k=0.2"): ([0, 0], [50, 0])}
+    assert drawn.keys() == expected.keys()
+    for key, (values, errors) in expected.items():
+        assert drawn[key][0] == pytest.approx(values, abs=1e-9) and drawn[key][1] == pytest.approx(errors, abs=1e-9)
+    assert [needle.get_xlabel(), needle.get_ylabel(), vt.get_ylabel()] == ["context length (tokens)", "acc (%)",
+                                                                           "score (%)"]
+    copa, = saved_figures(tmp_path / "accuracy_vs_k.png").axes  # the short task alone: full dashed, Loki at k_f
+    full, loki = copa.get_lines()
+    assert copa.get_title() == "hfp_copa (n=4)" and list(full.get_ydata()) == [50, 50]
+    assert list(loki.get_xdata()) == [0.2] and list(loki.get_ydata()) == pytest.approx([40])
     long_cfg = compare.CompareConfig.from_dict(load_config("configs/eval/smollm2_long.yaml"), "long").as_dict()
     assert long_cfg["lengths"] == [4096, 8192] and not long_cfg["tasks"]
     assert {prepare.group_of(t) for t in long_cfg["long_tasks"]} == {"ruler"}

@@ -455,7 +455,7 @@ def train_setup(tmp_path: Path, **overrides) -> tuple[Path, int]:
     return tmp_path / "cfg.yaml", len(vocab)
 
 
-def test_train_script_runs_both_models(tmp_path):
+def test_train_script_runs_both_models(tmp_path, saved_figures):
     config, vocab = train_setup(tmp_path)
     script = _load_script("train_transnormer")
     for kind in ("transnormer", "llama"):
@@ -469,4 +469,15 @@ def test_train_script_runs_both_models(tmp_path):
     assert abs(tn - llama) / tn < 0.05  # the baseline has the same size
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "transnormer" / "final")
     assert type(final) is TransNormerForCausalLM
-    assert (tmp_path / "out" / "loss.png").stat().st_size > 10_000
+    ax, = saved_figures(tmp_path / "out" / "loss.png").axes  # per model: train loss (thin), eval loss (markers)
+    lines = ax.get_lines()
+    assert len(lines) == 4 and ax.get_xlabel() == "step" and ax.get_ylabel() == "loss (nats/token)"
+    for kind, train, evals in zip(("transnormer", "llama"), lines[::2], lines[1::2]):
+        run = json.loads((tmp_path / "out" / kind / "metrics.json").read_text())
+        scored = [r for r in run["records"] if "eval_loss" in r]
+        assert list(train.get_xdata()) == [r["step"] for r in run["records"]]
+        assert list(train.get_ydata()) == [r["train_loss"] for r in run["records"]]
+        assert list(evals.get_xdata()) == [r["step"] for r in scored]
+        assert list(evals.get_ydata()) == [r["eval_loss"] for r in scored] and evals.get_marker() == "o"
+        assert evals.get_label() == f"{kind} ({run['parameters'] / 1e6:.0f}M) eval {scored[-1]['eval_loss']:.3f}"
+        assert train.get_color() == evals.get_color()
