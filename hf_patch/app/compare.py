@@ -32,6 +32,7 @@ from ..loki.settings import LmEvalLoki, SweepSetting
 from ..parallel import check_device
 from .experiment import FULL, check_names, setting_name
 from .launch import Launch
+from .plots import pyplot, save_figure
 from .task_runner import long_metric, read_cache, run_fingerprint, run_tasks, runs
 
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte")
@@ -311,11 +312,7 @@ def table(summary: list[dict[str, Any]], labels: list[str]) -> str:
 
 def plot(summary: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) -> None:
     """One panel per task: the metric against k_f, one line per d_f (and variant), full attention dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cols = min(3, len(summary))
     n_rows = math.ceil(len(summary) / cols)
     fig, axes = plt.subplots(n_rows, cols, figsize=(4.2 * cols, 3.3 * n_rows), squeeze=False)
@@ -341,17 +338,12 @@ def plot(summary: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) 
     for ax in list(axes.flat)[len(summary):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_lengths(summary: list[dict[str, Any]], labels: list[str], path: Path) -> None:
     """One panel per long task: its metric (%) against the context length, one line per setting, ± stderr."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     tasks = list(dict.fromkeys(e["task"] for e in summary))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.0 * len(tasks), 3.8), squeeze=False)
     for ax, task in zip(axes.flat, tasks):
@@ -368,8 +360,7 @@ def plot_lengths(summary: list[dict[str, Any]], labels: list[str], path: Path) -
         ax.set_ylabel(f"{entries[0]['metric'] if entries[0]['metric'] == 'acc' else 'score'} (%)")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_outputs(cfg: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+from ..data.store import replacing
 from ..loki.basis import PCABasis
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,10 +18,19 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Write `fig` to `path` (format from its suffix, 120 dpi) atomically, then close it."""
+    path = Path(path)
+    with replacing(path, suffix=path.suffix) as tmp:
+        fig.savefig(tmp, dpi=120)
+    pyplot().close(fig)
+    return path
+
+
 def plot_explained_variance(bases: dict[str, PCABasis], path: str | Path, threshold: float = 0.9) -> Path:
     """Left: rank at `threshold` per layer (mean over KV heads, min-max band) for each basis.
     Right: cumulative explained variance vs components, one curve per layer (mean over heads), first basis."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name, basis in bases.items():
         rank = basis.rank_at(threshold).float()
@@ -36,17 +47,13 @@ def plot_explained_variance(bases: dict[str, PCABasis], path: str | Path, thresh
     right.axhline(threshold, color="gray", ls="--", lw=0.8)
     right.set(xlabel="principal components", ylabel="explained variance", title=f"{name}: one curve per layer")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_perplexity(rows: list[dict], evaluations: dict[str, str], path: str | Path) -> Path:
     """Grouped bars: each setting's perplexity change vs full attention (%), one bar per evaluation
     (`evaluations`: key in the rows -> label), the setting's read cost under its name."""
-    plt = _pyplot()
+    plt = pyplot()
     full = rows[0]
     others = rows[1:]
     present = {k: v for k, v in evaluations.items() if k in full}
@@ -62,8 +69,4 @@ def plot_perplexity(rows: list[dict], evaluations: dict[str, str], path: str | P
     ax.set(ylabel="perplexity vs full attention (%)", title="Loki on held-out text")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

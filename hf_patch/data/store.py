@@ -125,24 +125,32 @@ def check_sha256(path: str | Path, expected: str, what: str, remedy: str) -> Non
 # ---------------------------------------------------------------- atomic files
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` atomically: a unique temporary file beside it, then `os.replace` (concurrent writers
-    never share a temporary file; a reader sees the old file or the new one)."""
+@contextlib.contextmanager
+def replacing(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A unique temporary file beside `path` for the block to write (named `.<name>.<random><suffix>`), moved onto
+    `path` with `os.replace` when the block ends without error, removed otherwise: concurrent writers never share
+    a temporary file, and a reader sees the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the result is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` atomically (`replacing`), flushed to disk before the rename."""
+    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(path)
 
 
 def write_json(path: str | Path, data: Any, indent: int | None = 2) -> Path:
