@@ -305,7 +305,8 @@ def test_compare_reports_long_tasks_per_length(tmp_path, saved_figures):
 
     rows = [{"setting": "full", "params": None, "tasks": results(0, False)},
             {"setting": "loki d=0.25 k=0.2",  # params as run_compare records them
-             "params": compare.applied_setting(cfg, {"d_frac": 0.25, "k_frac": 0.2}).as_dict(), "tasks": results(1, True)}]
+             "params": compare.applied_setting(cfg, {"d_frac": 0.25, "k_frac": 0.2}).as_dict(),
+             "tasks": results(1, True)}]
     payload = compare.write_outputs(cfg, rows)
     md = (tmp_path / "results.md").read_text()
     assert "| hfp_needle@1024 | acc (%) | 3 | 100.0 ± 10.0 | 66.7 ± 10.0 | -33.3 |" in md
