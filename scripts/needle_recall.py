@@ -460,9 +460,38 @@ def summarize(done: list[dict[str, Any]], settings: list[Setting], num_layers: i
                 kh(Setting(DEFAULT.d_frac, RERANK[0][0], RERANK[0][1], bases[0]).name), kh(exact_default)]
         heads.append({"layer": l, "head": h, "mass": m, "kept": vals})
         lines.append(f"| {l}.{h} | {m:.3f} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    failures = failed_rows(done, dense, default)
+    lines += ["", "Requests the default answers wrong: at the row where its greedy answer first leaves full attention's "
+              "(teacher-forced on full attention's answer), the retrieval cases of the sparse layers whose needle "
+              "target the default selection misses (layer.head: needle mass, share of it the selection keeps)", "",
+              "| doc | full | Loki default | row | missed |", "|---|---|---|---|---|"]
+    for f in failures:
+        missed = ", ".join(f"{l}.{h}: {m:.2f}/{k:.2f}" for l, h, m, k in f["missed"]) or "none"
+        full, loki = (repr(x.split("<|")[0]) for x in (f["full"], f["loki"]))  # no "|" inside a table cell
+        lines.append(f"| {f['doc_id']} | {full} | {loki} | {f['row']} | {missed} |")
     outcome = [(d["doc_id"], d["full_correct"], d["loki_correct"], d["loki_diverges_at_row"]) for d in done]
     return "\n".join(lines), {"per_layer": per_layer, "sweep": sweep, "heads": heads, "outcome": outcome,
-                              "head_mass": head_mass.tolist()}
+                              "failures": failures, "head_mass": head_mass.tolist()}
+
+
+def failed_rows(done: list[dict[str, Any]], dense: frozenset[int], default: str) -> list[dict[str, Any]]:
+    """For each request the default answers wrong: the first row its answer differs at and, at that row, the
+    (layer, head, needle mass, kept share) of the sparse layers' retrieval cases whose target the default misses."""
+    out = []
+    for d in done:
+        if d["loki_correct"] or d["loki_diverges_at_row"] not in d["rows"]:
+            continue
+        j = d["loki_diverges_at_row"]
+        i = d["rows"].index(j)
+        mass = torch.tensor(d["result"]["mass"][i])  # [L, H_q]
+        hit = torch.tensor(d["result"][f"{default}/hit"][i])
+        kept_mass = torch.tensor(d["result"][f"{default}/kept"][i])
+        missed = [(l, h, float(mass[l, h]), float(kept_mass[l, h] / mass[l, h]))
+                  for l, h in ((l, h) for l in range(mass.shape[0]) for h in range(mass.shape[1]))
+                  if l not in dense and mass[l, h] > RETRIEVAL_MASS and not hit[l, h]]
+        out.append({"doc_id": d["doc_id"], "full": d["full"], "loki": d["loki_default"], "row": j,
+                    "missed": sorted(missed, key=lambda x: -x[2])})
+    return out
 
 
 def main() -> None:
