@@ -207,9 +207,11 @@ def row_budgets(k: str, n: torch.Tensor, base: Budget, scale: int = 1) -> torch.
 
 
 def all_settings(bases: list[str]) -> list[Setting]:
+    """Exact top-k at each k; each d at each k for the first basis, at the k_frac settings for the others;
+    re-ranking at the default d."""
     out = [Setting(None, k) for k in K_SETTINGS]
-    for b in bases:
-        out += [Setting(d, k, 0, b) for d in D_FRACS for k in K_SETTINGS]
+    for i, b in enumerate(bases):
+        out += [Setting(d, k, 0, b) for d in D_FRACS for k in K_SETTINGS if i == 0 or k.startswith("kf")]
     out += [Setting(DEFAULT.d_frac, k, c, bases[0]) for k, c in RERANK]
     return out
 
@@ -449,8 +451,8 @@ def summarize(done: list[dict[str, Any]], settings: list[Setting], num_layers: i
                   if l not in dense), reverse=True)[:15]
     lines += ["", "Heads reading the needle most (sparse layers): mean needle mass over answer rows; needle mass kept "
               "per setting", "",
-              "| layer.head | mean mass | default | d 0.5 | d 1.0 | kf 0.4 | rerank | exact kf0.2 |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| layer.head | mean mass | default | d 0.5 | d 1.0 | kf 0.4 | rerank | exact kf0.2 |"
+              + "".join(f" {b} default |" for b in bases[1:]), "|---|---|---|---|---|---|---|---|" + "---|" * (len(bases) - 1)]
     heads = []
     for m, l, h in top:
         def kh(name: str) -> float:
@@ -458,6 +460,7 @@ def summarize(done: list[dict[str, Any]], settings: list[Setting], num_layers: i
         vals = [kh(default), kh(Setting(0.5, "kf0.2", 0, bases[0]).name), kh(Setting(1.0, "kf0.2", 0, bases[0]).name),
                 kh(Setting(DEFAULT.d_frac, "kf0.4", 0, bases[0]).name),
                 kh(Setting(DEFAULT.d_frac, RERANK[0][0], RERANK[0][1], bases[0]).name), kh(exact_default)]
+        vals += [kh(Setting(DEFAULT.d_frac, f"kf{DEFAULT.k_frac:g}", 0, b).name) for b in bases[1:]]
         heads.append({"layer": l, "head": h, "mass": m, "kept": vals})
         lines.append(f"| {l}.{h} | {m:.3f} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
     failures = failed_rows(done, dense, default)
@@ -508,6 +511,9 @@ def main() -> None:
     parser.add_argument("--max-new", type=int, default=12, help="greedy tokens generated per request")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True, help="JSON of every request's measurements and the summary")
+    parser.add_argument("--resume", action="store_true", help="keep the requests --out already holds")
+    parser.add_argument("--offset", type=int, default=0, help="skip this many requests first (split a run)")
+    parser.add_argument("--merge", nargs="*", default=[], help="also keep the requests of these earlier --out files")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from hf_patch.models.smollm2 import load_model
@@ -519,28 +525,40 @@ def main() -> None:
         components["post"] = PCABasis.load(args.post_basis).components
     settings = all_settings(list(components))
     if args.synthetic:
-        requests = synthetic_requests(tok, args.synthetic, args.limit)
+        requests = synthetic_requests(tok, args.synthetic, args.offset + args.limit)
     else:
-        requests = load_requests(args.payload, args.docs, args.task, args.length, args.limit)
+        requests = load_requests(args.payload, args.docs, args.task, args.length, args.offset + args.limit)
+    requests = requests[args.offset:]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done, infos = [], []
-    start = time.process_time()
+    infos = []
+    names = [st.name for st in settings]
+    for path in [*args.merge, *([out] if args.resume and out.is_file() else [])]:
+        saved = json.loads(Path(path).read_text())
+        if saved.get("settings") != names:
+            raise SystemExit(f"{path} was measured with other settings (bases or sweep): rerun without it")
+        infos += [i for i in saved["requests"] if i["doc_id"] not in {j["doc_id"] for j in infos}]
+    have = {i["doc_id"] for i in infos}
+    done = [i for i in infos if not i.get("skipped")]
     for req in requests:
-        t = time.time()
+        if req["doc_id"] in have:
+            continue
+        t, cpu = time.time(), time.process_time()
         info = run_request(model, tok, basis, req, components, settings, args.max_new)
+        info["cpu_s"] = round(time.process_time() - cpu, 1)
         infos.append(info)
         if not info.get("skipped"):
             done.append(info)
         print(f"  doc {req['doc_id']}: {len(req['ids'])} tokens, full {info['full']!r}, loki {info['loki_default']!r}"
               f" ({time.time() - t:.0f} s)", flush=True)
-        out.write_text(json.dumps({"args": vars(args), "requests": infos}))
+        out.write_text(json.dumps({"args": vars(args), "settings": names, "requests": infos}))
     table, summary = summarize(done, settings, basis.num_layers, list(components))
     print(f"\n{args.task if not args.synthetic else 'synthetic'} @ {args.length if not args.synthetic else args.synthetic}"
-          f": torch threads {args.threads}, CPU time {time.process_time() - start:.0f} s; Loki default correct "
+          f": torch threads {args.threads}, CPU time {sum(i.get('cpu_s', 0) for i in infos):.0f} s; Loki default correct "
           f"{sum(d['loki_correct'] for d in done)}/{len(done)} (full attention {len(done)}/{len(infos)})\n")
     print(table)
-    out.write_text(json.dumps({"args": vars(args), "requests": infos, "summary": summary, "table": table}))
+    out.write_text(json.dumps({"args": vars(args), "settings": names, "requests": infos, "summary": summary,
+                               "table": table}))
 
 
 if __name__ == "__main__":
