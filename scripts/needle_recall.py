@@ -427,9 +427,10 @@ def summarize(done: list[dict[str, Any]], settings: list[Setting], num_layers: i
                           for k in ("t256", "t512", "t1024", "t2048")]}
         per_layer.append(row)
         f = lambda xs: "/".join("–" if x != x else f"{x:.2f}" for x in xs)  # noqa: E731
+        dflt = "dense | dense" if l in dense else f"{f([row['recall_default']])} | {row['kept_default']:.3f}"
         lines.append(f"| {l}{' (dense)' if l in dense else ''} | {row['max_head_mass']:.3f} ({h}) | "
                      f"{row['retrieval_heads']} | {row['retrieval_cases']} | {f([exact_hit])} | "
-                     f"{f([row['recall_default']])} | {row['kept_default']:.3f} | {f(row['recall_d'])} | "
+                     f"{dflt} | {f(row['recall_d'])} | "
                      f"{f(row['recall_k'])} | {f(row['kept_t'])} |")
     where = retrieval & sparse[None, :, None]
     cost = {st.name: float(np.mean([d["read_cost"][st.name] for d in done])) for st in settings}
