@@ -536,7 +536,8 @@ def main() -> None:
     names = [st.name for st in settings]
     for path in [*args.merge, *([out] if args.resume and out.is_file() else [])]:
         saved = json.loads(Path(path).read_text())
-        if saved.get("settings") != names:
+        bases = {k: saved["args"].get(k) for k in ("basis", "post_basis", "max_new")}
+        if saved.get("settings") != names or bases != {k: getattr(args, k) for k in bases}:
             raise SystemExit(f"{path} was measured with other settings (bases or sweep): rerun without it")
         infos += [i for i in saved["requests"] if i["doc_id"] not in {j["doc_id"] for j in infos}]
     have = {i["doc_id"] for i in infos}
