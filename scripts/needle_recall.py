@@ -310,12 +310,12 @@ def load_requests(payload: str, docs: str, task: str, length: int, limit: int) -
         raise SystemExit(f"{payload} and {docs} come from different exports: their request lengths differ")
     out = []
     for i, m in enumerate(meta):
-        if m["task"] == task and m["length"] == length and len(out) < limit:
+        if m["task"] == task and m["length"] == length:
             out.append({"doc_id": m["doc_id"], "ids": torch.from_numpy(ids[offsets[i]:offsets[i + 1]]),
                         "answers": [str(a) for a in saved["docs"][i]["outputs"]]})
     if not out:
         raise SystemExit(f"no request of task {task!r} at length {length} in {payload}")
-    return out
+    return out[:limit]
 
 
 def synthetic_requests(tok, length: int, count: int, seed: int = 0) -> list[dict[str, Any]]:
