@@ -342,7 +342,7 @@ def test_eval_cli_runs_lm_eval_with_local_tasks(tiny_model_dir, tiny_basis, loca
     from hf_patch import unpatch
     from hf_patch.eval.lm_eval_model import LokiHFLM
 
-    docs = [r["text"] for r in prepare.read_jsonl(local_tasks / "books_ppl.jsonl")][:3]
+    docs = [r["text"] for r in prepare.read_jsonl(prepare.task_file("books_ppl"))][:3]
     requests = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(d,), idx=i)
                 for i, d in enumerate(docs)]
     words = sum(len(re.split(r"\s+", d)) for d in docs)
@@ -482,7 +482,7 @@ def test_smollm2_quick_compare(tmp_path, monkeypatch, smollm2_model):
     # full attention's word perplexity equals lm-eval's definition computed here from the model's own logits: the
     # document after a BOS token (one window: it is shorter than the model's 8192 positions), over its words
     model, tokenizer = smollm2_model
-    (doc,) = [r["text"] for r in prepare.read_jsonl(tmp_path / "tasks" / "books_ppl.jsonl")][:1]
+    (doc,) = [r["text"] for r in prepare.read_jsonl(prepare.task_file("books_ppl"))][:1]
     ids = tokenizer(doc)["input_ids"]
     assert ids[0] != tokenizer.bos_token_id and len(ids) < 8192
     with torch.no_grad():

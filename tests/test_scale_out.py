@@ -80,13 +80,17 @@ def test_hf_loki_scores_do_not_depend_on_the_batch(tiny_model_dir, tiny_basis):
     torch.testing.assert_close(scores[0], scores[1], rtol=0, atol=1e-5)
 
 
-def test_data_parallel_compare_equals_one_process(tiny_model_dir, tiny_basis, local_tasks, tmp_path, capfd):
+def test_data_parallel_compare_equals_one_process(tiny_model_dir, local_tasks, tmp_path, capfd):
     """`hf-patch compare` with `launch: {num_processes: 2}`: the Loki setting's tasks run under `accelerate launch`
     in two CPU processes, each loading and patching its own replica, lm-eval splitting the requests; every metric
-    equals the one-process run's. (Full attention is taken from the one-process run's cache: one launch only.)"""
+    equals the one-process run's. (Full attention is taken from the one-process run's cache: one launch only. Each
+    run calibrates its own basis from the same text: the same basis.)"""
     from hf_patch.app import compare
 
-    cfg = {"model": str(tiny_model_dir), "device": "cpu", "batch_size": 2, "basis": {"pre": str(tiny_basis)},
+    text = tmp_path / "calibration.txt"
+    text.write_text("\n\n".join([test_eval.STORY] * 6))
+    calibration = {"dataset": str(text), "num_tokens": 512, "seq_len": 128, "batch_size": 2}
+    cfg = {"model": str(tiny_model_dir), "device": "cpu", "batch_size": 2, "calibration": calibration,
            "tasks": {"hfp_bigbench_winowhy": 8, "hfp_books_ppl": 2, "hfp_book_cloze": 2},
            "settings": [{"d_frac": 0.25, "k_frac": 0.5, "sink_tokens": 0, "recent_tokens": 0, "dense_layers": 0}]}
     one = compare.run_compare({**cfg, "output_dir": str(tmp_path / "one")})
