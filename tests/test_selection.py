@@ -139,3 +139,23 @@ def test_exact_ranking_is_exact_top_k():
     full = torch.softmax((q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) * d**-0.5
                          + torch.where(visible, 0.0, float("-inf")), -1).nan_to_num(0.0)
     assert (want[0] - (full @ v.double().repeat_interleave(2, 1)).transpose(1, 2)[0]).abs().max() > 1e-2  # sparse
+
+
+def test_ranking_reaches_the_flags_and_hf_loki_and_leaves_earlier_cache_keys_alone():
+    """`ranking` is a `--ranking` flag and an hf-loki model arg like every setting; compare's cache key (hf-loki's
+    model args) names it only when it is not the default, so that caches written before it existed stay valid."""
+    import argparse
+    from pathlib import Path
+
+    from hf_patch.app import compare
+    from hf_patch.app.cli import add_schema_flags, schema_flags
+    from hf_patch.loki.settings import LmEvalLoki
+
+    parser = argparse.ArgumentParser()
+    add_schema_flags(parser, LokiSettings)
+    assert LokiSettings(**schema_flags(parser.parse_args(["--ranking", "exact"]), LokiSettings)).ranking == "exact"
+    plain = compare.model_args(compare.applied_setting({"mode": "all"}, {"k_frac": 0.25}), Path("b"))
+    exact = compare.model_args(compare.applied_setting({"mode": "all"}, {"k_frac": 0.25, "ranking": "exact"}),
+                               Path("b"))
+    assert "ranking" not in plain and exact == {**plain, "ranking": "exact"}
+    assert LmEvalLoki.from_dict(exact).patch_settings().policy() == ExactRanking(Budget(0.25, "paper", 0, 4, 64))
