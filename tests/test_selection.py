@@ -76,7 +76,7 @@ def test_default_policy_is_todays_keyword_patch():
 @pytest.mark.parametrize("gqa_select", ["query", "group"])
 def test_exact_ranking_is_loki_with_every_dim(gqa_select):
     """ranking="exact" keeps what Loki with d_frac = 1 keeps, bit for bit, in both modes (a teacher-forced pass in
-    mode "all" and under `decode_rows`, and prefill + one-token steps in a LokiCache, through the decode kernels),
+    mode "all", on the PyTorch path and through the prefill kernels (per query head), and under `decode_rows`, and prefill + one-token steps in a LokiCache, through the decode kernels),
     whatever d_frac says; and it differs from Loki at d_frac 0.25."""
     basis, x, prompt = random_basis(), _ids(t=36), 20
     kw = dict(k_frac=0.25, gqa_select=gqa_select, sink_tokens=1, recent_tokens=2, dense_layers=0)
@@ -85,8 +85,13 @@ def test_exact_ranking_is_loki_with_every_dim(gqa_select):
         model = tiny_model()
         patch_loki(model, basis, mode=mode, **kw, **settings)
         with torch.no_grad():
-            if mode == "all":
-                return model(x).logits
+            if mode == "all":  # the PyTorch path, then the prefill kernels (Triton's interpreter on the CPU: slow,
+                plain = model(x).logits  # so for one of the two selections only)
+                if gqa_select == "group":
+                    return plain
+                for layer in loki_layers(model):
+                    layer.prefill_kernels_on_cpu = True
+                return torch.stack([plain, model(x).logits])
             with decode_rows(model, prompt):
                 teacher = model(x).logits
             cache = LokiCache(model)
