@@ -28,7 +28,7 @@ from ..config import (DTYPES, ConfigError, Schema, directory, given, integer, li
 from ..data.store import digest, write_json, write_text
 from ..loki.attention import MODES
 from ..loki.calibrate import Calibration
-from ..loki.settings import LmEvalLoki, SweepSetting
+from ..loki.settings import LmEvalLoki, LokiSettings, SweepSetting
 from ..parallel import check_device
 from .experiment import FULL, check_names, setting_name
 from .launch import Launch
@@ -179,11 +179,15 @@ def applied_setting(cfg: dict[str, Any], setting: dict[str, Any]) -> SweepSettin
     return SweepSetting(**{"mode": cfg["mode"], **setting})
 
 
+LATER_FIELDS = ("ranking",)  # `LokiSettings` fields newer than the cache keys: out of a key at their default
+
+
 def model_args(setting: SweepSetting, basis: Path) -> dict[str, Any]:
     """A setting as `hf-loki` model args, plain values (JSON: the cache key, a launched job): its `patch_loki`
-    settings, rotary and basis. A setting left at None is left out, so that caches written before it existed stay
-    valid."""
-    given = {k: v for k, v in setting.patch_settings().as_dict().items() if v is not None}
+    settings, rotary and basis. A setting left at None, or a field added since caches were written (`LATER_FIELDS`)
+    left at its default, is left out, so that caches written before it existed stay valid."""
+    given = {k: v for k, v in setting.patch_settings().as_dict().items()
+             if v is not None and not (k in LATER_FIELDS and v == getattr(LokiSettings, k))}
     return {**given, "rotary": setting.rotary, "basis": str(basis)}
 
 

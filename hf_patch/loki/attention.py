@@ -52,7 +52,7 @@ def loki_attention_dense(
     q_exact = q_rot.flatten(1, 2) if keys_rotated else query
     return loki_prefill_attention_torch(q_exact, key, value, loki.approx_query(q_rot).flatten(1, 2), k_approx,
                                         keys_per_row, visible, group=loki.gqa_select == "group", scaling=scaling,
-                                        sink=loki.budget.sink_tokens, recent=loki.budget.recent_tokens)
+                                        sink=loki.policy.sink, recent=loki.policy.recent)
 
 
 def decode_kv_start(attention_mask: torch.Tensor | None, kv_len: int) -> torch.Tensor | None | bool:
@@ -76,19 +76,19 @@ def loki_decode_step(loki: LokiLayer, query: torch.Tensor, key: torch.Tensor, va
     """One decode step through the decode op: query [B, H_q, 1, D], rotated key / value [B, H_kv, S, D] whose
     valid keys are [kv_start, kv_end) (int [B] on the device, None: 0 / S) -> [B, H_q, D]. The budget is the
     layer's: with bounds, each sequence's keys_per_row (computed on the device from kv_end - kv_start: no host
-    sync, CUDA graphs replay it; k_tokens included) under the bound max_tokens(S); without, what a row that sees
-    all S keys keeps (the kernel calls them k_b and k). The kernel's scratch buffers are the cache's
+    sync, CUDA graphs replay it; k_tokens included) under the bound max_keys(S); without, what a row that sees
+    all S keys keeps (the kernel calls them k_b and k); d, sink and recent are the layer's policy's. The kernel's scratch buffers are the cache's
     (`DECODE_WORKSPACE` on the keys)."""
     from ..kernels.loki import loki_decode_attention
 
     s = key.shape[2]
-    k_max, keys_per_row = int(loki.budget.tokens(torch.tensor(s))), None
+    policy = loki.policy
+    k_max, keys_per_row = int(policy.keys_per_row(torch.tensor(s))), None
     if kv_start is not None or kv_end is not None:
         n = (s if kv_end is None else kv_end.to(torch.int64)) - (0 if kv_start is None else kv_start.to(torch.int64))
-        k_max, keys_per_row = loki.budget.max_tokens(s), loki.budget.tokens(n)
+        k_max, keys_per_row = policy.max_keys(s), policy.keys_per_row(n)
     return loki_decode_attention(loki.rotate_queries(query).flatten(1, 3), key, value, d=loki.kernel_dims,
-                                 k=k_max, k_b=keys_per_row, sink=loki.budget.sink_tokens,
-                                 recent=loki.budget.recent_tokens, scaling=scaling, kv_start=kv_start, kv_end=kv_end,
+                                 k=k_max, k_b=keys_per_row, sink=policy.sink, recent=policy.recent, scaling=scaling, kv_start=kv_start, kv_end=kv_end,
                                  gqa_select=loki.gqa_select, k_approx=getattr(key, APPROX_KEYS, None),
                                  workspace=getattr(key, DECODE_WORKSPACE, None))
 

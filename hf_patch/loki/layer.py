@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .budget import Budget
+from .selection import LokiRanking, SelectionPolicy
 
 ROTATED_FLAG = "_loki_rotated"  # set on key tensors that the Loki cache already rotated into the basis
 KV_BOUNDS = "_loki_kv_bounds"  # (kv_start, kv_end) int32 [B] on the device: keys of a fixed-capacity cache
@@ -24,7 +25,9 @@ class LokiLayer:
     """Loki settings of one attention layer, attached to its module as ``module.hf_patch_loki``.
 
     components: [H_kv, D, D] float32 basis (columns = principal directions); dims: int64 [H_kv], principal dims
-    each KV head scores with; budget: keys each query row keeps (`Budget`); mode: "decode" (full attention when
+    each KV head scores with (the allocated dims as the policy's ranking reads them: `SelectionPolicy.rank_dims`);
+    policy: which keys each query row keeps (`SelectionPolicy`: budget, protection, ranking; a `Budget` stands for
+    `LokiRanking` of it); mode: "decode" (full attention when
     several queries arrive at once, i.e. prefill; Loki for single-token steps) or "all" (Loki on every row);
     gqa_select: "query" (each query head picks its own tokens) or "group" (one pick per KV head, by the max over
     its query heads of the approximate scores); dense: the layer keeps full attention (`dense_layers`).
@@ -38,7 +41,7 @@ class LokiLayer:
 
     components: torch.Tensor
     dims: torch.Tensor
-    budget: Budget
+    policy: SelectionPolicy | Budget
     mode: str = "decode"
     gqa_select: str = "query"
     dense: bool = False
@@ -48,21 +51,31 @@ class LokiLayer:
     warned: bool = field(default=False, repr=False)
     _on_device: dict = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.policy, Budget):
+            self.policy = LokiRanking(self.policy)
+        self.dims = self.policy.rank_dims(self.dims, self.components.shape[-1])
+
+    @property
+    def budget(self) -> Budget:
+        """Keys kept per query row (the policy's `Budget`)."""
+        return self.policy.budget
+
     def keys_per_row(self, n_visible: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """int64 [B, T] keys kept by each query row. n_visible: int [B, T] keys each row sees; rows: int [T], each
         row's key index (its own position in the cache). Mode "all" reads the paper rule's window S per sequence
         as the keys its last row sees; under `decode_rows` each sparse row is a decode step (S = what it sees)
         and rows before sparse_from keep every key."""
         if self.sparse_from is None:
-            return self.budget.tokens(n_visible, n_visible[:, -1:])
+            return self.policy.keys_per_row(n_visible, n_visible[:, -1:])
         n = n_visible.to(torch.int64)
         dense_row = rows.to(n.device)[None, :] < self.sparse_from.to(n.device)[:, None]
-        return torch.where(dense_row, n, self.budget.tokens(n))
+        return torch.where(dense_row, n, self.policy.keys_per_row(n))
 
     def dense_step(self, n_keys: int) -> bool:
         """Whether a decode step over `n_keys` cached keys keeps every key (a dense layer, or a budget that keeps
         all of that many): it then attends densely, nothing scored or selected."""
-        return self.dense or n_keys <= self.budget.dense_up_to
+        return self.dense or n_keys <= self.policy.dense_up_to
 
     @functools.cached_property
     def kernel_dims(self) -> int | tuple[int, ...]:

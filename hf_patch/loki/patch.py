@@ -67,7 +67,9 @@ def patch_loki(model: nn.Module, basis: PCABasis | str | Path, settings: LokiSet
     first / last keys a row sees (its own included) are always kept, counted inside k. dense_layers: layers that
     keep full attention, a count from the bottom or a list of indices. mode: "decode" (exact attention at
     prefill, Loki for each generated token) or "all" (Loki on every query row, e.g. perplexity and lm-eval).
-    d_policy: "uniform" or "variance" (same average d, spent where key variance needs it). gqa_select: "query"
+    d_policy: "uniform" or "variance" (same average d, spent where key variance needs it). ranking: how the keys
+    past the protected ones are chosen (`hf_patch.loki.selection`): "loki" (the approximate scores on the first d
+    principal dims) or "exact" (exact top-k on all dims, an oracle: what the approximation loses). gqa_select: "query"
     (each query head selects its tokens) or "group" (one selection per KV head). cuda_graph: replay each
     one-token step on CUDA (with a `LokiCache`, as `generate` builds) as a CUDA graph, one launch for the whole
     step instead of hundreds (`hf_patch.loki.cuda_graph`); greedy `generate` calls then also choose each token
@@ -89,7 +91,7 @@ def patch_loki(model: nn.Module, basis: PCABasis | str | Path, settings: LokiSet
     modules = attention_layers(model)
     basis.check_compatible(*key_shape(model))
     _check_calibrated_on(basis, model)
-    budget = settings.budget()
+    policy = settings.policy()
     dense = dense_layer_set(settings.dense_layers, len(modules))
     if len(dense) == len(modules):
         warnings.warn(f"dense_layers={settings.dense_layers} covers all {len(modules)} layers: every layer keeps "
@@ -102,7 +104,7 @@ def patch_loki(model: nn.Module, basis: PCABasis | str | Path, settings: LokiSet
     _register()
     for i, module in enumerate(modules):
         components = _on_layer_device(basis.components[i].float(), module)
-        module.hf_patch_loki = LokiLayer(components, dims[i], budget, settings.mode, settings.gqa_select, i in dense)
+        module.hf_patch_loki = LokiLayer(components, dims[i], policy, settings.mode, settings.gqa_select, i in dense)
     setattr(model, PREVIOUS_ATTN, previous)
     setattr(model, SETTINGS, settings)
     model.set_attn_implementation(ATTENTION_NAME)

@@ -99,4 +99,4 @@ def loki_prefill_forward(loki: LokiLayer, query: torch.Tensor, key: torch.Tensor
     q, qa, ka = prepare(loki, query, key, keys_rotated)
     key, value = (x if x.stride(-1) == 1 else x.contiguous() for x in (key, value))
     return loki_prefill_attention(q, key, value, qa, ka, kept, ranges, group=loki.gqa_select == "group",
-                                  scaling=scaling, sink=loki.budget.sink_tokens, recent=loki.budget.recent_tokens)
+                                  scaling=scaling, sink=loki.policy.sink, recent=loki.policy.recent)

@@ -26,6 +26,7 @@ from .attention import GQA_SELECT, MODES
 from .budget import K_RULES, Budget, check_count, check_fraction, check_token_budget
 from .calibrate import ROTARY
 from .dims import D_POLICIES
+from .selection import RANKINGS, SelectionPolicy
 
 
 def fraction(name: str, value: Any) -> float:
@@ -84,6 +85,8 @@ class LokiSettings(Schema):
                                  "(counted inside k)")
     dense_layers: int | list[int] = setting(2, dense_layers, help="layers with full attention: a count from the "
                                             "bottom, or indices i,j,...")
+    ranking: str = setting("loki", one_of(*RANKINGS), help="how the keys past the protected ones are chosen: loki "
+                           "(approximate scores on d_frac of the dims); exact (exact top-k, an oracle; d_frac unused)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -93,6 +96,10 @@ class LokiSettings(Schema):
         """Keys kept per query row: the `Budget` of the fields it shares with these settings (a budget knob is a
         field of both)."""
         return Budget(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Budget)})
+
+    def policy(self) -> SelectionPolicy:
+        """The selection policy every Loki layer holds: the `ranking` rule's class over `budget()`."""
+        return RANKINGS[self.ranking](self.budget())
 
     def replace(self, **overrides: Any) -> LokiSettings:
         """A copy with `overrides` set (checked); the same object when there are none."""
