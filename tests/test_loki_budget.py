@@ -138,7 +138,8 @@ def test_dense_layers_keep_full_attention_and_are_recorded():
     assert (model(ids).logits - full).abs().max() > 1e-3
     assert loki_settings(model) == {"d_frac": 0.25, "k_frac": 0.25, "k_rule": "row", "min_tokens": 0,
                                     "sink_tokens": 2, "recent_tokens": 0, "k_tokens": None, "mode": "all",
-                                    "d_policy": "uniform", "gqa_select": "query", "dense_layers": [1]}
+                                    "d_policy": "uniform", "gqa_select": "query", "ranking": "loki",
+                                    "dense_layers": [1]}
     with pytest.raises(ValueError, match="dense_layers"):
         patch_loki(model, random_basis(), dense_layers=[2])
 

@@ -127,11 +127,11 @@ def _on_layer_device(components: torch.Tensor, module: nn.Module) -> torch.Tenso
 
 def loki_settings(model: nn.Module) -> dict[str, Any]:
     """The settings a patched model was patched with, as plain values for results files: d_frac, the budget
-    (`Budget.describe`), mode, d_policy, gqa_select and the dense layers' indices."""
+    (`Budget.describe`), mode, d_policy, gqa_select, the ranking and the dense layers' indices."""
     layers = loki_layers(model)  # raises for a model that is not patched
     settings: LokiSettings = getattr(model, SETTINGS)
     return {"d_frac": settings.d_frac, **layers[0].budget.describe(), "mode": settings.mode,
-            "d_policy": settings.d_policy, "gqa_select": settings.gqa_select,
+            "d_policy": settings.d_policy, "gqa_select": settings.gqa_select, "ranking": settings.ranking,
             "dense_layers": [i for i, layer in enumerate(layers) if layer.dense]}
 
 
