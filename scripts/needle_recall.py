@@ -7,7 +7,7 @@ gives with full attention), capturing the post-RoPE query of every decode row an
 Transformers' `AttentionInterface`. The rows that generate the answer's tokens are analysed (row j generates token j;
 row 0 is the prefill's last row, exact in mode "decode": only rows >= 1 run Loki there, and only they are counted).
 The needle is the answer's characters inside the context, mapped to token positions. For every sparse selection the
-script calls the library's own `select_tokens` (Loki's PyTorch path) with the library's `Budget`: exact scores give
+script calls the library's own `selection_mask` (Loki's PyTorch path) with the library's `Budget`: exact scores give
 the exact top-k, scores on the first d dims of the PCA basis give Loki's (`gqa_select` "query"). Re-ranking keeps
 the exact top-k of Loki's top-(c*k). The same prefill then decodes with the patched model (default settings, mode
 "decode": a `LokiCache` filled with the prefill's keys and values, Loki's decode path for each token), which says
@@ -45,7 +45,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from hf_patch import LokiCache, PCABasis, patch_loki, unpatch
 from hf_patch.generation import CACHE_KWARG
-from hf_patch.loki.attention import select_tokens
+from hf_patch.kernels.loki.prefill_naive import selection_mask
 from hf_patch.loki.budget import Budget, num_dims
 from hf_patch.loki.patch import dense_layer_set
 from hf_patch.loki.settings import LokiSettings
@@ -256,9 +256,11 @@ def select(st: Setting, q: torch.Tensor, k: torch.Tensor, n: torch.Tensor, rotat
         qr, kr = rotated[st.basis]
         scores = exact_scores(qr[..., :d], kr[..., :d], n)[0]
     if st.rerank:
-        cand = select_tokens(scores, visible, row_budgets(st.k, n, base, st.rerank), base, "query")
+        cand = selection_mask(scores, visible, row_budgets(st.k, n, base, st.rerank), base.sink_tokens,
+                              base.recent_tokens, False)
         scores = exact.masked_fill(~cand, float("-inf"))
-    return select_tokens(scores, visible, row_budgets(st.k, n, base), base, "query")
+    budgets = row_budgets(st.k, n, base)
+    return selection_mask(scores, visible, budgets, base.sink_tokens, base.recent_tokens, False)
 
 
 def analyse_layer(q: torch.Tensor, k: torch.Tensor, n: torch.Tensor, needle: torch.Tensor,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hf_patch import decode_rows, patch_loki, unpatch
-from hf_patch.loki import attention
+from hf_patch.kernels.loki import prefill_naive
 from hf_patch.loki.budget import Budget
 from loki_helpers import TEXTS, byte_level_tokenizer, random_basis, tiny_model
 
@@ -61,13 +61,13 @@ def test_full_dims_select_the_exact_top_k(run):
 
 def test_selection_is_what_the_loki_path_selects(run, monkeypatch):
     """Layer 0 (its queries and keys do not depend on attention): the script's Loki selection on the decode rows of
-    the full-attention answer equals the one `select_tokens` makes inside the patched model (mode "decode",
+    the full-attention answer equals the one `selection_mask` makes inside the patched model (mode "decode",
     teacher-forced under `decode_rows`, the rows after the prompt as decode steps)."""
     model, ids, tokens, queries, keys, _ = run
     basis = random_basis()
     recorded = []
-    select_tokens = attention.select_tokens
-    monkeypatch.setattr(attention, "select_tokens", lambda *a: recorded.append(select_tokens(*a)) or recorded[-1])
+    selection_mask = prefill_naive.selection_mask  # what the PyTorch path selects with
+    monkeypatch.setattr(prefill_naive, "selection_mask", lambda *a: recorded.append(selection_mask(*a)) or recorded[-1])
     patch_loki(model, basis, **LOKI)
     try:
         with torch.no_grad(), decode_rows(model, S0):
