@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --oldest-transformers
 venv=${HF_PATCH_VENV:-.venv}
-ON_OLDEST=(tests/test_loki_generate.py tests/test_loki_patch.py tests/test_loki_budget.py tests/test_loki_cuda_graph.py
+ON_OLDEST=(tests/test_loki_generate.py tests/test_decode_loop.py tests/test_selection.py tests/test_loki_patch.py
+           tests/test_loki_budget.py tests/test_loki_cuda_graph.py
            tests/test_loki_end_to_end.py tests/test_transnormer.py tests/test_transnormer_cuda_graph.py)
 
 run() {  # run PYTHON PYTEST-ARGS...: one pytest run, headed by the transformers release it tests
