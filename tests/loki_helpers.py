@@ -140,3 +140,17 @@ def reference_loki(model: torch.nn.Module, basis: PCABasis, d_frac: float, k_fra
     AttentionInterface.register("hf_patch_test_reference_loki", attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register("hf_patch_test_reference_loki", sdpa_mask)
     model.set_attn_implementation("hf_patch_test_reference_loki")
+
+
+def exact_top_keys(q, k, v, visible, keys_per_row, scaling):
+    """Float64 oracle: each query row attends to the `keys_per_row(n)` visible keys (of the n it sees) of largest
+    exact score q . k. q [B, Hq, T, D], k/v [B, Hkv, S, D] (not rotated), visible [B, 1, T, S] -> [B, T, Hq, D]."""
+    g = q.shape[1] // k.shape[1]
+    q, k, v = q.double(), k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    logits = (q @ k.transpose(-1, -2)) * scaling
+    vis = visible.expand(-1, q.shape[1], -1, -1)
+    kept = keys_per_row(vis.sum(-1, keepdim=True))  # [B, Hq, T, 1]
+    rank = logits.masked_fill(~vis, float("-inf")).argsort(-1, descending=True).argsort(-1)
+    keep = (rank < kept) & vis
+    probs = torch.softmax(logits.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
+    return (probs @ v).transpose(1, 2)

@@ -1,11 +1,10 @@
 """Selection policies (`hf_patch.loki.selection`): the budget's numbers, Loki's ranking as before, exact top-k."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
-from loki_helpers import PLAIN, random_basis, tiny_model, with_cache
+from loki_helpers import exact_top_keys, random_basis, tiny_model, with_cache
 
 from hf_patch import LokiCache, decode_rows, patch_loki
 from hf_patch.loki.arch import loki_layers
@@ -106,22 +105,9 @@ def test_exact_ranking_is_loki_with_every_dim(gqa_select):
 
 
 def exact_top_k(q, k, v, visible, k_frac, scaling):
-    """Float64 oracle: each query row attends to its ceil(k_frac * n) visible keys (of the n it sees) of largest
-    exact score q . k. q [B, Hq, T, D], k/v [B, Hkv, S, D], visible [B, 1, T, S] -> [B, T, Hq, D]."""
-    g = q.shape[1] // k.shape[1]
-    q, k, v = q.double(), k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
-    logits = (q @ k.transpose(-1, -2)) * scaling
-    keep = torch.zeros_like(logits, dtype=torch.bool)
-    for bi in range(q.shape[0]):
-        for t in range(q.shape[2]):
-            seen = visible[bi, 0, t].nonzero()[:, 0]
-            if len(seen) == 0:
-                continue
-            n = math.ceil(k_frac * len(seen) - 1e-9)
-            for h in range(q.shape[1]):
-                keep[bi, h, t, seen[logits[bi, h, t, seen].topk(n).indices]] = True
-    probs = torch.softmax(logits.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
-    return (probs @ v).transpose(1, 2)
+    """Float64 oracle: each row attends to its ceil(k_frac * n) visible keys (of the n it sees) of largest exact
+    score."""
+    return exact_top_keys(q, k, v, visible, lambda seen: torch.ceil(seen * k_frac - 1e-9).long(), scaling)
 
 
 def test_exact_ranking_is_exact_top_k():
