@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from loki_helpers import PLAIN, random_basis, tiny_model, with_cache
+from loki_helpers import PLAIN, exact_top_keys, random_basis, tiny_model, with_cache
 
 import hf_patch
 from hf_patch import LokiCache, decode_rows, loki_settings, patch_loki, unpatch
@@ -198,16 +198,8 @@ def test_decode_perplexity_matches_one_pass_per_setting():
 
 
 def exact_top_n(q, k, v, visible, n, scaling):
-    """Float64 oracle: each query row attends to its n visible keys of largest exact score q . k (all of them when
-    it sees at most n). q [B, Hq, T, D], k/v [B, Hkv, S, D] (not rotated), visible [B, 1, T, S] -> [B, T, Hq, D]."""
-    g = q.shape[1] // k.shape[1]
-    q, k, v = q.double(), k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
-    logits = (q @ k.transpose(-1, -2)) * scaling
-    vis = visible.expand(-1, q.shape[1], -1, -1)
-    top = logits.masked_fill(~vis, float("-inf")).topk(min(n, k.shape[2]), -1).indices
-    keep = torch.zeros_like(vis).scatter_(-1, top, True) & vis
-    probs = torch.softmax(logits.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
-    return (probs @ v).transpose(1, 2)
+    """Float64 oracle: each row attends to its n visible keys of largest exact score (all when it sees at most n)."""
+    return exact_top_keys(q, k, v, visible, lambda seen: seen.clamp_max(n), scaling)
 
 
 @pytest.mark.parametrize("n", [1, 6, 11])
